@@ -1,0 +1,1 @@
+"""fastprefix benchmarks, installed as ``fastprefix.benchmarks`` (run with ``fastprefix-bench``)."""

@@ -1,0 +1,168 @@
+"""One validated, JSON-serialisable config per method.
+
+Every config knows its ``method`` name, checks its values on construction (a bad value is a
+ValueError naming the field), and round-trips through ``to_dict`` / ``from_dict`` / JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+def _positive_int(cfg, name):
+    value = getattr(cfg, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{type(cfg).__name__}.{name} must be a positive int, got {value!r}")
+
+
+def _probability(cfg, name):
+    value = getattr(cfg, name)
+    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{type(cfg).__name__}.{name} must be a probability in [0, 1), got {value!r}")
+
+
+def _choice(cfg, name, choices):
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise ValueError(f"{type(cfg).__name__}.{name} must be one of {choices}, got {value!r}")
+
+
+@dataclass
+class _Config:
+    method: ClassVar[str] = ""
+
+    def to_dict(self):
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @staticmethod
+    def from_dict(data):
+        """Rebuild the config of whichever method ``data["method"]`` names."""
+        data = dict(data)
+        method = data.pop("method", None)
+        if method not in CONFIGS:
+            raise ValueError(f"unknown method {method!r}; expected one of {sorted(CONFIGS)}")
+        cls = CONFIGS[method]
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+        return cls(**data)
+
+    @staticmethod
+    def from_json(text):
+        return _Config.from_dict(json.loads(text))
+
+
+@dataclass
+class PromptTuningConfig(_Config):
+    """Prompt tuning: ``m`` trainable prompt vectors prepended to the input embeddings.
+
+    ``prompt_init``: ``"vocab"`` (copies of random vocabulary rows, as DePT/ADePT do) or ``"normal"``.
+    """
+
+    method: ClassVar[str] = "prompt_tuning"
+    num_virtual_tokens: int = 100
+    prompt_init: str = "vocab"
+
+    def __post_init__(self):
+        _positive_int(self, "num_virtual_tokens")
+        _choice(self, "prompt_init", ("vocab", "normal"))
+
+
+@dataclass
+class PTuningV2Config(_Config):
+    """P-Tuning v2: ``L`` learned prefix keys/values in every layer.
+
+    ``prefix_projection`` reparameterises the prefix through
+    ``Embedding(L, d) -> Linear(d, projection_hidden) -> tanh -> Linear(projection_hidden, 2*N*Hkv*D)``;
+    ``prefix_dropout`` is the original code's dropout on the prefix (PEFT: none).
+    """
+
+    method: ClassVar[str] = "p_tuning_v2"
+    num_virtual_tokens: int = 16
+    prefix_projection: bool = False
+    projection_hidden: int = 512
+    prefix_dropout: float = 0.0
+
+    def __post_init__(self):
+        _positive_int(self, "num_virtual_tokens")
+        _positive_int(self, "projection_hidden")
+        _probability(self, "prefix_dropout")
+        if not isinstance(self.prefix_projection, bool):
+            raise ValueError(f"{type(self).__name__}.prefix_projection must be a bool, got {self.prefix_projection!r}")
+
+
+@dataclass
+class APTConfig(PTuningV2Config):
+    """APT: P-Tuning v2 plus a token-level gate ``sigmoid(h W + b)`` and a layer-level scale ``lambda``.
+
+    ``gate``: ``"token"`` (one gate per query token) or ``"pooled"`` (from the mean hidden state of the
+    real tokens). ``layer_scale_init``: initial ``lambda`` (stored raw). ``gate_init_std``: std of W.
+    """
+
+    method: ClassVar[str] = "apt"
+    gate: str = "token"
+    layer_scale_init: float = 1.0
+    gate_init_std: float = 0.02
+
+    def __post_init__(self):
+        super().__post_init__()
+        _choice(self, "gate", ("token", "pooled"))
+        if not isinstance(self.gate_init_std, (int, float)) or self.gate_init_std < 0:
+            raise ValueError(f"APTConfig.gate_init_std must be >= 0, got {self.gate_init_std!r}")
+        if not isinstance(self.layer_scale_init, (int, float)) or not math.isfinite(self.layer_scale_init):
+            raise ValueError(f"APTConfig.layer_scale_init must be a finite number, got {self.layer_scale_init!r}")
+
+
+@dataclass
+class DePTConfig(PromptTuningConfig):
+    """DePT: a short prompt plus a position-based low-rank offset ``scaling * A[:S] @ B`` on the embeddings.
+
+    ``max_length`` is the number of offset rows ``s`` (longer inputs are an error); ``scaling`` defaults
+    to the reference ``lora_alpha / sqrt(rank)`` with ``lora_alpha = 8``.
+    """
+
+    method: ClassVar[str] = "dept"
+    num_virtual_tokens: int = 60
+    rank: int = 8
+    max_length: int = 256
+    lora_alpha: float = 8.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _positive_int(self, "rank")
+        _positive_int(self, "max_length")
+
+    @property
+    def scaling(self):
+        return self.lora_alpha / math.sqrt(self.rank)
+
+
+@dataclass
+class ADePTConfig(PromptTuningConfig):
+    """ADePT: a short prompt plus a token-shared FFN offset ``ReLU(X A + a) B + b`` on every embedding.
+
+    ``rank`` is the FFN's hidden width ``r``; ``dropout`` applies to ``X A + a`` in training.
+    """
+
+    method: ClassVar[str] = "adept"
+    num_virtual_tokens: int = 60
+    rank: int = 19
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        super().__post_init__()
+        _positive_int(self, "rank")
+        _probability(self, "dropout")
+
+
+CONFIGS = {cls.method: cls for cls in (PromptTuningConfig, PTuningV2Config, APTConfig, DePTConfig, ADePTConfig)}
+config_from_dict = _Config.from_dict
+config_from_json = _Config.from_json

@@ -1,0 +1,229 @@
+"""The functional API: validate the inputs once, pick a backend, call it.
+
+Backends: ``"torch"`` (the reference path in :mod:`fastprefix.reference`, any device and dtype) and
+``"triton"`` (the kernels in :mod:`fastprefix.kernels`). ``backend=None`` picks Triton for CUDA
+tensors when Triton is importable, the reference path otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import torch
+
+from . import _validate as check
+from . import reference
+
+_BACKENDS = ("torch", "triton")
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_module(name, device):
+    """Import ``fastprefix.kernels.<name>`` or explain why the Triton path can't run here."""
+    if device.type != "cuda" and not _interpreting():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got {device}); on CPU use backend='torch' "
+            "or set TRITON_INTERPRET=1 before importing fastprefix to run the kernels in Triton's interpreter"
+        )
+    try:
+        return importlib.import_module(f"fastprefix.kernels.{name}")
+    except ModuleNotFoundError as e:
+        if e.name in (f"fastprefix.kernels.{name}", "triton"):
+            raise NotImplementedError(f"the Triton kernel fastprefix.kernels.{name} is not available: {e}") from e
+        raise
+
+
+def _choose(backend, device):
+    if backend is None:
+        if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+            return "triton"
+        return "torch"
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS} or None, got {backend!r}")
+    return backend
+
+
+def _check_attention(q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight, gate_bias, layer_scale,
+                     key_padding_mask, causal, scale):
+    check.named("q", q, [("B", None), ("H", None), ("Sq", None), ("D", None)])
+    check.floating("q", q)
+    B, H, Sq, D = q.shape
+    check.named("k", k, [("B", B), ("Hkv", None), ("Sk", None), ("D", D)], like=q)
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"the number of query heads H={H} must be a multiple of the key/value heads Hkv={Hkv}")
+    if Sq == 0 or Sk == 0 or D == 0 or B == 0:
+        raise ValueError(f"q and k must be non-empty, got q {list(q.shape)} and k {list(k.shape)}")
+    if Sq > Sk:
+        raise ValueError(f"q has Sq={Sq} queries but k has only Sk={Sk} keys; need Sq <= Sk")
+    check.named("v", v, [("B", B), ("Hkv", Hkv), ("Sk", Sk), ("D", D)], like=q)
+    if not isinstance(prefix_k, torch.Tensor) or prefix_k.dim() not in (3, 4):
+        raise ValueError(
+            f"prefix_k must have shape [Hkv={Hkv}, L, D={D}] or [B={B}, Hkv={Hkv}, L, D={D}], "
+            f"got {list(prefix_k.shape) if isinstance(prefix_k, torch.Tensor) else type(prefix_k).__name__}"
+        )
+    lead = [("Hkv", Hkv)] if prefix_k.dim() == 3 else [("B", B), ("Hkv", Hkv)]
+    check.named("prefix_k", prefix_k, lead + [("L", None), ("D", D)], like=q)
+    L = prefix_k.shape[-2]
+    if L == 0:
+        raise ValueError("prefix_k must hold at least one prefix token (L >= 1)")
+    check.named("prefix_v", prefix_v, lead + [("L", L), ("D", D)], like=q)
+
+    fused = [gate_hidden, gate_weight, gate_bias, layer_scale]
+    if gate is not None and any(x is not None for x in fused):
+        raise ValueError("pass either gate or the APT gate inputs (gate_hidden, gate_weight, gate_bias, layer_scale), not both")
+    if gate is not None:
+        check.tensor("gate", gate, (None,) * gate.dim(), like=q)
+        try:
+            torch.broadcast_shapes(gate.shape, (B, Sq, L))
+        except RuntimeError:
+            raise ValueError(f"gate must broadcast to [B={B}, Sq={Sq}, L={L}], got {list(gate.shape)}") from None
+        if gate.dim() > 3:
+            raise ValueError(f"gate must broadcast to [B={B}, Sq={Sq}, L={L}], got {list(gate.shape)}")
+    elif any(x is not None for x in fused):
+        if any(x is None for x in fused):
+            raise ValueError("the APT gate needs all of gate_hidden, gate_weight, gate_bias and layer_scale")
+        check.named("gate_hidden", gate_hidden, [("B", B), ("Sq", Sq), ("d", None)], like=q)
+        dm = gate_hidden.shape[-1]
+        check.named("gate_weight", gate_weight, [("d", dm), ("L", L)], like=q)
+        check.named("gate_bias", gate_bias, [("L", L)], like=q)
+        check.named("layer_scale", layer_scale, [], like=q)
+    if key_padding_mask is not None:
+        check.named("key_padding_mask", key_padding_mask, [("B", B), ("Sk", Sk)], dtype=torch.bool)
+        check.same_device("key_padding_mask", key_padding_mask, q)
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a Python number or None, got {type(scale).__name__}")
+
+
+def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidden=None, gate_weight=None,
+                           gate_bias=None, layer_scale=None, key_padding_mask=None, causal=False, scale=None,
+                           backend=None):
+    """Attention over ``[gated prefix ; keys]`` (P-Tuning v2 with ``gate=None``, APT otherwise).
+
+    Args:
+        q: ``[B, H, Sq, D]``.
+        k, v: ``[B, Hkv, Sk, D]``; ``H % Hkv == 0`` (GQA when ``Hkv < H``); ``Sq <= Sk``.
+        prefix_k, prefix_v: ``[Hkv, L, D]`` (shared by the batch) or ``[B, Hkv, L, D]``.
+        gate: None, or a tensor broadcastable to ``[B, Sq, L]`` scaling prefix key and value j for query t.
+        gate_hidden, gate_weight, gate_bias, layer_scale: instead of ``gate``, the APT token-level gate
+            ``layer_scale * sigmoid(gate_hidden @ gate_weight + gate_bias)`` from ``[B, Sq, d]``,
+            ``[d, L]``, ``[L]`` and a 0-dim tensor.
+        key_padding_mask: ``[B, Sk]`` bool, True = real token. The prefix is always visible.
+        causal: query t sees keys ``u <= t + Sk - Sq`` (bottom-right aligned, as in decoding).
+        scale: softmax scale, default ``D ** -0.5``.
+        backend: ``"torch"``, ``"triton"`` or None (Triton for CUDA tensors).
+
+    Returns:
+        ``[B, H, Sq, D]``.
+    """
+    _check_attention(q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight, gate_bias, layer_scale,
+                     key_padding_mask, causal, scale)
+    kwargs = dict(gate=gate, gate_hidden=gate_hidden, gate_weight=gate_weight, gate_bias=gate_bias,
+                  layer_scale=layer_scale, key_padding_mask=key_padding_mask, causal=causal, scale=scale)
+    if _choose(backend, q.device) == "triton":
+        return _triton_module("gated_prefix_attention", q.device).gated_prefix_attention(
+            q, k, v, prefix_k, prefix_v, **kwargs)
+    return reference.gated_prefix_attention(q, k, v, prefix_k, prefix_v, **kwargs)
+
+
+def apt_gate(hidden, weight, bias, layer_scale, *, mode="token", key_padding_mask=None):
+    """APT gate ``layer_scale * sigmoid(hidden @ weight + bias)``.
+
+    Args:
+        hidden: ``[B, S, d]``; weight: ``[d, L]``; bias: ``[L]``; layer_scale: 0-dim.
+        mode: ``"token"`` -> ``[B, S, L]``; ``"pooled"`` (mean over real tokens) -> ``[B, 1, L]``.
+        key_padding_mask: ``[B, S]`` bool, True = real token (used by ``"pooled"``).
+    """
+    check.named("hidden", hidden, [("B", None), ("S", None), ("d", None)])
+    check.floating("hidden", hidden)
+    B, S, d = hidden.shape
+    check.named("weight", weight, [("d", d), ("L", None)], like=hidden)
+    check.named("bias", bias, [("L", weight.shape[1])], like=hidden)
+    check.named("layer_scale", layer_scale, [], like=hidden)
+    if mode not in ("token", "pooled"):
+        raise ValueError(f"mode must be 'token' or 'pooled', got {mode!r}")
+    if key_padding_mask is not None:
+        check.named("key_padding_mask", key_padding_mask, [("B", B), ("S", S)], dtype=torch.bool)
+        check.same_device("key_padding_mask", key_padding_mask, hidden)
+    return reference.apt_gate(hidden, weight, bias, layer_scale, mode=mode, key_padding_mask=key_padding_mask)
+
+
+def _check_embedding(input_ids, weight, prompt):
+    check.named("weight", weight, [("V", None), ("d", None)])
+    check.floating("weight", weight)
+    V, d = weight.shape
+    check.token_ids("input_ids", input_ids, V, weight)
+    if prompt is not None:
+        check.named("prompt", prompt, [("m", None), ("d", d)], like=weight)
+    return d
+
+
+def adept_embedding(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, *, dropout_mask=None,
+                    backend=None):
+    """ADePT input embedding ``[prompt ; X + ReLU(X @ A + a) @ B + b]`` with ``X = weight[input_ids]``.
+
+    Args:
+        input_ids: ``[B, S]`` int64 in ``[0, V)``; weight: ``[V, d]``; prompt: ``[m, d]`` or None.
+        down_weight: ``[d, r]``; down_bias: ``[r]``; up_weight: ``[r, d]``; up_bias: ``[d]``.
+        dropout_mask: ``[B, S, r]`` already scaled by ``1/(1-p)``, applied to ``X @ A + a`` before the ReLU.
+        backend: ``"torch"``, ``"triton"`` or None (Triton for CUDA tensors).
+
+    Returns:
+        ``[B, m+S, d]``.
+    """
+    d = _check_embedding(input_ids, weight, prompt)
+    check.named("down_weight", down_weight, [("d", d), ("r", None)], like=weight)
+    r = down_weight.shape[1]
+    check.named("down_bias", down_bias, [("r", r)], like=weight)
+    check.named("up_weight", up_weight, [("r", r), ("d", d)], like=weight)
+    check.named("up_bias", up_bias, [("d", d)], like=weight)
+    if dropout_mask is not None:
+        B, S = input_ids.shape
+        check.named("dropout_mask", dropout_mask, [("B", B), ("S", S), ("r", r)], like=weight)
+    args = (input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias)
+    if _choose(backend, weight.device) == "triton":
+        return _triton_module("prompt_embedding", weight.device).adept_embedding(*args, dropout_mask=dropout_mask)
+    return reference.adept_embedding(*args, dropout_mask=dropout_mask)
+
+
+def dept_embedding(input_ids, weight, prompt, lora_a, lora_b, *, scaling=1.0, backend=None):
+    """DePT input embedding ``[prompt ; weight[input_ids] + scaling * (lora_a[:S] @ lora_b)]``.
+
+    Args:
+        input_ids: ``[B, S]`` int64; weight: ``[V, d]``; prompt: ``[m, d]`` or None.
+        lora_a: ``[s, r]`` with ``S <= s`` (one row per position); lora_b: ``[r, d]``.
+        scaling: offset scale (DePT reference: ``8 / sqrt(r)``).
+        backend: ``"torch"``, ``"triton"`` or None (Triton for CUDA tensors).
+
+    Returns:
+        ``[B, m+S, d]``.
+    """
+    d = _check_embedding(input_ids, weight, prompt)
+    check.named("lora_a", lora_a, [("s", None), ("r", None)], like=weight)
+    s, r = lora_a.shape
+    check.named("lora_b", lora_b, [("r", r), ("d", d)], like=weight)
+    S = input_ids.shape[1]
+    if S > s:
+        raise ValueError(
+            f"input_ids has S={S} tokens but DePT's lora_a has offset rows for only s={s} positions; "
+            "raise DePTConfig.max_length or truncate the input"
+        )
+    if not isinstance(scaling, (int, float)):
+        raise ValueError(f"scaling must be a Python number, got {type(scaling).__name__}")
+    args = (input_ids, weight, prompt, lora_a, lora_b)
+    if _choose(backend, weight.device) == "triton":
+        return _triton_module("prompt_embedding", weight.device).dept_embedding(*args, scaling=scaling)
+    return reference.dept_embedding(*args, scaling=scaling)
+
+
+def prompt_tuning_embedding(input_ids, weight, prompt):
+    """Plain prompt tuning ``[prompt ; weight[input_ids]]`` -> ``[B, m+S, d]`` (no kernel needed)."""
+    _check_embedding(input_ids, weight, prompt)
+    return reference.embedding.prompt_tuning_embedding(input_ids, weight, prompt)

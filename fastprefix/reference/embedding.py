@@ -1,0 +1,60 @@
+"""Reference prompt embeddings (PT, DePT, ADePT) in plain PyTorch.
+
+The numerical contract of ``fastprefix.kernels.prompt_embedding`` and the CPU path:
+
+    ADePT: X' = X + ReLU((X @ A + a) * dropout_mask) @ B + b,   X = E[ids]
+    DePT:  X' = E[ids] + scaling * (A[:S] @ B)
+    both:  out = [prompt ; X']   (the prompt rows are the same for every batch row)
+
+Inputs are assumed validated (``fastprefix.ops`` does that once).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def prepend_prompt(prompt, x):
+    """``[prompt ; x]`` per batch row. prompt ``[m, d]`` or None; x ``[B, S, d]`` -> ``[B, m+S, d]``."""
+    if prompt is None or prompt.shape[0] == 0:
+        return x
+    return torch.cat([prompt.unsqueeze(0).expand(x.shape[0], -1, -1), x], dim=1)
+
+
+def adept_embedding(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, *, dropout_mask=None):
+    """ADePT: embedding lookup, token-shared FFN offset, prompt concatenation.
+
+    Args:
+        input_ids: ``[B, S]`` int64; weight: ``[V, d]`` embedding table; prompt: ``[m, d]`` or None.
+        down_weight: ``[d, r]``; down_bias: ``[r]``; up_weight: ``[r, d]``; up_bias: ``[d]``.
+        dropout_mask: ``[B, S, r]`` already scaled by ``1/(1-p)``, applied before the ReLU.
+
+    Returns:
+        ``[B, m+S, d]``.
+    """
+    x = F.embedding(input_ids, weight)
+    t = x @ down_weight + down_bias
+    if dropout_mask is not None:
+        t = t * dropout_mask
+    return prepend_prompt(prompt, x + F.relu(t) @ up_weight + up_bias)
+
+
+def dept_embedding(input_ids, weight, prompt, lora_a, lora_b, *, scaling=1.0):
+    """DePT: embedding lookup plus the position-based low-rank offset, prompt concatenation.
+
+    Args:
+        input_ids: ``[B, S]`` int64; weight: ``[V, d]``; prompt: ``[m, d]`` or None.
+        lora_a: ``[s, r]`` (row t belongs to position t, ``S <= s``); lora_b: ``[r, d]``.
+        scaling: the offset's scale (reference: ``8 / sqrt(r)``).
+
+    Returns:
+        ``[B, m+S, d]``.
+    """
+    S = input_ids.shape[1]
+    return prepend_prompt(prompt, F.embedding(input_ids, weight) + scaling * (lora_a[:S] @ lora_b))
+
+
+def prompt_tuning_embedding(input_ids, weight, prompt):
+    """Plain prompt tuning: ``[prompt ; E[ids]]`` -> ``[B, m+S, d]``."""
+    return prepend_prompt(prompt, F.embedding(input_ids, weight))

