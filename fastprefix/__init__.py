@@ -9,12 +9,19 @@ __version__ = "0.1.0"
 from .config import (ADePTConfig, APTConfig, DePTConfig, PromptTuningConfig, PTuningV2Config, config_from_dict,
                      config_from_json)
 from .modules import (AdaptiveDecomposedPrompt, AdaptivePrefix, DecomposedPrompt, PromptTuning, PTuningV2Prefix)
+from .fold import fold_adept_offsets
 from .ops import adept_embedding, apt_gate, dept_embedding, gated_prefix_attention, prompt_tuning_embedding
+# the 🤗 transformers swap-in (transformers itself is imported lazily, on first use)
+from .integrations.transformers import apply, remove, use_backend
+from .adapters import load_adapter, merge, save_adapter, unmerge
+from .probe import GateReport, gate_report
 
 __all__ = [
     "__version__",
     "gated_prefix_attention", "apt_gate", "adept_embedding", "dept_embedding", "prompt_tuning_embedding",
+    "fold_adept_offsets",
     "PromptTuningConfig", "PTuningV2Config", "APTConfig", "DePTConfig", "ADePTConfig",
     "config_from_dict", "config_from_json",
     "PromptTuning", "PTuningV2Prefix", "AdaptivePrefix", "DecomposedPrompt", "AdaptiveDecomposedPrompt",
+    "apply", "remove", "use_backend", "save_adapter", "load_adapter", "merge", "unmerge", "gate_report", "GateReport",
 ]

@@ -34,11 +34,22 @@ the fused gate, with a = hidden @ W + b, sig = sigmoid(a), g = lambda * sig:
 d lambda = sum dg sig, da = dg lambda sig (1 - sig), dW = hidden^T da, db = sum da,
 d hidden = da W^T; that chain runs in PyTorch on the [B, Sq, L] gate gradient.
 
-Three backward kernels, each owning what it writes, so the result is deterministic (no
-atomics): dq per (query tile, batch * head); dk, dv per (key tile, batch * kv head) looping
-over the heads of its GQA group; dPk, dPv and dg per (prefix tile, batch * kv head), looping
-over query tiles and the group's heads. A shared prefix's gradient is written per batch row
-in fp32 and summed over the batch by torch; the gate gradient per kv head, summed by torch.
+Three backward kernels, each owning what it writes, so the backward is deterministic (no
+atomics; bitwise reproducible run to run): dq per (query tile, batch * head); dk, dv per (key
+tile, batch * kv head) looping over the heads of its GQA group; dPk, dPv and dg per (prefix
+tile, batch * kv head), looping over query tiles and the group's heads. delta is one torch
+reduction. Workspace: prefix-gradient partials [B, Hkv, L, D] x 2 and gate-gradient partials
+[B, Hkv, Sq, L], fp32, reduced by torch (sum over the batch for a shared prefix, over kv heads
+for the gate).
+
+Interfaces: ``gated_prefix_attention`` (same keyword signature as the reference) ->
+``GatedPrefixAttentionFunction`` (autograd) -> the torch.library ops
+``fastprefix::gated_prefix_attention_fwd`` / ``_bwd`` (with fake kernels, so torch.compile
+keeps them as single graph nodes) -> the launchers -> the kernels. Launch configs are picked at
+call time from the device's compute capability (the CPU interpreter gets one small config);
+kernels/fitness.py compiles every one of them for sm_80 and sm_90 and checks for register
+spills and shared memory. Set FASTPREFIX_POISON_OUTPUTS=1 to allocate outputs filled with NaN
+(the tests do), so an element a kernel fails to write cannot pass unnoticed.
 
 Supported: any B, Sq >= 1, Sk >= 1, L >= 1 (prefix always visible), GQA (H % Hkv == 0),
 key padding masks [B, Sk] (True = real key), causal masks aligned bottom-right (query t sits
@@ -50,8 +61,8 @@ D > 128, dropout, attention bias, top-left causal alignment, varlen packing.
 
 from __future__ import annotations
 
-import math
 import os
+import re
 from typing import Optional
 
 import torch
@@ -101,17 +112,36 @@ def _gate_mode(args) -> int:
     return GATE_TENSOR if args["GATE"] is not None else GATE_NONE
 
 
+def _gate_dot_dtype(args):
+    """Operand dtype of the fused gate matmul: the inputs' own when hidden and weight agree,
+    else the accumulator dtype (e.g. fp16 hidden states with an fp32 gate weight)."""
+    gh, gw = args["GH"], args["GW"]
+    if gh is not None and gh.dtype == gw.dtype:
+        return _dot_dtype(gh)
+    return _acc_dtype(args["Q"])
+
+
 _COMMON_HEURISTICS = {
     "ACC": lambda a: _acc_dtype(a["Q"]),
     "DOT": lambda a: _dot_dtype(a["Q"]),
     "PREC": lambda a: _precision(_dot_dtype(a["Q"])),
     "HAS_PAD": lambda a: a["KPM"] is not None,
+    "EVEN_D": lambda a: a["D"] == a["BLOCK_D"],
 }
 
 
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scaled(x, hi, lo, ACC: tl.constexpr):
+    """x * c for a host constant c = hi + lo split into fp32 parts: scalar kernel arguments are
+    fp32, so fp64 accumulation (gradcheck) adds the low part to keep c exact."""
+    if ACC == tl.float64:
+        return x * hi + x * lo  # promoted to fp64
+    return x * hi
 
 
 @triton.jit
@@ -137,10 +167,8 @@ def _fused_gate_tile(GH, GW, GB, LS, b, offs_m, m_ok, offs_j, j_ok, d_model, str
 @triton.heuristics({
     **_COMMON_HEURISTICS,
     "GATE_MODE": _gate_mode,
-    "GDOT": lambda a: _dot_dtype(a["GH"]) if a["GH"] is not None and a["GH"].dtype == a["GW"].dtype
-    else _acc_dtype(a["Q"]),
-    "GPREC": lambda a: _precision(_dot_dtype(a["GH"]) if a["GH"] is not None and a["GH"].dtype == a["GW"].dtype
-                                  else _acc_dtype(a["Q"])),
+    "GDOT": lambda a: _gate_dot_dtype(a),
+    "GPREC": lambda a: _precision(_gate_dot_dtype(a)),
 })
 @triton.jit
 def _fwd_kernel(
@@ -154,9 +182,9 @@ def _fwd_kernel(
     stride_ghb, stride_ghm, stride_gwk, stride_gwl,
     stride_kpmb,
     stride_ob, stride_oh, stride_om,
-    H, GROUP, Sq, Sk, L, D, d_model, causal_offset, scale,
+    H, GROUP, Sq, Sk, L, D, d_model, causal_offset, qk_hi, qk_lo,
     IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_K: tl.constexpr, GATE_MODE: tl.constexpr, HAS_PAD: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_K: tl.constexpr, GATE_MODE: tl.constexpr, HAS_PAD: tl.constexpr, EVEN_D: tl.constexpr, ACC: tl.constexpr,
     DOT: tl.constexpr, PREC: tl.constexpr, GDOT: tl.constexpr, GPREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -168,12 +196,11 @@ def _fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Sq
-    d_ok = offs_d < D
+    d_ok = (offs_d < D) | EVEN_D  # all true when D is a power of two: no head-dim mask
 
     q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
               + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :])
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(DOT)
-    qk_scale = scale * 1.4426950408889634  # logits in log2 units
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
@@ -187,7 +214,7 @@ def _fwd_kernel(
         j_ok = offs_j < L
         pk = tl.load(pk_base + offs_j[:, None].to(tl.int64) * stride_pkn + offs_d[None, :],
                      mask=j_ok[:, None] & d_ok[None, :], other=0.0).to(DOT)
-        s = tl.dot(q, tl.trans(pk), input_precision=PREC, out_dtype=ACC) * qk_scale
+        s = _scaled(tl.dot(q, tl.trans(pk), input_precision=PREC, out_dtype=ACC), qk_hi, qk_lo, ACC)
         if GATE_MODE == 1:
             g = tl.load(GATE + b.to(tl.int64) * stride_gb + offs_m[:, None].to(tl.int64) * stride_gm
                         + offs_j[None, :] * stride_gl, mask=m_ok[:, None] & j_ok[None, :], other=0.0).to(ACC)
@@ -220,7 +247,7 @@ def _fwd_kernel(
         u_ok = offs_u < Sk
         kt = tl.load(k_base + offs_u[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
                      mask=u_ok[:, None] & d_ok[None, :], other=0.0).to(DOT)
-        s = tl.dot(q, tl.trans(kt), input_precision=PREC, out_dtype=ACC) * qk_scale
+        s = _scaled(tl.dot(q, tl.trans(kt), input_precision=PREC, out_dtype=ACC), qk_hi, qk_lo, ACC)
         valid = u_ok[None, :]
         if HAS_PAD:
             real = tl.load(KPM + b.to(tl.int64) * stride_kpmb + offs_u, mask=u_ok, other=0)
@@ -257,9 +284,9 @@ def _bwd_dq_kernel(
     stride_kpmb,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
-    H, GROUP, Sq, Sk, L, D, causal_offset, scale,
+    H, GROUP, Sq, Sk, L, D, causal_offset, qk_hi, qk_lo, sc_hi, sc_lo,
     IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_GATE: tl.constexpr, HAS_PAD: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_PAD: tl.constexpr, EVEN_D: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """dq for one (query tile, batch * head): prefix tiles, then key tiles."""
@@ -272,7 +299,7 @@ def _bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Sq
-    d_ok = offs_d < D
+    d_ok = (offs_d < D) | EVEN_D  # all true when D is a power of two: no head-dim mask
     md_ok = m_ok[:, None] & d_ok[None, :]
 
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
@@ -281,7 +308,6 @@ def _bwd_dq_kernel(
                  + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :], mask=md_ok, other=0.0).to(DOT)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * Sq + offs_m, mask=m_ok, other=float("inf")).to(ACC)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, mask=m_ok, other=0.0).to(ACC)
-    qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
 
     pk_base = PK + b.to(tl.int64) * stride_pkb + hk.to(tl.int64) * stride_pkh
@@ -294,7 +320,7 @@ def _bwd_dq_kernel(
                      other=0.0).to(DOT)
         pv = tl.load(pv_base + offs_j[:, None].to(tl.int64) * stride_pvn + offs_d[None, :], mask=jd_ok,
                      other=0.0).to(DOT)
-        s = tl.dot(q, tl.trans(pk), input_precision=PREC, out_dtype=ACC) * qk_scale
+        s = _scaled(tl.dot(q, tl.trans(pk), input_precision=PREC, out_dtype=ACC), qk_hi, qk_lo, ACC)
         e = tl.dot(do, tl.trans(pv), input_precision=PREC, out_dtype=ACC)
         if HAS_GATE:
             g = tl.load(GATE + b.to(tl.int64) * stride_gb + offs_m[:, None].to(tl.int64) * stride_gm
@@ -320,7 +346,7 @@ def _bwd_dq_kernel(
                      other=0.0).to(DOT)
         vt = tl.load(v_base + offs_u[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=ud_ok,
                      other=0.0).to(DOT)
-        s = tl.dot(q, tl.trans(kt), input_precision=PREC, out_dtype=ACC) * qk_scale
+        s = _scaled(tl.dot(q, tl.trans(kt), input_precision=PREC, out_dtype=ACC), qk_hi, qk_lo, ACC)
         valid = m_ok[:, None] & u_ok[None, :]
         if HAS_PAD:
             real = tl.load(KPM + b.to(tl.int64) * stride_kpmb + offs_u, mask=u_ok, other=0)
@@ -332,7 +358,7 @@ def _bwd_dq_kernel(
         dz = p * (dp - delta[:, None])
         dq = tl.dot(dz.to(DOT), kt, acc=dq, input_precision=PREC)
 
-    dq = dq * scale
+    dq = _scaled(dq, sc_hi, sc_lo, ACC)
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
              + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md_ok)
 
@@ -348,9 +374,9 @@ def _bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    H, GROUP, Sq, Sk, D, causal_offset, scale,
+    H, GROUP, Sq, Sk, D, causal_offset, qk_hi, qk_lo, sc_hi, sc_lo,
     IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_PAD: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    HAS_PAD: tl.constexpr, EVEN_D: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     """dk, dv for one (key tile, batch * kv head), summed over the heads of its GQA group."""
     pid_n = tl.program_id(0)
@@ -362,7 +388,7 @@ def _bwd_dkdv_kernel(
     offs_mm = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     u_ok = offs_u < Sk
-    d_ok = offs_d < D
+    d_ok = (offs_d < D) | EVEN_D  # all true when D is a power of two: no head-dim mask
     ud_ok = u_ok[:, None] & d_ok[None, :]
 
     kt = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
@@ -373,7 +399,6 @@ def _bwd_dkdv_kernel(
     if HAS_PAD:
         real = tl.load(KPM + b.to(tl.int64) * stride_kpmb + offs_u, mask=u_ok, other=0)
         key_ok = key_ok & (real != 0)
-    qk_scale = scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
 
@@ -395,7 +420,7 @@ def _bwd_dkdv_kernel(
                          other=0.0).to(DOT)
             lse = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=m_ok, other=float("inf")).to(ACC)
             delta = tl.load(DELTA + bh.to(tl.int64) * Sq + offs_m, mask=m_ok, other=0.0).to(ACC)
-            s_t = tl.dot(kt, tl.trans(q), input_precision=PREC, out_dtype=ACC) * qk_scale  # [BN, BM]
+            s_t = _scaled(tl.dot(kt, tl.trans(q), input_precision=PREC, out_dtype=ACC), qk_hi, qk_lo, ACC)  # [BN, BM]
             valid = key_ok[:, None] & m_ok[None, :]
             if IS_CAUSAL:
                 valid = valid & (offs_u[:, None] <= causal_offset + offs_m[None, :])
@@ -405,7 +430,7 @@ def _bwd_dkdv_kernel(
             dz_t = p_t * (dp_t - delta[None, :])
             dk = tl.dot(dz_t.to(DOT), q, acc=dk, input_precision=PREC)
 
-    dk = dk * scale
+    dk = _scaled(dk, sc_hi, sc_lo, ACC)
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
              + offs_u[:, None].to(tl.int64) * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=ud_ok)
     tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
@@ -422,14 +447,15 @@ def _bwd_prefix_kernel(
     stride_pvb, stride_pvh, stride_pvn,
     stride_gb, stride_gm, stride_gl,
     stride_dob, stride_doh, stride_dom,
-    H, GROUP, Sq, L, D, scale,
+    H, GROUP, Sq, L, D, rows_per_split, qk_hi, qk_lo, sc_hi, sc_lo,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_GATE: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    HAS_GATE: tl.constexpr, EVEN_D: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dPk, dPv (one partial per batch row) and dg (one partial per kv head) for one
-    (prefix tile, batch * kv head). Partials are [B, Hkv, L, D] and [B, Hkv, Sq, L], contiguous."""
+    """dPk, dPv and dg for one (prefix tile, batch * kv head, query split). Partials, contiguous:
+    dPk, dPv [splits, B, Hkv, L, D] (one per query split and batch row), dg [B, Hkv, Sq, L]."""
     pid_j = tl.program_id(0)
     pid_bk = tl.program_id(1)
+    pid_s = tl.program_id(2)
     Hkv = H // GROUP
     b = pid_bk // Hkv
     hk = pid_bk % Hkv
@@ -437,7 +463,7 @@ def _bwd_prefix_kernel(
     offs_mm = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     j_ok = offs_j < L
-    d_ok = offs_d < D
+    d_ok = (offs_d < D) | EVEN_D  # all true when D is a power of two: no head-dim mask
     jd_ok = j_ok[:, None] & d_ok[None, :]
 
     pk = tl.load(PK + b.to(tl.int64) * stride_pkb + hk.to(tl.int64) * stride_pkh
@@ -447,7 +473,8 @@ def _bwd_prefix_kernel(
     dpk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dpv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
 
-    for m0 in range(0, Sq, BLOCK_M):
+    # Long sequences are split over a third grid axis so short prefixes still fill the GPU.
+    for m0 in range(pid_s * rows_per_split, tl.minimum(Sq, (pid_s + 1) * rows_per_split), BLOCK_M):
         offs_m = m0 + offs_mm
         m_ok = offs_m < Sq
         md_ok = m_ok[:, None] & d_ok[None, :]
@@ -467,16 +494,17 @@ def _bwd_prefix_kernel(
                          other=0.0).to(DOT)
             lse = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=m_ok, other=float("inf")).to(ACC)
             delta = tl.load(DELTA + bh.to(tl.int64) * Sq + offs_m, mask=m_ok, other=0.0).to(ACC)
-            s_t = tl.dot(pk, tl.trans(q), input_precision=PREC, out_dtype=ACC) * scale  # raw score [BN, BM]
+            qpk = tl.dot(pk, tl.trans(q), input_precision=PREC, out_dtype=ACC)  # [BN, BM]
+            logit_t = _scaled(qpk, qk_hi, qk_lo, ACC)  # log2 units
             e_t = tl.dot(pv, tl.trans(do), input_precision=PREC, out_dtype=ACC)  # dO . Pv
             if HAS_GATE:
-                p_t = tl.where(valid, tl.exp2(s_t * g_t * 1.4426950408889634 - lse[None, :]), 0.0)
+                p_t = tl.where(valid, tl.exp2(logit_t * g_t - lse[None, :]), 0.0)
                 dz_t = p_t * (g_t * e_t - delta[None, :])
-                dg_t += dz_t * s_t + p_t * e_t
+                dg_t += dz_t * _scaled(qpk, sc_hi, sc_lo, ACC) + p_t * e_t  # dz * s + p * e
                 dpv = tl.dot((p_t * g_t).to(DOT), do, acc=dpv, input_precision=PREC)
                 dpk = tl.dot((dz_t * g_t).to(DOT), q, acc=dpk, input_precision=PREC)
             else:
-                p_t = tl.where(valid, tl.exp2(s_t * 1.4426950408889634 - lse[None, :]), 0.0)
+                p_t = tl.where(valid, tl.exp2(logit_t - lse[None, :]), 0.0)
                 dz_t = p_t * (e_t - delta[None, :])
                 dpv = tl.dot(p_t.to(DOT), do, acc=dpv, input_precision=PREC)
                 dpk = tl.dot(dz_t.to(DOT), q, acc=dpk, input_precision=PREC)
@@ -484,8 +512,9 @@ def _bwd_prefix_kernel(
             dg_ptrs = DG + pid_bk.to(tl.int64) * Sq * L + offs_m[None, :].to(tl.int64) * L + offs_j[:, None]
             tl.store(dg_ptrs, dg_t.to(DG.dtype.element_ty), mask=valid)
 
-    dpk = dpk * scale
-    part = pid_bk.to(tl.int64) * L * D + offs_j[:, None].to(tl.int64) * D + offs_d[None, :]
+    dpk = _scaled(dpk, sc_hi, sc_lo, ACC)
+    part_id = pid_s.to(tl.int64) * tl.num_programs(1) + pid_bk
+    part = part_id * L * D + offs_j[:, None].to(tl.int64) * D + offs_d[None, :]
     tl.store(DPK + part, dpk.to(DPK.dtype.element_ty), mask=jd_ok)
     tl.store(DPV + part, dpv.to(DPV.dtype.element_ty), mask=jd_ok)
 
@@ -495,25 +524,30 @@ def _bwd_prefix_kernel(
 # --------------------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per GPU family, kernel and head-dim bucket. Every
-# entry is checked ahead of time for register spills and shared memory by kernels/fitness.py
-# (sm_80 and sm_90, fp16 and bf16). D=128 forward at BLOCK_M=128, BLOCK_N=64, 8 warps spills.
+# entry is compiled ahead of time for sm_80 / sm_90 (fp16 and bf16) by kernels/fitness.py and
+# checked for register spills and shared memory; all sm_80 entries also fit the 99 KB of sm_86/89.
+# A dense gate tile costs registers (at D=128, BLOCK_N=64 spills with it), the fused gate more.
 _GPU_CONFIGS = {
     80: {
-        "fwd": {64: (128, 64, 4, 3), 128: (128, 32, 8, 2)},
-        "bwd_dq": {64: (64, 64, 4, 2), 128: (64, 32, 4, 2)},
-        "bwd_dkdv": {64: (64, 64, 4, 2), 128: (32, 64, 4, 2)},
-        "bwd_prefix": {64: (64, 64, 4, 2), 128: (32, 64, 4, 2)},
+        "fwd": {64: (128, 64, 8, 3), 128: (128, 64, 8, 2)},
+        "fwd_gate": {64: (128, 64, 8, 3), 128: (128, 32, 8, 2)},
+        "fwd_fused": {64: (128, 64, 8, 3), 128: (128, 32, 8, 2)},
+        "bwd_dq": {64: (128, 64, 8, 2), 128: (128, 32, 8, 2)},
+        "bwd_dkdv": {64: (32, 64, 4, 2), 128: (32, 32, 8, 2)},
+        "bwd_prefix": {64: (32, 32, 8, 2), 128: (32, 32, 8, 2)},
     },
     90: {
-        "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 2)},
-        "bwd_dq": {64: (64, 64, 4, 2), 128: (64, 32, 4, 2)},
-        "bwd_dkdv": {64: (64, 64, 4, 2), 128: (32, 64, 4, 2)},
-        "bwd_prefix": {64: (64, 64, 4, 2), 128: (32, 64, 4, 2)},
+        "fwd": {64: (128, 64, 8, 3), 128: (128, 64, 8, 2)},
+        "fwd_gate": {64: (128, 64, 8, 3), 128: (128, 32, 8, 2)},
+        "fwd_fused": {64: (128, 64, 8, 3), 128: (128, 32, 8, 2)},
+        "bwd_dq": {64: (128, 64, 8, 2), 128: (128, 32, 8, 2)},
+        "bwd_dkdv": {64: (64, 64, 8, 2), 128: (64, 64, 8, 2)},
+        "bwd_prefix": {64: (32, 64, 8, 2), 128: (32, 32, 8, 2)},
     },
 }
 # The interpreter runs programs one after another: few, moderately sized tiles are fastest,
-# and 32 still splits the test shapes into several prefix and key tiles.
-_INTERPRETER_CONFIG = (32, 32, 4, 1)
+# and BLOCK_N = 32 still splits the test shapes into several prefix and key tiles.
+_INTERPRETER_CONFIG = (64, 32, 4, 1)
 _GATE_BLOCK_K = 32  # hidden-size chunk of the fused APT gate matmul
 
 
@@ -534,6 +568,19 @@ def _arch_of(t: torch.Tensor) -> Optional[int]:
         return None
     major, minor = torch.cuda.get_device_capability(t.device)
     return 10 * major + minor
+
+
+def _rows_per_split(Sq: int, block_m: int, programs: int, like: torch.Tensor) -> int:
+    """Query rows per program of the prefix-gradient kernel (a multiple of block_m). On GPU the
+    query range is split until there are about two programs per SM (at most 16 splits); the
+    interpreter splits in two whenever it can, so the tests cover the split path."""
+    tiles = triton.cdiv(Sq, block_m)
+    if like.device.type == "cuda":
+        sms = torch.cuda.get_device_properties(like.device).multi_processor_count
+        splits = min(16, max(1, triton.cdiv(2 * sms, programs)))
+    else:
+        splits = 2
+    return triton.cdiv(tiles, min(splits, tiles)) * block_m
 
 
 def _block_d(D: int) -> int:
@@ -559,6 +606,12 @@ def _new(shape, dtype, device) -> torch.Tensor:
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """Kernels address the last dim with unit stride; everything else goes through strides."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _split(c: float) -> tuple:
+    """c as fp32 high and low parts (see _scaled)."""
+    hi = float(torch.tensor(c, dtype=torch.float32))
+    return hi, c - hi
 
 
 def _acc_torch_dtype(q: torch.Tensor) -> torch.dtype:
@@ -601,7 +654,8 @@ def _forward(q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight, gate_b
         kpm_stride = key_padding_mask.stride(0)
 
     block_d = _block_d(D)
-    block_m, block_n, num_warps, num_stages = pick_config("fwd", block_d, _arch_of(q))
+    kind = "fwd_fused" if gate_hidden is not None else "fwd_gate" if gate is not None else "fwd"
+    block_m, block_n, num_warps, num_stages = pick_config(kind, block_d, _arch_of(q))
     grid = (triton.cdiv(Sq, block_m), B * H)
     _fwd_kernel[grid](
         q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight, gate_bias, layer_scale,
@@ -610,7 +664,7 @@ def _forward(q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight, gate_b
         *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
         *_gate_strides(gate, B, Sq, L), *gh_strides, *gw_strides, kpm_stride,
         *out.stride()[:3],
-        H, H // Hkv, Sq, Sk, L, D, d_model, Sk - Sq, scale,
+        H, H // Hkv, Sq, Sk, L, D, d_model, Sk - Sq, *_split(scale * LOG2E),
         IS_CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=_GATE_BLOCK_K,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -635,6 +689,7 @@ def _backward(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse,
     block_d = _block_d(D)
     arch = _arch_of(q)
     common = (H, H // Hkv)
+    scales = (*_split(scale * LOG2E), *_split(scale))
 
     dq = _new((B, H, Sq, D), q.dtype, q.device)
     bm, bn, nw, ns = pick_config("bwd_dq", block_d, arch)
@@ -643,7 +698,7 @@ def _backward(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *_prefix_strides(prefix_k), *_prefix_strides(prefix_v), *g_strides, kpm_stride,
         *do.stride()[:3], *dq.stride()[:3],
-        *common, Sq, Sk, L, D, Sk - Sq, scale,
+        *common, Sq, Sk, L, D, Sk - Sq, *scales,
         IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=nw, num_stages=ns,
     )
 
@@ -654,22 +709,25 @@ def _backward(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse,
         q, k, v, key_padding_mask, do, lse, delta, dk, dv,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], kpm_stride,
         *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        *common, Sq, Sk, D, Sk - Sq, scale,
+        *common, Sq, Sk, D, Sk - Sq, *scales,
         IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=nw, num_stages=ns,
     )
 
     # Partials: prefix grads per batch row, gate grads per kv head; reduced below by torch.
-    dpk = _new((B, Hkv, L, D), acc, q.device)
-    dpv = _new((B, Hkv, L, D), acc, q.device)
-    dg = _new((B, Hkv, Sq, L), acc, q.device) if gate is not None else None
     bm, bn, nw, ns = pick_config("bwd_prefix", block_d, arch)
-    _bwd_prefix_kernel[(triton.cdiv(L, bn), B * Hkv)](
+    rows_per_split = _rows_per_split(Sq, bm, triton.cdiv(L, bn) * B * Hkv, q)
+    splits = triton.cdiv(Sq, rows_per_split)
+    dpk = _new((splits, B, Hkv, L, D), acc, q.device)
+    dpv = _new((splits, B, Hkv, L, D), acc, q.device)
+    dg = _new((B, Hkv, Sq, L), acc, q.device) if gate is not None else None
+    _bwd_prefix_kernel[(triton.cdiv(L, bn), B * Hkv, splits)](
         q, prefix_k, prefix_v, gate, do, lse, delta, dpk, dpv, dg,
         *q.stride()[:3], *_prefix_strides(prefix_k), *_prefix_strides(prefix_v), *g_strides,
         *do.stride()[:3],
-        *common, Sq, L, D, scale,
+        *common, Sq, L, D, rows_per_split, *scales,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=nw, num_stages=ns,
     )
+    dpk, dpv = dpk.sum(0), dpv.sum(0)  # over query splits (fixed order: deterministic)
     if prefix_k.dim() == 3:  # shared by the batch
         dpk, dpv = dpk.sum(0), dpv.sum(0)
     dg = dg.sum(1) if dg is not None else q.new_empty((0,), dtype=acc)
@@ -790,3 +848,70 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
     return GatedPrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight,
                                               gate_bias, layer_scale, key_padding_mask, bool(causal),
                                               float(scale))
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time fitness (see kernels/fitness.py)
+# --------------------------------------------------------------------------------------------
+
+
+def fitness_configs():
+    """Every launch config the launchers can pick on sm_80 / sm_90 for fp16 and bf16 at D in
+    {64, 128}, with all optional features on (causal, padding, and each forward gate mode)."""
+    from .fitness import signature_of
+
+    floats = ("qk_hi", "qk_lo", "sc_hi", "sc_lo")
+
+    def spec(fn, ptrs, cx):
+        # as launched on contiguous tensors: unit last-dim strides of gate / gate weight, 16-divisible
+        # row strides and head dim (D in {64, 128}); lengths and the other strides stay generic.
+        names = set(fn.arg_names)
+        ones = {"stride_gl", "stride_gwl"} & names
+        div16 = {n for n in names if re.fullmatch(r"stride_(q|k|v|pk|pv|do|dq|dk|dv|o)[bhmn]", n)} | {"D"}
+        return signature_of(fn, ptrs, cx, floats, ones, div16)
+
+    for arch in (80, 90):
+        for torch_dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+            dot = tl.float16 if torch_dtype == torch.float16 else tl.bfloat16
+            ptr, f32 = "*" + name, "*fp32"
+            flags = dict(ACC=tl.float32, DOT=dot, PREC="tf32", EVEN_D=True)
+            for D in (64, 128):
+                tag = f"sm{arch} {name} D{D}"
+                for mode, mode_name in ((GATE_NONE, "none"), (GATE_TENSOR, "tensor"), (GATE_FUSED, "fused")):
+                    kind = {GATE_NONE: "fwd", GATE_TENSOR: "fwd_gate", GATE_FUSED: "fwd_fused"}[mode]
+                    bm, bn, nw, ns = pick_config(kind, D, arch)
+                    cx = dict(flags, IS_CAUSAL=True, HAS_PAD=True, GATE_MODE=mode, GDOT=dot, GPREC="tf32",
+                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D, BLOCK_K=_GATE_BLOCK_K)
+                    if mode != GATE_TENSOR:
+                        cx["GATE"] = None
+                    if mode != GATE_FUSED:
+                        cx.update(GH=None, GW=None, GB=None, LS=None)
+                    ptrs = {n: ptr for n in ("Q", "K", "V", "PK", "PV", "GATE", "GH", "GW", "GB", "LS", "OUT")}
+                    ptrs.update(KPM="*i1", LSE=f32)
+                    fn = _fwd_kernel.fn
+                    sig, cx, attrs = spec(fn, ptrs, cx)
+                    yield f"attn.fwd gate={mode_name} {tag}", fn, sig, cx, nw, ns, arch, attrs
+
+                bm, bn, nw, ns = pick_config("bwd_dq", D, arch)
+                cx = dict(flags, IS_CAUSAL=True, HAS_PAD=True, HAS_GATE=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D)
+                ptrs = {n: ptr for n in ("Q", "K", "V", "PK", "PV", "GATE", "DO", "DQ")}
+                ptrs.update(KPM="*i1", LSE=f32, DELTA=f32)
+                fn = _bwd_dq_kernel.fn
+                sig, cx, attrs = spec(fn, ptrs, cx)
+                yield f"attn.bwd_dq gate {tag}", fn, sig, cx, nw, ns, arch, attrs
+
+                bm, bn, nw, ns = pick_config("bwd_dkdv", D, arch)
+                cx = dict(flags, IS_CAUSAL=True, HAS_PAD=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D)
+                ptrs = {n: ptr for n in ("Q", "K", "V", "DO", "DK", "DV")}
+                ptrs.update(KPM="*i1", LSE=f32, DELTA=f32)
+                fn = _bwd_dkdv_kernel.fn
+                sig, cx, attrs = spec(fn, ptrs, cx)
+                yield f"attn.bwd_dkdv {tag}", fn, sig, cx, nw, ns, arch, attrs
+
+                bm, bn, nw, ns = pick_config("bwd_prefix", D, arch)
+                cx = dict(flags, HAS_GATE=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D)
+                ptrs = {n: ptr for n in ("Q", "PK", "PV", "GATE", "DO")}
+                ptrs.update(LSE=f32, DELTA=f32, DPK=f32, DPV=f32, DG=f32)
+                fn = _bwd_prefix_kernel.fn
+                sig, cx, attrs = spec(fn, ptrs, cx)
+                yield f"attn.bwd_prefix gate {tag}", fn, sig, cx, nw, ns, arch, attrs

@@ -27,18 +27,27 @@ Backward algorithm
     DePT: one program per position tile sums G over the batch in registers, then dA = s * G_sum @ B^T
     (written directly, each row belongs to one tile) and per-tile partials of dB = s * A^T @ G_sum.
     Prompt gradient: G[:, :m] summed over the batch by torch (fp32 accumulation).
-    Table gradient: deterministic segment reduction. ids are sorted stably on the host side (torch), and
-    one program per (distinct id, d chunk) adds that id's rows in token order in fp32 and writes the
-    table row once. No atomics, so the result is bitwise reproducible and exact up to fp32 summation
-    in a fixed order. Ids repeated very often (padding) are summed serially by one program.
-    All reductions are fixed-order: the backward is deterministic.
+    Table gradient: deterministic segment reduction instead of atomics or index_add_ (whose CUDA
+    version is not deterministic). The ids are sorted stably by torch, and one program per (distinct
+    id, d chunk) adds that id's dX rows in token order in fp32 and writes the table row once, rounded
+    once to the table's dtype. Ids absent from the batch get exact zeros.
+    All reductions run in a fixed order: the backward is deterministic (bitwise reproducible).
 
 Memory
     Inference and training forward store nothing but the output: T is recomputed in the backward.
-    The training forward saves only its inputs (ids, table, A, a, B, b, mask - which autograd holds
-    anyway), no activation. Backward transients: H and dT (2 * N * r elements in the input dtype),
-    SPLIT * (2 r d + d) + cdiv(N, BLOCK_T) * r fp32 partials, and, only when the table needs a
-    gradient, dX (N * d fp32) and the dense [V, d] table gradient.
+    The training forward saves only its inputs (ADePT: ids, table, A, a, B, mask; DePT: ids, table,
+    A, B - tensors autograd holds anyway), no activation: zero extra bytes.
+    ADePT backward transients: H and dT (2 * N * r elements in the input dtype), cdiv(N, BLOCK_T) * r +
+    SPLIT * (2 r d + d) fp32 partials (SPLIT ~ 2 * SMs / cdiv(d, BLOCK_D)), and, only when the table
+    needs a gradient, dX (N * d fp32) plus the dense [V, d] table gradient in the table's dtype.
+    DePT backward transients: cdiv(S, BLOCK_T) * r * d + s * r fp32 partials (+ the table gradient).
+
+Launch configs
+    Fixed per kernel (no autotune: it cannot run on CPU), see ``_GPU_TILES_*``; ``fitness_configs()``
+    lists every config the launchers can pick on sm_80 / sm_90 for fp16 / bf16 so that
+    ``python -m fastprefix.kernels.fitness`` proves them spill-free ahead of time. Both ops are
+    registered with torch.library (``fastprefix::adept_embedding``, ``fastprefix::dept_embedding`` and
+    their ``_backward`` ops), so torch.compile sees opaque calls with fake-tensor shape functions.
 
 Caveats
     * Accumulation is fp32 for fp16/bf16/fp32 inputs (fp64 for fp64, so gradcheck works under the
@@ -46,14 +55,17 @@ Caveats
       in their own dtype: ReLU(T) and dT are rounded to it before the second GEMM, as PyTorch does.
     * Under TRITON_INTERPRET=1 bf16 arithmetic does not work, so bf16 operands are upcast to fp32 in
       the kernels there (on GPU they stay bf16).
-    * Ids are checked on the host (one min/max reduction) and out-of-range ids raise ValueError before
-      any launch; the kernels never read outside the table.
-    * DePT's ``scaling`` is passed as an fp32 kernel argument.
+    * Ids are checked on the host (one min/max reduction, a device sync on GPU) and out-of-range ids
+      raise ValueError before any launch; the kernels never read outside the table.
+    * DePT's ``scaling`` is an fp32 kernel argument (also for fp64 inputs).
+    * One program sums all rows of one id for the table gradient: an id repeated very often (padding)
+      is summed serially.
 """
 
 from __future__ import annotations
 
 import os
+from typing import List, Optional
 
 import torch
 import triton
@@ -265,7 +277,8 @@ def _dept_fwd_kernel(
         d_ok = cols < d
         rk = tl.arange(0, BLOCK_R)
         r_ok = rk < r
-        la = tl.load(lora_a_ptr + pos[:, None] * stride_la + rk[None, :], mask=pos_ok[:, None] & r_ok[None, :], other=0.0)
+        la = tl.load(lora_a_ptr + pos[:, None] * stride_la + rk[None, :], mask=pos_ok[:, None] & r_ok[None, :],
+                     other=0.0)
         lb = tl.load(lora_b_ptr + rk[:, None] * d + cols[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         # The offset tile is shared by every batch row: compute once, add B times.
         offset = _dot(la, lb, tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC), DOT_DTYPE, PRECISION) * scaling
@@ -341,16 +354,26 @@ def _segment_sum_rows_kernel(
 
 # ------------------------------------------------------------------------------------------- launchers
 
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+              torch.float64: tl.float64}
 
-# (BLOCK_T, BLOCK_D, num_warps, num_stages) per kernel for 16-bit inputs on sm_80 / sm_90; fp32 inputs
-# use half the BLOCK_D (twice the bytes per element). Checked ahead of time by fitness_configs() below.
-_GPU_TILES = {
-    "adept_fwd": (64, 64, 4, 3),
-    "adept_bwd_token": (64, 64, 4, 2),
-    "adept_bwd_param": (64, 64, 4, 2),
-    "dept_fwd": (64, 64, 4, 2),
-    "dept_bwd": (32, 64, 4, 2),
+# (BLOCK_T, BLOCK_D, num_warps, num_stages) per kernel on sm_80 / sm_90, for 16-bit inputs (tensor-core
+# dots) and for fp32 (IEEE dots run on FMA units and hold more registers, hence narrower tiles). Every
+# entry is compiled ahead of time by fitness_configs() below: no spills for r <= 64.
+_GPU_TILES_16BIT = {
+    "adept_fwd": (32, 64, 4, 2),
+    "adept_bwd_token": (32, 32, 4, 2),
+    "adept_bwd_param": (32, 64, 4, 2),
+    "dept_fwd": (32, 64, 4, 2),
+    "dept_bwd": (32, 32, 4, 2),
+    "segment_sum": (1, 256, 4, 1),
+}
+_GPU_TILES_FP32 = {
+    "adept_fwd": (32, 32, 8, 2),
+    "adept_bwd_token": (32, 32, 8, 2),
+    "adept_bwd_param": (32, 16, 4, 1),
+    "dept_fwd": (32, 32, 4, 2),
+    "dept_bwd": (32, 16, 4, 2),
     "segment_sum": (1, 256, 4, 1),
 }
 
@@ -370,9 +393,8 @@ def _config(kernel, dtype, arch, d):
         if kernel == "segment_sum":
             block_t = 1
     else:
-        block_t, block_d, warps, stages = _GPU_TILES[kernel]
-        if dtype in (torch.float32, torch.float64) and kernel != "segment_sum":
-            block_d //= 2
+        tiles = _GPU_TILES_16BIT if dtype in (torch.float16, torch.bfloat16) else _GPU_TILES_FP32
+        block_t, block_d, warps, stages = tiles[kernel]
     block_d = min(block_d, max(16, triton.next_power_of_2(d)))
     return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
 
@@ -410,10 +432,6 @@ def _check_ids(input_ids, vocab_size):
 
 def _prompt_len(prompt):
     return 0 if prompt is None else prompt.shape[0]
-
-
-def _sum_prompt_grad(grad, m, prompt):
-    return grad[:, :m].sum(0, dtype=_acc_dtype(prompt.dtype)).to(prompt.dtype)
 
 
 def _segment_sum_rows(input_ids, src, S, m, stride_sb, stride_ss, vocab_size, out_dtype):
@@ -502,7 +520,7 @@ def _adept_backward(grad_out, input_ids, weight, m, down_weight, down_bias, up_w
         n_chunks = triton.cdiv(d, cfg["BLOCK_D"])
         if arch is None:
             split = min(n_tiles, 2)
-        else:  # about two programs per SM, each over a contiguous share of token tiles
+        else:  # about two programs per SM; split s reduces token tiles s, s + split, ...
             sms = torch.cuda.get_device_properties(device).multi_processor_count
             split = max(1, min(n_tiles, triton.cdiv(2 * sms, n_chunks)))
         dw_part = _new_buffer((split, d, r), acc, device)
@@ -569,43 +587,101 @@ def _dept_backward(grad_out, input_ids, weight, m, lora_a, lora_b, scaling, need
     return g_table, g_prompt, g_la, g_lb
 
 
-# ------------------------------------------------------------------------------------- autograd + API
+# ------------------------------------------------------------------------ torch.library ops + autograd
+# Registered as custom ops (forward and backward) so torch.compile treats them as opaque calls, the host
+# side id check included, instead of tracing into the launchers.
+
+@torch.library.custom_op("fastprefix::adept_embedding", mutates_args=())
+def _adept_op(input_ids: torch.Tensor, weight: torch.Tensor, prompt: Optional[torch.Tensor], down_weight: torch.Tensor,
+              down_bias: torch.Tensor, up_weight: torch.Tensor, up_bias: torch.Tensor,
+              dropout_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    _check_ids(input_ids, weight.shape[0])
+    return _adept_forward(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, dropout_mask)
 
 
-class _ADePTEmbedding(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, dropout_mask):
-        out = _adept_forward(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, dropout_mask)
-        # Inputs only: T is recomputed in the backward, no activation is kept.
-        ctx.save_for_backward(input_ids, weight, down_weight, down_bias, up_weight, dropout_mask)
-        ctx.m = _prompt_len(prompt)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        input_ids, weight, down_weight, down_bias, up_weight, dropout_mask = ctx.saved_tensors
-        g_table, g_prompt, g_dw, g_db, g_uw, g_ub = _adept_backward(
-            grad_out, input_ids, weight, ctx.m, down_weight, down_bias, up_weight, dropout_mask,
-            ctx.needs_input_grad[1:7],
-        )
-        return None, g_table, g_prompt, g_dw, g_db, g_uw, g_ub, None
+@_adept_op.register_fake
+def _(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, dropout_mask):
+    B, S = input_ids.shape
+    return weight.new_empty((B, _prompt_len(prompt) + S, weight.shape[1]))
 
 
-class _DePTEmbedding(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input_ids, weight, prompt, lora_a, lora_b, scaling):
-        out = _dept_forward(input_ids, weight, prompt, lora_a, lora_b, scaling)
-        ctx.save_for_backward(input_ids, weight, lora_a, lora_b)
-        ctx.m, ctx.scaling = _prompt_len(prompt), scaling
-        return out
+@torch.library.custom_op("fastprefix::adept_embedding_backward", mutates_args=())
+def _adept_backward_op(grad_out: torch.Tensor, input_ids: torch.Tensor, weight: torch.Tensor, m: int,
+                       down_weight: torch.Tensor, down_bias: torch.Tensor, up_weight: torch.Tensor,
+                       dropout_mask: Optional[torch.Tensor], needs: List[bool]) -> List[torch.Tensor]:
+    grads = _adept_backward(grad_out, input_ids, weight, m, down_weight, down_bias, up_weight, dropout_mask, needs)
+    return [weight.new_empty(0) if g is None else g for g in grads]  # empty: not requested
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        input_ids, weight, lora_a, lora_b = ctx.saved_tensors
-        g_table, g_prompt, g_la, g_lb = _dept_backward(
-            grad_out, input_ids, weight, ctx.m, lora_a, lora_b, ctx.scaling, ctx.needs_input_grad[1:5]
-        )
-        return None, g_table, g_prompt, g_la, g_lb, None
+
+@_adept_backward_op.register_fake
+def _(grad_out, input_ids, weight, m, down_weight, down_bias, up_weight, dropout_mask, needs):
+    d, r = down_weight.shape
+    shapes = [weight.shape, (m, d), (d, r), (r,), (r, d), (d,)]
+    return [weight.new_empty(s) if n else weight.new_empty(0) for s, n in zip(shapes, needs)]
+
+
+def _adept_setup_context(ctx, inputs, output):
+    input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, dropout_mask = inputs
+    # Inputs only: T is recomputed in the backward, no activation is kept.
+    ctx.save_for_backward(input_ids, weight, down_weight, down_bias, up_weight, dropout_mask)
+    ctx.m = _prompt_len(prompt)
+
+
+def _adept_grad(ctx, grad_out):
+    input_ids, weight, down_weight, down_bias, up_weight, dropout_mask = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[1:7]]
+    grads = _adept_backward_op(grad_out, input_ids, weight, ctx.m, down_weight, down_bias, up_weight, dropout_mask,
+                               needs)
+    return (None, *(g if n else None for g, n in zip(grads, needs)), None)
+
+
+_adept_op.register_autograd(_adept_grad, setup_context=_adept_setup_context)
+
+
+@torch.library.custom_op("fastprefix::dept_embedding", mutates_args=())
+def _dept_op(input_ids: torch.Tensor, weight: torch.Tensor, prompt: Optional[torch.Tensor], lora_a: torch.Tensor,
+             lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    _check_ids(input_ids, weight.shape[0])
+    S, s = input_ids.shape[1], lora_a.shape[0]
+    if S > s:
+        raise ValueError(f"input_ids has S={S} tokens but lora_a has offset rows for only s={s} positions")
+    return _dept_forward(input_ids, weight, prompt, lora_a, lora_b, scaling)
+
+
+@_dept_op.register_fake
+def _(input_ids, weight, prompt, lora_a, lora_b, scaling):
+    B, S = input_ids.shape
+    return weight.new_empty((B, _prompt_len(prompt) + S, weight.shape[1]))
+
+
+@torch.library.custom_op("fastprefix::dept_embedding_backward", mutates_args=())
+def _dept_backward_op(grad_out: torch.Tensor, input_ids: torch.Tensor, weight: torch.Tensor, m: int,
+                      lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                      needs: List[bool]) -> List[torch.Tensor]:
+    grads = _dept_backward(grad_out, input_ids, weight, m, lora_a, lora_b, scaling, needs)
+    return [weight.new_empty(0) if g is None else g for g in grads]  # empty: not requested
+
+
+@_dept_backward_op.register_fake
+def _(grad_out, input_ids, weight, m, lora_a, lora_b, scaling, needs):
+    shapes = [weight.shape, (m, weight.shape[1]), lora_a.shape, lora_b.shape]
+    return [weight.new_empty(s) if n else weight.new_empty(0) for s, n in zip(shapes, needs)]
+
+
+def _dept_setup_context(ctx, inputs, output):
+    input_ids, weight, prompt, lora_a, lora_b, scaling = inputs
+    ctx.save_for_backward(input_ids, weight, lora_a, lora_b)
+    ctx.m, ctx.scaling = _prompt_len(prompt), scaling
+
+
+def _dept_grad(ctx, grad_out):
+    input_ids, weight, lora_a, lora_b = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[1:5]]
+    grads = _dept_backward_op(grad_out, input_ids, weight, ctx.m, lora_a, lora_b, ctx.scaling, needs)
+    return (None, *(g if n else None for g, n in zip(grads, needs)), None)
+
+
+_dept_op.register_autograd(_dept_grad, setup_context=_dept_setup_context)
 
 
 def adept_embedding(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, *, dropout_mask=None):
@@ -618,9 +694,11 @@ def adept_embedding(input_ids, weight, prompt, down_weight, down_bias, up_weight
 
     Returns:
         ``[B, m+S, d]`` in the inputs' dtype. Differentiable in every floating input but the mask.
+
+    Raises:
+        ValueError: an id outside ``[0, V)``.
     """
-    _check_ids(input_ids, weight.shape[0])
-    return _ADePTEmbedding.apply(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, dropout_mask)
+    return _adept_op(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, dropout_mask)
 
 
 def dept_embedding(input_ids, weight, prompt, lora_a, lora_b, *, scaling=1.0):
@@ -632,9 +710,83 @@ def dept_embedding(input_ids, weight, prompt, lora_a, lora_b, *, scaling=1.0):
 
     Returns:
         ``[B, m+S, d]`` in the inputs' dtype.
+
+    Raises:
+        ValueError: an id outside ``[0, V)``, or ``S > s``.
     """
-    _check_ids(input_ids, weight.shape[0])
-    S, s = input_ids.shape[1], lora_a.shape[0]
-    if S > s:
-        raise ValueError(f"input_ids has S={S} tokens but lora_a has offset rows for only s={s} positions")
-    return _DePTEmbedding.apply(input_ids, weight, prompt, lora_a, lora_b, float(scaling))
+    return _dept_op(input_ids, weight, prompt, lora_a, lora_b, float(scaling))
+
+
+# --------------------------------------------------------------------------------------------- fitness
+
+
+# Integer arguments that are multiples of 16 whenever d is (the width and the row strides).
+_MULTIPLES_OF_16 = ("d", "stride_w", "stride_p", "stride_gb", "stride_gs", "stride_sb", "stride_ss", "stride_o")
+
+
+def fitness_configs():
+    """Every launch config the launchers can pick on sm_80 / sm_90 for fp16, bf16 and fp32 inputs.
+
+    d only enters through BLOCK_D = min(tile, next_power_of_2(d)), which is the same tile for every
+    d >= 64 (d = 384, 768 and 4096 share one compiled config); BLOCK_R = max(16, next_power_of_2(r))
+    covers r up to 64 with 16, 32 and 64. Optional features are on (dropout mask, table gradient),
+    plus the inference forward without a mask. Like Triton's launcher for these d, the width and the row
+    strides (all multiples of d) carry the divisibility-by-16 hint; the same configs were also checked
+    without any hint (a width that is not a multiple of 16): no spills either.
+    """
+    from .fitness import signature_of
+
+    for arch in (80, 90):
+        for dtype, dname in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+            ptr = "*" + dname
+            numerics = dict(ACC=tl.float32, DOT_DTYPE=_TL_DTYPES[dtype],
+                            PRECISION="ieee" if dtype == torch.float32 else "tf32")
+            tag = f"sm{arch} {dname} d384/768/4096"
+
+            def config(kernel, fn, ptrs, block_r, floats=(), **flags):
+                cfg = _config(kernel, dtype, (arch // 10, arch % 10), 4096)
+                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                if kernel == "segment_sum":
+                    cfg.pop("BLOCK_T")
+                cx = dict(numerics, **cfg, **flags)
+                if block_r is not None:
+                    cx["BLOCK_R"] = block_r
+                cx = {k: v for k, v in cx.items() if k in fn.arg_names}
+                sig, cx, attrs = signature_of(fn, ptrs, cx, floats, multiples_of_16=_MULTIPLES_OF_16)
+                return fn, sig, cx, warps, stages, arch, attrs
+
+            for block_r in (16, 32, 64):
+                for dropout in (False, True):
+                    fn = _adept_fwd_kernel.fn
+                    ptrs = {n: ptr for n in fn.arg_names if n.endswith("_ptr")}
+                    ptrs["ids_ptr"] = "*i64"
+                    flags = dict(HAS_DROPOUT=dropout) if dropout else dict(HAS_DROPOUT=False, mask_ptr=None)
+                    yield (f"emb.adept_fwd{' dropout' if dropout else ''} r{block_r} {tag}",
+                           *config("adept_fwd", fn, ptrs, block_r, **flags))
+
+                fn = _adept_bwd_token_kernel.fn
+                ptrs = {n: ptr for n in fn.arg_names if n.endswith("_ptr")}
+                ptrs.update(ids_ptr="*i64", dbias_part_ptr="*fp32", dx_ptr="*fp32")
+                yield (f"emb.adept_bwd_token dropout dx r{block_r} {tag}",
+                       *config("adept_bwd_token", fn, ptrs, block_r, HAS_DROPOUT=True, NEED_DX=True))
+
+                fn = _adept_bwd_param_kernel
+                ptrs = {n: ptr for n in fn.arg_names if n.endswith("_ptr")}
+                ptrs.update(ids_ptr="*i64", d_down_w_part_ptr="*fp32", d_up_w_part_ptr="*fp32",
+                            d_up_b_part_ptr="*fp32")
+                yield f"emb.adept_bwd_param r{block_r} {tag}", *config("adept_bwd_param", fn, ptrs, block_r)
+
+                fn = _dept_fwd_kernel
+                ptrs = {n: ptr for n in fn.arg_names if n.endswith("_ptr")}
+                ptrs["ids_ptr"] = "*i64"
+                yield f"emb.dept_fwd r{block_r} {tag}", *config("dept_fwd", fn, ptrs, block_r, floats=("scaling",))
+
+                fn = _dept_bwd_kernel
+                ptrs = {n: ptr for n in fn.arg_names if n.endswith("_ptr")}
+                ptrs.update(d_lora_a_ptr="*fp32", d_lora_b_part_ptr="*fp32")
+                yield f"emb.dept_bwd r{block_r} {tag}", *config("dept_bwd", fn, ptrs, block_r, floats=("scaling",))
+
+            fn = _segment_sum_rows_kernel
+            for src, src_name in (("*fp32", "adept"), (ptr, "dept")):
+                ptrs = dict(order_ptr="*i64", starts_ptr="*i64", uids_ptr="*i64", src_ptr=src, out_ptr=ptr)
+                yield f"emb.table_grad {src_name} {tag}", *config("segment_sum", fn, ptrs, None)

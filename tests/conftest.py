@@ -9,6 +9,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one intra-op thread per xdist worker: two workers on two cores, no oversubscription
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -1,15 +1,27 @@
 """Reference gated-prefix attention (P-Tuning v2 and APT) in plain PyTorch.
 
 This is the numerical contract of ``fastprefix.kernels.gated_prefix_attention`` and the path used on
-CPU. It builds the scores of the prefix and of the real keys separately and softmaxes them together,
-which is exactly softmax over ``[g * Pk ; K]`` followed by a weighted sum over ``[g * Pv ; V]``:
+CPU. For query t, prefix token j (always visible) and real key u:
 
-    logit[t, j] = scale * g[t, j] * (q_t . Pk_j)        (prefix token j, always visible)
-    logit[t, u] = scale * (q_t . k_u)  or -inf          (real key u, hidden by padding / causality)
-    out_t       = sum_j p[t, j] g[t, j] Pv_j + sum_u p[t, u] v_u
+    logit[t, j] = scale * g[t, j] * (q_t . Pk_j)
+    logit[t, u] = scale * (q_t . k_u)  or -inf          (hidden by padding / causality)
+    out_t       = sum_j p[t, j] g[t, j] Pv_j + sum_u p[t, u] v_u,   p = softmax over all L + Sk logits
 
 A zero gate gives a logit of 0 (not -inf): the prefix token still takes softmax mass and adds no value.
 Inputs are assumed validated (``fastprefix.ops`` does that once).
+
+Three exact formulations, picked by the gate's shape:
+
+- no gate, or one gate row for all queries (P-Tuning v2, APT's pooled gate): the gate folds into the
+  prefix, ``scale * g * (q . Pk) = scale * q . (g * Pk)`` and value ``g * Pv``, so the whole thing is one
+  ``scaled_dot_product_attention`` over ``[g * Pk ; K]`` (GQA through ``enable_gqa``, the prefix
+  broadcast over the batch until the concatenation);
+- a gate per query (APT's token gate) on CPU: the real keys go through PyTorch's fused CPU attention,
+  which also returns their log-sum-exp; the L prefix scores are computed apart and the two partial
+  softmaxes merged by log-sum-exp. Its backward (:class:`_TokenGatedAttention`) calls the fused
+  backward with the merged output and the real keys' share of the gradient, which is exact;
+- anything else (other devices): the scores of the prefix and of the keys built explicitly and
+  softmaxed together (:func:`_explicit_attention`).
 """
 
 from __future__ import annotations
@@ -42,12 +54,24 @@ def apt_gate(hidden, weight, bias, layer_scale, *, mode="token", key_padding_mas
             hidden = (hidden * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True).clamp_min(1)
     elif mode != "token":
         raise ValueError(f"mode must be 'token' or 'pooled', got {mode!r}")
-    return layer_scale * torch.sigmoid(hidden @ weight + bias)
+    return layer_scale * torch.sigmoid(torch.addmm(bias, hidden.flatten(0, -2), weight).view(*hidden.shape[:-1], -1))
 
 
-def _repeat_kv(x, group):
-    """Repeat the head axis (dim -3) of ``x`` ``group`` times for GQA."""
-    return x if group == 1 else x.repeat_interleave(group, dim=-3)
+def _visible_keys(key_padding_mask, causal, Sq, Sk, device):
+    """``[B|1, 1, Sq, Sk]`` bool, True = query t may see real key u; None when every key is visible."""
+    visible = None
+    if key_padding_mask is not None:
+        visible = key_padding_mask[:, None, None, :]
+    if causal:
+        t = torch.arange(Sq, device=device)[:, None] + (Sk - Sq)
+        past = torch.arange(Sk, device=device)[None, :] <= t
+        visible = past[None, None] if visible is None else visible & past
+    return visible
+
+
+def _gate3(gate):
+    """A gate broadcastable to ``[B, Sq, L]`` as a 3-dim tensor (a view)."""
+    return gate.reshape((1,) * (3 - gate.dim()) + tuple(gate.shape))
 
 
 def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidden=None, gate_weight=None,
@@ -67,41 +91,153 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
     Returns:
         ``[B, H, Sq, D]`` in the dtype of ``q``.
     """
-    B, H, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    group = H // Hkv
+    Sq, D = q.shape[-2:]
     scale = D ** -0.5 if scale is None else scale
     if gate is None and gate_hidden is not None:
         gate = apt_gate(gate_hidden, gate_weight, gate_bias, layer_scale)
+    if gate is not None:
+        gate = _gate3(gate)
+    if gate is None or gate.shape[1] == 1:
+        return _folded_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale)
+    if q.device.type == "cpu":
+        return _token_gated_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale)
+    return _explicit_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale)
 
-    pk = _repeat_kv(prefix_k, group)
-    pv = _repeat_kv(prefix_v, group)
-    k = _repeat_kv(k, group)
-    v = _repeat_kv(v, group)
+
+def _folded_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale):
+    """No gate or one gate row ``[B|1, 1, L]`` for all queries: one SDPA over ``[g * Pk ; K]``."""
+    B, H, Sq, _ = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    pk, pv = prefix_k, prefix_v
+    if gate is not None:
+        g = gate.transpose(1, 2).unsqueeze(1)  # [B|1, 1, L, 1]: one scale per prefix row, every head
+        pk, pv = pk * g, pv * g
+    L = pk.shape[-2]
+    keys = torch.cat([pk.expand(B, Hkv, L, -1), k], dim=2)
+    values = torch.cat([pv.expand(B, Hkv, L, -1), v], dim=2)
+    visible = _visible_keys(key_padding_mask, causal, Sq, Sk, q.device)
+    if visible is not None:  # the prefix columns are always visible
+        prefix_cols = visible.new_ones(*visible.shape[:-1], L).expand(*visible.shape[:-2], Sq, L)
+        visible = torch.cat([prefix_cols, visible.expand(*visible.shape[:-2], Sq, Sk)], dim=-1)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=scale, enable_gqa=H != Hkv)
+
+
+def _real_keys_mask(key_padding_mask, causal, Sq, Sk, dtype, device):
+    """(additive mask, is_causal) for the fused CPU attention over the real keys.
+
+    A hidden key gets the dtype's lowest finite value, not -inf: a query that sees no real key then
+    gets a log-sum-exp of about that value (the fused op reports 0 for an all -inf row), so the real
+    keys' share of the merged softmax underflows to exactly 0, forward and backward.
+    """
+    if key_padding_mask is None and causal and Sq == Sk:
+        return None, True  # the fused op's own causal mask is top-left aligned: the same when Sq == Sk
+    visible = _visible_keys(key_padding_mask, causal, Sq, Sk, device)
+    if visible is None:
+        return None, False
+    mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask, False
+
+
+class _TokenGatedAttention(torch.autograd.Function):
+    """A gate per query: fused attention over the real keys, merged by log-sum-exp with the prefix.
+
+    Shapes (G = H / Hkv heads per key/value head, 5-dim views ``[B, Hkv, G, Sq, .]``):
+    ``s = scale * q . Pk``, ``z = g * s`` (prefix logits), real keys' output ``o_k`` and log-sum-exp
+    ``lse_k``. One softmax over ``[z ; lse_k]`` (L + 1 columns) gives the prefix probabilities ``p`` of
+    the full softmax and the real keys' total mass ``w``: ``out = w o_k + (p g) @ Pv``.
+
+    Backward with ``e = dO . Pv`` and ``delta = dO . out``: ``dz = p (g e - delta)``,
+    ``dPv = (p g)^T dO``, ``dg = dz s + p e``, ``ds = dz g``, ``dq += scale ds Pk``, ``dPk = scale ds^T q``.
+    The real keys' part is the fused backward called with ``w dO`` and the merged output: its
+    ``delta = w dO . out`` and its probabilities ``exp(logit - lse_k)`` times ``w`` are exactly the merged
+    softmax's, so it returns the exact ``dq, dk, dv``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, gate, mask, is_causal, scale):
+        B, H, Sq, D = q.shape
+        Hkv = k.shape[1]
+        acc = torch.float32 if q.dtype in _HALF else q.dtype
+        q5 = q.unflatten(1, (Hkv, H // Hkv))
+        g5 = gate[:, None, None].to(acc)  # [B|1, 1, 1, Sq, L]
+        # einsum over the 5-dim views lets torch pick one large GEMM per key/value head
+        s = torch.einsum(_eq(prefix_k, "bkgsd,{p}ld->bkgsl"), q5, prefix_k * scale).to(acc)
+        o_k, lse_k = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+        lse_k5 = lse_k.reshape(B, Hkv, H // Hkv, Sq, 1).to(acc)
+        probs = torch.softmax(torch.cat([s * g5, lse_k5], dim=-1), dim=-1)
+        p, w = probs[..., :-1], probs[..., -1:]
+        pg = (p * g5).to(q.dtype)
+        out5 = torch.einsum(_eq(prefix_v, "bkgsl,{p}ld->bkgsd"), pg, prefix_v).to(acc)
+        out5.addcmul_(w, o_k.unflatten(1, (Hkv, -1)))
+        # in o_k's memory layout ([B, Sq, H, D]): what the fused backward expects of the output and of its
+        # gradient, and what transformers transposes to next, so neither side copies
+        out = torch.empty_like(o_k)
+        out.unflatten(1, (Hkv, -1)).copy_(out5)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate, mask, out, lse_k, s, p, w, pg)
+        ctx.is_causal, ctx.scale = is_causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, prefix_k, prefix_v, gate, mask, out, lse_k, s, p, w, pg = ctx.saved_tensors
+        Hkv = k.shape[1]
+        acc = s.dtype
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            (d_out * w.flatten(1, 2)).to(q.dtype), q, k, v, out, lse_k, 0.0, ctx.is_causal, attn_mask=mask,
+            scale=ctx.scale)
+        do5 = d_out.unflatten(1, (Hkv, -1))
+        g5 = gate[:, None, None].to(acc)
+        e = torch.einsum(_eq(prefix_v, "bkgsd,{p}ld->bkgsl"), do5, prefix_v).to(acc)  # dO . Pv_j
+        delta = torch.linalg.vecdot(do5.to(acc), out.unflatten(1, (Hkv, -1)).to(acc)).unsqueeze(-1)
+        dz = p * torch.addcmul(-delta, g5, e)
+        grads = [None] * 9
+        if ctx.needs_input_grad[5]:
+            grads[5] = torch.addcmul(dz * s, p, e).sum(dim=(1, 2)).sum_to_size(gate.shape).to(gate.dtype)
+        ds = (dz * g5).to(q.dtype)  # d(logit) / d(s); the scale goes onto Pk and q below
+        dq.unflatten(1, (Hkv, -1)).add_(torch.einsum(_eq(prefix_k, "bkgsl,{p}ld->bkgsd"), ds, prefix_k * ctx.scale))
+        grads[0], grads[1], grads[2] = dq, dk, dv
+        if ctx.needs_input_grad[3]:
+            q5 = q.unflatten(1, (Hkv, -1))
+            grads[3] = (torch.einsum(_eq(prefix_k, "bkgsl,bkgsd->{p}ld"), ds, q5) * ctx.scale).to(prefix_k.dtype)
+        if ctx.needs_input_grad[4]:
+            grads[4] = torch.einsum(_eq(prefix_v, "bkgsl,bkgsd->{p}ld"), pg, do5).to(prefix_v.dtype)
+        return tuple(grads)
+
+
+def _eq(prefix, pattern):
+    """An einsum equation with the prefix's batch letter when it has one (``[B, Hkv, L, D]``)."""
+    return pattern.format(p="bk" if prefix.dim() == 4 else "k")
+
+
+def _token_gated_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale):
+    Sq, Sk = q.shape[2], k.shape[2]
+    mask, is_causal = _real_keys_mask(key_padding_mask, causal, Sq, Sk, q.dtype, q.device)
+    return _TokenGatedAttention.apply(q, k, v, prefix_k, prefix_v, gate, mask, is_causal, scale)
+
+
+def _repeat_kv(x, group):
+    """Repeat the head axis (dim -3) of ``x`` ``group`` times for GQA."""
+    return x if group == 1 else x.repeat_interleave(group, dim=-3)
+
+
+def _explicit_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale):
+    """Scores of the prefix and of the keys built explicitly and softmaxed together (any device)."""
+    H, Sq = q.shape[1], q.shape[2]
+    Hkv, Sk = k.shape[1], k.shape[2]
+    group = H // Hkv
+    pk, pv = _repeat_kv(prefix_k, group), _repeat_kv(prefix_v, group)
+    k, v = _repeat_kv(k, group), _repeat_kv(v, group)
     if pk.dim() == 3:  # shared prefix: broadcast over the batch, no copy
         pk, pv = pk.unsqueeze(0), pv.unsqueeze(0)
-
-    s_prefix = torch.matmul(q, pk.transpose(-1, -2)) * scale  # [B, H, Sq, L]
-    if gate is not None:
-        g = gate.unsqueeze(-3)  # one gate for every head: [.., 1, Sq|1, L]
-        s_prefix = s_prefix * g
+    g = gate.unsqueeze(-3)  # one gate for every head: [B|1, 1, Sq, L]
+    s_prefix = torch.matmul(q, pk.transpose(-1, -2)) * scale * g  # [B, H, Sq, L]
     s_keys = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, Sq, Sk]
-
-    hide = None
-    if key_padding_mask is not None:
-        hide = ~key_padding_mask[:, None, None, :]
-    if causal:
-        t = torch.arange(Sq, device=q.device)[:, None] + (Sk - Sq)
-        future = torch.arange(Sk, device=q.device)[None, :] > t
-        hide = future if hide is None else hide | future
-    if hide is not None:
-        s_keys = s_keys.masked_fill(hide, float("-inf"))
-
-    logits = torch.cat([s_prefix, s_keys], dim=-1)
+    visible = _visible_keys(key_padding_mask, causal, Sq, Sk, q.device)
+    if visible is not None:
+        s_keys = s_keys.masked_fill(~visible, float("-inf"))
     # half precision: softmax in fp32 as eager transformers does
-    p = F.softmax(logits, dim=-1, dtype=torch.float32 if q.dtype in _HALF else None).to(q.dtype)
+    p = F.softmax(torch.cat([s_prefix, s_keys], dim=-1), dim=-1,
+                  dtype=torch.float32 if q.dtype in _HALF else None).to(q.dtype)
     L = s_prefix.shape[-1]
-    p_prefix, p_keys = p[..., :L], p[..., L:]
-    if gate is not None:
-        p_prefix = p_prefix * g
-    return torch.matmul(p_prefix, pv) + torch.matmul(p_keys, v)
+    return torch.matmul(p[..., :L] * g, pv) + torch.matmul(p[..., L:], v)

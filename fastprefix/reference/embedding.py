@@ -34,10 +34,12 @@ def adept_embedding(input_ids, weight, prompt, down_weight, down_bias, up_weight
         ``[B, m+S, d]``.
     """
     x = F.embedding(input_ids, weight)
-    t = x @ down_weight + down_bias
+    flat = x.view(-1, x.shape[-1])
+    t = torch.addmm(down_bias, flat, down_weight)  # biases fused into the GEMMs: no extra pass
     if dropout_mask is not None:
-        t = t * dropout_mask
-    return prepend_prompt(prompt, x + F.relu(t) @ up_weight + up_bias)
+        t = t * dropout_mask.reshape(t.shape)
+    offset = torch.addmm(up_bias, F.relu(t), up_weight)
+    return prepend_prompt(prompt, (offset + flat).view(x.shape))
 
 
 def dept_embedding(input_ids, weight, prompt, lora_a, lora_b, *, scaling=1.0):
@@ -52,7 +54,8 @@ def dept_embedding(input_ids, weight, prompt, lora_a, lora_b, *, scaling=1.0):
         ``[B, m+S, d]``.
     """
     S = input_ids.shape[1]
-    return prepend_prompt(prompt, F.embedding(input_ids, weight) + scaling * (lora_a[:S] @ lora_b))
+    # the [S, d] offset is shared by the batch: scaled once, broadcast in the add
+    return prepend_prompt(prompt, torch.add(F.embedding(input_ids, weight), lora_a[:S] @ lora_b, alpha=scaling))
 
 
 def prompt_tuning_embedding(input_ids, weight, prompt):

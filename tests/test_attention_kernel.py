@@ -1,0 +1,270 @@
+"""The Triton gated-prefix attention (run by Triton's interpreter on CPU) against the reference.
+
+FlashAttention's rule for every output and gradient: error vs a float64 reference <= 2 x the error of
+the PyTorch reference in the same dtype + a small floor. Kernel outputs are NaN-poisoned before launch
+(FASTPREFIX_POISON_OUTPUTS=1), so any element a kernel fails to write shows up as non-finite.
+"""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from fastprefix.kernels import gated_prefix_attention as kernel_module
+from fastprefix.kernels.gated_prefix_attention import gated_prefix_attention as triton_attention
+from fastprefix.reference.attention import gated_prefix_attention as reference_attention
+from numerics import assert_flash_rule
+
+# floor, relative to the largest magnitude of the float64 reference tensor
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    monkeypatch.setenv("FASTPREFIX_POISON_OUTPUTS", "1")
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int = 1
+    H: int = 2
+    Hkv: int = 2
+    Sq: int = 7
+    Sk: int = 7
+    L: int = 5
+    D: int = 16
+    gate: str = "none"  # none | dense [B,Sq,L] | pooled [B,1,L] | fused | fused_pooled (hidden [B,1,d])
+    gate_value: str = "random"  # random | zero | large
+    pad: bool = False
+    causal: bool = False
+    shared: bool = True  # prefix [Hkv,L,D] shared by the batch, else [B,Hkv,L,D]
+
+    @property
+    def id(self) -> str:
+        parts = [f"B{self.B}", f"H{self.H}kv{self.Hkv}", f"Sq{self.Sq}", f"Sk{self.Sk}", f"L{self.L}", f"D{self.D}",
+                 f"gate-{self.gate}" + ("" if self.gate_value == "random" else f"-{self.gate_value}"),
+                 "shared" if self.shared else "per-example"]
+        parts += ["pad"] * self.pad + ["causal"] * self.causal
+        return "-".join(parts)
+
+
+# A covering set rather than the cross product: every feature appears several times, big S and D
+# only where needed (the interpreter is slow).
+CASES = [
+    Case(B=2, H=4, Hkv=2, Sq=65, Sk=65, L=5, D=64, pad=True, causal=True),
+    Case(B=1, H=2, Hkv=2, Sq=7, Sk=7, L=1, D=16, gate="dense", shared=False),
+    Case(B=2, H=4, Hkv=1, Sq=130, Sk=130, L=64, D=40, gate="pooled", pad=True),
+    Case(B=1, H=2, Hkv=1, Sq=1, Sk=65, L=5, D=128, gate="fused", pad=True, causal=True, shared=False),
+    Case(B=2, H=2, Hkv=2, Sq=65, Sk=65, L=64, D=128, gate="dense", causal=True),
+    Case(B=2, H=3, Hkv=1, Sq=7, Sk=130, L=5, D=32, gate="fused_pooled", causal=True, pad=True),
+    Case(B=2, H=4, Hkv=2, Sq=65, Sk=65, L=5, D=40, gate="fused", pad=True, shared=False),
+    Case(B=1, H=2, Hkv=1, Sq=7, Sk=7, L=5, D=16, gate="dense", gate_value="zero", causal=True),
+    Case(B=1, H=2, Hkv=2, Sq=65, Sk=65, L=5, D=64, gate="dense", gate_value="large", pad=True),
+    Case(B=1, H=1, Hkv=1, Sq=1, Sk=1, L=1, D=16),
+]
+
+
+def make_inputs(case: Case, dtype, seed=0):
+    """Leaf tensors (all requiring grad) and the keyword arguments of the attention call."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype).requires_grad_()
+
+    B, H, Hkv, Sq, Sk, L, D = case.B, case.H, case.Hkv, case.Sq, case.Sk, case.L, case.D
+    prefix_shape = (Hkv, L, D) if case.shared else (B, Hkv, L, D)
+    tensors = dict(q=randn(B, H, Sq, D), k=randn(B, Hkv, Sk, D), v=randn(B, Hkv, Sk, D),
+                   prefix_k=randn(*prefix_shape), prefix_v=randn(*prefix_shape))
+    kwargs = dict(causal=case.causal)
+    if case.gate in ("dense", "pooled"):
+        shape = (B, Sq, L) if case.gate == "dense" else (B, 1, L)
+        gate = torch.rand(*shape, generator=g, dtype=torch.float64)
+        gate = {"random": gate, "zero": gate * 0, "large": 20 + 10 * gate}[case.gate_value]
+        tensors["gate"] = gate.to(dtype).requires_grad_()
+    elif case.gate in ("fused", "fused_pooled"):
+        d = 24
+        tensors.update(gate_hidden=randn(B, Sq if case.gate == "fused" else 1, d), gate_weight=randn(d, L, std=0.5),
+                       gate_bias=randn(L), layer_scale=torch.tensor(0.8, dtype=dtype).requires_grad_())
+    if case.pad:
+        mask = torch.rand(B, Sk, generator=g) > 0.3
+        mask[0, -1] = False  # the last key is padding in row 0
+        if B > 1:
+            mask[-1] = False  # a row with every real key padded: only the prefix is visible
+        kwargs["key_padding_mask"] = mask
+    return tensors, kwargs
+
+
+def run(fn, tensors, kwargs, grad_out):
+    names = ("q", "k", "v", "prefix_k", "prefix_v")
+    out = fn(*(tensors[n] for n in names), **{k: v for k, v in tensors.items() if k not in names}, **kwargs)
+    grads = torch.autograd.grad(out, list(tensors.values()), grad_out)
+    return out, dict(zip(tensors, grads))
+
+
+def upcast(tensors):
+    return {k: v.detach().double().requires_grad_() for k, v in tensors.items()}
+
+
+def check_against_reference(case, dtype):
+    tensors, kwargs = make_inputs(case, dtype)
+    grad_out = torch.randn(case.B, case.H, case.Sq, case.D, dtype=torch.float64).to(dtype)
+    out, grads = run(triton_attention, tensors, kwargs, grad_out)
+    out_ref, grads_ref = run(reference_attention, tensors, kwargs, grad_out)
+    out_64, grads_64 = run(reference_attention, upcast(tensors), kwargs, grad_out.double())
+    assert out.dtype == dtype and out.shape == out_ref.shape
+    errors = {}
+    for name, x, x_ref, x_64 in [("out", out, out_ref, out_64)] + [
+            (f"d{n}", grads[n], grads_ref[n], grads_64[n]) for n in tensors]:
+        assert x.shape == x_64.shape and x.dtype == x_ref.dtype, name
+        floor = FLOOR[dtype] * max(1.0, x_64.abs().max().item())
+        errors[name] = assert_flash_rule(x, x_ref, x_64, floor=floor, name=f"{case.id} {name}")
+    return errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_matches_reference(case, dtype):
+    check_against_reference(case, dtype)
+
+
+def test_bf16_forward_backward():
+    """bf16 inputs (upcast to fp32 inside the kernels under the interpreter)."""
+    check_against_reference(Case(B=2, H=2, Hkv=1, Sq=33, Sk=33, L=5, D=32, gate="dense", pad=True, causal=True),
+                            torch.bfloat16)
+
+
+GRADCHECK_CASES = [  # (case, fast_mode): fast mode checks random projections of the full Jacobian
+    (Case(B=1, H=1, Hkv=1, Sq=2, Sk=2, L=1, D=2, gate="dense", causal=True), False),
+    (Case(B=2, H=2, Hkv=1, Sq=3, Sk=5, L=2, D=4, gate="none", pad=True, causal=True), True),
+    (Case(B=2, H=2, Hkv=2, Sq=3, Sk=3, L=3, D=4, gate="dense", causal=True, shared=False), True),
+    (Case(B=2, H=2, Hkv=1, Sq=3, Sk=4, L=2, D=4, gate="pooled", pad=True), True),
+    (Case(B=1, H=2, Hkv=1, Sq=3, Sk=4, L=2, D=4, gate="fused", causal=True), True),
+    (Case(B=2, H=2, Hkv=1, Sq=2, Sk=3, L=2, D=4, gate="fused_pooled", pad=True), True),
+]
+
+
+@pytest.mark.parametrize("case,fast_mode", GRADCHECK_CASES,
+                         ids=[c.id + ("-fast" if fast else "-full") for c, fast in GRADCHECK_CASES])
+def test_gradcheck_float64(case, fast_mode):
+    tensors, kwargs = make_inputs(case, torch.float64)
+    names = list(tensors)
+
+    def fn(*args):
+        t = dict(zip(names, args))
+        return triton_attention(t.pop("q"), t.pop("k"), t.pop("v"), t.pop("prefix_k"), t.pop("prefix_v"), **t,
+                                **kwargs)
+
+    assert torch.autograd.gradcheck(fn, tuple(tensors.values()), eps=1e-6, atol=1e-8, rtol=1e-6,
+                                    fast_mode=fast_mode)
+
+
+def test_zero_gate_keeps_prefix_mass():
+    """g = 0: prefix logits are 0 (mass exp(0) each) and add no value; never NaN."""
+    q = torch.randn(1, 1, 3, 16, dtype=torch.float64)
+    k = torch.randn(1, 1, 4, 16, dtype=torch.float64)
+    v = torch.randn(1, 1, 4, 16, dtype=torch.float64)
+    pk = torch.randn(1, 2, 16, dtype=torch.float64)
+    pv = torch.randn(1, 2, 16, dtype=torch.float64)
+    out = triton_attention(q, k, v, pk, pv, gate=torch.zeros(1, 3, 2, dtype=torch.float64))
+    logits = q @ k.transpose(-1, -2) * 16 ** -0.5
+    denominator = logits.exp().sum(-1, keepdim=True) + 2  # two prefix rows at logit 0
+    torch.testing.assert_close(out, (logits.exp() / denominator) @ v, rtol=1e-12, atol=1e-12)
+
+
+def test_backward_is_deterministic():
+    case = Case(B=2, H=4, Hkv=2, Sq=40, Sk=40, L=5, D=32, gate="dense", pad=True, causal=True)
+    tensors, kwargs = make_inputs(case, torch.float32)
+    grad_out = torch.randn(case.B, case.H, case.Sq, case.D)
+    _, first = run(triton_attention, tensors, kwargs, grad_out)
+    _, second = run(triton_attention, tensors, kwargs, grad_out)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_noncontiguous_inputs():
+    """q/k/v as transposed [B, S, H, D] views (the layout transformers produces)."""
+    case = Case(B=2, H=4, Hkv=2, Sq=9, Sk=9, L=3, D=16, gate="dense", causal=True)
+    tensors, kwargs = make_inputs(case, torch.float64)
+    views = dict(tensors)
+    for name in ("q", "k", "v"):
+        views[name] = tensors[name].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    assert not views["q"].is_contiguous()
+    grad_out = torch.randn(case.B, case.H, case.Sq, case.D, dtype=torch.float64)
+    out, grads = run(triton_attention, views, kwargs, grad_out)
+    out_ref, grads_ref = run(reference_attention, tensors, kwargs, grad_out)
+    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-12, atol=1e-12)
+
+
+def test_inputs_without_grad():
+    """Only some inputs require grad (frozen prefix and gate): the rest get None, no error."""
+    case = Case(B=1, H=2, Hkv=1, Sq=5, Sk=5, L=3, D=16, gate="dense")
+    tensors, kwargs = make_inputs(case, torch.float64)
+    for name in ("prefix_k", "prefix_v", "gate", "k"):
+        tensors[name] = tensors[name].detach()
+    out = triton_attention(tensors["q"], tensors["k"], tensors["v"], tensors["prefix_k"], tensors["prefix_v"],
+                           gate=tensors["gate"])
+    out.sum().backward()
+    assert tensors["q"].grad is not None and tensors["v"].grad is not None
+    assert tensors["prefix_k"].grad is None and tensors["gate"].grad is None
+
+
+def test_poisoned_outputs_are_nan(monkeypatch):
+    monkeypatch.setenv("FASTPREFIX_POISON_OUTPUTS", "1")
+    assert torch.isnan(kernel_module._new((2, 3), torch.float32, "cpu")).all()
+
+
+def test_kernel_limits_raise():
+    q = torch.randn(1, 1, 2, 160)
+    with pytest.raises(ValueError, match="head dim"):
+        triton_attention(q, q, q, q[0], q[0])
+    q = torch.randn(1, 1, 2, 16)
+    with pytest.raises(ValueError, match="not both"):
+        triton_attention(q, q, q, q[0], q[0], gate=torch.ones(1, 2, 2), gate_hidden=torch.ones(1, 2, 4),
+                         gate_weight=torch.ones(4, 2))
+
+
+def test_config_choice_needs_no_gpu():
+    """Under the interpreter the launcher picks its small CPU config; GPU tables cover D<=128."""
+    assert kernel_module.pick_config("fwd", 64, None) == kernel_module._INTERPRETER_CONFIG
+    for arch in (80, 86, 90):
+        for kind in ("fwd", "fwd_gate", "fwd_fused", "bwd_dq", "bwd_dkdv", "bwd_prefix"):
+            for block_d in (16, 32, 64, 128):
+                assert len(kernel_module.pick_config(kind, block_d, arch)) == 4
+
+
+def test_torch_compile_fullgraph():
+    """The custom ops keep the kernels opaque to torch.compile: one graph, same values and grads."""
+    case = Case(B=1, H=2, Hkv=1, Sq=5, Sk=5, L=3, D=16, gate="dense", causal=True)
+    tensors, kwargs = make_inputs(case, torch.float64)
+    grad_out = torch.randn(case.B, case.H, case.Sq, case.D, dtype=torch.float64)
+    compiled = torch.compile(triton_attention, backend="aot_eager", fullgraph=True)
+    out, grads = run(compiled, tensors, kwargs, grad_out)
+    out_ref, grads_ref = run(reference_attention, tensors, kwargs, grad_out)
+    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-12, atol=1e-12)
+
+
+def test_custom_op_registration():
+    case = Case(B=1, H=2, Hkv=1, Sq=3, Sk=4, L=2, D=16, gate="dense", pad=True, causal=True)
+    tensors, kwargs = make_inputs(case, torch.float32)
+    t = {k: v.detach() for k, v in tensors.items()}
+    args = (t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], t["gate"], None, None, None, None,
+            kwargs["key_padding_mask"], True, 0.25)
+    torch.library.opcheck(torch.ops.fastprefix.gated_prefix_attention_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_through_ops_backend_triton():
+    """fastprefix.ops dispatches backend="triton" to this kernel (interpreter on CPU)."""
+    from fastprefix import ops
+
+    case = Case(B=2, H=2, Hkv=1, Sq=6, Sk=6, L=3, D=16, gate="dense", pad=True, causal=True)
+    tensors, kwargs = make_inputs(case, torch.float64)
+    t = {k: v.detach() for k, v in tensors.items()}
+    out = ops.gated_prefix_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], gate=t["gate"],
+                                     backend="triton", **kwargs)
+    out_ref = reference_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], gate=t["gate"], **kwargs)
+    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)

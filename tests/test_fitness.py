@@ -1,0 +1,84 @@
+"""GPU fitness without a GPU: every launch config the kernels can pick compiles for sm_80 and sm_90
+without register spills and within the device's shared memory.
+
+The compile runs in a subprocess because the test session runs Triton's interpreter
+(TRITON_INTERPRET=1), under which @triton.jit functions cannot be compiled ahead of time.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastprefix.kernels import fitness
+from fastprefix.kernels import gated_prefix_attention as attention
+
+
+def _measure_module(module):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-P", "-m", "fastprefix.kernels.fitness", "--json", "--module", module], env=env,
+                          capture_output=True, text=True, timeout=900)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode in (0, 1) and (rows or proc.returncode == 0), proc.stderr[-3000:]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def attention_results():
+    return _measure_module("gated_prefix_attention")
+
+
+@pytest.mark.parametrize("module", fitness.KERNEL_MODULES)
+def test_no_spills_and_shared_memory_fits(module, attention_results):
+    results = attention_results if module == "gated_prefix_attention" else _measure_module(module)
+    if module == "gated_prefix_attention":
+        assert results
+    bad = [r for r in results if r["spill_store_bytes"] != 0 or r["shared_bytes"] > fitness.SHARED_LIMIT[r["arch"]]]
+    assert not bad, "\n".join(f"{r['name']}: {r['spill_store_bytes']} B spilled, {r['shared_bytes']} B shared"
+                              for r in bad)
+    assert all(r["ok"] and r["registers"] <= 255 for r in results)
+
+
+def test_attention_configs_cover_what_the_launcher_picks(attention_results):
+    names = {r["name"] for r in attention_results}
+    for arch in (80, 90):
+        for dtype in ("fp16", "bf16"):
+            for D in (64, 128):
+                tag = f"sm{arch} {dtype} D{D}"
+                for kernel in ("fwd gate=none", "fwd gate=tensor", "fwd gate=fused", "bwd_dq gate", "bwd_dkdv",
+                               "bwd_prefix gate"):
+                    assert f"attn.{kernel} {tag}" in names
+    by_name = {r["name"]: r for r in attention_results}
+    for arch in (80, 90):  # the measured launch parameters are the launcher's choice
+        for kind, kernel in (("fwd", "fwd gate=none"), ("fwd_gate", "fwd gate=tensor"), ("fwd_fused", "fwd gate=fused"),
+                             ("bwd_dq", "bwd_dq gate"),
+                             ("bwd_dkdv", "bwd_dkdv"), ("bwd_prefix", "bwd_prefix gate")):
+            for D in (64, 128):
+                _, _, warps, stages = attention.pick_config(kind, D, arch)
+                for dtype in ("fp16", "bf16"):
+                    r = by_name[f"attn.{kernel} sm{arch} {dtype} D{D}"]
+                    assert (r["num_warps"], r["num_stages"]) == (warps, stages)
+
+
+def test_signature_specialisation():
+    sig, constexprs, attrs = fitness.signature_of(attention._bwd_dkdv_kernel.fn, {"Q": "*fp16"}, {"BLOCK_M": 32},
+                                                  floats=("qk_hi",), ones=("stride_kn",),
+                                                  multiples_of_16=("stride_qm",))
+    names = attention._bwd_dkdv_kernel.fn.arg_names
+    assert sig["Q"] == "*fp16" and sig["qk_hi"] == "fp32" and sig["Sq"] == "i32"
+    assert sig["BLOCK_M"] == sig["stride_kn"] == "constexpr" and constexprs["stride_kn"] == 1
+    assert attrs[(names.index("stride_qm"),)] == [["tt.divisibility", 16]]
+    assert (names.index("Sq"),) not in attrs
+
+
+def test_discover_skips_modules_without_configs():
+    assert fitness.discover(["fitness"]) == []
+    assert fitness.discover(["no_such_kernel_module"]) == []
+
+
+def test_measure_refuses_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fitness.measure(next(iter(fitness.discover(["gated_prefix_attention"]))))
