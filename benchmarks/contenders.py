@@ -13,8 +13,8 @@ the structure of the methods' public reference code, op by op, re-written here:
   prompt rows from an ``nn.Embedding`` on ``arange(m)`` expanded to the batch, concatenated.
 - ADePT (HungerPWAY/ADePT): word embeddings ``X``, ``X + ReLU(dropout(X A + a)) B + b``, prompt, concat.
 - fastprefix rows: ``fastprefix.apply(model, config)`` (reference path on CPU, Triton on CUDA).
-- floors: the frozen backbone alone on S+L (or m+S) tokens, gradients flowing to its input embeddings
-  (the least work any prefix/prompt method must do per step).
+- the floor: the frozen backbone alone on S+L (= m+S) tokens, gradients flowing to its input embeddings:
+  the least a prompt method can cost per step (prefix methods can beat it: their prefix rows skip the MLPs).
 """
 
 from __future__ import annotations

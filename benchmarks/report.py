@@ -120,7 +120,7 @@ def chart(result, path):
     import matplotlib.pyplot as plt
 
     curves = result.get("curves", [])
-    fig, axes = plt.subplots(1, 1 + len(curves), figsize=(6 + 4.5 * len(curves), 4.8), dpi=90)
+    fig, axes = plt.subplots(1, 1 + len(curves), figsize=(6 + 4.5 * len(curves), 4.8), dpi=72)
     axes = [axes] if not hasattr(axes, "__len__") else list(axes)
     rows = result["rows"]
     colors = {"original": "tab:gray", "peft": "tab:blue", "fastprefix": "tab:orange", "floor": "black"}
@@ -132,11 +132,12 @@ def chart(result, path):
     ax.tick_params(axis="y", labelsize=8)
     s = result["settings"]
     ax.set_title(f"{s['model']}, B={s['batch']}, S={s['seq_len']}, L=m={s['prefix_len']}", fontsize=9)
+    markers = {"original": "s", "peft": "^", "fastprefix": "o", "floor": "."}
     for ax, curve in zip(axes[1:], curves):
-        for name, points in curve["rows"].items():
+        for i, (name, points) in enumerate(curve["rows"].items()):
             impl = next((r["impl"] for r in rows if r["name"] == name), "floor" if "floor" in name else "")
-            ax.plot([p["value"] for p in points], [p["train_tok_s"] for p in points], marker="o",
-                    label=name, color=None if impl == "fastprefix" else colors.get(impl),
+            ax.plot([p["value"] for p in points], [p["train_tok_s"] for p in points], marker=markers.get(impl, "o"),
+                    label=name, color="black" if impl == "floor" else f"C{i}",
                     linestyle="--" if impl == "floor" else "-")
         ax.set_xscale("log", base=2)
         ax.set_xlabel({"seq_len": "sequence length S", "prefix_len": "prefix / prompt length"}[curve["axis"]])

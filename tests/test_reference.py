@@ -316,3 +316,12 @@ def test_dept_too_long_is_an_error_not_a_truncation():
     ids, E, P, _ = _emb_inputs(2, 6, 2, 6, 3, 5)
     with pytest.raises(ValueError, match="S=6 tokens but DePT's lora_a has offset rows for only s=4"):
         fastprefix.dept_embedding(ids, E, P, torch.zeros(4, 3, dtype=F64), torch.zeros(3, 6, dtype=F64))
+
+
+@pytest.mark.parametrize("shape", [(3,), (5, 3), (1, 1, 3)], ids=["L", "Sq-L", "1-1-L"])
+def test_attention_accepts_every_broadcastable_gate(shape):
+    x, kpm, _ = _attention_inputs(2, 4, 2, 5, 5, 3, 8, True, True, None)
+    gate = torch.rand(*shape, dtype=F64) * 2
+    out = fastprefix.gated_prefix_attention(**x, gate=gate, key_padding_mask=kpm, causal=True)
+    want = naive_attention(x["q"], x["k"], x["v"], x["prefix_k"], x["prefix_v"], gate.expand(2, 5, 3), kpm, True, 8 ** -0.5)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)

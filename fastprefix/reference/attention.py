@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 _HALF = (torch.float16, torch.bfloat16)
+# PyTorch's fused CPU attention that also returns the log-sum-exp (private, but stable since torch 2.2)
+_FUSED_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
 def apt_gate(hidden, weight, bias, layer_scale, *, mode="token", key_padding_mask=None):
@@ -93,13 +95,17 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
     """
     Sq, D = q.shape[-2:]
     scale = D ** -0.5 if scale is None else scale
+    if key_padding_mask is not None and bool(key_padding_mask.all()):
+        # an all-real mask (what transformers hands over for an unpadded batch) hides nothing: dropping it
+        # keeps the attention on its mask-free fast path (one host sync; the reference path is for CPU)
+        key_padding_mask = None
     if gate is None and gate_hidden is not None:
         gate = apt_gate(gate_hidden, gate_weight, gate_bias, layer_scale)
     if gate is not None:
         gate = _gate3(gate)
     if gate is None or gate.shape[1] == 1:
         return _folded_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale)
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and _FUSED_CPU:
         return _token_gated_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale)
     return _explicit_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale)
 
