@@ -9,23 +9,19 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 
 import torch
 
 from . import _validate as check
 from . import reference
+from .kernels._runtime import interpreting
 
 _BACKENDS = ("torch", "triton")
 
 
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _triton_module(name, device):
     """Import ``fastprefix.kernels.<name>`` or explain why the Triton path can't run here."""
-    if device.type != "cuda" and not _interpreting():
+    if device.type != "cuda" and not interpreting():
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got {device}); on CPU use backend='torch' "
             "or set TRITON_INTERPRET=1 before importing fastprefix to run the kernels in Triton's interpreter"

@@ -61,13 +61,14 @@ D > 128, dropout, attention bias, top-left causal alignment, varlen packing.
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from ._runtime import interpreting, new_buffer
 
 __all__ = ["gated_prefix_attention", "fitness_configs", "pick_config"]
 
@@ -79,10 +80,6 @@ GATE_NONE, GATE_TENSOR, GATE_FUSED = 0, 1, 2
 # --------------------------------------------------------------------------------------------
 # Compile-time choices derived from the arguments (flash-linear-attention style heuristics)
 # --------------------------------------------------------------------------------------------
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _acc_dtype(t: torch.Tensor):
@@ -97,7 +94,7 @@ def _dot_dtype(t: torch.Tensor):
     if t.dtype == torch.float16:
         return tl.float16
     if t.dtype == torch.bfloat16:
-        return tl.float32 if _interpreting() else tl.bfloat16
+        return tl.float32 if interpreting() else tl.bfloat16
     return tl.float32
 
 
@@ -592,17 +589,6 @@ def _block_d(D: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _poison_outputs() -> bool:
-    """Tests set FASTPREFIX_POISON_OUTPUTS=1 so any element a kernel fails to write is NaN."""
-    return os.environ.get("FASTPREFIX_POISON_OUTPUTS", "0") == "1"
-
-
-def _new(shape, dtype, device) -> torch.Tensor:
-    if _poison_outputs():
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """Kernels address the last dim with unit stride; everything else goes through strides."""
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -638,8 +624,8 @@ def _forward(q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight, gate_b
     Hkv, Sk = k.shape[1], k.shape[2]
     L = prefix_k.shape[-2]
     q, k, v, prefix_k, prefix_v = map(_rows, (q, k, v, prefix_k, prefix_v))
-    out = _new((B, H, Sq, D), q.dtype, q.device)
-    lse = _new((B, H, Sq), _acc_torch_dtype(q), q.device)
+    out = new_buffer((B, H, Sq, D), q.dtype, q.device)
+    lse = new_buffer((B, H, Sq), _acc_torch_dtype(q), q.device)
 
     gh_strides, gw_strides, d_model = (0, 0), (0, 0), 1
     if gate_hidden is not None:
@@ -691,7 +677,7 @@ def _backward(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse,
     common = (H, H // Hkv)
     scales = (*_split(scale * LOG2E), *_split(scale))
 
-    dq = _new((B, H, Sq, D), q.dtype, q.device)
+    dq = new_buffer((B, H, Sq, D), q.dtype, q.device)
     bm, bn, nw, ns = pick_config("bwd_dq", block_d, arch)
     _bwd_dq_kernel[(triton.cdiv(Sq, bm), B * H)](
         q, k, v, prefix_k, prefix_v, gate, key_padding_mask, do, lse, delta, dq,
@@ -702,8 +688,8 @@ def _backward(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse,
         IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=nw, num_stages=ns,
     )
 
-    dk = _new((B, Hkv, Sk, D), k.dtype, k.device)
-    dv = _new((B, Hkv, Sk, D), v.dtype, v.device)
+    dk = new_buffer((B, Hkv, Sk, D), k.dtype, k.device)
+    dv = new_buffer((B, Hkv, Sk, D), v.dtype, v.device)
     bm, bn, nw, ns = pick_config("bwd_dkdv", block_d, arch)
     _bwd_dkdv_kernel[(triton.cdiv(Sk, bn), B * Hkv)](
         q, k, v, key_padding_mask, do, lse, delta, dk, dv,
@@ -717,9 +703,9 @@ def _backward(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse,
     bm, bn, nw, ns = pick_config("bwd_prefix", block_d, arch)
     rows_per_split = _rows_per_split(Sq, bm, triton.cdiv(L, bn) * B * Hkv, q)
     splits = triton.cdiv(Sq, rows_per_split)
-    dpk = _new((splits, B, Hkv, L, D), acc, q.device)
-    dpv = _new((splits, B, Hkv, L, D), acc, q.device)
-    dg = _new((B, Hkv, Sq, L), acc, q.device) if gate is not None else None
+    dpk = new_buffer((splits, B, Hkv, L, D), acc, q.device)
+    dpv = new_buffer((splits, B, Hkv, L, D), acc, q.device)
+    dg = new_buffer((B, Hkv, Sq, L), acc, q.device) if gate is not None else None
     _bwd_prefix_kernel[(triton.cdiv(L, bn), B * Hkv, splits)](
         q, prefix_k, prefix_v, gate, do, lse, delta, dpk, dpv, dg,
         *q.stride()[:3], *_prefix_strides(prefix_k), *_prefix_strides(prefix_v), *g_strides,

@@ -64,27 +64,13 @@ Caveats
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-# Tests set this to True: every kernel-written buffer then starts as NaN, so an element a kernel forgets
-# to write fails the comparison instead of silently holding stale memory.
-POISON_OUTPUTS = False
-
-
-def _new_buffer(shape, dtype, device):
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
+from ._runtime import interpreting, new_buffer, poison_outputs
 
 # --------------------------------------------------------------------------------------------- kernels
 
@@ -380,7 +366,7 @@ _GPU_TILES_FP32 = {
 
 def _arch(device):
     """(major, minor) of the CUDA device, or None under the interpreter. Queried at call time only."""
-    if device.type != "cuda" or _interpreting():
+    if device.type != "cuda" or interpreting():
         return None
     return torch.cuda.get_device_capability(device)
 
@@ -407,7 +393,7 @@ def _numerics(dtype):
     """Constexprs: accumulator dtype, operand dtype fed to tl.dot, dot precision."""
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     dot = _TL_DTYPES[dtype]
-    if dtype == torch.bfloat16 and _interpreting():
+    if dtype == torch.bfloat16 and interpreting():
         dot = tl.float32  # the interpreter cannot do bf16 arithmetic
     precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"  # tf32 is ignored for 16-bit
     return dict(ACC=acc, DOT_DTYPE=dot, PRECISION=precision)
@@ -442,7 +428,7 @@ def _segment_sum_rows(input_ids, src, S, m, stride_sb, stride_ss, vocab_size, ou
     starts = torch.zeros(uids.numel() + 1, dtype=torch.int64, device=src.device)
     starts[1:] = torch.cumsum(counts, 0)
     grad_table = torch.zeros((vocab_size, d), dtype=out_dtype, device=src.device)
-    if POISON_OUTPUTS:
+    if poison_outputs():
         grad_table[uids] = float("nan")
     cfg = _config("segment_sum", out_dtype, _arch(src.device), d)
     cfg.pop("BLOCK_T")
@@ -461,7 +447,7 @@ def _adept_forward(input_ids, weight, prompt, down_weight, down_bias, up_weight,
     N = B * S
     weight = _last_dim_contiguous(weight)
     prompt_arg = weight if m == 0 else _last_dim_contiguous(prompt)  # dummy pointer when there is no prompt
-    out = _new_buffer((B, m + S, d), weight.dtype, weight.device)
+    out = new_buffer((B, m + S, d), weight.dtype, weight.device)
     cfg = _config("adept_fwd", weight.dtype, _arch(weight.device), d)
     grid = (triton.cdiv(N, cfg["BLOCK_T"]) + B * triton.cdiv(m, cfg["BLOCK_T"]),)
     _adept_fwd_kernel[grid](
@@ -500,10 +486,10 @@ def _adept_backward(grad_out, input_ids, weight, m, down_weight, down_bias, up_w
 
     cfg = _config("adept_bwd_token", dtype, arch, d)
     n_tiles = triton.cdiv(N, cfg["BLOCK_T"])
-    h = _new_buffer((N, r), dtype, device)
-    dt = _new_buffer((N, r), dtype, device)
-    db_part = _new_buffer((n_tiles, r), acc, device)
-    dx = _new_buffer((N, d), acc, device) if need_table else None
+    h = new_buffer((N, r), dtype, device)
+    dt = new_buffer((N, r), dtype, device)
+    db_part = new_buffer((n_tiles, r), acc, device)
+    dx = new_buffer((N, d), acc, device) if need_table else None
     _adept_bwd_token_kernel[(n_tiles,)](
         ids, weight, down_weight, down_bias, up_weight, mask, grad, h, dt, db_part, dt if dx is None else dx,
         N, S, m, d, r, weight.stride(0), grad.stride(0), grad.stride(1),
@@ -523,9 +509,9 @@ def _adept_backward(grad_out, input_ids, weight, m, down_weight, down_bias, up_w
         else:  # about two programs per SM; split s reduces token tiles s, s + split, ...
             sms = torch.cuda.get_device_properties(device).multi_processor_count
             split = max(1, min(n_tiles, triton.cdiv(2 * sms, n_chunks)))
-        dw_part = _new_buffer((split, d, r), acc, device)
-        uw_part = _new_buffer((split, r, d), acc, device)
-        ub_part = _new_buffer((split, d), acc, device)
+        dw_part = new_buffer((split, d, r), acc, device)
+        uw_part = new_buffer((split, r, d), acc, device)
+        ub_part = new_buffer((split, d), acc, device)
         _adept_bwd_param_kernel[(n_chunks, split)](
             ids, weight, grad, h, dt, dw_part, uw_part, ub_part,
             N, S, m, d, r, weight.stride(0), grad.stride(0), grad.stride(1), split,
@@ -544,7 +530,7 @@ def _dept_forward(input_ids, weight, prompt, lora_a, lora_b, scaling):
     weight = _last_dim_contiguous(weight)
     lora_a = _last_dim_contiguous(lora_a)
     prompt_arg = weight if m == 0 else _last_dim_contiguous(prompt)
-    out = _new_buffer((B, m + S, d), weight.dtype, weight.device)
+    out = new_buffer((B, m + S, d), weight.dtype, weight.device)
     cfg = _config("dept_fwd", weight.dtype, _arch(weight.device), d)
     n_main = triton.cdiv(S, cfg["BLOCK_T"]) * triton.cdiv(d, cfg["BLOCK_D"])
     grid = (n_main + B * triton.cdiv(m, cfg["BLOCK_T"]),)
@@ -574,9 +560,9 @@ def _dept_backward(grad_out, input_ids, weight, m, lora_a, lora_b, scaling, need
         lora_a = _last_dim_contiguous(lora_a)
         cfg = _config("dept_bwd", dtype, _arch(device), d)
         n_tiles = triton.cdiv(S, cfg["BLOCK_T"])
-        d_la = _new_buffer(lora_a.shape, acc, device)
+        d_la = new_buffer(lora_a.shape, acc, device)
         d_la[S:].zero_()  # positions past S got no offset, hence no gradient
-        lb_part = _new_buffer((n_tiles, r, d), acc, device)
+        lb_part = new_buffer((n_tiles, r, d), acc, device)
         _dept_bwd_kernel[(n_tiles,)](
             grad, lora_a, lora_b.contiguous(), d_la, lb_part,
             B, S, m, d, r, grad.stride(0), grad.stride(1), lora_a.stride(0), float(scaling),

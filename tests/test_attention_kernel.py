@@ -211,8 +211,12 @@ def test_inputs_without_grad():
 
 
 def test_poisoned_outputs_are_nan(monkeypatch):
+    from fastprefix.kernels._runtime import new_buffer
+
     monkeypatch.setenv("FASTPREFIX_POISON_OUTPUTS", "1")
-    assert torch.isnan(kernel_module._new((2, 3), torch.float32, "cpu")).all()
+    assert torch.isnan(new_buffer((2, 3), torch.float32, "cpu")).all()
+    monkeypatch.setenv("FASTPREFIX_POISON_OUTPUTS", "0")
+    assert new_buffer((2, 3), torch.float32, "cpu").shape == (2, 3)
 
 
 def test_kernel_limits_raise():

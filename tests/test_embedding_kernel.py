@@ -2,7 +2,7 @@
 
 Every comparison uses FlashAttention's rule: the kernel's error vs a float64 reference must be at most twice
 the error of the PyTorch reference run in the same dtype, plus a floor of a few ulps of the tensor's scale.
-Kernel-written buffers start as NaN (``POISON_OUTPUTS``), so an element a kernel forgets fails.
+Kernel-written buffers start as NaN (``FASTPREFIX_POISON_OUTPUTS=1``), so an element a kernel forgets fails.
 """
 
 import pytest
@@ -18,7 +18,7 @@ FLOAT_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
-    monkeypatch.setattr(pe, "POISON_OUTPUTS", True)
+    monkeypatch.setenv("FASTPREFIX_POISON_OUTPUTS", "1")
 
 
 def _ids(B, S, V, repeated):
