@@ -53,15 +53,32 @@ def named(name, x, axes, *, like=None, dtype=None):
     return tensor(name, x, tuple(v for _, v in axes), like=like, dtype=dtype)
 
 
-def token_ids(name, ids, vocab_size, like):
-    """``[B, S]`` integer ids in ``[0, vocab_size)``, on ``like``'s device."""
+def adept_ffn(weight, down_weight, down_bias, up_weight, up_bias):
+    """ADePT's FFN ``A [d, r], a [r], B [r, d], b [d]`` against the table ``weight [V, d]``; returns r."""
+    d = weight.shape[1]
+    named("down_weight", down_weight, [("d", d), ("r", None)], like=weight)
+    r = down_weight.shape[1]
+    named("down_bias", down_bias, [("r", r)], like=weight)
+    named("up_weight", up_weight, [("r", r), ("d", d)], like=weight)
+    named("up_bias", up_bias, [("d", d)], like=weight)
+    return r
+
+
+def token_ids(name, ids, vocab_size, like, *, check_range=True):
+    """``[B, S]`` integer ids in ``[0, vocab_size)``, on ``like``'s device.
+
+    The range check is one min/max reduction (a host sync on GPU); ``check_range=False`` leaves it to
+    whoever checks it next (the Triton launchers do, before any launch).
+    """
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
         got = f"{list(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"{name} must be an int64 tensor of shape [B, S], got {got}")
     same_device(name, ids, like)
     if ids.shape[1] == 0 or ids.shape[0] == 0:
         raise ValueError(f"{name} must have B >= 1 and S >= 1, got shape {list(ids.shape)}")
-    lo, hi = int(ids.min()), int(ids.max())
+    if not check_range:
+        return ids
+    lo, hi = (int(v) for v in torch.aminmax(ids))
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"{name} holds ids in [{lo}, {hi}] but the embedding table has {vocab_size} rows")
     return ids

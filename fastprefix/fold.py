@@ -34,12 +34,7 @@ def fold_adept_offsets(weight, down_weight, down_bias, up_weight, up_bias, *, ch
     """
     check.named("weight", weight, [("V", None), ("d", None)])
     check.floating("weight", weight)
-    d = weight.shape[1]
-    check.named("down_weight", down_weight, [("d", d), ("r", None)], like=weight)
-    r = down_weight.shape[1]
-    check.named("down_bias", down_bias, [("r", r)], like=weight)
-    check.named("up_weight", up_weight, [("r", r), ("d", d)], like=weight)
-    check.named("up_bias", up_bias, [("d", d)], like=weight)
+    check.adept_ffn(weight, down_weight, down_bias, up_weight, up_bias)
     if not isinstance(chunk_rows, int) or isinstance(chunk_rows, bool) or chunk_rows < 1:
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
 

@@ -151,11 +151,12 @@ def apt_gate(hidden, weight, bias, layer_scale, *, mode="token", key_padding_mas
     return reference.apt_gate(hidden, weight, bias, layer_scale, mode=mode, key_padding_mask=key_padding_mask)
 
 
-def _check_embedding(input_ids, weight, prompt):
+def _check_embedding(input_ids, weight, prompt, backend="torch"):
     check.named("weight", weight, [("V", None), ("d", None)])
     check.floating("weight", weight)
     V, d = weight.shape
-    check.token_ids("input_ids", input_ids, V, weight)
+    # the Triton launchers check the id range themselves (they are also called directly): check it once
+    check.token_ids("input_ids", input_ids, V, weight, check_range=backend != "triton")
     if prompt is not None:
         check.named("prompt", prompt, [("m", None), ("d", d)], like=weight)
     return d
@@ -174,17 +175,14 @@ def adept_embedding(input_ids, weight, prompt, down_weight, down_bias, up_weight
     Returns:
         ``[B, m+S, d]``.
     """
-    d = _check_embedding(input_ids, weight, prompt)
-    check.named("down_weight", down_weight, [("d", d), ("r", None)], like=weight)
-    r = down_weight.shape[1]
-    check.named("down_bias", down_bias, [("r", r)], like=weight)
-    check.named("up_weight", up_weight, [("r", r), ("d", d)], like=weight)
-    check.named("up_bias", up_bias, [("d", d)], like=weight)
+    backend = _choose(backend, weight.device)
+    _check_embedding(input_ids, weight, prompt, backend)
+    r = check.adept_ffn(weight, down_weight, down_bias, up_weight, up_bias)
     if dropout_mask is not None:
         B, S = input_ids.shape
         check.named("dropout_mask", dropout_mask, [("B", B), ("S", S), ("r", r)], like=weight)
     args = (input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias)
-    if _choose(backend, weight.device) == "triton":
+    if backend == "triton":
         return _triton_module("prompt_embedding", weight.device).adept_embedding(*args, dropout_mask=dropout_mask)
     return reference.adept_embedding(*args, dropout_mask=dropout_mask)
 
@@ -201,7 +199,8 @@ def dept_embedding(input_ids, weight, prompt, lora_a, lora_b, *, scaling=1.0, ba
     Returns:
         ``[B, m+S, d]``.
     """
-    d = _check_embedding(input_ids, weight, prompt)
+    backend = _choose(backend, weight.device)
+    d = _check_embedding(input_ids, weight, prompt, backend)
     check.named("lora_a", lora_a, [("s", None), ("r", None)], like=weight)
     s, r = lora_a.shape
     check.named("lora_b", lora_b, [("r", r), ("d", d)], like=weight)
@@ -214,7 +213,7 @@ def dept_embedding(input_ids, weight, prompt, lora_a, lora_b, *, scaling=1.0, ba
     if not isinstance(scaling, (int, float)):
         raise ValueError(f"scaling must be a Python number, got {type(scaling).__name__}")
     args = (input_ids, weight, prompt, lora_a, lora_b)
-    if _choose(backend, weight.device) == "triton":
+    if backend == "triton":
         return _triton_module("prompt_embedding", weight.device).dept_embedding(*args, scaling=scaling)
     return reference.dept_embedding(*args, scaling=scaling)
 

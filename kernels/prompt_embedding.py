@@ -70,6 +70,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _validate as check
 from ._runtime import interpreting, new_buffer, poison_outputs
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -407,13 +408,9 @@ def _last_dim_contiguous(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _check_ids(input_ids, vocab_size):
+def _check_ids(input_ids, weight):
     """Out-of-range ids would make the gather read outside the table: refuse them before any launch."""
-    if input_ids.dim() != 2 or input_ids.numel() == 0:
-        raise ValueError(f"input_ids must be a non-empty [B, S] tensor, got shape {list(input_ids.shape)}")
-    lo, hi = (int(v) for v in torch.aminmax(input_ids))
-    if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"input_ids holds ids in [{lo}, {hi}] but the embedding table has {vocab_size} rows")
+    check.token_ids("input_ids", input_ids, weight.shape[0], weight)
 
 
 def _prompt_len(prompt):
@@ -581,7 +578,7 @@ def _dept_backward(grad_out, input_ids, weight, m, lora_a, lora_b, scaling, need
 def _adept_op(input_ids: torch.Tensor, weight: torch.Tensor, prompt: Optional[torch.Tensor], down_weight: torch.Tensor,
               down_bias: torch.Tensor, up_weight: torch.Tensor, up_bias: torch.Tensor,
               dropout_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    _check_ids(input_ids, weight.shape[0])
+    _check_ids(input_ids, weight)
     return _adept_forward(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, dropout_mask)
 
 
@@ -627,7 +624,7 @@ _adept_op.register_autograd(_adept_grad, setup_context=_adept_setup_context)
 @torch.library.custom_op("fastprefix::dept_embedding", mutates_args=())
 def _dept_op(input_ids: torch.Tensor, weight: torch.Tensor, prompt: Optional[torch.Tensor], lora_a: torch.Tensor,
              lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    _check_ids(input_ids, weight.shape[0])
+    _check_ids(input_ids, weight)
     S, s = input_ids.shape[1], lora_a.shape[0]
     if S > s:
         raise ValueError(f"input_ids has S={S} tokens but lora_a has offset rows for only s={s} positions")

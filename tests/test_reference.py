@@ -325,3 +325,15 @@ def test_attention_accepts_every_broadcastable_gate(shape):
     out = fastprefix.gated_prefix_attention(**x, gate=gate, key_padding_mask=kpm, causal=True)
     want = naive_attention(x["q"], x["k"], x["v"], x["prefix_k"], x["prefix_v"], gate.expand(2, 5, 3), kpm, True, 8 ** -0.5)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_out_of_range_ids_are_refused_on_every_backend(backend):
+    x = _ok_adept()
+    x["input_ids"] = torch.tensor([[0, 5]])
+    with pytest.raises(ValueError, match=r"ids in \[0, 5\] but the embedding table has 5 rows"):
+        fastprefix.adept_embedding(**x, backend=backend)
+    ids, E, P, _ = _emb_inputs(1, 2, 1, 6, 3, 5)
+    with pytest.raises(ValueError, match=r"ids in \[-1, "):
+        fastprefix.dept_embedding(torch.tensor([[-1, 1]]), E, P, torch.zeros(4, 3, dtype=F64),
+                                  torch.zeros(3, 6, dtype=F64), backend=backend)
