@@ -1,5 +1,6 @@
-"""GPU fitness without a GPU: compile kernels ahead of time for sm_80 / sm_90 and read what
-ptxas reports (registers, spill stores) plus the shared memory Triton allocates.
+"""GPU fitness without a GPU: compile kernels ahead of time for sm_80, sm_86 (which stands for
+sm_86/sm_89: same 99 KB shared-memory limit) and sm_90 and read what ptxas reports (registers,
+spill stores) plus the shared memory Triton allocates.
 
 Each kernel module offers ``fitness_configs()`` yielding tuples
 
@@ -10,7 +11,8 @@ with ``jit_fn`` the plain ``@triton.jit`` function (``heuristics_wrapped.fn``), 
 ``constexprs`` the values of its constexpr arguments; an optional 8th item gives ASTSource
 ``attrs`` (divisibility hints; ``signature_of`` builds all three the way Triton's launcher
 specialises a launch on contiguous tensors). The configs are the ones the module's launcher can
-pick, so "no spills and shared memory within the device limit" holds for real runs.
+pick, so "no spills and shared memory within the device limit" holds for real runs. They compile
+with the module's ``FP_FUSION`` (the enable_fp_fusion its launches pass), default True.
 
 On a cold Triton cache each config costs a few seconds (Triton compile + ptxas); results come
 from Triton's own ptxas run when it compiles, or a second ptxas run on a cache hit.
@@ -35,11 +37,13 @@ import sys
 import tempfile
 from typing import Iterable, NamedTuple
 
-# Opt-in shared memory per block (bytes): A100 (sm_80) and H100 (sm_90).
-SHARED_LIMIT = {80: 166_912, 90: 232_448}
+# Opt-in shared memory per block (bytes): A100 (sm_80, 163 KB), RTX 30xx / L4 / L40 (sm_86 and sm_89,
+# 99 KB) and H100 (sm_90, 227 KB).
+SHARED_LIMIT = {80: 166_912, 86: 101_376, 90: 232_448}
+TARGETS = tuple(SHARED_LIMIT)
 
 # Kernel modules that may define fitness_configs(); a module without it is skipped.
-KERNEL_MODULES = ("gated_prefix_attention", "prompt_embedding")
+KERNEL_MODULES = ("gated_prefix_attention", "prompt_embedding", "prefix_merge")
 
 
 class FitnessConfig(NamedTuple):
@@ -122,13 +126,16 @@ def measure(cfg: FitnessConfig) -> Fitness:
     from triton.compiler import ASTSource
 
     src = ASTSource(cfg.fn, cfg.signature, cfg.constexprs, cfg.attrs)
+    module = sys.modules.get(getattr(cfg.fn, "__module__", None) or "")
+    fp_fusion = bool(getattr(module, "FP_FUSION", True))
     # Triton runs the bundled ptxas -v itself on a cold compile: keep its log instead of running it twice.
     log, knobs = io.StringIO(), triton.knobs.nvidia
     saved, knobs.dump_ptxas_log = knobs.dump_ptxas_log, True
     try:
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(src, target=GPUTarget("cuda", cfg.arch, 32),
-                                      options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                                      options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                                   enable_fp_fusion=fp_fusion))
     finally:
         knobs.dump_ptxas_log = saved
     text = log.getvalue()

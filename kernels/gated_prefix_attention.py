@@ -8,15 +8,20 @@ Math (one query head, query row t; prefix rows j < L, real keys u < Sk):
     p           = softmax over all L + Sk logits of row t
     out_t       = sum_j p[t, j] g[t, j] Pv_j + sum_u p[t, u] v_u   ... and the prefix value
 
-g is 1 without a gate (P-Tuning v2), a tensor broadcastable to [B, Sq, L] (APT, precomputed),
-or APT's fused form g = layer_scale * sigmoid(gate_hidden @ gate_weight + gate_bias), which the
-forward kernel evaluates per query tile and never writes to global memory. A zero gate gives
-logit 0 (the prefix row keeps mass exp(0) and adds no value); that is the method's math.
+g is 1 without a gate (P-Tuning v2) or a tensor broadcastable to [B, Sq, L] (APT). APT's gate
+inputs (hidden, W, b, lambda) are turned into that tensor once per call, g = lambda * sigmoid(
+hidden @ W + b), by torch: the GEMM in the inputs' dtype, sigmoid and scale in fp32 (fp64 for fp64
+inputs); autograd saves g and owns its chain rule. A zero gate gives logit 0
+(the prefix row keeps mass exp(0) and adds no value); that is the method's math.
 
-Forward (FlashAttention-2 style): one program per (query tile, batch * head). It streams first
-the prefix tiles, then the key tiles, with an online softmax in log2 units, and saves the
-row log-sum-exp (base 2). Neither [Pk ; K] nor the Sq x (L + Sk) score matrix is ever built;
-a shared prefix [Hkv, L, D] is read through a batch stride of 0, never expanded.
+Forward (FlashAttention-2 style): one program per (query tile, batch * head), both folded into
+grid axis 0 (the tile index fastest, so neighbours share a head's K/V in L2; CUDA caps axes 1
+and 2 at 65,535, axis 0 at 2^31 - 1). It streams the prefix in its own tiles of BLOCK_L =
+max(16, next_pow2(L)) rows (capped per config), then the key tiles (BLOCK_N), with an online
+softmax in log2 units, and saves the row log-sum-exp (base 2). Neither [Pk ; K] nor the
+Sq x (L + Sk) score matrix is ever built; a shared prefix [Hkv, L, D] is read through a batch
+stride of 0. The output is written through strides: [B, H, Sq, D] memory by default, or
+[B, Sq, H, D] (out_layout="bshd", what transformers reshapes to next, saving it a copy).
 
 Backward. With e[t, j] = dO_t . Pv_j and delta_t = dO_t . out_t = sum_i p[t, i] dP[t, i]:
 
@@ -29,52 +34,72 @@ Backward. With e[t, j] = dO_t . Pv_j and delta_t = dO_t . out_t = sum_i p[t, i] 
               = p (s (g e - delta) + e)
 
 The gate gradient is summed over the query heads (the gate is shared by heads) and then
-reduced to the broadcast shape the caller passed (e.g. [B, 1, L] for the pooled gate). For
-the fused gate, with a = hidden @ W + b, sig = sigmoid(a), g = lambda * sig:
-d lambda = sum dg sig, da = dg lambda sig (1 - sig), dW = hidden^T da, db = sum da,
-d hidden = da W^T; that chain runs in PyTorch on the [B, Sq, L] gate gradient.
+reduced to the broadcast shape the caller passed (e.g. [B, 1, L] for the pooled gate).
 
-Three backward kernels, each owning what it writes, so the backward is deterministic (no
-atomics; bitwise reproducible run to run): dq per (query tile, batch * head); dk, dv per (key
-tile, batch * kv head) looping over the heads of its GQA group; dPk, dPv and dg per (prefix
-tile, batch * kv head), looping over query tiles and the group's heads. delta is one torch
-reduction. Workspace: prefix-gradient partials [B, Hkv, L, D] x 2 and gate-gradient partials
-[B, Hkv, Sq, L], fp32, reduced by torch (sum over the batch for a shared prefix, over kv heads
-for the gate).
+Four backward kernels, each owning what it writes, so the backward is deterministic (no
+atomics; bitwise reproducible run to run): delta per (64 query rows, batch * head), one read of
+dO and out (inside the dq kernel its out tile spilled registers at D=128 on sm_80); dq per
+(query tile, batch * head); dk, dv per (key tile, batch * kv
+head) looping over the heads of its GQA group, with the query tiles split into the causal
+diagonal (masked), the interior (no mask arithmetic, no padding-mask loads: padded keys' rows are
+zeroed once at the end) and the ragged tail; dPk, dPv and dg per (prefix tile, batch * kv head,
+query split). Workspace: delta [B, H, Sq], prefix-gradient partials [splits, B, Hkv, L, D] x 2
+and gate-gradient partials [B, Hkv, Sq, L], fp32, reduced by torch in a fixed order.
 
-Interfaces: ``gated_prefix_attention`` (same keyword signature as the reference) ->
-``GatedPrefixAttentionFunction`` (autograd) -> the torch.library ops
-``fastprefix::gated_prefix_attention_fwd`` / ``_bwd`` (with fake kernels, so torch.compile
-keeps them as single graph nodes) -> the launchers -> the kernels. Launch configs are picked at
-call time from the device's compute capability (the CPU interpreter gets one small config);
-kernels/fitness.py compiles every one of them for sm_80 and sm_90 and checks for register
-spills and shared memory. Set FASTPREFIX_POISON_OUTPUTS=1 to allocate outputs filled with NaN
-(the tests do), so an element a kernel fails to write cannot pass unnoticed.
+Modelled cost at B=8, H=32, Hkv=8, S=2048, L=64, D=128, d=4096, bf16 (per layer; before = the
+previous revision, sm_80 configs; traffic to HBM or L2 as issued, FLOPs as executed):
+
+    item 1, APT gate, forward: was a fused h @ W per (query tile, head, prefix tile):
+        before 275 GFLOP and 10.7 GB (8.6 GB of hidden-state tiles + 2.1 GB of W tiles, 4,096
+        programs x 2 prefix tiles); after one [B*S, d] x [d, L] GEMM + sigmoid: 8.6 GFLOP and
+        0.29 GB (hidden 134 MB once, the fp32 [B, S, L] gate 4.2 MB written, read by 32 heads: 134 MB).
+    item 1/5, APT gate chain, backward: before an fp32 recompute of the gate and fp32 GEMMs
+        (two fp32 copies of [B, S, d], 268 MB each): 25.8 GFLOP fp32 (no tensor cores) and
+        2.0 GB; after autograd on the saved gate: 17.2 GFLOP bf16 (dW, d hidden) and 0.28 GB.
+    item 3, dk/dv: Q and dO re-read once per key tile: BLOCK_N 32 -> 64 halves it, 17.2 -> 8.6 GB
+        (non-causal; causal about half of each; sm_80 and sm_86; on sm_90 at D=128 every 64-key
+        tile spilled, so it keeps 32); FLOPs unchanged (1.1 TFLOP non-causal); the mask
+        arithmetic and the lse/delta load masks now run on the diagonal and tail tiles only
+        (<= 3 of 64 query tiles per key tile).
+    item 5, delta: four eager torch ops (two fp32 casts, a product, a sum) moved 1.88 GB through
+        4 launches and two 268 MB fp32 temporaries; the delta kernel reads dO and out once,
+        0.27 GB, and writes 2.1 MB. The "bshd" output saves transformers' 268 MB transpose copy.
+
+Interfaces: ``gated_prefix_attention`` (same keyword signature as the reference, plus
+``out_layout``) -> ``GatedPrefixAttentionFunction`` (autograd) -> the torch.library ops
+``fastprefix::gated_prefix_attention_fwd`` / ``_bwd`` (with fake kernels, so torch.compile keeps
+them as single graph nodes) -> the launchers -> the kernels. Launch configs are picked at call
+time from the device's compute capability and the dtype: sm_80, sm_86/89 and sm_90 tables, for
+16-bit and for fp32 inputs (the CPU interpreter gets one small config); kernels/fitness.py
+compiles every one of them for its target and checks for register spills and shared memory.
+Every launch sets enable_fp_fusion explicitly (FP_FUSION). Set FASTPREFIX_POISON_OUTPUTS=1 to
+allocate outputs filled with NaN (the tests do), so an element a kernel fails to write cannot
+pass unnoticed.
 
 Supported: any B, Sq >= 1, Sk >= 1, L >= 1 (prefix always visible), GQA (H % Hkv == 0),
 key padding masks [B, Sk] (True = real key), causal masks aligned bottom-right (query t sits
 at position Sk - Sq + t, so Sq < Sk is decoding with a KV cache), head dim D <= 128 (masked
 to a power of two), fp16 / bf16 / fp32 inputs with fp32 accumulation, fp64 (accumulated in
-fp64; meant for gradcheck under the interpreter). Not supported: L = 0 (use plain attention),
-D > 128, dropout, attention bias, top-left causal alignment, varlen packing.
+fp64; meant for gradcheck under the interpreter; on a GPU fp64 inputs run the reference path).
+Not supported: L = 0 (use plain attention), D > 128, dropout, attention bias, top-left causal
+alignment, varlen packing.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import reference
 from ._runtime import interpreting, new_buffer
 
-__all__ = ["gated_prefix_attention", "fitness_configs", "pick_config"]
+__all__ = ["gated_prefix_attention", "fitness_configs", "pick_config", "LaunchConfig"]
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
-
-GATE_NONE, GATE_TENSOR, GATE_FUSED = 0, 1, 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,21 +128,6 @@ def _precision(dot_dtype) -> str:
     return "ieee" if dot_dtype in (tl.float32, tl.float64) else "tf32"
 
 
-def _gate_mode(args) -> int:
-    if args["GH"] is not None:
-        return GATE_FUSED
-    return GATE_TENSOR if args["GATE"] is not None else GATE_NONE
-
-
-def _gate_dot_dtype(args):
-    """Operand dtype of the fused gate matmul: the inputs' own when hidden and weight agree,
-    else the accumulator dtype (e.g. fp16 hidden states with an fp32 gate weight)."""
-    gh, gw = args["GH"], args["GW"]
-    if gh is not None and gh.dtype == gw.dtype:
-        return _dot_dtype(gh)
-    return _acc_dtype(args["Q"])
-
-
 _COMMON_HEURISTICS = {
     "ACC": lambda a: _acc_dtype(a["Q"]),
     "DOT": lambda a: _dot_dtype(a["Q"]),
@@ -142,54 +152,36 @@ def _scaled(x, hi, lo, ACC: tl.constexpr):
 
 
 @triton.jit
-def _fused_gate_tile(GH, GW, GB, LS, b, offs_m, m_ok, offs_j, j_ok, d_model, stride_ghb, stride_ghm,
-                     stride_gwk, stride_gwl, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, ACC: tl.constexpr, GDOT: tl.constexpr, GPREC: tl.constexpr):
-    """APT gate for one [BLOCK_M, BLOCK_N] tile: layer_scale * sigmoid(hidden @ W + bias)."""
-    a = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    gh_base = GH + b.to(tl.int64) * stride_ghb
-    for k0 in range(0, d_model, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < d_model
-        hid = tl.load(gh_base + offs_m[:, None].to(tl.int64) * stride_ghm + offs_k[None, :],
-                      mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(GDOT)
-        w = tl.load(GW + offs_k[:, None].to(tl.int64) * stride_gwk + offs_j[None, :] * stride_gwl,
-                    mask=k_ok[:, None] & j_ok[None, :], other=0.0).to(GDOT)
-        a = tl.dot(hid, w, acc=a, input_precision=GPREC)
-    a += tl.load(GB + offs_j, mask=j_ok, other=0.0).to(ACC)[None, :]
-    lam = tl.load(LS).to(ACC)
-    return lam / (1.0 + tl.exp(-a))
+def _tile_of(pid, num_tiles):
+    """Grid folding: program pid of the 1D grid -> (tile along the sequence, batch * head). The tile
+    index varies fastest, so neighbouring programs share one head's K/V (or Q/dO) in L2, as with
+    the 2D grid it replaces; one axis holds up to 2^31 - 1 programs, so B * H has no 65,535 cap."""
+    return pid % num_tiles, pid // num_tiles
 
 
-@triton.heuristics({
-    **_COMMON_HEURISTICS,
-    "GATE_MODE": _gate_mode,
-    "GDOT": lambda a: _gate_dot_dtype(a),
-    "GPREC": lambda a: _precision(_gate_dot_dtype(a)),
-})
+@triton.heuristics({**_COMMON_HEURISTICS, "HAS_GATE": lambda a: a["GATE"] is not None})
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, PK, PV, GATE, GH, GW, GB, LS, KPM, OUT, LSE,
+    Q, K, V, PK, PV, GATE, KPM, OUT, LSE,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_pkb, stride_pkh, stride_pkn,
     stride_pvb, stride_pvh, stride_pvn,
     stride_gb, stride_gm, stride_gl,
-    stride_ghb, stride_ghm, stride_gwk, stride_gwl,
     stride_kpmb,
     stride_ob, stride_oh, stride_om,
-    H, GROUP, Sq, Sk, L, D, d_model, causal_offset, qk_hi, qk_lo,
-    IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_K: tl.constexpr, GATE_MODE: tl.constexpr, HAS_PAD: tl.constexpr, EVEN_D: tl.constexpr, ACC: tl.constexpr,
-    DOT: tl.constexpr, PREC: tl.constexpr, GDOT: tl.constexpr, GPREC: tl.constexpr,
+    H, GROUP, Sq, Sk, L, D, causal_offset, qk_hi, qk_lo, num_m_tiles,
+    IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_GATE: tl.constexpr, HAS_PAD: tl.constexpr, EVEN_D: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _tile_of(tl.program_id(0), num_m_tiles)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_l = tl.arange(0, BLOCK_L)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Sq
@@ -203,30 +195,26 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
 
-    # Prefix tiles: always visible, batch stride 0 when shared by the batch.
+    # Prefix tiles of BLOCK_L rows (a short prefix fills one small tile): always visible, batch
+    # stride 0 when shared by the batch.
     pk_base = PK + b.to(tl.int64) * stride_pkb + hk.to(tl.int64) * stride_pkh
     pv_base = PV + b.to(tl.int64) * stride_pvb + hk.to(tl.int64) * stride_pvh
-    for j0 in range(0, L, BLOCK_N):
-        offs_j = j0 + offs_n
+    for j0 in range(0, L, BLOCK_L):
+        offs_j = j0 + offs_l
         j_ok = offs_j < L
         pk = tl.load(pk_base + offs_j[:, None].to(tl.int64) * stride_pkn + offs_d[None, :],
                      mask=j_ok[:, None] & d_ok[None, :], other=0.0).to(DOT)
         s = _scaled(tl.dot(q, tl.trans(pk), input_precision=PREC, out_dtype=ACC), qk_hi, qk_lo, ACC)
-        if GATE_MODE == 1:
+        if HAS_GATE:
             g = tl.load(GATE + b.to(tl.int64) * stride_gb + offs_m[:, None].to(tl.int64) * stride_gm
                         + offs_j[None, :] * stride_gl, mask=m_ok[:, None] & j_ok[None, :], other=0.0).to(ACC)
-            s = s * g
-        if GATE_MODE == 2:
-            g = _fused_gate_tile(GH, GW, GB, LS, b, offs_m, m_ok, offs_j, j_ok, d_model, stride_ghb,
-                                 stride_ghm, stride_gwk, stride_gwl, BLOCK_M, BLOCK_N, BLOCK_K, ACC, GDOT,
-                                 GPREC)
             s = s * g
         s = tl.where(j_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if GATE_MODE != 0:
+        if HAS_GATE:
             p = p * g  # the gate also scales the prefix value
         pv = tl.load(pv_base + offs_j[:, None].to(tl.int64) * stride_pvn + offs_d[None, :],
                      mask=j_ok[:, None] & d_ok[None, :], other=0.0).to(DOT)
@@ -268,6 +256,31 @@ def _fwd_kernel(
     tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, m_i + tl.log2(l_i), mask=m_ok)
 
 
+@triton.heuristics({"ACC": lambda a: _acc_dtype(a["DO"]), "EVEN_D": lambda a: a["D"] == a["BLOCK_D"]})
+@triton.jit
+def _bwd_delta_kernel(
+    DO, OUT, DELTA,
+    stride_dob, stride_doh, stride_dom,
+    stride_ob, stride_oh, stride_om,
+    H, Sq, D, num_m_tiles,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, ACC: tl.constexpr,
+):
+    """delta = dO . out per query row, [B * H, Sq] in the accumulator dtype: the first backward
+    kernel, one read of dO and out (the dq kernel keeps its registers for the main loop)."""
+    pid_m, pid_bh = _tile_of(tl.program_id(0), num_m_tiles)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Sq
+    md_ok = m_ok[:, None] & ((offs_d < D) | EVEN_D)[None, :]
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                 + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :], mask=md_ok, other=0.0)
+    o = tl.load(OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :], mask=md_ok, other=0.0)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, tl.sum(do.to(ACC) * o.to(ACC), 1), mask=m_ok)
+
+
 @triton.heuristics({**_COMMON_HEURISTICS, "HAS_GATE": lambda a: a["GATE"] is not None})
 @triton.jit
 def _bwd_dq_kernel(
@@ -281,18 +294,18 @@ def _bwd_dq_kernel(
     stride_kpmb,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
-    H, GROUP, Sq, Sk, L, D, causal_offset, qk_hi, qk_lo, sc_hi, sc_lo,
-    IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_GATE: tl.constexpr, HAS_PAD: tl.constexpr, EVEN_D: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-    PREC: tl.constexpr,
+    H, GROUP, Sq, Sk, L, D, causal_offset, qk_hi, qk_lo, sc_hi, sc_lo, num_m_tiles,
+    IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_GATE: tl.constexpr, HAS_PAD: tl.constexpr, EVEN_D: tl.constexpr,
+    ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     """dq for one (query tile, batch * head): prefix tiles, then key tiles."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _tile_of(tl.program_id(0), num_m_tiles)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_l = tl.arange(0, BLOCK_L)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Sq
@@ -309,8 +322,8 @@ def _bwd_dq_kernel(
 
     pk_base = PK + b.to(tl.int64) * stride_pkb + hk.to(tl.int64) * stride_pkh
     pv_base = PV + b.to(tl.int64) * stride_pvb + hk.to(tl.int64) * stride_pvh
-    for j0 in range(0, L, BLOCK_N):
-        offs_j = j0 + offs_n
+    for j0 in range(0, L, BLOCK_L):
+        offs_j = j0 + offs_l
         j_ok = offs_j < L
         jd_ok = j_ok[:, None] & d_ok[None, :]
         pk = tl.load(pk_base + offs_j[:, None].to(tl.int64) * stride_pkn + offs_d[None, :], mask=jd_ok,
@@ -360,6 +373,43 @@ def _bwd_dq_kernel(
              + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md_ok)
 
 
+@triton.jit
+def _dkdv_tile(dk, dv, kt, vt, q_base, do_base, lse_base, delta_base, m0, offs_mm, offs_u, offs_d, d_ok,
+               Sq, stride_qm, stride_dom, causal_offset, qk_hi, qk_lo,
+               CAUSAL_MASK: tl.constexpr, ROW_MASK: tl.constexpr, EVEN_D: tl.constexpr, ACC: tl.constexpr,
+               DOT: tl.constexpr, PREC: tl.constexpr):
+    """One query tile's contribution to dk, dv of a key tile. Off the diagonal and inside Sq
+    (CAUSAL_MASK = ROW_MASK = False) it has no mask arithmetic; padded keys need none either,
+    since their dk, dv rows are zeroed once at the end (row u only depends on p[u, :])."""
+    offs_m = m0 + offs_mm
+    q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
+    do_ptrs = do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :]
+    if ROW_MASK:  # the ragged last tile: rows past Sq load lse = +inf, hence p = 0
+        m_ok = offs_m < Sq
+        q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(DOT)
+        do = tl.load(do_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(DOT)
+        lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf")).to(ACC)
+        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0).to(ACC)
+    else:
+        if EVEN_D:
+            q = tl.load(q_ptrs).to(DOT)
+            do = tl.load(do_ptrs).to(DOT)
+        else:
+            q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0).to(DOT)
+            do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0).to(DOT)
+        lse = tl.load(lse_base + offs_m).to(ACC)
+        delta = tl.load(delta_base + offs_m).to(ACC)
+    s_t = _scaled(tl.dot(kt, tl.trans(q), input_precision=PREC, out_dtype=ACC), qk_hi, qk_lo, ACC)  # [BN, BM]
+    p_t = tl.exp2(s_t - lse[None, :])
+    if CAUSAL_MASK:
+        p_t = tl.where(offs_u[:, None] <= causal_offset + offs_m[None, :], p_t, 0.0)
+    dv = tl.dot(p_t.to(DOT), do, acc=dv, input_precision=PREC)
+    dp_t = tl.dot(vt, tl.trans(do), input_precision=PREC, out_dtype=ACC)
+    dz_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(dz_t.to(DOT), q, acc=dk, input_precision=PREC)
+    return dk, dv
+
+
 @triton.heuristics(_COMMON_HEURISTICS)
 @triton.jit
 def _bwd_dkdv_kernel(
@@ -371,13 +421,14 @@ def _bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    H, GROUP, Sq, Sk, D, causal_offset, qk_hi, qk_lo, sc_hi, sc_lo,
+    H, GROUP, Sq, Sk, D, causal_offset, qk_hi, qk_lo, sc_hi, sc_lo, num_n_tiles,
     IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_PAD: tl.constexpr, EVEN_D: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dk, dv for one (key tile, batch * kv head), summed over the heads of its GQA group."""
-    pid_n = tl.program_id(0)
-    pid_bk = tl.program_id(1)
+    """dk, dv for one (key tile, batch * kv head), summed over the heads of its GQA group. Query
+    tiles fall in three ranges: the causal diagonal (masked), the interior (no masks at all) and
+    the ragged tail past the last full tile (row-masked)."""
+    pid_n, pid_bk = _tile_of(tl.program_id(0), num_n_tiles)
     Hkv = H // GROUP
     b = pid_bk // Hkv
     hk = pid_bk % Hkv
@@ -393,41 +444,44 @@ def _bwd_dkdv_kernel(
     vt = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
                  + offs_u[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=ud_ok, other=0.0).to(DOT)
     key_ok = u_ok
-    if HAS_PAD:
+    if HAS_PAD:  # one load per key tile, applied to the finished rows below
         real = tl.load(KPM + b.to(tl.int64) * stride_kpmb + offs_u, mask=u_ok, other=0)
         key_ok = key_ok & (real != 0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
 
+    full_end = (Sq // BLOCK_M) * BLOCK_M  # query tiles below this hold no row past Sq
     lo = 0
-    if IS_CAUSAL:  # queries before this key tile cannot see it
+    mid = 0
+    if IS_CAUSAL:
+        # queries before this key tile cannot see it; from `mid` on every query sees the whole tile
         lo = (tl.maximum(0, pid_n * BLOCK_N - causal_offset) // BLOCK_M) * BLOCK_M
+        mid = tl.minimum(tl.cdiv(tl.maximum(0, pid_n * BLOCK_N + BLOCK_N - 1 - causal_offset), BLOCK_M) * BLOCK_M,
+                         full_end)
     for hh in range(0, GROUP):
         h = hk * GROUP + hh
-        bh = b * H + h
+        bh = (b * H + h).to(tl.int64)
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-        for m0 in range(lo, Sq, BLOCK_M):
-            offs_m = m0 + offs_mm
-            m_ok = offs_m < Sq
-            md_ok = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :], mask=md_ok,
-                        other=0.0).to(DOT)
-            do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :], mask=md_ok,
-                         other=0.0).to(DOT)
-            lse = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=m_ok, other=float("inf")).to(ACC)
-            delta = tl.load(DELTA + bh.to(tl.int64) * Sq + offs_m, mask=m_ok, other=0.0).to(ACC)
-            s_t = _scaled(tl.dot(kt, tl.trans(q), input_precision=PREC, out_dtype=ACC), qk_hi, qk_lo, ACC)  # [BN, BM]
-            valid = key_ok[:, None] & m_ok[None, :]
-            if IS_CAUSAL:
-                valid = valid & (offs_u[:, None] <= causal_offset + offs_m[None, :])
-            p_t = tl.where(valid, tl.exp2(s_t - lse[None, :]), 0.0)
-            dv = tl.dot(p_t.to(DOT), do, acc=dv, input_precision=PREC)
-            dp_t = tl.dot(vt, tl.trans(do), input_precision=PREC, out_dtype=ACC)
-            dz_t = p_t * (dp_t - delta[None, :])
-            dk = tl.dot(dz_t.to(DOT), q, acc=dk, input_precision=PREC)
+        lse_base = LSE + bh * Sq
+        delta_base = DELTA + bh * Sq
+        if IS_CAUSAL:
+            for m0 in range(lo, mid, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, kt, vt, q_base, do_base, lse_base, delta_base, m0, offs_mm, offs_u,
+                                    offs_d, d_ok, Sq, stride_qm, stride_dom, causal_offset, qk_hi, qk_lo,
+                                    True, False, EVEN_D, ACC, DOT, PREC)
+        for m0 in range(mid, full_end, BLOCK_M):  # empty when mid >= full_end
+            dk, dv = _dkdv_tile(dk, dv, kt, vt, q_base, do_base, lse_base, delta_base, m0, offs_mm, offs_u,
+                                offs_d, d_ok, Sq, stride_qm, stride_dom, causal_offset, qk_hi, qk_lo,
+                                False, False, EVEN_D, ACC, DOT, PREC)
+        if full_end < Sq:
+            dk, dv = _dkdv_tile(dk, dv, kt, vt, q_base, do_base, lse_base, delta_base, full_end, offs_mm, offs_u,
+                                offs_d, d_ok, Sq, stride_qm, stride_dom, causal_offset, qk_hi, qk_lo,
+                                IS_CAUSAL, True, EVEN_D, ACC, DOT, PREC)
 
-    dk = _scaled(dk, sc_hi, sc_lo, ACC)
+    # Padded and out-of-range keys get exact zeros (their unmasked rows may hold inf or NaN).
+    dk = tl.where(key_ok[:, None], _scaled(dk, sc_hi, sc_lo, ACC), 0.0)
+    dv = tl.where(key_ok[:, None], dv, 0.0)
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
              + offs_u[:, None].to(tl.int64) * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=ud_ok)
     tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
@@ -444,15 +498,15 @@ def _bwd_prefix_kernel(
     stride_pvb, stride_pvh, stride_pvn,
     stride_gb, stride_gm, stride_gl,
     stride_dob, stride_doh, stride_dom,
-    H, GROUP, Sq, L, D, rows_per_split, qk_hi, qk_lo, sc_hi, sc_lo,
+    H, GROUP, Sq, L, D, rows_per_split, qk_hi, qk_lo, sc_hi, sc_lo, num_l_tiles,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_GATE: tl.constexpr, EVEN_D: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     """dPk, dPv and dg for one (prefix tile, batch * kv head, query split). Partials, contiguous:
-    dPk, dPv [splits, B, Hkv, L, D] (one per query split and batch row), dg [B, Hkv, Sq, L]."""
-    pid_j = tl.program_id(0)
-    pid_bk = tl.program_id(1)
-    pid_s = tl.program_id(2)
+    dPk, dPv [splits, B, Hkv, L, D] (one per query split and batch row), dg [B, Hkv, Sq, L].
+    Grid: axis 0 folds (prefix tile, batch * kv head), axis 1 the query splits (<= 16)."""
+    pid_j, pid_bk = _tile_of(tl.program_id(0), num_l_tiles)
+    pid_s = tl.program_id(1)
     Hkv = H // GROUP
     b = pid_bk // Hkv
     hk = pid_bk % Hkv
@@ -470,7 +524,7 @@ def _bwd_prefix_kernel(
     dpk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dpv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
 
-    # Long sequences are split over a third grid axis so short prefixes still fill the GPU.
+    # Long sequences are split over a grid axis so short prefixes still fill the GPU.
     for m0 in range(pid_s * rows_per_split, tl.minimum(Sq, (pid_s + 1) * rows_per_split), BLOCK_M):
         offs_m = m0 + offs_mm
         m_ok = offs_m < Sq
@@ -510,7 +564,7 @@ def _bwd_prefix_kernel(
             tl.store(dg_ptrs, dg_t.to(DG.dtype.element_ty), mask=valid)
 
     dpk = _scaled(dpk, sc_hi, sc_lo, ACC)
-    part_id = pid_s.to(tl.int64) * tl.num_programs(1) + pid_bk
+    part_id = pid_s.to(tl.int64) * (tl.num_programs(0) // num_l_tiles) + pid_bk
     part = part_id * L * D + offs_j[:, None].to(tl.int64) * D + offs_d[None, :]
     tl.store(DPK + part, dpk.to(DPK.dtype.element_ty), mask=jd_ok)
     tl.store(DPV + part, dpv.to(DPV.dtype.element_ty), mask=jd_ok)
@@ -520,43 +574,103 @@ def _bwd_prefix_kernel(
 # Launch configurations
 # --------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per GPU family, kernel and head-dim bucket. Every
-# entry is compiled ahead of time for sm_80 / sm_90 (fp16 and bf16) by kernels/fitness.py and
-# checked for register spills and shared memory; all sm_80 entries also fit the 99 KB of sm_86/89.
-# A dense gate tile costs registers (at D=128, BLOCK_N=64 spills with it), the fused gate more.
-_GPU_CONFIGS = {
+
+class LaunchConfig(NamedTuple):
+    """Tiles and launch options of one kernel. block_l caps the prefix tile (the forward and dq
+    kernels use BLOCK_L = min(block_l, max(16, next_pow2(L))); the prefix-gradient kernel's prefix
+    tile is block_n, capped the same way); the dk/dv kernel has no prefix tile (block_l = 0)."""
+    block_m: int
+    block_n: int
+    block_l: int
+    num_warps: int
+    num_stages: int
+
+
+_C = LaunchConfig
+# Per GPU target, operand width, kernel and head-dim bucket. Targets: sm_80 (A100, 163 KB of shared
+# memory per block), sm_86 (also sm_89: 99 KB) and sm_90 (227 KB). Every entry is compiled ahead of
+# time for its target (fp16, bf16; fp32 for the fp32 table) by kernels/fitness.py, which checks it
+# for register spills and shared memory. "fwd" is the forward without a gate, "fwd_gate" with one
+# (the gate tile costs registers in the prefix loop only: it caps block_l, not the key tile; at
+# D=128 a 32-wide gated prefix tile spilled 8 B next to 64-wide key tiles, a 16-wide one does not).
+# dk/dv: the key tile (block_n = 64) sets how often Q and dO are re-read; the query tile only sets
+# registers, and with three query-range loops a 32-row tile spilled (32 B at D=64, 4 B at D=128).
+_CONFIGS_16BIT = {
     80: {
-        "fwd": {64: (128, 64, 8, 3), 128: (128, 64, 8, 2)},
-        "fwd_gate": {64: (128, 64, 8, 3), 128: (128, 32, 8, 2)},
-        "fwd_fused": {64: (128, 64, 8, 3), 128: (128, 32, 8, 2)},
-        "bwd_dq": {64: (128, 64, 8, 2), 128: (128, 32, 8, 2)},
-        "bwd_dkdv": {64: (32, 64, 4, 2), 128: (32, 32, 8, 2)},
-        "bwd_prefix": {64: (32, 32, 8, 2), 128: (32, 32, 8, 2)},
+        "fwd": {64: _C(128, 64, 64, 8, 3), 128: _C(128, 64, 64, 8, 2)},
+        "fwd_gate": {64: _C(128, 64, 64, 8, 3), 128: _C(128, 64, 16, 8, 2)},
+        "bwd_dq": {64: _C(128, 64, 64, 8, 2), 128: _C(128, 32, 16, 8, 2)},
+        "bwd_dkdv": {64: _C(16, 64, 0, 4, 2), 128: _C(16, 64, 0, 8, 2)},
+        "bwd_prefix": {64: _C(32, 32, 32, 8, 2), 128: _C(32, 32, 32, 8, 2)},
+    },
+    86: {  # ptxas allocates differently for sm_86: at D=64, dq and dk/dv needed smaller tiles than on sm_80
+        "fwd": {64: _C(128, 64, 64, 8, 3), 128: _C(128, 64, 64, 8, 2)},
+        "fwd_gate": {64: _C(128, 64, 64, 8, 3), 128: _C(128, 64, 16, 8, 2)},
+        "bwd_dq": {64: _C(128, 32, 32, 8, 2), 128: _C(128, 32, 16, 8, 2)},
+        "bwd_dkdv": {64: _C(16, 64, 0, 8, 2), 128: _C(16, 64, 0, 8, 2)},
+        "bwd_prefix": {64: _C(32, 32, 32, 8, 2), 128: _C(32, 32, 32, 8, 2)},
     },
     90: {
-        "fwd": {64: (128, 64, 8, 3), 128: (128, 64, 8, 2)},
-        "fwd_gate": {64: (128, 64, 8, 3), 128: (128, 32, 8, 2)},
-        "fwd_fused": {64: (128, 64, 8, 3), 128: (128, 32, 8, 2)},
-        "bwd_dq": {64: (128, 64, 8, 2), 128: (128, 32, 8, 2)},
-        "bwd_dkdv": {64: (64, 64, 8, 2), 128: (64, 64, 8, 2)},
-        "bwd_prefix": {64: (32, 64, 8, 2), 128: (32, 32, 8, 2)},
+        "fwd": {64: _C(128, 64, 64, 8, 3), 128: _C(128, 64, 64, 8, 3)},
+        "fwd_gate": {64: _C(128, 64, 64, 8, 3), 128: _C(128, 64, 16, 8, 3)},
+        "bwd_dq": {64: _C(128, 64, 64, 8, 2), 128: _C(128, 32, 16, 8, 2)},
+        # at D=128 every 64-key tile spilled on sm_90 (40-600 B, also (64, 64) with 2 stages)
+        "bwd_dkdv": {64: _C(32, 64, 0, 8, 2), 128: _C(16, 32, 0, 4, 2)},
+        "bwd_prefix": {64: _C(32, 64, 64, 8, 2), 128: _C(32, 32, 32, 8, 2)},
     },
 }
-# The interpreter runs programs one after another: few, moderately sized tiles are fastest,
-# and BLOCK_N = 32 still splits the test shapes into several prefix and key tiles.
-_INTERPRETER_CONFIG = (64, 32, 4, 1)
-_GATE_BLOCK_K = 32  # hidden-size chunk of the fused APT gate matmul
+# fp32 inputs: IEEE dots run on the FMA units with fp32 operands (twice the bytes of a 16-bit tile
+# in shared memory and registers), hence their own, narrower tiles (the 16-bit tables at fp32 spilled
+# ~36 KB and needed 164 KB of shared memory at D=128). The gated forward holds the gate tile beside the
+# FMA operands: 32x32 tiles spilled 450 B at D=128, 16x16 ones do not. 16 warps cap a thread at 64
+# registers (65,536 per SM): more warps do not help.
+_FP32_DKDV = {  # ptxas spilled 4-80 B on the other targets' dk/dv tiles, at 110-255 registers
+    80: {64: _C(32, 32, 0, 4, 1), 128: _C(32, 32, 0, 8, 1)},
+    86: {64: _C(16, 32, 0, 4, 1), 128: _C(16, 32, 0, 8, 1)},
+    90: {64: _C(32, 32, 0, 8, 1), 128: _C(32, 32, 0, 8, 1)},
+}
+_CONFIGS_FP32 = {
+    target: {
+        "fwd": {64: _C(64, 32, 32, 8, 2), 128: _C(32, 32, 32, 8, 1)},
+        "fwd_gate": {64: _C(32, 32, 16, 4, 2), 128: _C(16, 16, 16, 4, 1)},
+        "bwd_dq": {64: _C(32, 32, 32, 8, 1), 128: _C(32, 32, 32, 8, 1)},
+        "bwd_dkdv": _FP32_DKDV[target],
+        "bwd_prefix": {64: _C(32, 32, 32, 8, 1), 128: _C(16, 16, 16, 8, 1)},
+    }
+    for target in (80, 86, 90)
+}
+KINDS = ("fwd", "fwd_gate", "bwd_dq", "bwd_dkdv", "bwd_prefix")
+TARGETS = (80, 86, 90)
+# The interpreter runs programs one after another: few, moderately sized tiles are fastest, and
+# BLOCK_N = 32, BLOCK_L <= 16 still split the test shapes into several prefix and key tiles.
+_INTERPRETER_CONFIG = LaunchConfig(64, 32, 16, 4, 1)
+_DELTA_BLOCK_M = 64  # rows per program of the delta kernel (fixed: 64 x 128 fp32 products, 4 warps)
+# Explicit on every launch (Triton 3.10 flips the default to off): FMA contraction on, the numerics
+# every fitness figure and error bound of this file was measured with.
+FP_FUSION = True
 
 
 def _head_dim_bucket(block_d: int) -> int:
     return 64 if block_d <= 64 else 128
 
 
-def pick_config(kind: str, block_d: int, arch: Optional[int]) -> tuple:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for kernel `kind` on `arch` (None: interpreter)."""
+def target_of(arch: int) -> int:
+    """The table a compute capability uses: sm_90+ -> 90, sm_80 / sm_87 (163 KB) -> 80, anything
+    else (sm_86, sm_89 and older parts) -> 86, the table that fits 99 KB of shared memory."""
+    if arch >= 90:
+        return 90
+    return 80 if arch in (80, 87) else 86
+
+
+def pick_config(kind: str, block_d: int, arch: Optional[int], dtype: torch.dtype = torch.float16) -> LaunchConfig:
+    """Launch config of kernel `kind` (one of KINDS) for head-dim tile `block_d` on compute
+    capability `arch` (None: the interpreter) and input `dtype` (fp16/bf16, or fp32)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if arch is None:
         return _INTERPRETER_CONFIG
-    return _GPU_CONFIGS[90 if arch >= 90 else 80][kind][_head_dim_bucket(block_d)]
+    table = _CONFIGS_16BIT if dtype in (torch.float16, torch.bfloat16) else _CONFIGS_FP32
+    return table[target_of(arch)][kind][_head_dim_bucket(block_d)]
 
 
 def _arch_of(t: torch.Tensor) -> Optional[int]:
@@ -565,6 +679,20 @@ def _arch_of(t: torch.Tensor) -> Optional[int]:
         return None
     major, minor = torch.cuda.get_device_capability(t.device)
     return 10 * major + minor
+
+
+def _prefix_tile(L: int, cap: int) -> int:
+    """BLOCK_L: the prefix's own tile, max(16, next_pow2(L)) up to the config's cap."""
+    return min(cap, max(16, triton.next_power_of_2(L)))
+
+
+def _folded_grid(tiles: int, rows: int, *rest: int) -> tuple:
+    """(tiles * rows, *rest): grid axis 0 folds the tile index and batch * heads (decoded by
+    _tile_of); axes 1 and 2 (CUDA caps them at 65,535) only get the small `rest`."""
+    programs = tiles * rows
+    if programs >= 2 ** 31:
+        raise ValueError(f"{tiles} tiles x {rows} batch*heads = {programs} programs exceed the 2^31 - 1 grid limit")
+    return (programs, *rest)
 
 
 def _rows_per_split(Sq: int, block_m: int, programs: int, like: torch.Tensor) -> int:
@@ -618,41 +746,38 @@ def _gate_strides(gate: Optional[torch.Tensor], B: int, Sq: int, L: int):
     return g.stride()
 
 
-def _forward(q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight, gate_bias, layer_scale,
-             key_padding_mask, causal: bool, scale: float):
+def _new_output(q: torch.Tensor, out_bshd: bool) -> torch.Tensor:
+    """[B, H, Sq, D] output; with out_bshd its memory is [B, Sq, H, D] (the layout transformers
+    wants next), so the caller's out.transpose(1, 2) is contiguous without a copy."""
+    B, H, Sq, D = q.shape
+    if out_bshd:
+        return new_buffer((B, Sq, H, D), q.dtype, q.device).transpose(1, 2)
+    return new_buffer((B, H, Sq, D), q.dtype, q.device)
+
+
+def _forward(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal: bool, scale: float, out_bshd: bool):
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     L = prefix_k.shape[-2]
     q, k, v, prefix_k, prefix_v = map(_rows, (q, k, v, prefix_k, prefix_v))
-    out = new_buffer((B, H, Sq, D), q.dtype, q.device)
+    out = _new_output(q, out_bshd)
     lse = new_buffer((B, H, Sq), _acc_torch_dtype(q), q.device)
-
-    gh_strides, gw_strides, d_model = (0, 0), (0, 0), 1
-    if gate_hidden is not None:
-        d_model = gate_hidden.shape[-1]
-        gate_hidden = _rows(gate_hidden)
-        gh_strides = gate_hidden.expand(B, Sq, d_model).stride()[:2]
-        gw_strides = gate_weight.stride()
-        gate_bias = gate_bias.contiguous()
     kpm_stride = 0
     if key_padding_mask is not None:
         key_padding_mask = _rows(key_padding_mask)
         kpm_stride = key_padding_mask.stride(0)
 
     block_d = _block_d(D)
-    kind = "fwd_fused" if gate_hidden is not None else "fwd_gate" if gate is not None else "fwd"
-    block_m, block_n, num_warps, num_stages = pick_config(kind, block_d, _arch_of(q))
-    grid = (triton.cdiv(Sq, block_m), B * H)
-    _fwd_kernel[grid](
-        q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight, gate_bias, layer_scale,
-        key_padding_mask, out, lse,
+    cfg = pick_config("fwd_gate" if gate is not None else "fwd", block_d, _arch_of(q), q.dtype)
+    num_m_tiles = triton.cdiv(Sq, cfg.block_m)
+    _fwd_kernel[_folded_grid(num_m_tiles, B * H)](
+        q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
-        *_gate_strides(gate, B, Sq, L), *gh_strides, *gw_strides, kpm_stride,
-        *out.stride()[:3],
-        H, H // Hkv, Sq, Sk, L, D, d_model, Sk - Sq, *_split(scale * LOG2E),
-        IS_CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=_GATE_BLOCK_K,
-        num_warps=num_warps, num_stages=num_stages,
+        *_gate_strides(gate, B, Sq, L), kpm_stride, *out.stride()[:3],
+        H, H // Hkv, Sq, Sk, L, D, Sk - Sq, *_split(scale * LOG2E), num_m_tiles,
+        IS_CAUSAL=causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_L=_prefix_tile(L, cfg.block_l),
+        BLOCK_D=block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
     )
     return out, lse
 
@@ -666,7 +791,12 @@ def _backward(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse,
     L = prefix_k.shape[-2]
     acc = _acc_torch_dtype(q)
     do, q, k, v, prefix_k, prefix_v, out = map(_rows, (do, q, k, v, prefix_k, prefix_v, out))
-    delta = (do.to(acc) * out.to(acc)).sum(-1).contiguous()  # [B, H, Sq]: dO_t . out_t
+    delta = new_buffer((B, H, Sq), acc, q.device)  # dO . out
+    tiles = triton.cdiv(Sq, _DELTA_BLOCK_M)
+    _bwd_delta_kernel[_folded_grid(tiles, B * H)](
+        do, out, delta, *do.stride()[:3], *out.stride()[:3], H, Sq, D, tiles,
+        BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=_block_d(D), num_warps=4, num_stages=1, enable_fp_fusion=FP_FUSION,
+    )
     kpm_stride = 0
     if key_padding_mask is not None:
         key_padding_mask = _rows(key_padding_mask)
@@ -678,40 +808,47 @@ def _backward(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse,
     scales = (*_split(scale * LOG2E), *_split(scale))
 
     dq = new_buffer((B, H, Sq, D), q.dtype, q.device)
-    bm, bn, nw, ns = pick_config("bwd_dq", block_d, arch)
-    _bwd_dq_kernel[(triton.cdiv(Sq, bm), B * H)](
+    cfg = pick_config("bwd_dq", block_d, arch, q.dtype)
+    tiles = triton.cdiv(Sq, cfg.block_m)
+    _bwd_dq_kernel[_folded_grid(tiles, B * H)](
         q, k, v, prefix_k, prefix_v, gate, key_padding_mask, do, lse, delta, dq,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *_prefix_strides(prefix_k), *_prefix_strides(prefix_v), *g_strides, kpm_stride,
         *do.stride()[:3], *dq.stride()[:3],
-        *common, Sq, Sk, L, D, Sk - Sq, *scales,
-        IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=nw, num_stages=ns,
+        *common, Sq, Sk, L, D, Sk - Sq, *scales, tiles,
+        IS_CAUSAL=causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_L=_prefix_tile(L, cfg.block_l),
+        BLOCK_D=block_d, num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
     )
 
     dk = new_buffer((B, Hkv, Sk, D), k.dtype, k.device)
     dv = new_buffer((B, Hkv, Sk, D), v.dtype, v.device)
-    bm, bn, nw, ns = pick_config("bwd_dkdv", block_d, arch)
-    _bwd_dkdv_kernel[(triton.cdiv(Sk, bn), B * Hkv)](
+    cfg = pick_config("bwd_dkdv", block_d, arch, q.dtype)
+    tiles = triton.cdiv(Sk, cfg.block_n)
+    _bwd_dkdv_kernel[_folded_grid(tiles, B * Hkv)](
         q, k, v, key_padding_mask, do, lse, delta, dk, dv,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], kpm_stride,
         *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        *common, Sq, Sk, D, Sk - Sq, *scales,
-        IS_CAUSAL=causal, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=nw, num_stages=ns,
+        *common, Sq, Sk, D, Sk - Sq, *scales, tiles,
+        IS_CAUSAL=causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
     )
 
     # Partials: prefix grads per batch row, gate grads per kv head; reduced below by torch.
-    bm, bn, nw, ns = pick_config("bwd_prefix", block_d, arch)
-    rows_per_split = _rows_per_split(Sq, bm, triton.cdiv(L, bn) * B * Hkv, q)
+    cfg = pick_config("bwd_prefix", block_d, arch, q.dtype)
+    block_l = _prefix_tile(L, cfg.block_n)
+    tiles = triton.cdiv(L, block_l)
+    rows_per_split = _rows_per_split(Sq, cfg.block_m, tiles * B * Hkv, q)
     splits = triton.cdiv(Sq, rows_per_split)
     dpk = new_buffer((splits, B, Hkv, L, D), acc, q.device)
     dpv = new_buffer((splits, B, Hkv, L, D), acc, q.device)
     dg = new_buffer((B, Hkv, Sq, L), acc, q.device) if gate is not None else None
-    _bwd_prefix_kernel[(triton.cdiv(L, bn), B * Hkv, splits)](
+    _bwd_prefix_kernel[_folded_grid(tiles, B * Hkv, splits)](
         q, prefix_k, prefix_v, gate, do, lse, delta, dpk, dpv, dg,
         *q.stride()[:3], *_prefix_strides(prefix_k), *_prefix_strides(prefix_v), *g_strides,
         *do.stride()[:3],
-        *common, Sq, L, D, rows_per_split, *scales,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=nw, num_stages=ns,
+        *common, Sq, L, D, rows_per_split, *scales, tiles,
+        BLOCK_M=cfg.block_m, BLOCK_N=block_l, BLOCK_D=block_d, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
     )
     dpk, dpv = dpk.sum(0), dpv.sum(0)  # over query splits (fixed order: deterministic)
     if prefix_k.dim() == 3:  # shared by the batch
@@ -729,17 +866,16 @@ Tensor = torch.Tensor
 
 @torch.library.custom_op("fastprefix::gated_prefix_attention_fwd", mutates_args=())
 def _fwd_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, gate: Optional[Tensor],
-            gate_hidden: Optional[Tensor], gate_weight: Optional[Tensor], gate_bias: Optional[Tensor],
-            layer_scale: Optional[Tensor], key_padding_mask: Optional[Tensor], causal: bool,
-            scale: float) -> tuple[Tensor, Tensor]:
-    return _forward(q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight, gate_bias, layer_scale,
-                    key_padding_mask, causal, scale)
+            key_padding_mask: Optional[Tensor], causal: bool, scale: float,
+            out_bshd: bool = False) -> tuple[Tensor, Tensor]:
+    return _forward(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, out_bshd)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight, gate_bias, layer_scale, key_padding_mask,
-      causal, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_acc_torch_dtype(q))
+def _(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, out_bshd=False):
+    B, H, Sq, D = q.shape
+    out = q.new_empty((B, Sq, H, D)).transpose(1, 2) if out_bshd else q.new_empty((B, H, Sq, D))
+    return out, q.new_empty((B, H, Sq), dtype=_acc_torch_dtype(q))
 
 
 @torch.library.custom_op("fastprefix::gated_prefix_attention_bwd", mutates_args=())
@@ -754,70 +890,56 @@ def _(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse, causal,
     B, _, Sq, _ = q.shape
     acc = _acc_torch_dtype(q)
     dg = q.new_empty((B, Sq, prefix_k.shape[-2]) if gate is not None else (0,), dtype=acc)
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(prefix_k),
-            torch.empty_like(prefix_v), dg)
-
-
-def _fused_gate_parts(gate_hidden, gate_weight, gate_bias, layer_scale, acc):
-    """sigmoid(hidden @ W + b) and the gate, recomputed in `acc` for the backward chain rule."""
-    sig = torch.sigmoid(gate_hidden.to(acc) @ gate_weight.to(acc) + gate_bias.to(acc))
-    return sig, layer_scale.to(acc) * sig
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), prefix_k.new_empty(prefix_k.shape),
+            prefix_v.new_empty(prefix_v.shape), dg)
 
 
 class GatedPrefixAttentionFunction(torch.autograd.Function):
-    """Forward and backward of the gated-prefix attention through the Triton kernels."""
+    """Forward and backward of the gated-prefix attention through the Triton kernels. The gate is
+    a tensor here; the APT gate's own chain (sigmoid, GEMM) is autograd's, see the wrapper."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight, gate_bias, layer_scale,
-                key_padding_mask, causal, scale):
+    def forward(ctx, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, out_bshd):
         out, lse = torch.ops.fastprefix.gated_prefix_attention_fwd(
-            q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight, gate_bias, layer_scale,
-            key_padding_mask, causal, scale)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight, gate_bias,
-                              layer_scale, key_padding_mask, out, lse)
+            q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, out_bshd)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse)
         ctx.causal, ctx.scale = causal, scale
         return out
 
     @staticmethod
     def backward(ctx, do):
-        (q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight, gate_bias, layer_scale,
-         key_padding_mask, out, lse) = ctx.saved_tensors
-        acc = _acc_torch_dtype(q)
-        sig = None
-        if gate_hidden is not None:
-            sig, gate_eff = _fused_gate_parts(gate_hidden, gate_weight, gate_bias, layer_scale, acc)
-        else:
-            gate_eff = gate
+        q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse = ctx.saved_tensors
         dq, dk, dv, dpk, dpv, dg_full = torch.ops.fastprefix.gated_prefix_attention_bwd(
-            do, q, k, v, prefix_k, prefix_v, gate_eff, key_padding_mask, out, lse, ctx.causal, ctx.scale)
+            do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse, ctx.causal, ctx.scale)
+        dgate = None
+        if gate is not None and ctx.needs_input_grad[5]:
+            dgate = dg_full.sum_to_size(gate.shape).to(gate.dtype)  # e.g. [B, 1, L] for a pooled gate
+        return dq, dk, dv, dpk, dpv, dgate, None, None, None, None
 
-        dgate = d_hidden = d_weight = d_bias = d_scale = None
-        if gate is not None:
-            dgate = dg_full.sum_to_size(gate.shape).to(gate.dtype)
-        if gate_hidden is not None:
-            dg = dg_full.sum_to_size(sig.shape)  # e.g. [B, 1, L] for a pooled hidden state
-            d_scale = (dg * sig).sum().reshape(layer_scale.shape).to(layer_scale.dtype)
-            da = dg * layer_scale.to(acc) * sig * (1.0 - sig)
-            d_hidden = (da @ gate_weight.to(acc).t()).to(gate_hidden.dtype)
-            d_weight = (gate_hidden.to(acc).reshape(-1, gate_hidden.shape[-1]).t()
-                        @ da.reshape(-1, da.shape[-1])).to(gate_weight.dtype)
-            d_bias = da.reshape(-1, da.shape[-1]).sum(0).reshape(gate_bias.shape).to(gate_bias.dtype)
-        return dq, dk, dv, dpk, dpv, dgate, d_hidden, d_weight, d_bias, d_scale, None, None, None
+
+OUT_LAYOUTS = ("bhsd", "bshd")
 
 
 def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidden=None, gate_weight=None,
-                           gate_bias=None, layer_scale=None, key_padding_mask=None, causal=False, scale=None):
+                           gate_bias=None, layer_scale=None, key_padding_mask=None, causal=False, scale=None,
+                           out_layout="bhsd"):
     """Gated-prefix attention on the Triton kernels; same contract as the reference.
 
     q [B, H, Sq, D]; k, v [B, Hkv, Sk, D]; prefix_k, prefix_v [Hkv, L, D] (shared) or
-    [B, Hkv, L, D]; gate broadcastable to [B, Sq, L], or the fused APT inputs gate_hidden
-    [B, Sq or 1, d], gate_weight [d, L], gate_bias [L], layer_scale (0-dim); key_padding_mask
-    [B, Sk] bool, True = real key. Returns [B, H, Sq, D] in q's dtype. Inputs are expected to be
-    validated by fastprefix.ops; only the kernel's own limits are checked here.
+    [B, Hkv, L, D]; gate broadcastable to [B, Sq, L], or the APT inputs gate_hidden
+    [B, Sq or 1, d], gate_weight [d, L], gate_bias [L], layer_scale (0-dim), from which the gate
+    layer_scale * sigmoid(gate_hidden @ gate_weight + gate_bias) is computed once per call (GEMM in
+    the inputs' dtype, the rest in fp32 / fp64); key_padding_mask [B, Sk] bool, True = real
+    key. Returns [B, H, Sq, D] in q's dtype; with out_layout="bshd" that tensor is a view of
+    [B, Sq, H, D] memory (so out.transpose(1, 2) is contiguous). Inputs are expected to be validated
+    by fastprefix.ops; only the kernel's own limits are checked here. fp64 inputs on a GPU run the
+    reference path (fp64 is for gradcheck; the kernels' fp64 tiles are tuned for the interpreter only).
     """
     D = q.shape[-1]
     if D > 128:
         raise ValueError(f"triton gated_prefix_attention supports head dim <= 128, got {D}")
+    if out_layout not in OUT_LAYOUTS:
+        raise ValueError(f"out_layout must be one of {OUT_LAYOUTS}, got {out_layout!r}")
     if gate is not None and gate_hidden is not None:
         raise ValueError("pass either gate or the fused gate inputs (gate_hidden, ...), not both")
     if gate_hidden is not None:
@@ -827,77 +949,88 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
             gate_bias = gate_weight.new_zeros(gate_weight.shape[-1])
         if layer_scale is None:
             layer_scale = gate_weight.new_ones(())
+        # One GEMM + sigmoid per call ([B, Sq, L], or [B, 1, L] from a pooled hidden state), saved by
+        # autograd. The GEMM (and its backward) runs in the inputs' dtype with fp32 accumulation; the
+        # sigmoid and scale run in the accumulator dtype, so dL/dgate (fp32 from the kernel) reaches
+        # layer_scale, a sum over B * Sq * L terms, without a 16-bit rounding: with an fp16 gate its
+        # error was up to 17x the reference's.
+        acc = _acc_torch_dtype(gate_hidden)
+        logits = torch.addmm(gate_bias, gate_hidden.flatten(0, -2), gate_weight).view(*gate_hidden.shape[:-1], -1)
+        gate = layer_scale.to(acc) * torch.sigmoid(logits.to(acc))
     if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
         key_padding_mask = key_padding_mask != 0
     if scale is None:
         scale = D ** -0.5
-    return GatedPrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight,
-                                              gate_bias, layer_scale, key_padding_mask, bool(causal),
-                                              float(scale))
+    if q.device.type == "cuda" and q.dtype == torch.float64:
+        out = reference.gated_prefix_attention(q, k, v, prefix_k, prefix_v, gate=gate,
+                                               key_padding_mask=key_padding_mask, causal=bool(causal), scale=scale)
+        return out.transpose(1, 2).contiguous().transpose(1, 2) if out_layout == "bshd" else out
+    return GatedPrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, bool(causal),
+                                              float(scale), out_layout == "bshd")
 
 
 # --------------------------------------------------------------------------------------------
 # Ahead-of-time fitness (see kernels/fitness.py)
 # --------------------------------------------------------------------------------------------
 
+FITNESS_DTYPES = ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32"))
+# fitness-table name of each kind's kernel (all optional features on)
+FITNESS_KERNELS = {"fwd": "fwd gate=none", "fwd_gate": "fwd gate=tensor", "bwd_dq": "bwd_dq gate",
+                   "bwd_dkdv": "bwd_dkdv", "bwd_prefix": "bwd_prefix gate"}
+
 
 def fitness_configs():
-    """Every launch config the launchers can pick on sm_80 / sm_90 for fp16 and bf16 at D in
-    {64, 128}, with all optional features on (causal, padding, and each forward gate mode)."""
+    """Every launch config the launchers can pick on sm_80, sm_86 and sm_90 for fp16, bf16 and fp32
+    at D in {64, 128}, with all optional features on (causal, padding, a gate where one exists) and
+    the widest prefix tile the config allows."""
     from .fitness import signature_of
 
     floats = ("qk_hi", "qk_lo", "sc_hi", "sc_lo")
 
     def spec(fn, ptrs, cx):
-        # as launched on contiguous tensors: unit last-dim strides of gate / gate weight, 16-divisible
-        # row strides and head dim (D in {64, 128}); lengths and the other strides stay generic.
+        # as launched on contiguous tensors: unit last-dim stride of the gate, 16-divisible row
+        # strides and head dim (D in {64, 128}); lengths and the other strides stay generic.
         names = set(fn.arg_names)
-        ones = {"stride_gl", "stride_gwl"} & names
+        ones = {"stride_gl"} & names
         div16 = {n for n in names if re.fullmatch(r"stride_(q|k|v|pk|pv|do|dq|dk|dv|o)[bhmn]", n)} | {"D"}
         return signature_of(fn, ptrs, cx, floats, ones, div16)
 
-    for arch in (80, 90):
-        for torch_dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
-            dot = tl.float16 if torch_dtype == torch.float16 else tl.bfloat16
+    for arch in TARGETS:
+        for torch_dtype, name in FITNESS_DTYPES:
+            dot = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[name]
             ptr, f32 = "*" + name, "*fp32"
-            flags = dict(ACC=tl.float32, DOT=dot, PREC="tf32", EVEN_D=True)
+            flags = dict(ACC=tl.float32, DOT=dot, PREC=_precision(dot), EVEN_D=True)
             for D in (64, 128):
                 tag = f"sm{arch} {name} D{D}"
-                for mode, mode_name in ((GATE_NONE, "none"), (GATE_TENSOR, "tensor"), (GATE_FUSED, "fused")):
-                    kind = {GATE_NONE: "fwd", GATE_TENSOR: "fwd_gate", GATE_FUSED: "fwd_fused"}[mode]
-                    bm, bn, nw, ns = pick_config(kind, D, arch)
-                    cx = dict(flags, IS_CAUSAL=True, HAS_PAD=True, GATE_MODE=mode, GDOT=dot, GPREC="tf32",
-                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D, BLOCK_K=_GATE_BLOCK_K)
-                    if mode != GATE_TENSOR:
-                        cx["GATE"] = None
-                    if mode != GATE_FUSED:
-                        cx.update(GH=None, GW=None, GB=None, LS=None)
-                    ptrs = {n: ptr for n in ("Q", "K", "V", "PK", "PV", "GATE", "GH", "GW", "GB", "LS", "OUT")}
-                    ptrs.update(KPM="*i1", LSE=f32)
-                    fn = _fwd_kernel.fn
+                for kind in KINDS:
+                    cfg = pick_config(kind, D, arch, torch_dtype)
+                    cx = dict(flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=D)
+                    if kind in ("fwd", "fwd_gate"):
+                        fn = _fwd_kernel.fn
+                        cx.update(IS_CAUSAL=True, HAS_PAD=True, HAS_GATE=kind == "fwd_gate", BLOCK_L=cfg.block_l)
+                        if kind == "fwd":
+                            cx["GATE"] = None
+                        ptrs = {n: ptr for n in ("Q", "K", "V", "PK", "PV", "GATE", "OUT")}
+                        ptrs.update(KPM="*i1", LSE=f32)
+                    elif kind == "bwd_dq":
+                        fn = _bwd_dq_kernel.fn
+                        cx.update(IS_CAUSAL=True, HAS_PAD=True, HAS_GATE=True, BLOCK_L=cfg.block_l)
+                        ptrs = {n: ptr for n in ("Q", "K", "V", "PK", "PV", "GATE", "DO", "DQ")}
+                        ptrs.update(KPM="*i1", LSE=f32, DELTA=f32)
+                    elif kind == "bwd_dkdv":
+                        fn = _bwd_dkdv_kernel.fn
+                        cx.update(IS_CAUSAL=True, HAS_PAD=True)
+                        ptrs = {n: ptr for n in ("Q", "K", "V", "DO", "DK", "DV")}
+                        ptrs.update(KPM="*i1", LSE=f32, DELTA=f32)
+                    else:
+                        fn = _bwd_prefix_kernel.fn
+                        cx.update(HAS_GATE=True)
+                        ptrs = {n: ptr for n in ("Q", "PK", "PV", "GATE", "DO")}
+                        ptrs.update(LSE=f32, DELTA=f32, DPK=f32, DPV=f32, DG=f32)
                     sig, cx, attrs = spec(fn, ptrs, cx)
-                    yield f"attn.fwd gate={mode_name} {tag}", fn, sig, cx, nw, ns, arch, attrs
-
-                bm, bn, nw, ns = pick_config("bwd_dq", D, arch)
-                cx = dict(flags, IS_CAUSAL=True, HAS_PAD=True, HAS_GATE=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D)
-                ptrs = {n: ptr for n in ("Q", "K", "V", "PK", "PV", "GATE", "DO", "DQ")}
-                ptrs.update(KPM="*i1", LSE=f32, DELTA=f32)
-                fn = _bwd_dq_kernel.fn
-                sig, cx, attrs = spec(fn, ptrs, cx)
-                yield f"attn.bwd_dq gate {tag}", fn, sig, cx, nw, ns, arch, attrs
-
-                bm, bn, nw, ns = pick_config("bwd_dkdv", D, arch)
-                cx = dict(flags, IS_CAUSAL=True, HAS_PAD=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D)
-                ptrs = {n: ptr for n in ("Q", "K", "V", "DO", "DK", "DV")}
-                ptrs.update(KPM="*i1", LSE=f32, DELTA=f32)
-                fn = _bwd_dkdv_kernel.fn
-                sig, cx, attrs = spec(fn, ptrs, cx)
-                yield f"attn.bwd_dkdv {tag}", fn, sig, cx, nw, ns, arch, attrs
-
-                bm, bn, nw, ns = pick_config("bwd_prefix", D, arch)
-                cx = dict(flags, HAS_GATE=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D)
-                ptrs = {n: ptr for n in ("Q", "PK", "PV", "GATE", "DO")}
-                ptrs.update(LSE=f32, DELTA=f32, DPK=f32, DPV=f32, DG=f32)
-                fn = _bwd_prefix_kernel.fn
-                sig, cx, attrs = spec(fn, ptrs, cx)
-                yield f"attn.bwd_prefix gate {tag}", fn, sig, cx, nw, ns, arch, attrs
+                    yield (f"attn.{FITNESS_KERNELS[kind]} {tag}", fn, sig, cx, cfg.num_warps, cfg.num_stages, arch,
+                           attrs)
+                fn = _bwd_delta_kernel.fn
+                cx = dict(BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=D, EVEN_D=True, ACC=tl.float32)
+                sig, cx, attrs = spec(fn, dict(DO=ptr, OUT=ptr, DELTA=f32), cx)
+                yield f"attn.bwd_delta {tag}", fn, sig, cx, 4, 1, arch, attrs

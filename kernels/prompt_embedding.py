@@ -24,13 +24,18 @@ Backward algorithm
     dX = G + dT @ A^T ([N, d], fp32).
     ADePT, kernel 2 (grid: d chunks x SPLIT token groups): dB = H^T @ G, dA = X^T @ dT and db = sum G,
     each program looping over its share of the token tiles; the SPLIT partials are summed by torch.
-    DePT: one program per position tile sums G over the batch in registers, then dA = s * G_sum @ B^T
-    (written directly, each row belongs to one tile) and per-tile partials of dB = s * A^T @ G_sum.
+    DePT: one program per (position tile, d chunk, batch split) sums its share of G over the batch in
+    registers, then writes partials of dA = s * G_sum @ B^T (this d chunk's share) and of
+    dB = s * A^T @ G_sum; torch adds the partials in a fixed order. (Before: one program per position
+    tile looping over all of d and B, 4 programs for the whole GPU at S = 128.)
     Prompt gradient: G[:, :m] summed over the batch by torch (fp32 accumulation).
     Table gradient: deterministic segment reduction instead of atomics or index_add_ (whose CUDA
-    version is not deterministic). The ids are sorted stably by torch, and one program per (distinct
-    id, d chunk) adds that id's dX rows in token order in fp32 and writes the table row once, rounded
-    once to the table's dtype. Ids absent from the batch get exact zeros.
+    version is not deterministic). The ids are sorted stably by torch; level 1 gives each fixed chunk
+    of sorted tokens (64 on GPU) and d chunk one program that adds each run of one id in token order
+    in fp32, writing runs that end inside the chunk; level 2 adds the chunk partials of runs that
+    cross chunks, in chunk order. Every table row is written once, rounded once to the table's dtype;
+    absent ids and ``padding_idx`` (its tokens are skipped, as in torch.nn.Embedding) get exact zeros.
+    No host sync: the grids depend on N and d only.
     All reductions run in a fixed order: the backward is deterministic (bitwise reproducible).
 
 Memory
@@ -40,11 +45,12 @@ Memory
     ADePT backward transients: H and dT (2 * N * r elements in the input dtype), cdiv(N, BLOCK_T) * r +
     SPLIT * (2 r d + d) fp32 partials (SPLIT ~ 2 * SMs / cdiv(d, BLOCK_D)), and, only when the table
     needs a gradient, dX (N * d fp32) plus the dense [V, d] table gradient in the table's dtype.
-    DePT backward transients: cdiv(S, BLOCK_T) * r * d + s * r fp32 partials (+ the table gradient).
+    DePT backward transients: splits * (cdiv(S, BLOCK_T) * r * d + cdiv(d, BLOCK_D) * S * r) fp32
+    partials (+ the table gradient). Table gradient: 2 * cdiv(N, chunk) * d fp32 chunk partials.
 
 Launch configs
     Fixed per kernel (no autotune: it cannot run on CPU), see ``_GPU_TILES_*``; ``fitness_configs()``
-    lists every config the launchers can pick on sm_80 / sm_90 for fp16 / bf16 so that
+    lists every config the launchers can pick on sm_80, sm_86 and sm_90 for fp16 / bf16 / fp32 so that
     ``python -m fastprefix.kernels.fitness`` proves them spill-free ahead of time. Both ops are
     registered with torch.library (``fastprefix::adept_embedding``, ``fastprefix::dept_embedding`` and
     their ``_backward`` ops), so torch.compile sees opaque calls with fake-tensor shape functions.
@@ -55,11 +61,13 @@ Caveats
       in their own dtype: ReLU(T) and dT are rounded to it before the second GEMM, as PyTorch does.
     * Under TRITON_INTERPRET=1 bf16 arithmetic does not work, so bf16 operands are upcast to fp32 in
       the kernels there (on GPU they stay bf16).
-    * Ids are checked on the host (one min/max reduction, a device sync on GPU) and out-of-range ids
-      raise ValueError before any launch; the kernels never read outside the table.
+    * Ids are range-checked before any gather. On CPU a ValueError names the range; on CUDA the check
+      runs on the device (torch._assert_async): no host sync per call (CUDA graphs work), and a bad id
+      stops the stream with a device-side assertion before any kernel reads outside the table.
     * DePT's ``scaling`` is an fp32 kernel argument (also for fp64 inputs).
-    * One program sums all rows of one id for the table gradient: an id repeated very often (padding)
-      is summed serially.
+    * fp64 inputs on a GPU use the fp32 tiles (fp64 is meant for gradcheck under the interpreter);
+      they are not in the fitness table.
+    * Every launch sets enable_fp_fusion explicitly (FP_FUSION).
 """
 
 from __future__ import annotations
@@ -285,58 +293,114 @@ def _dept_fwd_kernel(
 
 @triton.jit
 def _dept_bwd_kernel(
-    grad_ptr, lora_a_ptr, lora_b_ptr, d_lora_a_ptr, d_lora_b_part_ptr,
-    n_batch, S, m, d, r, stride_gb, stride_gs, stride_la, scaling,
+    grad_ptr, lora_a_ptr, lora_b_ptr, d_lora_a_part_ptr, d_lora_b_part_ptr,
+    n_batch, S, m, d, r, stride_gb, stride_gs, stride_la, scaling, n_chunks, rows_per_split,
     ACC: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """Program per position tile: G summed over the batch, then dA rows and a partial of dB."""
-    pid = tl.program_id(0)
-    pos = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    """Program per (position tile, d chunk) (folded into grid axis 0) and batch split (axis 1):
+    G summed over the split's batch rows, then its partials of dA [S, r] (this d chunk's share of the
+    sum over d) and of dB [r, chunk]. Partials: dA [splits, n_chunks, S, r], dB [splits, tiles, r, d];
+    torch adds them in a fixed order (deterministic)."""
+    pid_t = tl.program_id(0) // n_chunks
+    pid_c = tl.program_id(0) % n_chunks
+    pid_s = tl.program_id(1)
+    n_tiles = tl.cdiv(S, BLOCK_T)
+    pos = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     pos_ok = pos < S
     pos = pos.to(tl.int64)
+    cols = pid_c * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = cols < d
     rk = tl.arange(0, BLOCK_R)
     r_ok = rk < r
     tr_ok = pos_ok[:, None] & r_ok[None, :]
+    ok = pos_ok[:, None] & d_ok[None, :]
+    g_sum = tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC)
+    b0 = pid_s * rows_per_split
+    g_rows = (m + pos) * stride_gs + b0.to(tl.int64) * stride_gb  # int64, advanced one batch row at a time
+    for _ in range(b0, tl.minimum(n_batch, b0 + rows_per_split)):
+        g_sum += tl.load(grad_ptr + g_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(ACC)
+        g_rows += stride_gb
     la = tl.load(lora_a_ptr + pos[:, None] * stride_la + rk[None, :], mask=tr_ok, other=0.0)
-    d_la = tl.zeros((BLOCK_T, BLOCK_R), dtype=ACC)
-    for d0 in range(0, d, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        d_ok = cols < d
-        ok = pos_ok[:, None] & d_ok[None, :]
-        g_sum = tl.zeros((BLOCK_T, BLOCK_D), dtype=ACC)
-        g_rows = (m + pos) * stride_gs  # int64, advanced by one batch stride per row
-        for _ in range(0, n_batch):
-            g = tl.load(grad_ptr + g_rows[:, None] + cols[None, :], mask=ok, other=0.0)
-            g_sum += g.to(ACC)
-            g_rows += stride_gb
-        lb_t = tl.load(lora_b_ptr + rk[None, :] * d + cols[:, None], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-        d_la = _dot(g_sum, lb_t, d_la, DOT_DTYPE, PRECISION)
-        d_lb = _dot(tl.trans(la), g_sum, tl.zeros((BLOCK_R, BLOCK_D), dtype=ACC), DOT_DTYPE, PRECISION)
-        tl.store(d_lora_b_part_ptr + pid.to(tl.int64) * r * d + rk[:, None] * d + cols[None, :], d_lb * scaling,
-                 mask=r_ok[:, None] & d_ok[None, :])
-    tl.store(d_lora_a_ptr + pos[:, None] * r + rk[None, :], d_la * scaling, mask=tr_ok)
+    lb_t = tl.load(lora_b_ptr + rk[None, :] * d + cols[:, None], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+    d_la = _dot(g_sum, lb_t, tl.zeros((BLOCK_T, BLOCK_R), dtype=ACC), DOT_DTYPE, PRECISION)
+    d_lb = _dot(tl.trans(la), g_sum, tl.zeros((BLOCK_R, BLOCK_D), dtype=ACC), DOT_DTYPE, PRECISION)
+    la_part = (pid_s.to(tl.int64) * n_chunks + pid_c) * S * r
+    tl.store(d_lora_a_part_ptr + la_part + pos[:, None] * r + rk[None, :], d_la * scaling, mask=tr_ok)
+    lb_part = (pid_s.to(tl.int64) * n_tiles + pid_t) * r * d
+    tl.store(d_lora_b_part_ptr + lb_part + rk[:, None] * d + cols[None, :], d_lb * scaling,
+             mask=r_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
-def _segment_sum_rows_kernel(
-    order_ptr, starts_ptr, uids_ptr, src_ptr, out_ptr,
-    S, m, d, stride_sb, stride_ss, stride_o,
+def _segment_sum_chunk_kernel(
+    sorted_ptr, order_ptr, src_ptr, out_ptr, head_ptr, tail_ptr,
+    N, S, m, d, stride_sb, stride_ss, stride_o, chunk, padding_idx,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out[uid] = sum of the source rows of the tokens holding uid, added in token order (deterministic)."""
-    u = tl.program_id(0)
+    """Level 1 of the table gradient. Program (c, column chunk) walks sorted tokens
+    [c * chunk, (c+1) * chunk) in token order and sums the source rows of each run of one id. A run
+    inside the chunk is final: written to out[id]. The part of a run that began in an earlier chunk
+    goes to head[c]; the part of a run that began here and goes on goes to tail[c] (level 2 adds
+    them). Tokens holding padding_idx (-1: none) add nothing, so its row gets zeros."""
+    c = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = cols < d
-    start = tl.load(starts_ptr + u)
-    end = tl.load(starts_ptr + u + 1)
+    start = c.to(tl.int64) * chunk
+    end = tl.minimum(N, start + chunk)
+    cur = tl.load(sorted_ptr + start)
+    # 1 when the chunk's first run began in it (sorted ids: equal neighbours are one run)
+    started = ((start == 0) | (tl.load(sorted_ptr + tl.maximum(start - 1, 0)) != cur)).to(tl.int32)
     acc = tl.zeros((BLOCK_D,), dtype=ACC)
     for i in range(start, end):
-        n = tl.load(order_ptr + i).to(tl.int64)
-        row = (n // S) * stride_sb + (m + n % S) * stride_ss
-        acc += tl.load(src_ptr + row + cols, mask=d_ok, other=0.0).to(ACC)
-    uid = tl.load(uids_ptr + u).to(tl.int64)
-    tl.store(out_ptr + uid * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
+        uid = tl.load(sorted_ptr + i)
+        if uid != cur:  # the run of `cur` ends inside this chunk
+            if started != 0:
+                tl.store(out_ptr + cur * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
+            else:
+                tl.store(head_ptr + c.to(tl.int64) * d + cols, acc, mask=d_ok)
+            acc = tl.zeros((BLOCK_D,), dtype=ACC)
+            cur = uid
+            started = started * 0 + 1
+        if uid != padding_idx:
+            n = tl.load(order_ptr + i).to(tl.int64)
+            row = (n // S) * stride_sb + (m + n % S) * stride_ss
+            acc += tl.load(src_ptr + row + cols, mask=d_ok, other=0.0).to(ACC)
+    goes_on = (end < N) & (tl.load(sorted_ptr + tl.minimum(end, N - 1)) == cur)
+    if started != 0:
+        if goes_on:
+            tl.store(tail_ptr + c.to(tl.int64) * d + cols, acc, mask=d_ok)
+        else:
+            tl.store(out_ptr + cur * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
+    else:
+        tl.store(head_ptr + c.to(tl.int64) * d + cols, acc, mask=d_ok)
+
+
+@triton.jit
+def _segment_sum_carry_kernel(
+    sorted_ptr, run_end_ptr, out_ptr, head_ptr, tail_ptr,
+    N, d, stride_o, chunk,
+    ACC: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Level 2: program (c, column chunk) finishes the run that began in chunk c and goes on past
+    it (if any): tail[c] + head[c+1] + ... + head[k], k the chunk holding the run's last token,
+    added in chunk order (deterministic), written once to out[id]. At most N / chunk steps."""
+    c = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = cols < d
+    start = c.to(tl.int64) * chunk
+    end = tl.minimum(N, start + chunk)
+    last = tl.load(sorted_ptr + end - 1)
+    began_here = (start == 0) | (tl.load(sorted_ptr + tl.maximum(start - 1, 0)) != last)
+    goes_on = (end < N) & (tl.load(sorted_ptr + tl.minimum(end, N - 1)) == last)
+    if began_here & goes_on:
+        last_chunk = (tl.load(run_end_ptr + end - 1) - 1) // chunk  # run_end: one past the run's last token
+        acc = tl.load(tail_ptr + c.to(tl.int64) * d + cols, mask=d_ok, other=0.0).to(ACC)
+        head_row = head_ptr + (c + 1).to(tl.int64) * d  # int64, advanced one chunk at a time
+        for _ in range(c + 1, last_chunk + 1):
+            acc += tl.load(head_row + cols, mask=d_ok, other=0.0).to(ACC)
+            head_row += d
+        tl.store(out_ptr + last.to(tl.int64) * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 # ------------------------------------------------------------------------------------------- launchers
@@ -344,25 +408,32 @@ def _segment_sum_rows_kernel(
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
               torch.float64: tl.float64}
 
-# (BLOCK_T, BLOCK_D, num_warps, num_stages) per kernel on sm_80 / sm_90, for 16-bit inputs (tensor-core
-# dots) and for fp32 (IEEE dots run on FMA units and hold more registers, hence narrower tiles). Every
-# entry is compiled ahead of time by fitness_configs() below: no spills for r <= 64.
+# (BLOCK_T, BLOCK_D, num_warps, num_stages) per kernel, for 16-bit inputs (tensor-core dots) and for
+# fp32 (IEEE dots run on FMA units and hold more registers, hence narrower tiles). The largest tile
+# needs 24 KiB of shared memory, so one table serves sm_80, sm_86/89 and sm_90; fitness_configs()
+# below compiles every entry for all three: no spills for r <= 64. The ADePT kernels take 64 tokens
+# per tile: A and B are re-read once per tile (at d=4096, r=64, 16k tokens: 512 MB of L2 reads with
+# 32-token tiles, 256 MB with 64). For the table gradient BLOCK_T is the chunk of sorted tokens one
+# program sums serially (see _segment_sum_rows).
 _GPU_TILES_16BIT = {
-    "adept_fwd": (32, 64, 4, 2),
-    "adept_bwd_token": (32, 32, 4, 2),
-    "adept_bwd_param": (32, 64, 4, 2),
+    "adept_fwd": (64, 64, 4, 2),
+    "adept_bwd_token": (64, 32, 8, 2),
+    "adept_bwd_param": (64, 64, 8, 2),
     "dept_fwd": (32, 64, 4, 2),
-    "dept_bwd": (32, 32, 4, 2),
-    "segment_sum": (1, 256, 4, 1),
+    "dept_bwd": (32, 64, 4, 1),
+    "segment_sum": (64, 256, 4, 1),
 }
 _GPU_TILES_FP32 = {
-    "adept_fwd": (32, 32, 8, 2),
+    "adept_fwd": (64, 32, 8, 2),
     "adept_bwd_token": (32, 32, 8, 2),
-    "adept_bwd_param": (32, 16, 4, 1),
+    "adept_bwd_param": (32, 16, 8, 1),
     "dept_fwd": (32, 32, 4, 2),
-    "dept_bwd": (32, 16, 4, 2),
-    "segment_sum": (1, 256, 4, 1),
+    "dept_bwd": (32, 32, 8, 1),
+    "segment_sum": (64, 256, 4, 1),
 }
+# Explicit on every launch (Triton 3.10 flips the default to off): FMA contraction on, the numerics
+# the error figures of this file were measured with.
+FP_FUSION = True
 
 
 def _arch(device):
@@ -378,12 +449,12 @@ def _config(kernel, dtype, arch, d):
         # Interpreter: each program runs as numpy ops, so few large tiles are fastest.
         block_t, block_d, warps, stages = 32, 256, 4, 1
         if kernel == "segment_sum":
-            block_t = 1
+            block_t = 4  # short chunks: the tests' repeated ids span several (the level-2 path)
     else:
         tiles = _GPU_TILES_16BIT if dtype in (torch.float16, torch.bfloat16) else _GPU_TILES_FP32
         block_t, block_d, warps, stages = tiles[kernel]
     block_d = min(block_d, max(16, triton.next_power_of_2(d)))
-    return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+    return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps, num_stages=stages, enable_fp_fusion=FP_FUSION)
 
 
 def _block_r(r):
@@ -409,31 +480,69 @@ def _last_dim_contiguous(x):
 
 
 def _check_ids(input_ids, weight):
-    """Out-of-range ids would make the gather read outside the table: refuse them before any launch."""
-    check.token_ids("input_ids", input_ids, weight.shape[0], weight)
+    """Out-of-range ids would make the gather read outside the table: refuse them before any launch.
+
+    On CPU (the interpreter) a ValueError names the range found. On CUDA the check runs on the device
+    (torch._assert_async, queued before the kernels on the same stream): no host sync per call, so the
+    ops can be captured in CUDA graphs; a bad id stops the stream with a device-side assertion carrying
+    the same message, before any gather runs.
+    """
+    V = weight.shape[0]
+    if input_ids.device.type != "cuda":
+        check.token_ids("input_ids", input_ids, V, weight)
+        return
+    check.token_ids("input_ids", input_ids, V, weight, check_range=False)
+    torch._assert_async(((input_ids >= 0) & (input_ids < V)).all(),
+                        f"input_ids holds ids outside [0, {V}): the embedding table has {V} rows")
+
+
+def _padding_row(padding_idx, vocab_size):
+    """padding_idx as a row in [0, V) (negative counts from the end, as in torch), or -1 for none."""
+    if padding_idx is None:
+        return -1
+    if not isinstance(padding_idx, int) or not -vocab_size <= padding_idx < vocab_size:
+        raise ValueError(f"padding_idx must be None or an int in [-{vocab_size}, {vocab_size}), got {padding_idx!r}")
+    return padding_idx % vocab_size
 
 
 def _prompt_len(prompt):
     return 0 if prompt is None else prompt.shape[0]
 
 
-def _segment_sum_rows(input_ids, src, S, m, stride_sb, stride_ss, vocab_size, out_dtype):
-    """Dense [V, d] table gradient: row v = sum of the source rows of tokens with id v (token order)."""
+def _segment_sum_rows(input_ids, src, S, m, stride_sb, stride_ss, vocab_size, out_dtype, padding_idx=-1,
+                      chunk=None):
+    """Dense [V, d] table gradient: row v = sum of the source rows of tokens with id v (token order);
+    rows of absent ids and of padding_idx (>= 0; -1: none) are zeros.
+
+    No host sync: the grid depends on N and d only. The ids are sorted stably; level 1 gives each
+    chunk of `chunk` sorted tokens one program that sums its runs serially (runs inside the chunk are
+    final), level 2 adds the chunk partials of runs that cross chunk borders, in chunk order. The
+    serial work per program is at most `chunk` rows, plus N / chunk partials for a run as long as the
+    batch (a padding id repeated 5,000 times: 79 steps at chunk 64 instead of 5,000). Deterministic.
+    """
     d = src.shape[-1]
-    sorted_ids, order = torch.sort(input_ids.reshape(-1), stable=True)
-    uids, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-    starts = torch.zeros(uids.numel() + 1, dtype=torch.int64, device=src.device)
-    starts[1:] = torch.cumsum(counts, 0)
+    flat = input_ids.reshape(-1).to(torch.int64)  # int64 row offsets in the kernels (V * d may pass 2^31)
+    N = flat.numel()
+    sorted_ids, order = torch.sort(flat, stable=True)
+    run_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)  # one past the last token of each run
     grad_table = torch.zeros((vocab_size, d), dtype=out_dtype, device=src.device)
     if poison_outputs():
-        grad_table[uids] = float("nan")
+        grad_table.index_fill_(0, flat, float("nan"))  # every row of a present id must be written
     cfg = _config("segment_sum", out_dtype, _arch(src.device), d)
-    cfg.pop("BLOCK_T")
-    grid = (uids.numel(), triton.cdiv(d, cfg["BLOCK_D"]))
-    _segment_sum_rows_kernel[grid](
-        order, starts, uids, src, grad_table, S, m, d, stride_sb, stride_ss, grad_table.stride(0),
-        ACC=_numerics(out_dtype)["ACC"], **cfg,
+    chunk = chunk or cfg.pop("BLOCK_T")
+    cfg.pop("BLOCK_T", None)
+    n_chunks = triton.cdiv(N, chunk)
+    acc = _acc_dtype(out_dtype)
+    head = new_buffer((n_chunks, d), acc, src.device)
+    tail = new_buffer((n_chunks, d), acc, src.device)
+    grid = (n_chunks, triton.cdiv(d, cfg["BLOCK_D"]))
+    numerics = dict(ACC=_numerics(out_dtype)["ACC"], **cfg)
+    _segment_sum_chunk_kernel[grid](
+        sorted_ids, order, src, grad_table, head, tail, N, S, m, d, stride_sb, stride_ss, grad_table.stride(0),
+        chunk, padding_idx, **numerics,
     )
+    _segment_sum_carry_kernel[grid](sorted_ids, run_end, grad_table, head, tail, N, d, grad_table.stride(0), chunk,
+                                    **numerics)
     return grad_table
 
 
@@ -456,7 +565,8 @@ def _adept_forward(input_ids, weight, prompt, down_weight, down_bias, up_weight,
     return out
 
 
-def _adept_backward(grad_out, input_ids, weight, m, down_weight, down_bias, up_weight, dropout_mask, needs):
+def _adept_backward(grad_out, input_ids, weight, m, down_weight, down_bias, up_weight, dropout_mask, needs,
+                    padding_idx=-1):
     """Gradients (table, prompt, A, a, B, b) for the flags in ``needs`` (None where not needed)."""
     need_table, need_prompt, need_dw, need_db, need_uw, need_ub = needs
     B, S = input_ids.shape
@@ -495,7 +605,7 @@ def _adept_backward(grad_out, input_ids, weight, m, down_weight, down_bias, up_w
     if need_db:
         g_db = db_part.sum(0).to(dtype)
     if need_table:
-        g_table = _segment_sum_rows(ids, dx, N, 0, 0, d, weight.shape[0], dtype)
+        g_table = _segment_sum_rows(ids, dx, N, 0, 0, d, weight.shape[0], dtype, padding_idx)
 
     if need_dw or need_uw or need_ub:
         cfg = _config("adept_bwd_param", dtype, arch, d)
@@ -520,6 +630,18 @@ def _adept_backward(grad_out, input_ids, weight, m, down_weight, down_bias, up_w
     return g_table, g_prompt, g_dw, g_db, g_uw, g_ub
 
 
+def _dept_rows_per_split(B, programs, device, arch):
+    """Batch rows per program of the DePT backward. (position tile, d chunk) programs already give
+    S / BLOCK_T * d / BLOCK_D of them; the batch is split further only until there are about two per
+    SM (at most 64 splits). The interpreter splits in two whenever it can, so tests cover it."""
+    if arch is None:
+        splits = min(B, 2)
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = max(1, min(B, 64, triton.cdiv(2 * sms, programs)))
+    return triton.cdiv(B, splits)
+
+
 def _dept_forward(input_ids, weight, prompt, lora_a, lora_b, scaling):
     B, S = input_ids.shape
     r, d = lora_b.shape
@@ -539,7 +661,7 @@ def _dept_forward(input_ids, weight, prompt, lora_a, lora_b, scaling):
     return out
 
 
-def _dept_backward(grad_out, input_ids, weight, m, lora_a, lora_b, scaling, needs):
+def _dept_backward(grad_out, input_ids, weight, m, lora_a, lora_b, scaling, needs, padding_idx=-1):
     """Gradients (table, prompt, lora_a, lora_b) for the flags in ``needs``."""
     need_table, need_prompt, need_la, need_lb = needs
     B, S = input_ids.shape
@@ -552,21 +674,26 @@ def _dept_backward(grad_out, input_ids, weight, m, lora_a, lora_b, scaling, need
         g_prompt = grad[:, :m].sum(0, dtype=acc).to(dtype)
     if need_table:  # X' = E[ids] + offset: the table's gradient is G scattered back by id
         g_table = _segment_sum_rows(input_ids.contiguous(), grad, S, m, grad.stride(0), grad.stride(1),
-                                    weight.shape[0], dtype)
+                                    weight.shape[0], dtype, padding_idx)
     if need_la or need_lb:
         lora_a = _last_dim_contiguous(lora_a)
-        cfg = _config("dept_bwd", dtype, _arch(device), d)
+        arch = _arch(device)
+        cfg = _config("dept_bwd", dtype, arch, d)
         n_tiles = triton.cdiv(S, cfg["BLOCK_T"])
-        d_la = new_buffer(lora_a.shape, acc, device)
-        d_la[S:].zero_()  # positions past S got no offset, hence no gradient
-        lb_part = new_buffer((n_tiles, r, d), acc, device)
-        _dept_bwd_kernel[(n_tiles,)](
-            grad, lora_a, lora_b.contiguous(), d_la, lb_part,
-            B, S, m, d, r, grad.stride(0), grad.stride(1), lora_a.stride(0), float(scaling),
+        n_chunks = triton.cdiv(d, cfg["BLOCK_D"])
+        rows = _dept_rows_per_split(B, n_tiles * n_chunks, device, arch)
+        splits = triton.cdiv(B, rows)
+        la_part = new_buffer((splits, n_chunks, S, r), acc, device)
+        lb_part = new_buffer((splits, n_tiles, r, d), acc, device)
+        _dept_bwd_kernel[(n_tiles * n_chunks, splits)](
+            grad, lora_a, lora_b.contiguous(), la_part, lb_part,
+            B, S, m, d, r, grad.stride(0), grad.stride(1), lora_a.stride(0), float(scaling), n_chunks, rows,
             BLOCK_R=_block_r(r), **_numerics(dtype), **cfg,
         )
-        g_la = d_la.to(dtype) if need_la else None
-        g_lb = lb_part.sum(0).to(dtype) if need_lb else None
+        if need_la:  # positions past S got no offset, hence no gradient
+            g_la = torch.zeros(lora_a.shape, dtype=dtype, device=device)
+            g_la[:S] = la_part.sum((0, 1)).to(dtype)
+        g_lb = lb_part.sum((0, 1)).to(dtype) if need_lb else None
     return g_table, g_prompt, g_la, g_lb
 
 
@@ -577,13 +704,13 @@ def _dept_backward(grad_out, input_ids, weight, m, lora_a, lora_b, scaling, need
 @torch.library.custom_op("fastprefix::adept_embedding", mutates_args=())
 def _adept_op(input_ids: torch.Tensor, weight: torch.Tensor, prompt: Optional[torch.Tensor], down_weight: torch.Tensor,
               down_bias: torch.Tensor, up_weight: torch.Tensor, up_bias: torch.Tensor,
-              dropout_mask: Optional[torch.Tensor]) -> torch.Tensor:
+              dropout_mask: Optional[torch.Tensor], padding_idx: int = -1) -> torch.Tensor:
     _check_ids(input_ids, weight)
     return _adept_forward(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, dropout_mask)
 
 
 @_adept_op.register_fake
-def _(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, dropout_mask):
+def _(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, dropout_mask, padding_idx=-1):
     B, S = input_ids.shape
     return weight.new_empty((B, _prompt_len(prompt) + S, weight.shape[1]))
 
@@ -591,31 +718,33 @@ def _(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, dro
 @torch.library.custom_op("fastprefix::adept_embedding_backward", mutates_args=())
 def _adept_backward_op(grad_out: torch.Tensor, input_ids: torch.Tensor, weight: torch.Tensor, m: int,
                        down_weight: torch.Tensor, down_bias: torch.Tensor, up_weight: torch.Tensor,
-                       dropout_mask: Optional[torch.Tensor], needs: List[bool]) -> List[torch.Tensor]:
-    grads = _adept_backward(grad_out, input_ids, weight, m, down_weight, down_bias, up_weight, dropout_mask, needs)
+                       dropout_mask: Optional[torch.Tensor], needs: List[bool],
+                       padding_idx: int = -1) -> List[torch.Tensor]:
+    grads = _adept_backward(grad_out, input_ids, weight, m, down_weight, down_bias, up_weight, dropout_mask, needs,
+                            padding_idx)
     return [weight.new_empty(0) if g is None else g for g in grads]  # empty: not requested
 
 
 @_adept_backward_op.register_fake
-def _(grad_out, input_ids, weight, m, down_weight, down_bias, up_weight, dropout_mask, needs):
+def _(grad_out, input_ids, weight, m, down_weight, down_bias, up_weight, dropout_mask, needs, padding_idx=-1):
     d, r = down_weight.shape
     shapes = [weight.shape, (m, d), (d, r), (r,), (r, d), (d,)]
     return [weight.new_empty(s) if n else weight.new_empty(0) for s, n in zip(shapes, needs)]
 
 
 def _adept_setup_context(ctx, inputs, output):
-    input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, dropout_mask = inputs
+    input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, dropout_mask, *rest = inputs
     # Inputs only: T is recomputed in the backward, no activation is kept.
     ctx.save_for_backward(input_ids, weight, down_weight, down_bias, up_weight, dropout_mask)
-    ctx.m = _prompt_len(prompt)
+    ctx.m, ctx.padding_idx = _prompt_len(prompt), (rest[0] if rest else -1)
 
 
 def _adept_grad(ctx, grad_out):
     input_ids, weight, down_weight, down_bias, up_weight, dropout_mask = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[1:7]]
     grads = _adept_backward_op(grad_out, input_ids, weight, ctx.m, down_weight, down_bias, up_weight, dropout_mask,
-                               needs)
-    return (None, *(g if n else None for g, n in zip(grads, needs)), None)
+                               needs, ctx.padding_idx)
+    return (None, *(g if n else None for g, n in zip(grads, needs)), None, None)
 
 
 _adept_op.register_autograd(_adept_grad, setup_context=_adept_setup_context)
@@ -623,7 +752,7 @@ _adept_op.register_autograd(_adept_grad, setup_context=_adept_setup_context)
 
 @torch.library.custom_op("fastprefix::dept_embedding", mutates_args=())
 def _dept_op(input_ids: torch.Tensor, weight: torch.Tensor, prompt: Optional[torch.Tensor], lora_a: torch.Tensor,
-             lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+             lora_b: torch.Tensor, scaling: float, padding_idx: int = -1) -> torch.Tensor:
     _check_ids(input_ids, weight)
     S, s = input_ids.shape[1], lora_a.shape[0]
     if S > s:
@@ -632,7 +761,7 @@ def _dept_op(input_ids: torch.Tensor, weight: torch.Tensor, prompt: Optional[tor
 
 
 @_dept_op.register_fake
-def _(input_ids, weight, prompt, lora_a, lora_b, scaling):
+def _(input_ids, weight, prompt, lora_a, lora_b, scaling, padding_idx=-1):
     B, S = input_ids.shape
     return weight.new_empty((B, _prompt_len(prompt) + S, weight.shape[1]))
 
@@ -640,64 +769,73 @@ def _(input_ids, weight, prompt, lora_a, lora_b, scaling):
 @torch.library.custom_op("fastprefix::dept_embedding_backward", mutates_args=())
 def _dept_backward_op(grad_out: torch.Tensor, input_ids: torch.Tensor, weight: torch.Tensor, m: int,
                       lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-                      needs: List[bool]) -> List[torch.Tensor]:
-    grads = _dept_backward(grad_out, input_ids, weight, m, lora_a, lora_b, scaling, needs)
+                      needs: List[bool], padding_idx: int = -1) -> List[torch.Tensor]:
+    grads = _dept_backward(grad_out, input_ids, weight, m, lora_a, lora_b, scaling, needs, padding_idx)
     return [weight.new_empty(0) if g is None else g for g in grads]  # empty: not requested
 
 
 @_dept_backward_op.register_fake
-def _(grad_out, input_ids, weight, m, lora_a, lora_b, scaling, needs):
+def _(grad_out, input_ids, weight, m, lora_a, lora_b, scaling, needs, padding_idx=-1):
     shapes = [weight.shape, (m, weight.shape[1]), lora_a.shape, lora_b.shape]
     return [weight.new_empty(s) if n else weight.new_empty(0) for s, n in zip(shapes, needs)]
 
 
 def _dept_setup_context(ctx, inputs, output):
-    input_ids, weight, prompt, lora_a, lora_b, scaling = inputs
+    input_ids, weight, prompt, lora_a, lora_b, scaling, *rest = inputs
     ctx.save_for_backward(input_ids, weight, lora_a, lora_b)
-    ctx.m, ctx.scaling = _prompt_len(prompt), scaling
+    ctx.m, ctx.scaling, ctx.padding_idx = _prompt_len(prompt), scaling, (rest[0] if rest else -1)
 
 
 def _dept_grad(ctx, grad_out):
     input_ids, weight, lora_a, lora_b = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[1:5]]
-    grads = _dept_backward_op(grad_out, input_ids, weight, ctx.m, lora_a, lora_b, ctx.scaling, needs)
-    return (None, *(g if n else None for g, n in zip(grads, needs)), None)
+    grads = _dept_backward_op(grad_out, input_ids, weight, ctx.m, lora_a, lora_b, ctx.scaling, needs,
+                              ctx.padding_idx)
+    return (None, *(g if n else None for g, n in zip(grads, needs)), None, None)
 
 
 _dept_op.register_autograd(_dept_grad, setup_context=_dept_setup_context)
 
 
-def adept_embedding(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, *, dropout_mask=None):
+def adept_embedding(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, *, dropout_mask=None,
+                    padding_idx=None):
     """ADePT input embedding ``[prompt ; X + ReLU((X @ A + a) * dropout_mask) @ B + b]``, ``X = weight[input_ids]``.
 
     Args:
         input_ids: ``[B, S]`` int64 in ``[0, V)``; weight: ``[V, d]``; prompt: ``[m, d]`` or None.
         down_weight: ``[d, r]``; down_bias: ``[r]``; up_weight: ``[r, d]``; up_bias: ``[d]``.
         dropout_mask: ``[B, S, r]`` already scaled by ``1/(1-p)``, or None.
+        padding_idx: the table row of the padding id, as in ``torch.nn.Embedding``: its tokens add
+            nothing to the table gradient (that row's gradient is zero). None: no padding row.
 
     Returns:
         ``[B, m+S, d]`` in the inputs' dtype. Differentiable in every floating input but the mask.
 
     Raises:
-        ValueError: an id outside ``[0, V)``.
+        ValueError: an id outside ``[0, V)`` (on CPU; on CUDA a device-side assertion, no host sync),
+            or a padding_idx outside ``[-V, V)``.
     """
-    return _adept_op(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, dropout_mask)
+    pad = _padding_row(padding_idx, weight.shape[0])
+    return _adept_op(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, dropout_mask, pad)
 
 
-def dept_embedding(input_ids, weight, prompt, lora_a, lora_b, *, scaling=1.0):
+def dept_embedding(input_ids, weight, prompt, lora_a, lora_b, *, scaling=1.0, padding_idx=None):
     """DePT input embedding ``[prompt ; weight[input_ids] + scaling * (lora_a[:S] @ lora_b)]``.
 
     Args:
         input_ids: ``[B, S]`` int64 in ``[0, V)``; weight: ``[V, d]``; prompt: ``[m, d]`` or None.
         lora_a: ``[s, r]`` with ``S <= s``; lora_b: ``[r, d]``; scaling: Python number.
+        padding_idx: the padding row, as in ``torch.nn.Embedding`` (zero table gradient), or None.
 
     Returns:
         ``[B, m+S, d]`` in the inputs' dtype.
 
     Raises:
-        ValueError: an id outside ``[0, V)``, or ``S > s``.
+        ValueError: an id outside ``[0, V)`` (on CPU; on CUDA a device-side assertion, no host sync),
+            ``S > s``, or a padding_idx outside ``[-V, V)``.
     """
-    return _dept_op(input_ids, weight, prompt, lora_a, lora_b, float(scaling))
+    pad = _padding_row(padding_idx, weight.shape[0])
+    return _dept_op(input_ids, weight, prompt, lora_a, lora_b, float(scaling), pad)
 
 
 # --------------------------------------------------------------------------------------------- fitness
@@ -708,7 +846,7 @@ _MULTIPLES_OF_16 = ("d", "stride_w", "stride_p", "stride_gb", "stride_gs", "stri
 
 
 def fitness_configs():
-    """Every launch config the launchers can pick on sm_80 / sm_90 for fp16, bf16 and fp32 inputs.
+    """Every launch config the launchers can pick on sm_80, sm_86 and sm_90 for fp16, bf16 and fp32 inputs.
 
     d only enters through BLOCK_D = min(tile, next_power_of_2(d)), which is the same tile for every
     d >= 64 (d = 384, 768 and 4096 share one compiled config); BLOCK_R = max(16, next_power_of_2(r))
@@ -719,7 +857,7 @@ def fitness_configs():
     """
     from .fitness import signature_of
 
-    for arch in (80, 90):
+    for arch in (80, 86, 90):
         for dtype, dname in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
             ptr = "*" + dname
             numerics = dict(ACC=tl.float32, DOT_DTYPE=_TL_DTYPES[dtype],
@@ -766,10 +904,14 @@ def fitness_configs():
 
                 fn = _dept_bwd_kernel
                 ptrs = {n: ptr for n in fn.arg_names if n.endswith("_ptr")}
-                ptrs.update(d_lora_a_ptr="*fp32", d_lora_b_part_ptr="*fp32")
+                ptrs.update(d_lora_a_part_ptr="*fp32", d_lora_b_part_ptr="*fp32")
                 yield f"emb.dept_bwd r{block_r} {tag}", *config("dept_bwd", fn, ptrs, block_r, floats=("scaling",))
 
-            fn = _segment_sum_rows_kernel
+            fn = _segment_sum_chunk_kernel
             for src, src_name in (("*fp32", "adept"), (ptr, "dept")):
-                ptrs = dict(order_ptr="*i64", starts_ptr="*i64", uids_ptr="*i64", src_ptr=src, out_ptr=ptr)
+                ptrs = dict(sorted_ptr="*i64", order_ptr="*i64", src_ptr=src, out_ptr=ptr, head_ptr="*fp32",
+                            tail_ptr="*fp32")
                 yield f"emb.table_grad {src_name} {tag}", *config("segment_sum", fn, ptrs, None)
+            fn = _segment_sum_carry_kernel
+            ptrs = dict(sorted_ptr="*i64", run_end_ptr="*i64", out_ptr=ptr, head_ptr="*fp32", tail_ptr="*fp32")
+            yield f"emb.table_grad carry {tag}", *config("segment_sum", fn, ptrs, None)

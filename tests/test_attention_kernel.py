@@ -232,10 +232,11 @@ def test_kernel_limits_raise():
 def test_config_choice_needs_no_gpu():
     """Under the interpreter the launcher picks its small CPU config; GPU tables cover D<=128."""
     assert kernel_module.pick_config("fwd", 64, None) == kernel_module._INTERPRETER_CONFIG
-    for arch in (80, 86, 90):
-        for kind in ("fwd", "fwd_gate", "fwd_fused", "bwd_dq", "bwd_dkdv", "bwd_prefix"):
+    for arch in (80, 86, 89, 90):
+        for kind in kernel_module.KINDS:
             for block_d in (16, 32, 64, 128):
-                assert len(kernel_module.pick_config(kind, block_d, arch)) == 4
+                for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                    assert len(kernel_module.pick_config(kind, block_d, arch, dtype)) == 5
 
 
 def test_torch_compile_fullgraph():
@@ -255,8 +256,7 @@ def test_custom_op_registration():
     case = Case(B=1, H=2, Hkv=1, Sq=3, Sk=4, L=2, D=16, gate="dense", pad=True, causal=True)
     tensors, kwargs = make_inputs(case, torch.float32)
     t = {k: v.detach() for k, v in tensors.items()}
-    args = (t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], t["gate"], None, None, None, None,
-            kwargs["key_padding_mask"], True, 0.25)
+    args = (t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], t["gate"], kwargs["key_padding_mask"], True, 0.25)
     torch.library.opcheck(torch.ops.fastprefix.gated_prefix_attention_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 

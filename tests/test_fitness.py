@@ -1,5 +1,5 @@
-"""GPU fitness without a GPU: every launch config the kernels can pick compiles for sm_80 and sm_90
-without register spills and within the device's shared memory.
+"""GPU fitness without a GPU: every launch config the kernels can pick compiles for sm_80, sm_86 (for
+sm_86/89) and sm_90 without register spills and within the target's shared memory.
 
 The compile runs in a subprocess because the test session runs Triton's interpreter
 (TRITON_INTERPRET=1), under which @triton.jit functions cannot be compiled ahead of time.
@@ -42,24 +42,20 @@ def test_no_spills_and_shared_memory_fits(module, attention_results):
 
 
 def test_attention_configs_cover_what_the_launcher_picks(attention_results):
-    names = {r["name"] for r in attention_results}
-    for arch in (80, 90):
-        for dtype in ("fp16", "bf16"):
-            for D in (64, 128):
-                tag = f"sm{arch} {dtype} D{D}"
-                for kernel in ("fwd gate=none", "fwd gate=tensor", "fwd gate=fused", "bwd_dq gate", "bwd_dkdv",
-                               "bwd_prefix gate"):
-                    assert f"attn.{kernel} {tag}" in names
     by_name = {r["name"]: r for r in attention_results}
-    for arch in (80, 90):  # the measured launch parameters are the launcher's choice
-        for kind, kernel in (("fwd", "fwd gate=none"), ("fwd_gate", "fwd gate=tensor"), ("fwd_fused", "fwd gate=fused"),
-                             ("bwd_dq", "bwd_dq gate"),
-                             ("bwd_dkdv", "bwd_dkdv"), ("bwd_prefix", "bwd_prefix gate")):
+    # every kind x {fp16, bf16, fp32} x D {64, 128} x {sm_80, sm_86, sm_90}, plus the delta kernel
+    assert len(by_name) == len(attention_results) == 3 * 3 * 2 * (len(attention.KINDS) + 1)
+    assert {r["arch"] for r in attention_results} == set(fitness.TARGETS) == {80, 86, 90}
+    for arch in fitness.TARGETS:  # every kernel x dtype x D, measured with the launcher's own choice
+        for torch_dtype, dtype in attention.FITNESS_DTYPES:
             for D in (64, 128):
-                _, _, warps, stages = attention.pick_config(kind, D, arch)
-                for dtype in ("fp16", "bf16"):
+                for kind, kernel in attention.FITNESS_KERNELS.items():
+                    cfg = attention.pick_config(kind, D, arch, torch_dtype)
                     r = by_name[f"attn.{kernel} sm{arch} {dtype} D{D}"]
-                    assert (r["num_warps"], r["num_stages"]) == (warps, stages)
+                    assert r["arch"] == arch
+                    assert (r["num_warps"], r["num_stages"]) == (cfg.num_warps, cfg.num_stages)
+                    assert r["blocks"].startswith(f"M{cfg.block_m} N{cfg.block_n}")
+                assert f"attn.bwd_delta sm{arch} {dtype} D{D}" in by_name
 
 
 def test_signature_specialisation():
