@@ -114,7 +114,9 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
         key_padding_mask: ``[B, Sk]`` bool, True = real token. The prefix is always visible.
         causal: query t sees keys ``u <= t + Sk - Sq`` (bottom-right aligned, as in decoding).
         scale: softmax scale, default ``D ** -0.5``.
-        backend: ``"torch"``, ``"triton"`` or None (Triton for CUDA tensors).
+        backend: ``"torch"``, ``"triton"`` or None (Triton for CUDA tensors). ``"triton"`` runs the split
+            path (PyTorch's fused attention for the keys + a Triton prefix merge) or the fused kernel, by
+            the rule in ``fastprefix.kernels.attention_path`` (``FASTPREFIX_ATTENTION=split|fused`` forces one).
 
     Returns:
         ``[B, H, Sq, D]``.
@@ -124,83 +126,124 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
     kwargs = dict(gate=gate, gate_hidden=gate_hidden, gate_weight=gate_weight, gate_bias=gate_bias,
                   layer_scale=layer_scale, key_padding_mask=key_padding_mask, causal=causal, scale=scale)
     if _choose(backend, q.device) == "triton":
-        return _triton_module("gated_prefix_attention", q.device).gated_prefix_attention(
+        # split (vendor attention + Triton prefix merge) or fused, per call: the rule is in attention_path
+        return _triton_module("attention_path", q.device).gated_prefix_attention(
             q, k, v, prefix_k, prefix_v, **kwargs)
     return reference.gated_prefix_attention(q, k, v, prefix_k, prefix_v, **kwargs)
 
 
-def apt_gate(hidden, weight, bias, layer_scale, *, mode="token", key_padding_mask=None):
+def apt_gate(hidden, weight, bias, layer_scale, *, mode="token", key_padding_mask=None, causal=False, past=None):
     """APT gate ``layer_scale * sigmoid(hidden @ weight + bias)``.
 
     Args:
         hidden: ``[B, S, d]``; weight: ``[d, L]``; bias: ``[L]``; layer_scale: 0-dim.
         mode: ``"token"`` -> ``[B, S, L]``; ``"pooled"`` (mean over real tokens) -> ``[B, 1, L]``.
         key_padding_mask: ``[B, S]`` bool, True = real token (used by ``"pooled"``).
+        causal: pooled mode only: position t pools the real tokens at positions ``<= t`` (the running mean of
+            their gate logits ``h W``, equal to the logit of their mean hidden state) -> ``[B, S, L]``.
+        past: causal pooled mode only: ``(total [B, L], count [B])``, the sum of the gate logits ``h W`` (no
+            bias) of the real tokens before ``hidden`` and their number (decoding with a cache).
     """
     check.named("hidden", hidden, [("B", None), ("S", None), ("d", None)])
     check.floating("hidden", hidden)
     B, S, d = hidden.shape
     check.named("weight", weight, [("d", d), ("L", None)], like=hidden)
-    check.named("bias", bias, [("L", weight.shape[1])], like=hidden)
+    L = weight.shape[1]
+    check.named("bias", bias, [("L", L)], like=hidden)
     check.named("layer_scale", layer_scale, [], like=hidden)
     if mode not in ("token", "pooled"):
         raise ValueError(f"mode must be 'token' or 'pooled', got {mode!r}")
     if key_padding_mask is not None:
         check.named("key_padding_mask", key_padding_mask, [("B", B), ("S", S)], dtype=torch.bool)
         check.same_device("key_padding_mask", key_padding_mask, hidden)
-    return reference.apt_gate(hidden, weight, bias, layer_scale, mode=mode, key_padding_mask=key_padding_mask)
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {type(causal).__name__}")
+    if past is not None:
+        if mode != "pooled" or not causal:
+            raise ValueError(f"past is the running state of the causal pooled gate; got mode={mode!r}, causal={causal}")
+        if not isinstance(past, (tuple, list)) or len(past) != 2:
+            raise ValueError(f"past must be a (total [B={B}, L={L}], count [B={B}]) pair, got {type(past).__name__}")
+        check.named("past total", past[0], [("B", B), ("L", L)])
+        check.named("past count", past[1], [("B", B)])
+    return reference.apt_gate(hidden, weight, bias, layer_scale, mode=mode, key_padding_mask=key_padding_mask,
+                              causal=causal, past=past)
 
 
-def _check_embedding(input_ids, weight, prompt, backend="torch"):
+def _check_embedding(input_ids, weight, prompt, backend="torch", embed_scale=None):
     check.named("weight", weight, [("V", None), ("d", None)])
     check.floating("weight", weight)
     V, d = weight.shape
     # the Triton launchers check the id range themselves (they are also called directly): check it once
-    check.token_ids("input_ids", input_ids, V, weight, check_range=backend != "triton")
+    # (with a scale the rows are gathered in torch, which needs the range checked first)
+    check.token_ids("input_ids", input_ids, V, weight, check_range=backend != "triton" or embed_scale is not None)
     if prompt is not None:
         check.named("prompt", prompt, [("m", None), ("d", d)], like=weight)
+    if embed_scale is not None:
+        if isinstance(embed_scale, torch.Tensor):
+            if embed_scale.dim() != 0 or not embed_scale.is_floating_point():
+                raise ValueError(f"embed_scale must be a number or a 0-dim floating tensor, got a {embed_scale.dtype} "
+                                 f"tensor of shape {list(embed_scale.shape)}")
+            check.same_device("embed_scale", embed_scale, weight)
+        elif isinstance(embed_scale, bool) or not isinstance(embed_scale, (int, float)):
+            raise ValueError("embed_scale must be a number or a 0-dim floating tensor, "
+                             f"got {type(embed_scale).__name__}")
     return d
 
 
+def _scaled_rows(input_ids, weight, embed_scale):
+    """``(ids, table)`` for the Triton launchers when the rows carry a scale: the scaled rows gathered in torch,
+    numbered ``0..B*S-1`` (the kernels then see exactly the reference's ``scale * weight[ids]``)."""
+    if embed_scale is None:
+        return input_ids, weight
+    x = torch.nn.functional.embedding(input_ids, weight) * embed_scale
+    rows = torch.arange(input_ids.numel(), device=input_ids.device).view(input_ids.shape)
+    return rows, x.reshape(-1, weight.shape[1])
+
+
 def adept_embedding(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, *, dropout_mask=None,
-                    backend=None):
-    """ADePT input embedding ``[prompt ; X + ReLU(X @ A + a) @ B + b]`` with ``X = weight[input_ids]``.
+                    embed_scale=None, backend=None):
+    """ADePT input embedding ``[prompt ; X + ReLU(X @ A + a) @ B + b]`` with ``X = embed_scale * weight[input_ids]``.
 
     Args:
         input_ids: ``[B, S]`` int64 in ``[0, V)``; weight: ``[V, d]``; prompt: ``[m, d]`` or None.
         down_weight: ``[d, r]``; down_bias: ``[r]``; up_weight: ``[r, d]``; up_bias: ``[d]``.
         dropout_mask: ``[B, S, r]`` already scaled by ``1/(1-p)``, applied to ``X @ A + a`` before the ReLU.
+        embed_scale: None, a number or a 0-dim tensor multiplying the looked-up rows (Gemma's ``sqrt(d)``);
+            the prompt is not scaled.
         backend: ``"torch"``, ``"triton"`` or None (Triton for CUDA tensors).
 
     Returns:
         ``[B, m+S, d]``.
     """
     backend = _choose(backend, weight.device)
-    _check_embedding(input_ids, weight, prompt, backend)
+    _check_embedding(input_ids, weight, prompt, backend, embed_scale)
     r = check.adept_ffn(weight, down_weight, down_bias, up_weight, up_bias)
     if dropout_mask is not None:
         B, S = input_ids.shape
         check.named("dropout_mask", dropout_mask, [("B", B), ("S", S), ("r", r)], like=weight)
-    args = (input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias)
     if backend == "triton":
-        return _triton_module("prompt_embedding", weight.device).adept_embedding(*args, dropout_mask=dropout_mask)
-    return reference.adept_embedding(*args, dropout_mask=dropout_mask)
+        ids, table = _scaled_rows(input_ids, weight, embed_scale)
+        return _triton_module("prompt_embedding", weight.device).adept_embedding(
+            ids, table, prompt, down_weight, down_bias, up_weight, up_bias, dropout_mask=dropout_mask)
+    return reference.adept_embedding(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias,
+                                     dropout_mask=dropout_mask, embed_scale=embed_scale)
 
 
-def dept_embedding(input_ids, weight, prompt, lora_a, lora_b, *, scaling=1.0, backend=None):
-    """DePT input embedding ``[prompt ; weight[input_ids] + scaling * (lora_a[:S] @ lora_b)]``.
+def dept_embedding(input_ids, weight, prompt, lora_a, lora_b, *, scaling=1.0, embed_scale=None, backend=None):
+    """DePT input embedding ``[prompt ; embed_scale * weight[input_ids] + scaling * (lora_a[:S] @ lora_b)]``.
 
     Args:
         input_ids: ``[B, S]`` int64; weight: ``[V, d]``; prompt: ``[m, d]`` or None.
         lora_a: ``[s, r]`` with ``S <= s`` (one row per position); lora_b: ``[r, d]``.
         scaling: offset scale (DePT reference: ``8 / sqrt(r)``).
+        embed_scale: None, a number or a 0-dim tensor multiplying the looked-up rows (not the prompt).
         backend: ``"torch"``, ``"triton"`` or None (Triton for CUDA tensors).
 
     Returns:
         ``[B, m+S, d]``.
     """
     backend = _choose(backend, weight.device)
-    d = _check_embedding(input_ids, weight, prompt, backend)
+    d = _check_embedding(input_ids, weight, prompt, backend, embed_scale)
     check.named("lora_a", lora_a, [("s", None), ("r", None)], like=weight)
     s, r = lora_a.shape
     check.named("lora_b", lora_b, [("r", r), ("d", d)], like=weight)
@@ -212,13 +255,15 @@ def dept_embedding(input_ids, weight, prompt, lora_a, lora_b, *, scaling=1.0, ba
         )
     if not isinstance(scaling, (int, float)):
         raise ValueError(f"scaling must be a Python number, got {type(scaling).__name__}")
-    args = (input_ids, weight, prompt, lora_a, lora_b)
     if backend == "triton":
-        return _triton_module("prompt_embedding", weight.device).dept_embedding(*args, scaling=scaling)
-    return reference.dept_embedding(*args, scaling=scaling)
+        ids, table = _scaled_rows(input_ids, weight, embed_scale)
+        return _triton_module("prompt_embedding", weight.device).dept_embedding(ids, table, prompt, lora_a, lora_b,
+                                                                               scaling=scaling)
+    return reference.dept_embedding(input_ids, weight, prompt, lora_a, lora_b, scaling=scaling,
+                                    embed_scale=embed_scale)
 
 
-def prompt_tuning_embedding(input_ids, weight, prompt):
-    """Plain prompt tuning ``[prompt ; weight[input_ids]]`` -> ``[B, m+S, d]`` (no kernel needed)."""
-    _check_embedding(input_ids, weight, prompt)
-    return reference.embedding.prompt_tuning_embedding(input_ids, weight, prompt)
+def prompt_tuning_embedding(input_ids, weight, prompt, *, embed_scale=None):
+    """Plain prompt tuning ``[prompt ; embed_scale * weight[input_ids]]`` -> ``[B, m+S, d]`` (no kernel needed)."""
+    _check_embedding(input_ids, weight, prompt, embed_scale=embed_scale)
+    return reference.embedding.prompt_tuning_embedding(input_ids, weight, prompt, embed_scale=embed_scale)

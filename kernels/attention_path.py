@@ -1,0 +1,95 @@
+"""``backend="triton"`` for the gated-prefix attention: the split path or the fused kernel, per call.
+
+The rule (the one place it is written; the README repeats it):
+
+1. ``FASTPREFIX_ATTENTION=fused`` forces the fused kernel (kernels/gated_prefix_attention.py);
+   ``FASTPREFIX_ATTENTION=split`` forces the split path (kernels/prefix_merge.py) wherever a vendor op
+   supports the call (kernels/vendor_attention.py: ``choose_op``), the fused kernel elsewhere; unset or
+   ``auto``: step 2. The variable is read at every call, so a test or benchmark can flip it at run time;
+   on CPU under ``TRITON_INTERPRET=1`` the split path runs with PyTorch's fused CPU attention.
+2. ``auto``: split for fp16 / bf16 on CUDA with compute capability 8.0 or newer where ``choose_op`` picks
+   FlashAttention-2 (no padding mask: an all-real mask is dropped first), fused otherwise (fp32,
+   padded batches on CUDA, older GPUs, the interpreter).
+
+Step 2 is the issue's provisional rule, backed by the model in kernels/prefix_merge.py's header (at
+peak rates split costs 1.14x plain FlashAttention-2 over the real keys, 1.27x causal, against the fused
+kernel's 1.32x / 1.36x before its backward's ~2x efficiency gap to FA2); the GPU benchmark's numbers
+replace it as soon as they exist.
+
+APT's fused gate inputs (``gate_hidden``, ``gate_weight``, ``gate_bias``, ``layer_scale``) become one gate
+tensor on the split path: one GEMM + sigmoid per call in torch, shared by every head and tile, its
+gradient through autograd.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import gated_prefix_attention as fused
+from . import prefix_merge
+from . import vendor_attention
+
+ENV = "FASTPREFIX_ATTENTION"
+_CHOICES = ("auto", "split", "fused")
+
+
+def forced_path() -> str:
+    """``FASTPREFIX_ATTENTION`` as ``"auto"``, ``"split"`` or ``"fused"`` (read now, not at import)."""
+    value = os.environ.get(ENV, "").strip().lower() or "auto"
+    if value not in _CHOICES:
+        raise ValueError(f"{ENV} must be one of {_CHOICES} (or unset), got {os.environ[ENV]!r}")
+    return value
+
+
+def choose_path(q, k, key_padding_mask=None, causal=False) -> tuple[str, object, object]:
+    """``("split", vendor op, key_padding_mask)`` or ``("fused", None, key_padding_mask)`` for this call, by
+    the rule in the module docstring.
+
+    On CUDA a padding mask with every key real (what transformers passes for an unpadded batch) is
+    dropped before the choice (one host sync), as it hides nothing and would rule FlashAttention out.
+    """
+    forced = forced_path()
+    if forced == "fused":
+        return "fused", None, key_padding_mask
+    arch = prefix_merge._arch_of(q)
+    eligible = forced == "split" or (q.device.type == "cuda" and arch is not None and arch >= 80
+                                     and q.dtype in (torch.float16, torch.bfloat16))
+    if not eligible:
+        return "fused", None, key_padding_mask
+    if key_padding_mask is not None and q.device.type == "cuda" and bool(key_padding_mask.all()):
+        key_padding_mask = None
+    op = vendor_attention.choose_op(q.device.type, arch, q.dtype, q.shape[-1], key_padding_mask is not None,
+                                    bool(causal), q.shape[2], k.shape[2])
+    if op is None or q.shape[-1] > 128:
+        return "fused", None, key_padding_mask
+    return "split", op, key_padding_mask
+
+
+def _apt_gate(gate_hidden, gate_weight, gate_bias, layer_scale):
+    """``layer_scale * sigmoid(gate_hidden @ gate_weight + gate_bias)``: ``[B, Sq|1, L]``, once per call."""
+    if gate_bias is None:
+        gate_bias = gate_weight.new_zeros(gate_weight.shape[-1])
+    logits = torch.addmm(gate_bias, gate_hidden.flatten(0, -2), gate_weight).view(*gate_hidden.shape[:-1], -1)
+    gate = torch.sigmoid(logits)
+    return gate if layer_scale is None else layer_scale * gate
+
+
+def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidden=None, gate_weight=None,
+                           gate_bias=None, layer_scale=None, key_padding_mask=None, causal=False, scale=None):
+    """Gated-prefix attention on the Triton backend; same contract as the reference
+    (``fastprefix.reference.attention.gated_prefix_attention``): q ``[B, H, Sq, D]``, k, v ``[B, Hkv, Sk, D]``,
+    prefix ``[Hkv, L, D]`` or ``[B, Hkv, L, D]``, gate broadcastable to ``[B, Sq, L]`` or the APT gate inputs,
+    key_padding_mask ``[B, Sk]``; returns ``[B, H, Sq, D]``. Split or fused by :func:`choose_path`."""
+    path, op, key_padding_mask = choose_path(q, k, key_padding_mask, causal)
+    if path == "fused":
+        return fused.gated_prefix_attention(q, k, v, prefix_k, prefix_v, gate=gate, gate_hidden=gate_hidden,
+                                            gate_weight=gate_weight, gate_bias=gate_bias, layer_scale=layer_scale,
+                                            key_padding_mask=key_padding_mask, causal=causal, scale=scale)
+    if gate_hidden is not None:
+        if gate is not None:
+            raise ValueError("pass either gate or the fused gate inputs (gate_hidden, ...), not both")
+        gate = _apt_gate(gate_hidden, gate_weight, gate_bias, layer_scale)
+    return prefix_merge.split_attention(q, k, v, prefix_k, prefix_v, gate=gate, key_padding_mask=key_padding_mask,
+                                        causal=causal, scale=scale, op=op)
