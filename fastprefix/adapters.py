@@ -2,15 +2,22 @@
 
 ``save_adapter`` writes only the trainable state: the method module (``fastprefix.*`` tensors) and any
 base submodules kept trainable by ``apply(..., trainable=...)`` (``base.*`` tensors). The JSON holds the
-method config, every tensor's shape, the base model's name_or_path and shape fingerprint, and the
-fastprefix version. ``load_adapter`` checks all of it before touching the model, so a bad adapter is a
-ValueError and the model is left as it was.
+method config, every tensor's shape, the base model's name_or_path, class, config class and fingerprint
+(``model_type`` and the sizes the tensors depend on), the fastprefix version and a save id shared with the
+tensor file. ``load_adapter`` checks all of it, and that every tensor is finite, before touching the model,
+so a bad adapter is a ValueError and the model is left as it was.
+
+Saves don't destroy the previous adapter: both files are written to temporary files in the target
+directory and flushed to disk, then renamed over the old ones (tensors first, config last); an exception
+at any point restores the old files. Only a process killed between the two renames can leave new tensors
+under the old config, and the save id catches that at load (a ValueError, never a silent mix).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 
 import torch
 
@@ -23,6 +30,7 @@ CONFIG_NAME = "adapter_config.json"
 FORMAT = "fastprefix-adapter"
 _MODULE, _BASE = "fastprefix.", "base."
 _FINGERPRINT = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+_SAVE_ID = "fastprefix_save_id"  # safetensors metadata key (and JSON "save_id"): pairs the two files of one save
 
 
 def _version():
@@ -30,24 +38,113 @@ def _version():
     return __version__
 
 
-def _trainable_tensors(model, state):
-    """``{key: tensor}`` of everything an adapter holds."""
-    out = {_MODULE + k: v for k, v in integration.method_module(model).state_dict().items()}
+def _major(version):
+    """The major number of a ``"X.Y.Z"`` version string, or None if it is not one."""
+    head = version.split(".", 1)[0] if isinstance(version, str) else ""
+    return int(head) if head.isdigit() else None
+
+
+def _trainable_tensors(model, state, state_dict=None):
+    """``{key: tensor}`` of everything an adapter holds, from the model or from its full ``state_dict``."""
     named = dict(model.named_modules())
+    wanted = {_MODULE + k: f"{integration.ATTR}.{k}" for k in integration.method_module(model).state_dict()}
     for name in state.trainable:
-        for k, v in named[name].state_dict().items():
-            out[f"{_BASE}{name}.{k}"] = v
+        wanted.update({f"{_BASE}{name}.{k}": f"{name}.{k}" for k in named[name].state_dict()})
+    if state_dict is None:
+        source = model.state_dict()
+    else:
+        missing = sorted(v for v in wanted.values() if v not in state_dict)
+        if missing:
+            raise ValueError(f"state_dict lacks the adapter's tensors {missing}; pass the model's full state dict")
+        source = state_dict
+    out = {k: source[v] for k, v in wanted.items()}
+    sharded = sorted(k for k, v in out.items() if type(v).__name__ == "DTensor")
+    if sharded:
+        raise ValueError(
+            f"the adapter's tensors {sharded} are shards (FSDP2): gather them on every rank with "
+            "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+            "full_state_dict=True, cpu_offload=True)) and pass the result as save_adapter(..., state_dict=...) "
+            "on rank 0")
     return out
 
 
-def save_adapter(model, directory):
-    """Write ``model``'s fastprefix adapter to ``directory`` (created if needed). Returns the directory."""
+def _stage(path, data):
+    """Write ``data`` (bytes) to a new temporary file next to ``path``, flushed to disk; return its path.
+
+    Created with mode 0o666 less the umask, as ``open`` would create ``path``; removed again on failure.
+    """
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.remove(tmp)
+        raise
+    return tmp
+
+
+def _commit(directory, files):
+    """Move the staged ``{final path: temporary path}`` into place, in order, as one change.
+
+    Each ``os.replace`` is atomic. If a later rename fails, the files already replaced are restored from
+    hard links (or copies) of their previous versions, so the directory holds the old set or the new one.
+    Temporary files and backups never outlive the call.
+    """
+    import shutil
+
+    backups, done = {}, []
+    try:
+        for final, tmp in files.items():
+            if os.path.exists(final):
+                backups[final] = f"{tmp}.old"
+                try:
+                    os.link(final, backups[final])
+                except OSError:  # a file system without hard links
+                    shutil.copy2(final, backups[final])
+            os.replace(tmp, final)
+            done.append(final)
+    except BaseException:
+        for final in reversed(done):
+            if final in backups:
+                os.replace(backups.pop(final), final)
+            else:
+                os.remove(final)
+        raise
+    finally:
+        for leftover in [*files.values(), *backups.values()]:
+            if os.path.exists(leftover):
+                os.remove(leftover)
+    if hasattr(os, "O_DIRECTORY"):  # make the renames themselves durable (POSIX); best effort, the save is done
+        try:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+
+def save_adapter(model, directory, *, state_dict=None):
+    """Write ``model``'s fastprefix adapter to ``directory`` (created if needed). Returns the directory.
+
+    ``state_dict``: the model's full state dict to take the tensors from, for a sharded model (FSDP2), whose
+    own tensors are shards: gathered on every rank, saved from one (see the README's FSDP2 recipe).
+    A failed save leaves the previous adapter in ``directory`` as it was (see the module docstring).
+    """
     state = integration.state_of(model)
     model = integration.unwrap(model)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in _trainable_tensors(model, state).items()}
+    tensors = {k: v.detach().to("cpu").contiguous()
+               for k, v in _trainable_tensors(model, state, state_dict).items()}
+    save_id = uuid.uuid4().hex
     meta = {
         "format": FORMAT,
         "fastprefix_version": _version(),
+        "save_id": save_id,
         "method": state.config.method,
         "config": state.config.to_dict(),
         "trainable": list(state.trainable),
@@ -55,15 +152,25 @@ def save_adapter(model, directory):
         "base_model": {
             "name_or_path": getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", ""),
             "class": type(model).__name__,
+            "config_class": type(model.config).__name__,
             "shape": state.shape.to_dict(),
         },
     }
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     os.makedirs(directory, exist_ok=True)
-    save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "fastprefix": FORMAT})
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
+    weights = save(tensors, metadata={"format": "pt", "fastprefix": FORMAT, _SAVE_ID: save_id})
+    text = json.dumps(meta, indent=2, sort_keys=True).encode()
+    staged = {}
+    try:
+        for name, data in ((WEIGHTS_NAME, weights), (CONFIG_NAME, text)):  # the config, which names the save, last
+            final = os.path.join(directory, name)
+            staged[final] = _stage(final, data)
+    except BaseException:
+        for tmp in staged.values():
+            os.remove(tmp)
+        raise
+    _commit(directory, staged)
     return directory
 
 
@@ -83,22 +190,56 @@ def _read_meta(directory):
             raise ValueError(f"{CONFIG_NAME} in {directory!r} lacks a valid {key!r} entry")
     if not isinstance(meta["base_model"].get("shape"), dict):
         raise ValueError(f"{CONFIG_NAME} in {directory!r} lacks the base model's shape fingerprint")
+    version, ours = meta.get("fastprefix_version"), _version()
+    if _major(version) is None:
+        raise ValueError(f"{CONFIG_NAME} in {directory!r} lacks a valid fastprefix_version (got {version!r})")
+    if _major(version) > _major(ours):
+        raise ValueError(f"the adapter in {directory!r} was written by fastprefix {version}, a newer major version "
+                         f"than this fastprefix {ours}; upgrade fastprefix to load it")
     config = config_from_dict(meta["config"])  # ValueError for unknown methods and bad fields
     if meta.get("method") != config.method:
         raise ValueError(f"{CONFIG_NAME}: method {meta.get('method')!r} does not match its config ({config.method!r})")
     return meta, config
 
 
-def _read_tensors(directory):
+def _read_tensors(directory, save_id=None):
+    """The tensor file's ``{key: tensor}``; with ``save_id`` (adapters since the id was added), check the
+    file belongs to the same save as the JSON."""
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
         raise ValueError(f"no {WEIGHTS_NAME} in {directory!r}")
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     try:
-        return load_file(path, device="cpu")
+        with safe_open(path, framework="pt", device="cpu") as f:
+            stored = (f.metadata() or {}).get(_SAVE_ID)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error type (and OSError) for truncated/corrupt files
         raise ValueError(f"{WEIGHTS_NAME} in {directory!r} is truncated or corrupted: {e}") from None
+    if save_id is not None and stored != save_id:
+        raise ValueError(f"{WEIGHTS_NAME} in {directory!r} is not the one {CONFIG_NAME} was saved with (save id "
+                         f"{stored!r} vs {save_id!r}): a save was interrupted between its two files, or the files "
+                         "were mixed; save the adapter again")
+    return tensors
+
+
+def _check_model(meta, model, shape):
+    """ValueError unless ``model`` is the kind of model the adapter was trained on (family and sizes)."""
+    base = meta["base_model"]
+    saved = base["shape"]
+    here = f"{shape.model_type!r} model ({type(model).__name__})"
+    if saved.get("model_type") != shape.model_type:
+        raise ValueError(f"the adapter was trained on a {saved.get('model_type')!r} model ({base.get('class')}), "
+                         f"not on a {here}; an adapter only fits the model family it was trained on")
+    config_class = base.get("config_class")  # absent from adapters saved before it was recorded
+    if config_class is not None and config_class != type(model.config).__name__:
+        raise ValueError(f"the adapter was trained on a model configured by {config_class}, this {here} is "
+                         f"configured by {type(model.config).__name__}")
+    # the sizes the method's tensors depend on (the vocabulary may grow: added tokens do not break an adapter)
+    diff = {k: (saved.get(k), v) for k, v in shape.to_dict().items() if k in _FINGERPRINT and saved.get(k) != v}
+    if diff:
+        text = ", ".join(f"{k}: adapter {a} vs model {b}" for k, (a, b) in diff.items())
+        raise ValueError(f"the adapter was trained on a model of a different shape ({text})")
 
 
 def _expected_tensors(model, state, config, trainable, shape):
@@ -120,19 +261,15 @@ def _expected_tensors(model, state, config, trainable, shape):
 def load_adapter(model, directory, *, backend=None):
     """Load an adapter written by :func:`save_adapter` into ``model``; apply the method first if needed.
 
-    Raises ValueError (with the model unchanged) for bad JSON, a different method than the one applied,
-    a model whose shape differs from the adapter's base model, a truncated/corrupted safetensors file,
-    and missing, extra or mis-shaped tensors. Returns ``model``.
+    Raises ValueError (with the model unchanged) for bad JSON, an adapter written by a newer major
+    version of fastprefix, a different method than the one applied, a model of another family
+    (``model_type``) or shape than the adapter's base model, a truncated/corrupted safetensors file or one
+    from another save, and missing, extra, mis-shaped or non-finite tensors. Returns ``model``.
     """
     meta, config = _read_meta(directory)
     outer, model = model, integration.unwrap(model)
     shape = _arch.model_shape(model)
-    saved = meta["base_model"]["shape"]
-    # the sizes the method's tensors depend on (the vocabulary may grow: added tokens do not break an adapter)
-    diff = {k: (saved.get(k), v) for k, v in shape.to_dict().items() if k in _FINGERPRINT and saved.get(k) != v}
-    if diff:
-        text = ", ".join(f"{k}: adapter {a} vs model {b}" for k, (a, b) in diff.items())
-        raise ValueError(f"the adapter was trained on a model of a different shape ({text})")
+    _check_model(meta, model, shape)
     state = integration.state_of(model, required=False)
     if state is not None:
         if state.config.method != config.method:
@@ -144,7 +281,7 @@ def load_adapter(model, directory, *, backend=None):
             raise ValueError(f"the adapter trains base submodules {meta['trainable']} but the model was applied with "
                              f"trainable={list(state.trainable)}")
     expected = _expected_tensors(model, state, config, meta["trainable"], shape)
-    tensors = _read_tensors(directory)
+    tensors = _read_tensors(directory, meta.get("save_id"))
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
         raise ValueError(f"adapter tensors do not match the method: missing {missing}, unexpected {extra}")
@@ -154,6 +291,9 @@ def load_adapter(model, directory, *, backend=None):
                          + ", ".join(f"{k} {a} (expected {b})" for k, (a, b) in bad.items()))
     if any(not t.is_floating_point() for t in tensors.values()):
         raise ValueError("adapter tensors must be floating point")
+    nonfinite = sorted(k for k, t in tensors.items() if not bool(torch.isfinite(t).all()))
+    if nonfinite:
+        raise ValueError(f"adapter tensors hold NaN or infinite values: {nonfinite} (a diverged run?)")
 
     if state is None:
         integration.apply(model, config, backend=backend, trainable=tuple(meta["trainable"]))
@@ -170,11 +310,22 @@ def load_adapter(model, directory, *, backend=None):
     return outer
 
 
+def _merged_guard(module, args, kwargs):
+    """Forward pre-hook while merged: a training forward would train nothing in the FFN, so refuse it."""
+    state = integration.state_of(module)
+    ffn = [p for n, p in state.module.named_parameters() if n != "prompt"]
+    if module.training and torch.is_grad_enabled() and any(p.requires_grad for p in ffn):
+        raise RuntimeError("fastprefix: this ADePT model is merged (fastprefix.merge): its embeddings come from a "
+                           "folded snapshot of the FFN, which would get no gradient and go stale; call "
+                           "fastprefix.unmerge(model) before training (inference: model.eval() or torch.no_grad())")
+
+
 def merge(model):
     """ADePT: fold the FFN offsets into a copy of the embedding table, so inference runs plain PT on it.
 
     The model then gives the same outputs as the unmerged ADePT model (dropout off), at PT's cost. The
-    fold is a snapshot: call :func:`unmerge` before training further. Returns ``model``.
+    fold is a snapshot: a forward in training mode with gradients enabled (while the FFN requires grad)
+    raises until :func:`unmerge`. Returns ``model``.
     """
     state = integration.state_of(model)
     if not isinstance(state.config, ADePTConfig):
@@ -182,17 +333,27 @@ def merge(model):
                          f"{state.config.method!r} has nothing to fold")
     from .fold import fold_adept_offsets
 
-    mod, weight = state.module, state.embedding.weight
+    mod, weight = state.module, state.input_embedding.table()  # the rows as the model embeds them (scale included)
     p = mod._cast(weight)
     folded = fold_adept_offsets(weight, p["down_weight"], p["down_bias"], p["up_weight"], p["up_bias"])
     unmerge(model)
     mod.register_buffer(integration.FOLDED, folded, persistent=False)
+    inner = integration.unwrap(model)
+    inner.register_forward_pre_hook(_merged_guard, with_kwargs=True)
+    state.hooked.append((inner, _merged_guard))  # so fastprefix.remove takes it off too
     return model
 
 
 def unmerge(model):
     """Drop the folded table of :func:`merge`: the ADePT FFN runs again. Returns ``model``."""
-    module = integration.state_of(model).module
+    state = integration.state_of(model)
+    module = state.module
     if integration.FOLDED in module._buffers:
         delattr(module, integration.FOLDED)
+    for owner, fn in [h for h in state.hooked if h[1] is _merged_guard]:
+        hooks = owner._forward_pre_hooks
+        for key in [k for k, h in hooks.items() if h is fn]:
+            del hooks[key]
+            owner._forward_pre_hooks_with_kwargs.pop(key, None)
+        state.hooked.remove((owner, fn))
     return model

@@ -1,7 +1,11 @@
 """One validated, JSON-serialisable config per method.
 
 Every config knows its ``method`` name, checks its values on construction (a bad value is a
-ValueError naming the field), and round-trips through ``to_dict`` / ``from_dict`` / JSON.
+ValueError naming the field; every number must be finite), and round-trips through ``to_dict`` /
+``from_dict`` / JSON. Configs are values (frozen dataclasses): ``apply`` and the module keep the
+object they were given, so a later ``config.gate = "pooled"`` would change a live model and the
+adapter it saves; it raises instead. Derive a changed config with ``dataclasses.replace(config, ...)``,
+which validates again.
 """
 
 from __future__ import annotations
@@ -19,10 +23,24 @@ def _positive_int(cfg, name):
         raise ValueError(f"{type(cfg).__name__}.{name} must be a positive int, got {value!r}")
 
 
+def _number(value):
+    """A real number that is not a bool (``True`` is an int to Python, never a rate or a scale here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _probability(cfg, name):
     value = getattr(cfg, name)
-    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+    if not _number(value) or not 0.0 <= value < 1.0:  # NaN fails the comparison too
         raise ValueError(f"{type(cfg).__name__}.{name} must be a probability in [0, 1), got {value!r}")
+
+
+def _finite(cfg, name, *, minimum=None, positive=False):
+    """A finite real number, ``>= minimum`` or ``> 0`` when asked."""
+    value = getattr(cfg, name)
+    bound = " > 0" if positive else f" >= {minimum}" if minimum is not None else ""
+    if (not _number(value) or not math.isfinite(value) or (positive and value <= 0)
+            or (minimum is not None and value < minimum)):
+        raise ValueError(f"{type(cfg).__name__}.{name} must be a finite number{bound}, got {value!r}")
 
 
 def _choice(cfg, name, choices):
@@ -31,9 +49,30 @@ def _choice(cfg, name, choices):
         raise ValueError(f"{type(cfg).__name__}.{name} must be one of {choices}, got {value!r}")
 
 
-@dataclass
+def _value(cls):
+    """``@dataclass(frozen=True)`` whose assignment error says why and what to do instead."""
+    cls = dataclass(frozen=True)(cls)
+
+    def refuse(self, name, *value):
+        raise dataclasses.FrozenInstanceError(
+            f"{type(self).__name__} is a value: it cannot change after construction (an applied model and its "
+            f"saved adapter keep the config they were built with); make a new one with "
+            f"dataclasses.replace(config, {name}=...)")
+
+    cls.__setattr__, cls.__delattr__ = refuse, refuse
+    return cls
+
+
+@_value
 class _Config:
     method: ClassVar[str] = ""
+
+    def __post_init__(self):
+        # every float field, including ones a subclass adds without its own check: NaN/inf never train anything
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{type(self).__name__}.{field.name} must be finite, got {value!r}")
 
     def to_dict(self):
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -60,7 +99,7 @@ class _Config:
         return _Config.from_dict(json.loads(text))
 
 
-@dataclass
+@_value
 class PromptTuningConfig(_Config):
     """Prompt tuning: ``m`` trainable prompt vectors prepended to the input embeddings.
 
@@ -72,11 +111,12 @@ class PromptTuningConfig(_Config):
     prompt_init: str = "vocab"
 
     def __post_init__(self):
+        super().__post_init__()
         _positive_int(self, "num_virtual_tokens")
         _choice(self, "prompt_init", ("vocab", "normal"))
 
 
-@dataclass
+@_value
 class PTuningV2Config(_Config):
     """P-Tuning v2: ``L`` learned prefix keys/values in every layer.
 
@@ -92,6 +132,7 @@ class PTuningV2Config(_Config):
     prefix_dropout: float = 0.0
 
     def __post_init__(self):
+        super().__post_init__()
         _positive_int(self, "num_virtual_tokens")
         _positive_int(self, "projection_hidden")
         _probability(self, "prefix_dropout")
@@ -99,12 +140,15 @@ class PTuningV2Config(_Config):
             raise ValueError(f"{type(self).__name__}.prefix_projection must be a bool, got {self.prefix_projection!r}")
 
 
-@dataclass
+@_value
 class APTConfig(PTuningV2Config):
     """APT: P-Tuning v2 plus a token-level gate ``sigmoid(h W + b)`` and a layer-level scale ``lambda``.
 
-    ``gate``: ``"token"`` (one gate per query token) or ``"pooled"`` (from the mean hidden state of the
-    real tokens). ``layer_scale_init``: initial ``lambda`` (stored raw). ``gate_init_std``: std of W.
+    ``gate``: ``"token"`` (one gate per query token, from its own hidden state) or ``"pooled"`` (from the mean
+    hidden state of the real tokens: all of them on encoders; on causal attention, position t pools the real
+    tokens at positions <= t, as the running mean of their gate logits ``h W``, which equals the logit of their
+    mean, so no position sees later tokens; decoding keeps the running sum and count with the KV cache).
+    ``layer_scale_init``: initial ``lambda`` (stored raw). ``gate_init_std``: std of W.
     """
 
     method: ClassVar[str] = "apt"
@@ -115,13 +159,11 @@ class APTConfig(PTuningV2Config):
     def __post_init__(self):
         super().__post_init__()
         _choice(self, "gate", ("token", "pooled"))
-        if not isinstance(self.gate_init_std, (int, float)) or self.gate_init_std < 0:
-            raise ValueError(f"APTConfig.gate_init_std must be >= 0, got {self.gate_init_std!r}")
-        if not isinstance(self.layer_scale_init, (int, float)) or not math.isfinite(self.layer_scale_init):
-            raise ValueError(f"APTConfig.layer_scale_init must be a finite number, got {self.layer_scale_init!r}")
+        _finite(self, "gate_init_std", minimum=0)
+        _finite(self, "layer_scale_init")
 
 
-@dataclass
+@_value
 class DePTConfig(PromptTuningConfig):
     """DePT: a short prompt plus a position-based low-rank offset ``scaling * A[:S] @ B`` on the embeddings.
 
@@ -139,13 +181,15 @@ class DePTConfig(PromptTuningConfig):
         super().__post_init__()
         _positive_int(self, "rank")
         _positive_int(self, "max_length")
+        # 0 would zero the offset and its gradients: a method that silently trains only its prompt
+        _finite(self, "lora_alpha", positive=True)
 
     @property
     def scaling(self):
         return self.lora_alpha / math.sqrt(self.rank)
 
 
-@dataclass
+@_value
 class ADePTConfig(PromptTuningConfig):
     """ADePT: a short prompt plus a token-shared FFN offset ``ReLU(X A + a) B + b`` on every embedding.
 

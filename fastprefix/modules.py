@@ -61,9 +61,10 @@ class PromptTuning(_Prompt):
         _expect(config, PromptTuningConfig)
         super().__init__(config, hidden_size)
 
-    def forward(self, input_ids, weight):
-        """input_ids ``[B, S]``, weight ``[V, d]`` -> ``[B, m+S, d]``."""
-        return ops.prompt_tuning_embedding(input_ids, weight, self.prompt.to(weight.dtype))
+    def forward(self, input_ids, weight, *, embed_scale=None):
+        """input_ids ``[B, S]``, weight ``[V, d]`` -> ``[B, m+S, d]``; ``embed_scale`` multiplies the looked-up rows
+        (a model whose embedding module scales them, e.g. Gemma), not the prompt."""
+        return ops.prompt_tuning_embedding(input_ids, weight, self.prompt.to(weight.dtype), embed_scale=embed_scale)
 
 
 class DecomposedPrompt(_Prompt):
@@ -79,11 +80,12 @@ class DecomposedPrompt(_Prompt):
         self.lora_a = nn.Parameter(_kaiming_uniform((config.max_length, config.rank), fan_in=config.rank))
         self.lora_b = nn.Parameter(torch.zeros(config.rank, hidden_size))
 
-    def forward(self, input_ids, weight, *, backend=None):
-        """input_ids ``[B, S]`` with ``S <= max_length``, weight ``[V, d]`` -> ``[B, m+S, d]``."""
+    def forward(self, input_ids, weight, *, embed_scale=None, backend=None):
+        """input_ids ``[B, S]`` with ``S <= max_length``, weight ``[V, d]`` -> ``[B, m+S, d]``; ``embed_scale``
+        multiplies the looked-up rows, not the prompt."""
         p = self._cast(weight)
         return ops.dept_embedding(input_ids, weight, p["prompt"], p["lora_a"], p["lora_b"],
-                                  scaling=self.config.scaling, backend=backend)
+                                  scaling=self.config.scaling, embed_scale=embed_scale, backend=backend)
 
 
 class AdaptiveDecomposedPrompt(_Prompt):
@@ -103,8 +105,9 @@ class AdaptiveDecomposedPrompt(_Prompt):
         self.up_weight = nn.Parameter(torch.zeros(r, hidden_size))
         self.up_bias = nn.Parameter(torch.zeros(hidden_size))
 
-    def forward(self, input_ids, weight, *, backend=None):
-        """input_ids ``[B, S]``, weight ``[V, d]`` -> ``[B, m+S, d]``."""
+    def forward(self, input_ids, weight, *, embed_scale=None, backend=None):
+        """input_ids ``[B, S]``, weight ``[V, d]`` -> ``[B, m+S, d]``; ``embed_scale`` multiplies the looked-up rows
+        (X = embed_scale * E[ids]), not the prompt."""
         p = self._cast(weight)
         mask = None
         if self.training and self.config.dropout > 0:
@@ -112,7 +115,8 @@ class AdaptiveDecomposedPrompt(_Prompt):
             shape = (*input_ids.shape, self.config.rank)
             mask = torch.empty(shape, device=weight.device, dtype=weight.dtype).bernoulli_(keep) / keep
         return ops.adept_embedding(input_ids, weight, p["prompt"], p["down_weight"], p["down_bias"],
-                                   p["up_weight"], p["up_bias"], dropout_mask=mask, backend=backend)
+                                   p["up_weight"], p["up_bias"], dropout_mask=mask, embed_scale=embed_scale,
+                                   backend=backend)
 
 
 class PTuningV2Prefix(nn.Module):
@@ -175,15 +179,33 @@ class AdaptivePrefix(PTuningV2Prefix):
         self.gate_bias = nn.Parameter(torch.zeros(num_layers, L))
         self.layer_scale = nn.Parameter(torch.full((num_layers,), float(config.layer_scale_init)))
 
-    def gate_kwargs(self, i, hidden, key_padding_mask=None):
+    def gate_kwargs(self, i, hidden, key_padding_mask=None, *, causal=False, past=None):
         """Keyword arguments of :func:`fastprefix.gated_prefix_attention` that gate layer ``i``.
 
-        hidden: ``[B, S, d]`` entering layer ``i``; key_padding_mask: ``[B, S]`` bool (pooled mode).
-        Token mode hands the gate inputs to the op (the Triton kernel fuses the gate); pooled mode
-        computes the ``[B, 1, L]`` gate here.
+        hidden: ``[B, S, d]`` entering layer ``i`` (its dtype is the gate's: the parameters are cast to it);
+        key_padding_mask: ``[B, S]`` bool, True = real token (pooled mode). Token mode hands the gate inputs to
+        the op; pooled mode computes the gate here: ``[B, 1, L]`` from the mean over all real tokens, or with
+        ``causal`` the ``[B, S, L]`` running mean up to each position (``past``: :meth:`pooled_totals` of the
+        tokens before ``hidden``, when decoding with a cache). See :func:`fastprefix.apt_gate`.
         """
         dt = hidden.dtype
         w, b, lam = self.gate_weight[i].to(dt), self.gate_bias[i].to(dt), self.layer_scale[i].to(dt)
         if self.config.gate == "token":
             return dict(gate_hidden=hidden, gate_weight=w, gate_bias=b, layer_scale=lam)
-        return dict(gate=ops.apt_gate(hidden, w, b, lam, mode="pooled", key_padding_mask=key_padding_mask))
+        return dict(gate=ops.apt_gate(hidden, w, b, lam, mode="pooled", key_padding_mask=key_padding_mask,
+                                      causal=causal, past=past))
+
+    def pooled_totals(self, i, hidden, key_padding_mask=None, past=None):
+        """Running state of the causal pooled gate after ``hidden [B, S, d]``: ``(total [B, L], count [B])``.
+
+        total: the sum of the real tokens' gate logits ``h W_i`` (no bias; the logit is linear in ``h``, so it is
+        the sum of ``h`` times ``W_i``); count: the number of real tokens. ``past`` is added when given.
+        """
+        keep = (torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device) if key_padding_mask is None
+                else key_padding_mask)
+        acc = torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
+        pooled = (hidden.to(acc) * keep.unsqueeze(-1)).sum(dim=1)
+        total, count = pooled @ self.gate_weight[i].to(acc), keep.sum(dim=1).to(acc)
+        if past is not None:
+            total, count = total + past[0], count + past[1]
+        return total, count

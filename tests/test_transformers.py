@@ -114,8 +114,8 @@ def _spy_on_kernels(monkeypatch):
     import importlib
 
     calls = []
-    for module, name in (("gated_prefix_attention", "gated_prefix_attention"), ("prompt_embedding", "adept_embedding"),
-                         ("prompt_embedding", "dept_embedding")):
+    for module, name in (("gated_prefix_attention", "gated_prefix_attention"), ("prefix_merge", "split_attention"),
+                         ("prompt_embedding", "adept_embedding"), ("prompt_embedding", "dept_embedding")):
         mod = importlib.import_module(f"fastprefix.kernels.{module}")
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
@@ -245,9 +245,8 @@ def test_unsupported_attention_dispatch_names_what_is_missing():
     qwen = tf.Qwen2ForCausalLM(tf.Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                               num_key_value_heads=2, intermediate_size=40, vocab_size=50,
                                               use_sliding_window=True, sliding_window=4, max_window_layers=0))
-    fastprefix.apply(qwen, METHODS["ptv2"]())
-    with pytest.raises(NotImplementedError, match="sliding"):
-        qwen(input_ids=torch.randint(1, 50, (1, 6)))
+    with pytest.raises(ValueError, match="Qwen2ForCausalLM: its config.layer_types has 'sliding_attention' layers"):
+        fastprefix.apply(qwen, METHODS["ptv2"]())  # refused at apply, not at every forward
 
 
 def test_apt_gate_report_is_computed_from_the_hidden_states_entering_each_layer():

@@ -21,6 +21,7 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
+    embedding_size: int | None = None  # width of the input embedding (ELECTRA, ALBERT: below hidden_size)
 
     def to_dict(self):
         return dict(self.__dict__)
@@ -44,7 +45,10 @@ def _first(config, *names):
 
 
 def input_embedding(model):
-    """The model's token embedding table (an ``nn.Embedding``)."""
+    """The model's input-embedding module (an ``nn.Embedding``, possibly with its own forward: Gemma's scaled one).
+
+    The prompt methods take X from this module as the model does (see ``_embedding``); the prompt has its width.
+    """
     try:
         emb = model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
@@ -71,16 +75,64 @@ def model_shape(model):
     head_dim = _first(cfg, "head_dim", "d_kv") or hidden // heads
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = emb.weight.shape[0] if isinstance(emb, nn.Embedding) else (_first(cfg, "vocab_size") or 0)
-    return ModelShape(str(getattr(cfg, "model_type", type(model).__name__)), hidden, layers, heads, kv, head_dim, vocab)
+    width = emb.weight.shape[1] if isinstance(emb, nn.Embedding) else None
+    return ModelShape(str(getattr(cfg, "model_type", type(model).__name__)), hidden, layers, heads, kv, head_dim, vocab,
+                      width)
+
+
+def _unsupported_attention(model):
+    """Why the "fastprefix" attention can't express this model's attention: a list of reasons, empty if it can.
+
+    The fused attention computes plain causal or bidirectional softmax attention over ``[prefix ; keys]``
+    with a padding mask: no sliding or chunked windows, no logit soft-capping. These are configuration
+    facts, so they are refused at ``apply`` instead of at every forward.
+    """
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    reasons = []
+    kinds = sorted({t for t in (getattr(cfg, "layer_types", None) or ()) if t != "full_attention"})
+    window = getattr(cfg, "sliding_window", None)
+    if kinds:
+        reasons.append(f"its config.layer_types has {', '.join(map(repr, kinds))} layers (local attention windows)")
+    elif window is not None and getattr(cfg, "use_sliding_window", True) is not False:
+        reasons.append(f"it attends within a sliding window (config.sliding_window={window}; for inputs no longer "
+                       "than the window, loading the model with sliding_window=None gives the same attention)")
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        reasons.append(f"it soft-caps attention logits (config.attn_logit_softcapping={cfg.attn_logit_softcapping})")
+    return reasons
+
+
+def _bypassed_base_model(model, layers_path):
+    """The submodule call (``"self.model.decoder"``) by which ``model.forward`` skips its base model, or None.
+
+    The prefix is computed by a forward pre-hook on ``model.base_model`` and travels down that call's
+    keyword arguments; a head that calls a module *inside* the base model directly (OPT's
+    ``self.model.decoder(...)``) never runs the hook.
+    """
+    import inspect
+    import re
+
+    prefix = getattr(model, "base_model_prefix", "")
+    if model.base_model is model or not prefix or not layers_path.startswith(prefix + "."):
+        return None
+    inner = layers_path[len(prefix) + 1:].split(".")[0]
+    if inner == layers_path.split(".")[-1]:  # the layer list sits directly in the base model
+        return None
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return None
+    call = f"self.{prefix}.{inner}"
+    return call if re.search(re.escape(call) + r"\s*\(", source) else None
 
 
 def prefix_layers(model, shape):
     """``[(layer, self_attention)]`` for every transformer layer, for the prefix methods.
 
     The model must dispatch attention through transformers' ``AttentionInterface`` (the attention module
-    calls ``ALL_ATTENTION_FUNCTIONS``), be encoder-only or decoder-only, and have one ``nn.ModuleList`` of
-    ``num_hidden_layers`` layers each holding exactly one self-attention module (one with ``is_causal``
-    and ``layer_idx`` attributes).
+    calls ``ALL_ATTENTION_FUNCTIONS``) with plain full attention (see :func:`_unsupported_attention`), be
+    encoder-only or decoder-only, run its layers through its base model (where the prefix is computed), and
+    have one ``nn.ModuleList`` of ``num_hidden_layers`` layers each holding exactly one self-attention
+    module (the module with transformers' ``is_causal`` attribute, the one that calls the attention function).
     """
     _pretrained(model)
     cfg = model.config
@@ -91,19 +143,31 @@ def prefix_layers(model, shape):
     if getattr(cfg, "add_cross_attention", False):
         raise ValueError(f"prefix methods do not support {name} with cross-attention (config.add_cross_attention)")
     if not getattr(model, "_supports_attention_backend", False):
-        raise ValueError(f"{name} does not dispatch attention through transformers' AttentionInterface "
-                         "(_supports_attention_backend is False), so fastprefix cannot route its attention")
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == shape.num_layers
-             and len({type(x) for x in m}) == 1]
+        raise ValueError(f"{name}'s attention is not routed through transformers' AttentionInterface "
+                         "(_supports_attention_backend is False), so fastprefix cannot add the prefix to it; "
+                         "use a prompt method (PromptTuningConfig, DePTConfig, ADePTConfig)")
+    why = _unsupported_attention(model)
+    if why:
+        raise ValueError(f"prefix methods (P-Tuning v2, APT) are not supported on {name}: {'; '.join(why)}; "
+                         "fastprefix's attention (full causal or bidirectional attention over [prefix ; keys]) "
+                         "cannot express that; use a prompt method (PromptTuningConfig, DePTConfig, ADePTConfig)")
+    lists = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.ModuleList)
+             and len(m) == shape.num_layers and len({type(x) for x in m}) == 1]
     if not lists:
         raise ValueError(f"{name} has no nn.ModuleList of num_hidden_layers={shape.num_layers} identical layers")
-    layers = lists[0]
+    path, layers = lists[0]
+    call = _bypassed_base_model(model, path)
+    if call is not None:
+        raise ValueError(f"prefix methods are not supported on {name}: its forward calls {call}(...) directly, "
+                         f"bypassing {type(model.base_model).__name__}, where fastprefix computes the prefix for each "
+                         "forward; use a prompt method (PromptTuningConfig, DePTConfig, ADePTConfig)")
     found = []
     for i, layer in enumerate(layers):
-        attn = [m for m in layer.modules() if hasattr(m, "is_causal") and hasattr(m, "layer_idx")
+        attn = [m for m in layer.modules() if hasattr(m, "is_causal")
                 and not getattr(m, "is_cross_attention", False) and "Cross" not in type(m).__name__]
         if len(attn) != 1:
             raise ValueError(f"layer {i} of {name} ({type(layer).__name__}) has {len(attn)} self-attention modules "
-                             "with `is_causal` and `layer_idx` attributes; fastprefix needs exactly one")
+                             "that call transformers' attention function (modules with an `is_causal` attribute); "
+                             "fastprefix can add a prefix to exactly one per layer")
         found.append((layer, attn[0]))
     return found

@@ -1,22 +1,67 @@
-"""The ``"fastprefix"`` attention and mask functions registered with 🤗 transformers.
+"""The ``"fastprefix"`` attention and mask functions registered with 🤗 transformers, and the per-forward context.
 
 transformers builds a mask only for implementations registered with ``AttentionMaskInterface``: an
 attention function registered alone silently receives ``attention_mask=None`` and padded batches go
 wrong. So both are registered under one name. The mask function hands the layers the 2D key padding
 mask ``[B, Sk]`` (True = real key) and rejects patterns the fused attention can't express (sliding
-windows, packed sequences, static caches); the attention function reads the layer's prefix (and APT
-gate inputs) from the state :func:`fastprefix.apply` attached to the attention module and calls
+windows, packed sequences, static caches); the attention function calls
 :func:`fastprefix.gated_prefix_attention`, where causality is bottom-right aligned as in decoding and
 the prefix is visible to every query.
+
+State travels with the forward: the base model's forward pre-hook computes the prefix (after dropout)
+into a :class:`ForwardContext` and adds it to the call's keyword arguments as ``fastprefix_context``;
+transformers hands ``**kwargs`` down to every layer and to the attention function (Llama, Qwen2, GPT-2,
+BERT, RoBERTa, ...). A gradient-checkpointed layer is recomputed from the same keyword arguments, so it
+reads the prefix and gate inputs of *its* forward, however many forwards ran before the backward. Nothing
+of a forward is left on the model.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 from .. import ops
+from ..modules import PTuningV2Prefix
 
 NAME = "fastprefix"
+KWARG = "fastprefix_context"  # the keyword argument that carries a ForwardContext down the call
+_RUNNING = "_fastprefix_pooled_gate"  # attribute on a KV cache: layer -> _Running (APT's causal pooled gate)
+
+
+class ForwardContext:
+    """What one forward of a prefix-method model hands its layers (lives as long as that call and its graph).
+
+    prefixes: ``[2N, Hkv, L, D]``, every layer's prefix keys/values after dropout, computed once per call.
+    hidden: APT, layer -> ``[B, S, d]`` hidden states entering the layer (the gate's input).
+    caches: APT pooled gate, layer -> the KV cache the layer was called with (None without one).
+    gate_stats: APT probe, layer -> mean token gate ``[L]`` of this call (what ``gate_report`` reads).
+    backend, output_attentions: as they were when the call started (a recompute in the backward pass
+    runs outside ``use_backend`` blocks).
+    """
+
+    def __init__(self, state, prefixes, output_attentions):
+        self.state = state
+        self.backend = state.backend
+        self.prefixes = prefixes
+        self.output_attentions = bool(output_attentions)
+        self.hidden = {}
+        self.caches = {}
+        self.gate_stats = {}
+
+
+class _Running:
+    """APT's causal pooled gate while decoding: the earlier tokens' gate-logit sum and count, kept on the cache.
+
+    seen: the number of cache positions covered; total ``[B, L]``: sum of ``h W`` over the real ones (no
+    bias); count ``[B]``: how many were real; last_key ``[B, Hkv, D]``: the layer's key at position
+    ``seen - 1``, which tells a reordered or rewritten cache (beam search, assisted decoding) apart.
+    """
+
+    def __init__(self, seen, total, count, last_key):
+        self.seen, self.total, self.count, self.last_key = seen, total, count, last_key
 
 
 def fastprefix_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -41,38 +86,148 @@ def fastprefix_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, ma
 
 
 def fastprefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention interface: ``[B, H, Sq, D]`` queries over ``[prefix ; keys]`` -> ``([B, Sq, H, D], None)``.
+    """Attention interface: ``[B, H, Sq, D]`` queries over ``[prefix ; keys]`` -> ``([B, Sq, H, D], weights)``.
 
-    Attention-probability dropout is not applied (the fused kernel has none; PEFT-style prefix tuning
-    of a frozen model is normally run with it off).
+    ``weights`` is None, or with ``output_attentions`` each query's probabilities over ``[prefix ; keys]``,
+    ``[B, H, Sq, L + Sk]``. Everything is computed in the query's dtype (under ``torch.autocast`` the autocast
+    dtype; the float32 parameters are cast, their gradients stay float32). Attention-probability dropout is
+    not applied (the fused kernel has none; PEFT-style prefix tuning of a frozen model is normally run with it off).
     """
     state = getattr(module, "_fastprefix_state", None)
     if state is None:
         raise RuntimeError(f"{type(module).__name__} runs the 'fastprefix' attention but was not set up by "
                            "fastprefix.apply; apply the method to the whole model")
+    ctx = kwargs.get(KWARG)
+    if not isinstance(ctx, ForwardContext):
+        raise RuntimeError(f"{type(module).__name__} got no fastprefix context: call the model, not its layers or "
+                           f"attention modules (the base model's forward pre-hook passes it down as {KWARG!r})")
     if kwargs.get("sliding_window") is not None:
         raise NotImplementedError("fastprefix's attention does not support sliding-window layers")
     if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.dtype != torch.bool):
         raise ValueError(f"the 'fastprefix' attention expects the 2D boolean key padding mask its mask function "
                          f"builds, got {attention_mask.dtype} {list(attention_mask.shape)}; do not pass 4D masks")
     i = module._fastprefix_layer
-    prefix_k, prefix_v = state.layer_prefix(i, query.dtype)
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        # attention is an autocast op (SDPA runs in the autocast dtype); rotary embeddings can hand over float32
+        # queries and keys (Llama), and the fused ops want every input in one dtype
+        dt = torch.get_autocast_dtype(device)
+        query, key, value = query.to(dt), key.to(dt), value.to(dt)
+    dt = query.dtype
+    prefix_k, prefix_v = (x.to(dt) for x in PTuningV2Prefix.layer(ctx.prefixes, i))
     causal = bool(kwargs.get("is_causal", module.is_causal))
-    gate = {}
-    if state.gated:
-        # kept in training: transformers runs module hooks outside the gradient checkpoint, so the backward
-        # recompute of this layer finds its input here, not from a fresh pre-hook (checkpointing needs training mode)
-        hidden = state.hidden.get(i) if module.training else state.hidden.pop(i, None)
-        if hidden is None:
-            raise RuntimeError(f"APT: no hidden states were recorded for layer {i}; the layer's forward pre-hook "
-                               "did not run (call the model, not its attention modules)")
-        query_mask = None if attention_mask is None else attention_mask[:, -query.shape[2]:]
-        gate = state.module.gate_kwargs(i, hidden, query_mask)
-        if state.record_gates:
-            state.record(i, hidden, query_mask)
+    query_mask = None if attention_mask is None else attention_mask[:, -query.shape[2]:]
+    gate = _gate(ctx, module, i, query_mask, causal, key) if state.gated else {}
     out = ops.gated_prefix_attention(query, key, value, prefix_k, prefix_v, key_padding_mask=attention_mask,
-                                     causal=causal, scale=scaling, backend=state.backend, **gate)
-    return out.transpose(1, 2).contiguous(), None
+                                     causal=causal, scale=scaling, backend=ctx.backend, **gate)
+    weights = None
+    if ctx.output_attentions:
+        weights = attention_map(query, key, prefix_k, _gate_tensor(gate), attention_mask, causal, scaling)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def _gate(ctx, module, i, query_mask, causal, key):
+    """The gate keyword arguments of layer ``i``'s attention (APT), in the query's dtype."""
+    hidden = ctx.hidden.get(i) if module.training else ctx.hidden.pop(i, None)  # kept for a checkpoint recompute
+    if hidden is None:
+        raise RuntimeError(f"APT: no hidden states were recorded for layer {i}; the layer's forward pre-hook "
+                           "did not run (call the model, not its attention modules)")
+    hidden = hidden.to(key.dtype)
+    apt = ctx.state.module
+    pooled_causal = apt.config.gate == "pooled" and causal
+    past = _past_totals(ctx.caches.get(i), i, key, hidden.shape[1]) if pooled_causal else None
+    gate = apt.gate_kwargs(i, hidden, query_mask, causal=causal, past=past)
+    cache = ctx.caches.get(i)
+    if pooled_causal and cache is not None:
+        total, count = apt.pooled_totals(i, hidden, query_mask, past=past)
+        cache.__dict__.setdefault(_RUNNING, {})[i] = _Running(key.shape[2], total, count, key[:, :, -1].clone())
+    if ctx.state.record_gates and i not in ctx.gate_stats:  # a checkpoint recompute does not record again
+        ctx.gate_stats[i] = _mean_gate(apt, i, hidden, query_mask, causal, past)
+    return gate
+
+
+def _past_totals(cache, i, key, Sq):
+    """``(total [B, L], count [B])`` of the tokens before this call's ``Sq`` (None at position 0)."""
+    past = key.shape[2] - Sq
+    if past == 0:
+        return None
+    run = getattr(cache, _RUNNING, {}).get(i) if cache is not None else None
+    if run is None:
+        raise ValueError(
+            f"APT's causal pooled gate at layer {i}: the KV cache holds {past} earlier tokens but not their running "
+            "gate statistics, which fastprefix keeps on the cache this model filled from position 0. Continue "
+            "with the cache this fastprefix model returned (as generate does)")
+    if run.seen != past or run.total.shape[0] != key.shape[0] or not torch.equal(key[:, :, past - 1], run.last_key):
+        raise ValueError(
+            f"APT's causal pooled gate at layer {i}: the KV cache was reordered, cropped or rewritten since the last "
+            f"call (it covered {run.seen} tokens of batch {run.total.shape[0]}, now {past} tokens of batch "
+            f"{key.shape[0]}), so the running mean of the gate no longer matches it. Beam search and assisted "
+            "decoding are not supported with gate='pooled'; use greedy or sampled decoding, or gate='token'")
+    return run.total, run.count
+
+
+@torch.no_grad()
+def _mean_gate(apt, i, hidden, query_mask, causal, past):
+    """APT probe: the mean gate alpha (before lambda) per prefix token over the real query tokens, ``[L]`` float32."""
+    dt = hidden.dtype
+    alpha = ops.apt_gate(hidden.detach(), apt.gate_weight[i].detach().to(dt), apt.gate_bias[i].detach().to(dt),
+                         torch.ones((), dtype=dt, device=hidden.device), mode=apt.config.gate,
+                         key_padding_mask=query_mask, causal=causal, past=past)
+    if alpha.shape[1] > 1 and query_mask is not None:
+        w = query_mask.to(alpha.dtype).unsqueeze(-1)
+        return ((alpha * w).sum(dim=(0, 1)) / w.sum().clamp_min(1)).float()
+    return alpha.mean(dim=(0, 1)).float()
+
+
+def _gate_tensor(gate):
+    """The gate as a tensor broadcastable to ``[B, Sq, L]`` from :func:`_gate`'s keyword arguments (None: no gate)."""
+    if "gate_hidden" in gate:
+        return ops.apt_gate(gate["gate_hidden"], gate["gate_weight"], gate["gate_bias"], gate["layer_scale"])
+    return gate.get("gate")
+
+
+def attention_map(q, k, prefix_k, gate, key_padding_mask, causal, scale):
+    """Each query's attention probabilities over ``[prefix ; keys]``: ``[B, H, Sq, L + Sk]`` (``output_attentions``).
+
+    The scores of the reference path built explicitly (``scale * g * q.Pk`` for the prefix, ``scale * q.k`` or
+    -inf for hidden keys) and softmaxed together; half precision softmaxes in float32 as eager transformers does.
+    q: ``[B, H, Sq, D]``; k: ``[B, Hkv, Sk, D]``; prefix_k: ``[Hkv, L, D]``; gate: None or ``[B|1, Sq|1, L]``.
+    """
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    pk = prefix_k.repeat_interleave(H // Hkv, dim=-3)
+    s_prefix = torch.matmul(q, pk.transpose(-1, -2)) * scale
+    if gate is not None:
+        s_prefix = s_prefix * gate.reshape((1,) * (3 - gate.dim()) + tuple(gate.shape)).unsqueeze(1)
+    s_keys = torch.matmul(q, k.repeat_interleave(H // Hkv, dim=1).transpose(-1, -2)) * scale
+    visible = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = torch.arange(Sk, device=q.device)[None, :] <= torch.arange(Sq, device=q.device)[:, None] + Sk - Sq
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    s_keys = s_keys.masked_fill(~visible, float("-inf"))
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    return torch.softmax(torch.cat([s_prefix, s_keys], dim=-1), dim=-1,
+                         dtype=torch.float32 if half else None).to(q.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_signature(cls):
+    return inspect.signature(cls.forward)
+
+
+def layer_cache(layer, args, kwargs):
+    """The KV cache a transformer layer was called with (``past_key_values``, by keyword or position), or None."""
+    for name in ("past_key_values", "layer_past", "past_key_value"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    try:
+        bound = _layer_signature(type(layer)).bind_partial(layer, *args, **kwargs).arguments
+    except TypeError:
+        return None
+    return next((bound[n] for n in ("past_key_values", "layer_past", "past_key_value") if bound.get(n) is not None),
+                None)
 
 
 def register():

@@ -2,28 +2,100 @@
 
 The prompt becomes part of the input: ``input_ids [B, S]`` turn into ``inputs_embeds [B, m+S, d]`` at the
 top-level forward (as PEFT does, so models that add position embeddings inside their embedding module,
-like BERT, position the prompt too), and every per-token input grows by the m prompt slots:
+like BERT, position the prompt too), and every per-token input grows by the m prompt slots, so that the
+model sees the prompted sequence exactly as it would have built it from ids:
 
 - ``attention_mask``: m ones in front (the prompt is real);
 - ``token_type_ids``: m zeros in front (BERT);
-- ``position_ids``: the prompt takes positions ``0..m-1`` and the tokens move up by m;
+- ``position_ids``: the prompt takes positions ``0..m-1`` and the tokens move up by m. When none are
+  given and the model numbers positions from ``input_ids`` with padding (RoBERTa, XLM-R, ...: pads get
+  ``padding_idx``, real tokens count from ``padding_idx + 1``), the positions it would have computed for
+  the prompted ids are passed (with ``inputs_embeds`` it would number every slot, pads included);
 - ``labels`` of token-level losses (integer, shaped like ``input_ids``): m ``-100`` in front. Sequence
-  labels ``[B]`` and an encoder-decoder's decoder labels are left alone.
+  labels ``[B]`` and an encoder-decoder's decoder labels are left alone; ``start_positions`` /
+  ``end_positions`` (question answering) index tokens, so they move up by m;
+- ``*ForMultipleChoice`` inputs ``[B, C, S]``: the choices are flattened as the model does, each prompted;
+- decoder ``*ForSequenceClassification`` pools the last non-pad token, which it finds from ``input_ids``
+  (gone): the last real token's hidden state is handed to its head at the last slot (see :func:`pool_hook`).
+
+A prompted input longer than the model's position table is a ValueError naming both lengths.
 
 Decoding with a KV cache: the prompt is embedded once, in the first call (empty cache); later calls
 bring only new tokens, and their ``attention_mask`` (which covers the cache) and ``position_ids`` still
-count without the prompt, so they get the same extension. Encoder-decoders (T5): the encoder input gets
-the prompt; when ``generate`` runs the encoder on its own, a pre-hook on the encoder does the same, and
-later calls extend the encoder padding mask to the encoder output's length.
+count without the prompt, so they get the same extension (a call without a mask keeps the positions the
+cache implies). Encoder-decoders (T5): the encoder input gets the prompt; when ``generate`` runs the
+encoder on its own, a pre-hook on the encoder does the same, and later calls extend the encoder padding
+mask to the encoder output's length.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
 
 import torch
+from torch import nn
 
 IGNORE_INDEX = -100
+_TOKEN_INDEX_ARGS = ("start_positions", "end_positions")  # labels that index tokens (question answering)
+
+
+class Rules:
+    """How a model numbers, bounds and pools its input, read once at ``apply`` from the model's modules.
+
+    pad_positions: the ``padding_idx`` of an embedding that numbers positions from ``input_ids`` (else None).
+    position_rows: rows of an absolute position table (``position_embeddings``, GPT-2's ``wpe``), else None.
+    pool_last: a decoder ``*ForSequenceClassification`` that pools the last non-pad token of ``input_ids``.
+    pad_token_id: the id that rule counts as padding.
+    """
+
+    def __init__(self, model, embedding):
+        owner = next((m for m in model.modules() if any(c is embedding for c in m.children())), None)
+        table = None
+        for name in ("position_embeddings", "wpe"):
+            t = getattr(owner, name, None)
+            if type(t) is nn.Embedding:
+                table = t
+        self.position_rows = None if table is None else table.num_embeddings
+        pad = getattr(owner, "padding_idx", None)
+        numbers_from_ids = owner is not None and (
+            hasattr(owner, "create_position_ids_from_input_ids")
+            or hasattr(sys.modules.get(type(owner).__module__), "create_position_ids_from_input_ids"))
+        takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+        self.pad_positions = pad if (table is not None and numbers_from_ids and takes_positions
+                                     and isinstance(pad, int) and not isinstance(pad, bool)) else None
+        self.model_name = type(model).__name__
+        self.pool_last = _pools_last_token(model)
+        self.pad_token_id = getattr(model.config, "pad_token_id", None)
+        self.pending_pool = []  # the pooled slot of the call in progress (consumed by its own base-model forward)
+
+    def check_length(self, length, m, largest=None):
+        """The prompted input must fit the position table: ``length`` slots (prompt and cache included), or
+        the ``largest`` position id passed to the model."""
+        if self.position_rows is None:
+            return
+        offset = 0 if self.pad_positions is None else self.pad_positions + 1
+        limit = self.position_rows - offset
+        if largest is not None:  # the caller's own position ids: only the largest must be in the table
+            if largest >= self.position_rows:
+                raise ValueError(f"the prompted input reaches position id {largest} ({m} prompt slots in front) but "
+                                 f"{self.model_name}'s position table has {self.position_rows} rows "
+                                 "(config.max_position_embeddings)")
+        elif length > limit:
+            raise ValueError(f"an input of {length - m} tokens + {m} prompt tokens needs {length} positions, but "
+                             f"{self.model_name} numbers at most {limit} (its position table has {self.position_rows}"
+                             f" rows, config.max_position_embeddings): truncate the input to {limit - m} tokens")
+
+
+def _pools_last_token(model):
+    """A decoder ``*ForSequenceClassification`` (Llama, Qwen2, GPT-2, ...): it pools the last non-pad token."""
+    name = type(model).__name__
+    if getattr(model.config, "is_encoder_decoder", False) or not name.endswith("SequenceClassification"):
+        return False
+    try:
+        return "last_non_pad_token" in inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return False
 
 
 def bind(module, args, kwargs):
@@ -82,6 +154,50 @@ def encoder_inputs(state, kwargs):
     return kwargs
 
 
+def _pad_aware_positions(ids, m, pad):
+    """The position ids a pad-aware embedding computes for ``[prompt ; ids]`` (the prompt slots are real)."""
+    real = torch.cat([torch.ones(ids.shape[0], m, dtype=torch.long, device=ids.device), (ids != pad).long()], 1)
+    return real.cumsum(1) * real + pad
+
+
+def _last_real_slot(ids, m, pad_token_id):
+    """Where the model's head pools in the prompted sequence: the rightmost slot that is not ``pad_token_id``
+    in ``[prompt ; ids]`` (the model's own rule on ``input_ids``, the prompt counted as real)."""
+    if pad_token_id is None:
+        return None
+    S = ids.shape[1]
+    real = (ids != pad_token_id).long()
+    cols = torch.arange(1, S + 1, device=ids.device)
+    return m - 1 + (cols * real).amax(1)  # m - 1 (the last prompt slot) for a row of pads only
+
+
+def pool_hook(module, args, kwargs, output):
+    """Forward hook on a decoder classifier's base model: its last slot becomes the last real token's.
+
+    The head scores every slot and pools slot -1 when it gets no ``input_ids`` (fastprefix passes
+    ``inputs_embeds``): handing it the hidden state of the slot it would have pooled keeps right-padded rows
+    exact. Acts only inside a prompted top-level call (the pre-hook queued the slot), never on a direct call.
+    """
+    rules = module._fastprefix_state.inputs
+    if not rules.pending_pool:
+        return output
+    slot = rules.pending_pool.pop()
+    hidden = output[0]
+    if slot is None or hidden.shape[0] != slot.shape[0]:
+        return output
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), slot.to(hidden.device)]
+    hidden = torch.cat([hidden[:, :-1], last.unsqueeze(1)], dim=1)
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    output[next(iter(output.keys()))] = hidden
+    return output
+
+
+def _flat(x, S):
+    """``[..., S]`` per-token inputs of a multiple-choice call -> ``[N, S]`` (as the model flattens them)."""
+    return None if x is None else x.reshape(-1, S)
+
+
 def model_inputs(state, kwargs):
     """The top-level forward's keyword arguments, rewritten for a prompt of m tokens."""
     m = state.num_virtual_tokens
@@ -99,36 +215,88 @@ def model_inputs(state, kwargs):
 
     past = _cache_length(kwargs.get("past_key_values"))
     if past == 0:
-        ids = _embed(state, kwargs)
-        if ids is None:
-            return kwargs
-        if mask is not None:
-            kwargs["attention_mask"] = _prepend(mask, m, 1)
-        if kwargs.get("token_type_ids") is not None:
-            kwargs["token_type_ids"] = _prepend(kwargs["token_type_ids"], m, 0)
-        pos = kwargs.get("position_ids")
-        if pos is not None:
-            front = torch.arange(m, dtype=pos.dtype, device=pos.device).expand(*pos.shape[:-1], m)
-            kwargs["position_ids"] = torch.cat([front, _shift_positions(pos, m)], dim=-1)
-        labels = kwargs.get("labels")
-        if (isinstance(labels, torch.Tensor) and not labels.is_floating_point() and labels.shape == ids.shape):
-            kwargs["labels"] = _prepend(labels, m, IGNORE_INDEX)
-        return kwargs
+        return _first_call(state, kwargs, m)
+    return _decoding_step(state, kwargs, m, past)
 
-    # a decoding step: the cache already holds the prompt; new tokens still get the method's offset
+
+def _first_call(state, kwargs, m):
+    rules = state.inputs
+    rules.pending_pool.clear()
+    ids = kwargs.get("input_ids")
+    if ids is None:
+        _embed(state, kwargs)  # raises for inputs_embeds
+        return kwargs
+    if not isinstance(ids, torch.Tensor) or ids.dim() not in (2, 3):
+        shape = list(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"input_ids must be [B, S] (or [B, C, S] for multiple choice), got {shape}")
+    lead, S = ids.shape[:-1], ids.shape[-1]  # [B] or [B, C]: choices are flattened as the model does
+    flat = ids.reshape(-1, S)
+    mask = _flat(kwargs.get("attention_mask"), S)
+    kwargs["input_ids"] = None
+    embeds = state.embed(flat, mask)
+    kwargs["inputs_embeds"] = embeds.view(*lead, m + S, embeds.shape[-1])
+
+    def grown(x, value):
+        return _prepend(_flat(x, S), m, value).view(*lead, m + S)
+
+    if mask is not None:
+        kwargs["attention_mask"] = grown(mask, 1)
+    if kwargs.get("token_type_ids") is not None:
+        kwargs["token_type_ids"] = grown(kwargs["token_type_ids"], 0)
+    pos = kwargs.get("position_ids")
+    largest = None
+    if pos is not None:
+        pos = _flat(pos, S)
+        front = torch.arange(m, dtype=pos.dtype, device=pos.device).expand(pos.shape[0], m)
+        kwargs["position_ids"] = torch.cat([front, _shift_positions(pos, m)], dim=-1).view(*lead, m + S)
+        largest = int(pos.max()) + m if rules.position_rows is not None else None
+    elif rules.pad_positions is not None:
+        kwargs["position_ids"] = _pad_aware_positions(flat, m, rules.pad_positions).view(*lead, m + S)
+    rules.check_length(m + S, m, largest)
+    labels = kwargs.get("labels")
+    if isinstance(labels, torch.Tensor) and not labels.is_floating_point() and labels.shape == ids.shape:
+        kwargs["labels"] = grown(labels, IGNORE_INDEX)
+    for name in _TOKEN_INDEX_ARGS:
+        index = kwargs.get(name)
+        if isinstance(index, torch.Tensor) and not index.is_floating_point():
+            kwargs[name] = index + m
+    if rules.pool_last:
+        rules.pending_pool.append(_last_real_slot(flat, m, rules.pad_token_id))
+    return kwargs
+
+
+def _decoding_step(state, kwargs, m, past):
+    """A decoding step: the cache already holds the prompt; new tokens still get the method's offset.
+
+    The caller's ``attention_mask`` and ``position_ids`` count without the prompt (generate makes them from
+    the unprompted input): both move up by m. A step without a mask and without position ids is numbered by
+    the model from the cache length, which includes the prompt: already right.
+    """
+    mask = kwargs.get("attention_mask")
     ids = kwargs.get("input_ids")
     new = ids if ids is not None else kwargs.get("inputs_embeds")
     if new is None:
         return kwargs
     n = new.shape[1]
     unprompted = mask is None or mask.shape[1] == past + n - m
-    if ids is not None and unprompted:
-        full = mask if mask is not None else torch.ones(ids.shape[0], past + n - m, dtype=torch.long, device=ids.device)
+    if not unprompted:  # the caller already counts the prompt (a mask over the whole cache)
+        return kwargs
+    if ids is not None:
+        full = mask if mask is not None else torch.ones(ids.shape[0], past + n - m, dtype=torch.long,
+                                                         device=ids.device)
         embeds = state.embed_continuation(ids, full)
         if embeds is not None:
             kwargs["input_ids"], kwargs["inputs_embeds"] = None, embeds
-    if mask is not None and unprompted:
+    if mask is not None:
         kwargs["attention_mask"] = _prepend(mask, m, 1)
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = _shift_positions(kwargs["position_ids"], m)
+    rules, largest = state.inputs, None
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = _shift_positions(kwargs["position_ids"], m)
+        largest = int(kwargs["position_ids"].max()) if rules.position_rows is not None else None
+    elif rules.pad_positions is not None and ids is not None and kwargs.get("input_ids") is None:
+        # a pad-aware embedding given inputs_embeds would number the new tokens from its start: number them
+        # as it does from input_ids, after the cache (which holds the prompt)
+        real = (ids != rules.pad_positions).long()
+        kwargs["position_ids"] = (real.cumsum(1) + past) * real + rules.pad_positions
+    state.inputs.check_length(past + n, m, largest)
     return kwargs

@@ -6,18 +6,23 @@ through fastprefix:
 
 - prefix methods (P-Tuning v2, APT): the model's attention implementation becomes ``"fastprefix"``,
   registered with both ``AttentionInterface`` and ``AttentionMaskInterface`` (see ``_attention``). A
-  forward pre-hook on the base model computes every layer's prefix once per forward; for APT a pre-hook
-  on each layer records the hidden states entering it, from which the attention computes the gate.
-  The prefix is never put in the KV cache: ``generate`` attends to it at every step.
+  forward pre-hook on the base model computes every layer's prefix once per forward into a per-call
+  context that travels down the call's keyword arguments; for APT a pre-hook on each layer records the
+  hidden states entering it into that context, from which the attention computes the gate. Nothing of
+  a forward stays on the model, so a checkpointed layer recomputes from its own forward's state.
+  The prefix is never put in the KV cache: ``generate`` attends to it at every step. Switching the
+  model's attention implementation away from ``"fastprefix"`` is refused (``fastprefix.remove`` first).
 - prompt methods (PT, DePT, ADePT): a forward pre-hook on the model turns ``input_ids`` into
-  ``inputs_embeds`` with the prompt in front and extends the per-token inputs (see ``_inputs``).
+  ``inputs_embeds`` with the prompt in front and extends the per-token inputs (see ``_inputs``); the tokens
+  are embedded as the model's own input-embedding module embeds them (see ``_embedding``). A decoder
+  ``*ForSequenceClassification`` also gets a forward hook on its base model that pools the last real token.
 
 ``remove(model)`` undoes all of it: same outputs as before ``apply``, bit for bit.
 
 Caveats: attention-probability dropout is not applied on the prefix path; sliding-window layers, static
 caches and packed sequences are rejected with a clear error; reentrant gradient checkpointing is rejected
-for prefix methods (the default non-reentrant one works); APT's ``gate="pooled"`` pools over the tokens of
-the current call, so with a KV cache each decoding step pools over its new tokens only.
+for prefix methods (the default non-reentrant one works); APT's ``gate="pooled"`` on causal attention pools
+each position over the real tokens up to it (decoding keeps the running sum and count on the KV cache).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from torch import nn
 from .. import ops
 from ..config import ADePTConfig, APTConfig, DePTConfig, PromptTuningConfig, PTuningV2Config, _Config
 from ..modules import AdaptiveDecomposedPrompt, AdaptivePrefix, DecomposedPrompt, PromptTuning, PTuningV2Prefix
-from . import _arch, _attention, _inputs
+from . import _arch, _attention, _embedding, _inputs
 
 ATTR = "fastprefix"  # the submodule holding the trainable state
 _STATE = "_fastprefix_state"  # plain attribute: the State, on the model and on every hooked module
@@ -49,12 +54,12 @@ class State:
         self.backend = backend
         self.encoder_decoder = encoder_decoder
         self.gated = isinstance(module, AdaptivePrefix)
-        self.prefixes = None  # [2N, Hkv, L, D] of the current forward
-        self.hidden = {}  # APT: layer -> hidden states entering it, for the gate
         self.record_gates = True
-        self.gate_stats = {}  # APT: layer -> mean token gate per prefix token [L] of the last forward
+        self.gate_stats = {}  # APT: layer -> mean token gate per prefix token [L] of the last forward (detached)
         self.layers = []  # prefix methods: the transformer layers
         self.embedding = None  # prompt methods: the model's input nn.Embedding
+        self.input_embedding = None  # prompt methods: how X is computed from it (_embedding.InputEmbedding)
+        self.inputs = None  # prompt methods: how the model numbers and pools the prompted input (_inputs.Rules)
         # restored by remove()
         self.requires_grad = {}
         self.trainable = ()  # base submodules kept trainable (saved with the adapter)
@@ -66,53 +71,43 @@ class State:
     def num_virtual_tokens(self):
         return self.config.num_virtual_tokens
 
+    def __setstate__(self, d):
+        # a model pickled whole (torch.save) and loaded in a fresh process: its config still names the
+        # "fastprefix" attention, which transformers only finds registered
+        self.__dict__.update(d)
+        if self.attn_implementation is not None:
+            _attention.register()
+
     @property
     def folded(self):
         """ADePT after ``merge``: the embedding table with the FFN offsets folded in (a non-persistent buffer of
         the method module, so ``.to()`` moves it and adapters never hold it), else None."""
         return getattr(self.module, FOLDED, None)
 
-    # prefix methods
-    def layer_prefix(self, i, dtype):
-        if self.prefixes is None:
-            raise RuntimeError("fastprefix: the prefix was not computed for this forward (the base model's "
-                               "forward pre-hook did not run)")
-        k, v = PTuningV2Prefix.layer(self.prefixes, i)
-        return k.to(dtype), v.to(dtype)
-
-    @torch.no_grad()
-    def record(self, i, hidden, query_mask):
-        """APT probe: the mean token gate alpha (before lambda) per prefix token over the real query tokens."""
-        m = self.module
-        dt = hidden.dtype
-        alpha = ops.apt_gate(hidden.detach(), m.gate_weight[i].detach().to(dt), m.gate_bias[i].detach().to(dt),
-                             torch.ones((), dtype=dt, device=hidden.device), mode=self.config.gate,
-                             key_padding_mask=query_mask)
-        if self.config.gate == "token" and query_mask is not None:
-            w = query_mask.to(alpha.dtype).unsqueeze(-1)
-            mean = (alpha * w).sum(dim=(0, 1)) / w.sum().clamp_min(1)
-        else:
-            mean = alpha.mean(dim=(0, 1))
-        self.gate_stats[i] = mean.float()
-
     # prompt methods
+    def _method_embedding(self, input_ids, **kw):
+        """The method module on ``input_ids [B, S]`` with X from the model's own embedding module."""
+        rows, table, scale = self.input_embedding.lookup(input_ids)
+        if isinstance(self.module, PromptTuning):
+            return self.module(rows, table, embed_scale=scale)
+        return self.module(rows, table, embed_scale=scale, backend=self.backend, **kw)
+
     def embed(self, input_ids, mask=None):
         """``[B, m+S, d]``: the prompt and the method's token embeddings. ``mask``: the ``[B, S]`` padding mask.
 
-        DePT's offset row j belongs to the j-th real token, so a left-padded batch is embedded with its rows
-        rolled to start at column 0 (the offset op takes rows by column) and rolled back: padding-exact.
+        X is what the model's input-embedding module gives (its scale included: Gemma's ``sqrt(d)``); the
+        prompt is not scaled. DePT's offset row j belongs to the j-th real token, so a left-padded batch is
+        embedded with its rows rolled to start at column 0 (the offset op takes rows by column) and rolled
+        back: padding-exact.
         """
-        weight = self.embedding.weight
         if self.folded is not None:
             return ops.prompt_tuning_embedding(input_ids, self.folded, self.module.prompt.to(self.folded.dtype))
-        if isinstance(self.module, PromptTuning):
-            return self.module(input_ids, weight)
         lead = None if mask is None or not isinstance(self.module, DecomposedPrompt) else (mask.cumsum(-1) == 0).sum(-1)
         if lead is None or not bool(lead.any()):
-            return self.module(input_ids, weight, backend=self.backend)
+            return self._method_embedding(input_ids)
         S, m = input_ids.shape[1], self.num_virtual_tokens
         cols = torch.arange(S, device=input_ids.device)
-        out = self.module(input_ids.gather(1, (cols + lead[:, None]) % S), weight, backend=self.backend)
+        out = self._method_embedding(input_ids.gather(1, (cols + lead[:, None]) % S))
         back = ((cols - lead[:, None]) % S)[..., None].expand(-1, -1, out.shape[-1])
         return torch.cat([out[:, :m], out[:, m:].gather(1, back)], dim=1)
 
@@ -120,27 +115,33 @@ class State:
         """Embeddings of tokens that continue a prompted input (decoding steps): the method's offset, no prompt.
 
         ``mask``: the unprompted padding mask ``[B, past + n]`` covering them; DePT takes each row's offset
-        from its count of earlier real tokens. Returns None when the plain embedding is already right (PT).
-        No dropout: decoding is inference.
+        from its count of earlier real tokens. Returns None when the model's own embedding is already right
+        (PT). No dropout: decoding is inference.
         """
-        mod, weight = self.module, self.embedding.weight
+        mod = self.module
         if self.folded is not None:
             return torch.nn.functional.embedding(input_ids, self.folded)
         if isinstance(mod, AdaptiveDecomposedPrompt):
-            p = mod._cast(weight)
-            return ops.adept_embedding(input_ids, weight, None, p["down_weight"], p["down_bias"], p["up_weight"],
-                                       p["up_bias"], backend=self.backend)
+            rows, table, scale = self.input_embedding.lookup(input_ids)
+            p = mod._cast(table)
+            return ops.adept_embedding(rows, table, None, p["down_weight"], p["down_bias"], p["up_weight"],
+                                       p["up_bias"], embed_scale=scale, backend=self.backend)
         if isinstance(mod, DecomposedPrompt):
-            p = mod._cast(weight)
-            n = input_ids.shape[1]
+            n, s = input_ids.shape[1], self.config.max_length
             starts = mask[:, :mask.shape[1] - n].sum(-1)
+            if int(starts.max()) + n > s:
+                raise ValueError(f"DePT: decoding reached token {int(starts.max()) + n} of the input, but "
+                                 f"DePTConfig.max_length={s} gives offset rows for {s} tokens only (the input "
+                                 f"and the generated tokens must fit: raise max_length or generate fewer tokens)")
             out = None
             for start in starts.unique().tolist():  # rows at the same position share one op call
-                rows = (starts == start).nonzero().flatten()
-                part = ops.dept_embedding(input_ids[rows], weight, None, p["lora_a"][start:], p["lora_b"],
-                                          scaling=self.config.scaling, backend=self.backend)
+                rows_b = (starts == start).nonzero().flatten()
+                rows, table, scale = self.input_embedding.lookup(input_ids[rows_b])
+                p = mod._cast(table)
+                part = ops.dept_embedding(rows, table, None, p["lora_a"][start:], p["lora_b"],
+                                          scaling=self.config.scaling, embed_scale=scale, backend=self.backend)
                 out = part.new_empty(*input_ids.shape, part.shape[-1]) if out is None else out
-                out[rows] = part
+                out[rows_b] = part
             return out
         return None
 
@@ -151,21 +152,47 @@ def _reentrant(layer):
     return bool(getattr(layer, "gradient_checkpointing", False) and getattr(fn, "keywords", {}).get("use_reentrant"))
 
 
+def _check_attention_implementation(state):
+    """The attention modules must still dispatch to "fastprefix" (e.g. not after ``set_attn_implementation``)."""
+    for module, _ in state.hooked:
+        impl = getattr(getattr(module, "config", None), "_attn_implementation", _attention.NAME)
+        if getattr(module, _LAYER, None) is not None and impl != _attention.NAME:
+            raise ValueError(
+                f"{type(module).__name__} now runs the {impl!r} attention, which would silently drop the "
+                f"{state.config.method} prefix: its attention implementation was changed after fastprefix.apply. "
+                f"Call fastprefix.remove(model) first to use another attention, or set it back to {_attention.NAME!r}")
+
+
 def _prefix_pre_hook(module, args, kwargs):
+    """Compute every layer's prefix for this call and hand it down in the call's keyword arguments."""
     state = getattr(module, _STATE)
+    _check_attention_implementation(state)
     if module.training and any(_reentrant(layer) for layer in state.layers):
         # the reentrant recompute backpropagates into the shared prefix once per layer and frees its graph
         raise ValueError("prefix methods need non-reentrant gradient checkpointing (the transformers default); "
                          "enable it with gradient_checkpointing_kwargs={'use_reentrant': False}")
-    state.hidden.clear()
-    state.prefixes = state.module()
+    output_attentions = kwargs.get("output_attentions")
+    if output_attentions is None:
+        output_attentions = getattr(module.config, "output_attentions", False)
+    ctx = _attention.ForwardContext(state, state.module(), output_attentions)
+    state.gate_stats = ctx.gate_stats  # what gate_report reads: the last forward's
+    return args, {**kwargs, _attention.KWARG: ctx}
 
 
 def _layer_pre_hook(module, args, kwargs):
+    """APT: record the hidden states entering the layer (and the KV cache it was given) in the call's context."""
+    ctx = kwargs.get(_attention.KWARG)
+    if not isinstance(ctx, _attention.ForwardContext):
+        raise RuntimeError(f"APT: {type(module).__name__} was called without the fastprefix context; call the model, "
+                           "not its layers")
     hidden = args[0] if args else kwargs.get("hidden_states")
     if not isinstance(hidden, torch.Tensor):
         raise RuntimeError(f"APT: {type(module).__name__} was called without hidden_states")
-    getattr(module, _STATE).hidden[getattr(module, _LAYER)] = hidden
+    i = getattr(module, _LAYER)
+    ctx.hidden[i] = hidden
+    # a checkpointed layer runs without its cache (transformers drops it), so the gate keeps no running state
+    if ctx.state.config.gate == "pooled" and not (module.training and getattr(module, "gradient_checkpointing", False)):
+        ctx.caches[i] = _attention.layer_cache(module, args, kwargs)
 
 
 def _prompt_pre_hook(module, args, kwargs):
@@ -186,6 +213,27 @@ def _hook(state, module, fn, layer=None):
     state.hooked.append((module, fn))
 
 
+class _AttentionGuard:
+    """``set_attn_implementation`` of a model with a prefix method applied: switching away from the
+    ``"fastprefix"`` attention would silently drop the prefix, so it is a ValueError naming ``fastprefix.remove``.
+    Stored on the instance (pickles and deep-copies with it); ``remove`` takes it away."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, attn_implementation, *args, **kwargs):
+        def names(value):
+            return [n for v in value.values() for n in names(v)] if isinstance(value, dict) else [value]
+
+        others = [n for n in names(attn_implementation) if n != _attention.NAME]
+        if others:
+            raise ValueError(
+                f"set_attn_implementation({attn_implementation!r}) on a {type(self.model).__name__} with fastprefix "
+                f"applied would drop its prefix: the prefix methods need the {_attention.NAME!r} attention. Call "
+                "fastprefix.remove(model) first, then set the attention implementation")
+        return type(self.model).set_attn_implementation(self.model, attn_implementation, *args, **kwargs)
+
+
 _PREFIX = (PTuningV2Config,)
 _MODULES = [(APTConfig, AdaptivePrefix), (PTuningV2Config, PTuningV2Prefix), (ADePTConfig, AdaptiveDecomposedPrompt),
             (DePTConfig, DecomposedPrompt), (PromptTuningConfig, PromptTuning)]
@@ -197,7 +245,8 @@ def build_module(config, shape):
         if type(config) is cfg_cls:
             if isinstance(config, _PREFIX):
                 return mod_cls(config, shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.hidden_size)
-            return mod_cls(config, shape.hidden_size)
+            # the prompt lives in the input-embedding space (narrower than hidden_size on ELECTRA, ALBERT)
+            return mod_cls(config, getattr(shape, "embedding_size", None) or shape.hidden_size)
     raise ValueError(f"config must be one of {[c.__name__ for c, _ in _MODULES]}, got {type(config).__name__}")
 
 
@@ -246,6 +295,9 @@ def apply(model, config, *, backend=None, trainable=(), generator=None):
     is_prefix = isinstance(config, _PREFIX)
     layers = _arch.prefix_layers(model, shape) if is_prefix else None
     embedding = None if is_prefix else _arch.input_embedding(model)
+    # prompt methods: a model that scales its embeddings only when it embeds ids itself (probed; refused if unknown)
+    enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+    outer = None if is_prefix else _embedding.outer_scale(model, embedding, enc_dec)
     if not is_prefix and "inputs_embeds" not in inspect.signature(model.forward).parameters:
         raise ValueError(f"{type(model).__name__}.forward takes no inputs_embeds; prompt methods need it")
     names = dict(model.named_modules())
@@ -280,6 +332,10 @@ def apply(model, config, *, backend=None, trainable=(), generator=None):
                 cfg._attn_implementation_internal = _attention.NAME
         model.config._attn_implementation_internal = _attention.NAME
         _hook(state, model.base_model, _prefix_pre_hook)
+        for sub in model.modules():  # the model and any PreTrainedModel inside (e.g. model.model)
+            if callable(getattr(type(sub), "set_attn_implementation", None)):
+                sub.__dict__["set_attn_implementation"] = _AttentionGuard(sub)
+                state.hooked.append((sub, None))
         state.layers = [layer for layer, _ in layers]
         for i, (layer, attn) in enumerate(layers):
             setattr(attn, _STATE, state)
@@ -289,9 +345,16 @@ def apply(model, config, *, backend=None, trainable=(), generator=None):
                 _hook(state, layer, _layer_pre_hook, layer=i)
     else:
         state.embedding = embedding
+        state.input_embedding = _embedding.InputEmbedding(embedding, outer)
+        state.inputs = _inputs.Rules(model, embedding)
         _hook(state, model, _prompt_pre_hook)
         if enc_dec:
             _hook(state, model.get_encoder(), _encoder_pre_hook)
+        if state.inputs.pool_last:  # decoder classifier: pool the last real token of the prompted sequence
+            base = model.base_model
+            setattr(base, _STATE, state)
+            base.register_forward_hook(_inputs.pool_hook, with_kwargs=True)
+            state.hooked.append((base, _inputs.pool_hook))
     return model
 
 
@@ -301,12 +364,15 @@ def remove(model):
     model = unwrap(model)
     for module, fn in state.hooked:
         if fn is not None:
-            hooks = module._forward_pre_hooks
-            for key in [k for k, h in hooks.items() if h is fn]:
-                del hooks[key]
-                module._forward_pre_hooks_with_kwargs.pop(key, None)
+            for hooks, with_kwargs in ((module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs),
+                                       (module._forward_hooks, module._forward_hooks_with_kwargs)):
+                for key in [k for k, h in hooks.items() if h is fn]:
+                    del hooks[key]
+                    with_kwargs.pop(key, None)
         for attr in (_STATE, _LAYER):
             module.__dict__.pop(attr, None)
+        if isinstance(module.__dict__.get("set_attn_implementation"), _AttentionGuard):
+            del module.__dict__["set_attn_implementation"]
     if state.attn_implementation is not None:
         model.config._attn_implementation_internal = state.attn_implementation
         for cfg, impl in state.sub_implementations:

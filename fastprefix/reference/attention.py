@@ -12,12 +12,12 @@ Inputs are assumed validated (``fastprefix.ops`` does that once).
 
 Three exact formulations, picked by the gate's shape:
 
-- no gate, or one gate row for all queries (P-Tuning v2, APT's pooled gate): the gate folds into the
+- no gate, or one gate row for all queries (P-Tuning v2, APT's pooled gate on encoders): the gate folds into the
   prefix, ``scale * g * (q . Pk) = scale * q . (g * Pk)`` and value ``g * Pv``, so the whole thing is one
   ``scaled_dot_product_attention`` over ``[g * Pk ; K]`` (GQA through ``enable_gqa``, the prefix
   broadcast over the batch until the concatenation);
-- a gate per query (APT's token gate) on CPU: the real keys go through PyTorch's fused CPU attention,
-  which also returns their log-sum-exp; the L prefix scores are computed apart and the two partial
+- a gate per query (APT's token gate, its causal pooled gate) on CPU: the real keys go through PyTorch's
+  fused CPU attention, which also returns their log-sum-exp; the L prefix scores are computed apart and the two partial
   softmaxes merged by log-sum-exp. Its backward (:class:`_TokenGatedAttention`) calls the fused
   backward with the merged output and the real keys' share of the gradient, which is exact;
 - anything else (other devices): the scores of the prefix and of the keys built explicitly and
@@ -34,7 +34,7 @@ _HALF = (torch.float16, torch.bfloat16)
 _FUSED_CPU = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
-def apt_gate(hidden, weight, bias, layer_scale, *, mode="token", key_padding_mask=None):
+def apt_gate(hidden, weight, bias, layer_scale, *, mode="token", key_padding_mask=None, causal=False, past=None):
     """APT gate ``layer_scale * sigmoid(h @ W + b)``.
 
     Args:
@@ -43,10 +43,30 @@ def apt_gate(hidden, weight, bias, layer_scale, *, mode="token", key_padding_mas
         mode: ``"token"`` (one gate row per query token) or ``"pooled"`` (from the mean of the real
             tokens' hidden states).
         key_padding_mask: ``[B, S]`` bool, True = real token; only used by ``"pooled"``.
+        causal: ``"pooled"`` on causal attention: position t pools the real tokens at positions ``<= t``.
+            The logit is linear in ``h``, so the running mean of the logits ``h W`` (a cumulative sum, O(S*L))
+            is the logit of the running mean hidden state. A position with no real token so far pools to 0.
+        past: with ``causal``, ``(total [B, L], count [B])``: the logit sum (no bias) and number of the real
+            tokens before ``hidden`` (decoding with a cache).
 
     Returns:
-        ``[B, S, L]`` for ``"token"``, ``[B, 1, L]`` for ``"pooled"``.
+        ``[B, S, L]`` for ``"token"`` and causal ``"pooled"``, ``[B, 1, L]`` for ``"pooled"``.
     """
+    if mode == "pooled" and causal:
+        B, S, _ = hidden.shape
+        # half precision: accumulate the running sums in float32, as the softmax does
+        acc = torch.float32 if hidden.dtype in _HALF else hidden.dtype
+        logits = torch.mm(hidden.flatten(0, -2), weight).view(B, S, -1).to(acc)
+        if key_padding_mask is None:
+            count = torch.arange(1, S + 1, device=hidden.device, dtype=acc).expand(B, S)
+        else:
+            logits = logits * key_padding_mask.unsqueeze(-1)
+            count = key_padding_mask.to(acc).cumsum(dim=1)
+        total = logits.cumsum(dim=1)
+        if past is not None:
+            total, count = total + past[0].to(acc).unsqueeze(1), count + past[1].to(acc).unsqueeze(1)
+        mean = (total / count.clamp_min(1).unsqueeze(-1)).to(hidden.dtype)
+        return layer_scale * torch.sigmoid(mean + bias)
     if mode == "pooled":
         if key_padding_mask is None:
             hidden = hidden.mean(dim=1, keepdim=True)

@@ -2,8 +2,9 @@
 
 The numerical contract of ``fastprefix.kernels.prompt_embedding`` and the CPU path:
 
-    ADePT: X' = X + ReLU((X @ A + a) * dropout_mask) @ B + b,   X = E[ids]
-    DePT:  X' = E[ids] + scaling * (A[:S] @ B)
+    ADePT: X' = X + ReLU((X @ A + a) * dropout_mask) @ B + b,   X = embed_scale * E[ids]
+    DePT:  X' = X + scaling * (A[:S] @ B)
+    (embed_scale: a model whose embedding module scales the looked-up rows, e.g. Gemma's sqrt(d); default none)
     both:  out = [prompt ; X']   (the prompt rows are the same for every batch row)
 
 Inputs are assumed validated (``fastprefix.ops`` does that once).
@@ -22,18 +23,26 @@ def prepend_prompt(prompt, x):
     return torch.cat([prompt.unsqueeze(0).expand(x.shape[0], -1, -1), x], dim=1)
 
 
-def adept_embedding(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, *, dropout_mask=None):
+def _lookup(input_ids, weight, embed_scale):
+    """``X = embed_scale * E[ids]`` as the model's embedding module computes it (the scale after the gather)."""
+    x = F.embedding(input_ids, weight)
+    return x if embed_scale is None else x * embed_scale
+
+
+def adept_embedding(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias, *, dropout_mask=None,
+                    embed_scale=None):
     """ADePT: embedding lookup, token-shared FFN offset, prompt concatenation.
 
     Args:
         input_ids: ``[B, S]`` int64; weight: ``[V, d]`` embedding table; prompt: ``[m, d]`` or None.
         down_weight: ``[d, r]``; down_bias: ``[r]``; up_weight: ``[r, d]``; up_bias: ``[d]``.
         dropout_mask: ``[B, S, r]`` already scaled by ``1/(1-p)``, applied before the ReLU.
+        embed_scale: None, a number or a 0-dim tensor multiplying the looked-up rows (not the prompt).
 
     Returns:
         ``[B, m+S, d]``.
     """
-    x = F.embedding(input_ids, weight)
+    x = _lookup(input_ids, weight, embed_scale)
     flat = x.view(-1, x.shape[-1])
     t = torch.addmm(down_bias, flat, down_weight)  # biases fused into the GEMMs: no extra pass
     if dropout_mask is not None:
@@ -42,22 +51,24 @@ def adept_embedding(input_ids, weight, prompt, down_weight, down_bias, up_weight
     return prepend_prompt(prompt, (offset + flat).view(x.shape))
 
 
-def dept_embedding(input_ids, weight, prompt, lora_a, lora_b, *, scaling=1.0):
+def dept_embedding(input_ids, weight, prompt, lora_a, lora_b, *, scaling=1.0, embed_scale=None):
     """DePT: embedding lookup plus the position-based low-rank offset, prompt concatenation.
 
     Args:
         input_ids: ``[B, S]`` int64; weight: ``[V, d]``; prompt: ``[m, d]`` or None.
         lora_a: ``[s, r]`` (row t belongs to position t, ``S <= s``); lora_b: ``[r, d]``.
         scaling: the offset's scale (reference: ``8 / sqrt(r)``).
+        embed_scale: None, a number or a 0-dim tensor multiplying the looked-up rows (not the prompt).
 
     Returns:
         ``[B, m+S, d]``.
     """
     S = input_ids.shape[1]
     # the [S, d] offset is shared by the batch: scaled once, broadcast in the add
-    return prepend_prompt(prompt, torch.add(F.embedding(input_ids, weight), lora_a[:S] @ lora_b, alpha=scaling))
+    x = _lookup(input_ids, weight, embed_scale)
+    return prepend_prompt(prompt, torch.add(x, lora_a[:S] @ lora_b, alpha=scaling))
 
 
-def prompt_tuning_embedding(input_ids, weight, prompt):
-    """Plain prompt tuning: ``[prompt ; E[ids]]`` -> ``[B, m+S, d]``."""
-    return prepend_prompt(prompt, F.embedding(input_ids, weight))
+def prompt_tuning_embedding(input_ids, weight, prompt, *, embed_scale=None):
+    """Plain prompt tuning: ``[prompt ; embed_scale * E[ids]]`` -> ``[B, m+S, d]``."""
+    return prepend_prompt(prompt, _lookup(input_ids, weight, embed_scale))
