@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test bench bench-ops fitness clean
+.PHONY: test bench bench-ops fitness clean gpu gpu-test gpu-bench gpu-install gpu-versions
 
 $(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,9 +20,14 @@ $(STAMP): setup.py constraints.txt
 test: $(STAMP)
 	# Triton's interpreter runs the real kernels on CPU (set before any @triton.jit is defined)
 	TRITON_INTERPRET=1 $(BIN)/pytest tests -n 2 --dist loadfile -q -p no:cacheprovider
+	# the transformers tests that reach the Triton backend again, on the split attention path
+	TRITON_INTERPRET=1 FASTPREFIX_ATTENTION=split $(BIN)/pytest tests/test_transformers.py -k triton -n 2 -q \
+		-p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/fastprefix-bench
+	# the README's benchmark block is rendered from the results just written (a test checks they agree)
+	$(BIN)/fastprefix-bench readme benchmarks/results/minilm.json
 
 bench-ops: $(STAMP)
 	# importlib mode: the repo root must not land on sys.path (its kernels/ would pose as HF's `kernels`)
@@ -33,3 +38,41 @@ fitness: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# ---------------------------------------------------------------- on a CUDA machine (README: "On a GPU")
+# The machine's own python3 with its torch, triton, transformers, peft and pytest: no .venv, no network.
+# `make gpu` runs both suites even if the first fails (one GPU session must bring back every number), and
+# fails if either did. Budget: gpu-test ~4 min, gpu-bench ~4 min on one H100; the timeouts are backstops.
+GPU_PYTHON ?= python3
+GPU_SHIM := $(CURDIR)/build/gpu-path
+# compiled kernels: Triton reads "0" as off (tests/conftest.py only sets TRITON_INTERPRET when it is unset).
+# Everything runs from tests/: the repo root must not be on sys.path (its kernels/ would pose as HF's `kernels`).
+# PYTHONPATH names the fallback tree of gpu-install (an absent folder on it is harmless).
+GPU_ENV := TRITON_INTERPRET=0 PYTHONPATH=$(GPU_SHIM)$${PYTHONPATH:+:$$PYTHONPATH}
+
+gpu:
+	@rc=0; $(MAKE) --no-print-directory gpu-test || rc=1; $(MAKE) --no-print-directory gpu-bench || rc=1; exit $$rc
+
+gpu-install:
+	# fastprefix alone (editable, no dependencies, no build isolation, no index: nothing is downloaded). The tree
+	# itself is not importable as is (setup.py maps kernels/ and benchmarks/ into the package), so install; where
+	# pip can't (old setuptools, a locked system python), build that mapping from symlinks and run from the tree.
+	@if PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore PIP_NO_INDEX=1 \
+		$(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation -e . ; then rm -rf $(GPU_SHIM); \
+	else echo "pip could not install fastprefix: running it from the tree via $(GPU_SHIM)"; \
+		rm -rf $(GPU_SHIM) && mkdir -p $(GPU_SHIM)/fastprefix && \
+		for f in $(CURDIR)/fastprefix/*; do ln -s $$f $(GPU_SHIM)/fastprefix/; done && \
+		ln -s $(CURDIR)/kernels $(GPU_SHIM)/fastprefix/kernels && \
+		ln -s $(CURDIR)/benchmarks $(GPU_SHIM)/fastprefix/benchmarks; fi
+
+gpu-versions: gpu-install
+	cd tests && $(GPU_ENV) $(GPU_PYTHON) -m fastprefix.benchmarks.gpu
+
+gpu-test: gpu-versions
+	cd tests && $(GPU_ENV) timeout 300 $(GPU_PYTHON) -m pytest test_gpu_kernels.py test_gpu_transformers.py \
+		-m cuda -q -p no:cacheprovider -rs --durations=15
+
+gpu-bench: gpu-versions
+	# writes benchmarks/results/<gpu-name>.{md,json,png} (after every group, so a timeout keeps what ran)
+	cd tests && $(GPU_ENV) timeout 270 $(GPU_PYTHON) -m fastprefix.benchmarks --suite gpu \
+		--out-dir $(CURDIR)/benchmarks/results

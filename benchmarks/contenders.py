@@ -2,19 +2,31 @@
 
 Each contender exposes ``trainable()`` (its parameters), ``forward(input_ids, attention_mask)`` ->
 the hidden states of the S real tokens ``[B, S, d]``, and ``train(mode)``. The "original" rows follow
-the structure of the methods' public reference code, op by op, re-written here:
+the structure of the methods' public reference code, op by op, re-written here; what each mirrors:
 
-- P-Tuning v2 (THUDM/P-tuning-v2, ``BertPrefixForSequenceClassification``): a prefix encoder
-  (``Embedding(L, 2*N*Hkv*D)``, or the projection MLP) run on ``arange(L)`` expanded to the batch, viewed
-  ``[B, L, 2N, Hkv, D]``, permuted and split into per-layer key/value pairs, handed to the model as
-  ``past_key_values`` (a ``DynamicCache``, as transformers 5 wants) with the attention mask extended by L.
+- P-Tuning v2 (THUDM/P-tuning-v2): ``model/prefix_encoder.py`` (``PrefixEncoder``: ``Embedding(L,
+  2*N*Hkv*D)``, or the projection MLP) and ``model/sequence_classification.py``
+  (``BertPrefixForSequenceClassification.get_prompt`` / ``forward``): the encoder run on ``arange(L)``
+  expanded to the batch, viewed ``[B, L, 2N, Hkv, D]``, permuted and split into per-layer key/value
+  pairs, handed to the model as ``past_key_values`` with the attention mask extended by L.
 - P-Tuning v2 as PEFT does it: the real ``peft.PrefixTuningConfig`` + ``get_peft_model``.
-- DePT (ZhengxiangShi/DePT, a PEFT fork): word embeddings, plus ``scaling * (A @ B)`` per position,
-  prompt rows from an ``nn.Embedding`` on ``arange(m)`` expanded to the batch, concatenated.
-- ADePT (HungerPWAY/ADePT): word embeddings ``X``, ``X + ReLU(dropout(X A + a)) B + b``, prompt, concat.
+- DePT (ZhengxiangShi/DePT, a PEFT fork): ``peft/tuners/prompt_tuning_lora.py`` (the prompt embedding
+  and ``lora_embedding_A [s, r]`` / ``lora_embedding_B [r, d]``) and the seq2seq / causal-LM branch of
+  ``peft/peft_model.py``: word embeddings plus ``scaling * (A @ B)`` per position, prompt rows from an
+  ``nn.Embedding`` on ``arange(m)`` expanded to the batch, concatenated. (Their sequence-classification
+  branch never applies the offset, so it would time plain prompt tuning: we follow the branch that does.)
+- ADePT (HungerPWAY/ADePT, the same PEFT fork layout): ``peft/tuners/prompt_tuning_lora.py`` and the
+  seq2seq / causal-LM branch of ``peft/peft_model.py``: word embeddings ``X``,
+  ``X + ReLU(dropout(X A + a)) B + b``, prompt, concat.
 - fastprefix rows: ``fastprefix.apply(model, config)`` (reference path on CPU, Triton on CUDA).
-- the floor: the frozen backbone alone on S+L (= m+S) tokens, gradients flowing to its input embeddings:
-  the least a prompt method can cost per step (prefix methods can beat it: their prefix rows skip the MLPs).
+- the floors, one per family (each row states its own): the prompt floor runs the frozen backbone on
+  S+m tokens, the prefix floor on the S real tokens, gradients flowing to the input embeddings in both
+  (what a prompt method costs at least; what a prefix method costs minus its L prefix columns).
+
+Known costs that differ from the originals, on purpose or by the library: P-Tuning v2 (original) builds
+a transformers 5 ``DynamicCache`` from the prefix (the original handed a tuple), which copies each
+layer's prefix keys/values once per step (about 0.7% of a MiniLM training step), as PEFT's prefix
+tuning does too; dropout is off in every backbone so that all rows do the same work per step.
 """
 
 from __future__ import annotations
@@ -180,9 +192,11 @@ class DePTOriginal(_PromptOriginal):
         self.modules.append(nn.ParameterList([self.lora_embedding_A, self.lora_embedding_B]))
 
     def offset(self, x):
-        # the reference pads every input to max_length and adds the whole [s, d] product
+        # the reference pads every input to max_length and adds the whole [s, d] product, in place:
+        # ``inputs_embeds += scaling * (A @ B)`` sums in the parameters' dtype (fp32) and stores the result
+        # in the embeddings' dtype (bf16 on a bf16 backbone): one rounding, as here
         delta = (self.lora_embedding_A @ self.lora_embedding_B) * self.scaling
-        return x + delta[: x.shape[1]]
+        return (x + delta[: x.shape[1]]).to(x.dtype)
 
 
 class ADePTOriginal(_PromptOriginal):
@@ -200,8 +214,13 @@ class ADePTOriginal(_PromptOriginal):
         self.modules.append(self.dropout)
 
     def offset(self, x):
-        t = self.dropout(torch.matmul(x, self.A) + self.a)
-        return x + torch.matmul(torch.relu(t), self.B) + self.b
+        # The reference multiplies the embeddings by its fp32 parameters with no cast: it runs in fp32, or
+        # under autocast, which casts each matmul's operands to the half dtype. On a half-precision backbone
+        # we do what autocast would: the FFN runs in the embeddings' dtype (the casts are differentiable, so
+        # the fp32 parameters still get their gradients) and the offset lands in that dtype.
+        A, a, B, b = (p.to(x.dtype) for p in (self.A, self.a, self.B, self.b))
+        t = self.dropout(torch.matmul(x, A) + a)
+        return x + torch.matmul(torch.relu(t), B) + b
 
 
 # ---------------------------------------------------------------- fastprefix
@@ -277,12 +296,13 @@ class ADePTFast(_Fastprefix):
 
 
 class Floor(Contender):
-    """The frozen backbone on S + L tokens, the gradient flowing down to its input embeddings.
+    """The prompt methods' floor: the frozen backbone on m + S tokens, the gradient flowing to its input embeddings.
 
-    One floor serves both families, since the prefix length L and the prompt length m are the same knob.
+    What any prompt method costs at least: the backbone over the m prompt rows and the S real tokens,
+    with a backward through every layer down to the (trainable) prompt embeddings.
     """
 
-    impl = family = "floor"
+    impl, family = "floor", "prompt"
 
     def __init__(self, backbone, shapes, setting):
         super().__init__(backbone, shapes, setting)
@@ -299,8 +319,34 @@ class Floor(Contender):
         return out.last_hidden_state[:, self.extra_tokens:]
 
 
+class PrefixFloor(Contender):
+    """The prefix methods' floor: the frozen backbone on the S real tokens, the gradient flowing to its inputs.
+
+    A prefix method does this plus its L prefix columns in every layer's attention (no MLP work on
+    them), so this is the least it can cost; the S+L floor above is no bound for it (prefix rows beat it).
+    """
+
+    impl, family = "floor", "prefix"
+
+    def __init__(self, backbone, shapes, setting):
+        super().__init__(backbone, shapes, setting)
+        self.name = prefix_floor_name(setting)
+
+    def forward(self, input_ids, attention_mask):
+        x = self.model.get_input_embeddings()(input_ids)
+        if torch.is_grad_enabled():
+            x.requires_grad_(True)  # backward through every layer, as a prefix's keys/values in layer 0 need
+        return self.model(inputs_embeds=x, attention_mask=attention_mask).last_hidden_state
+
+
 def floor_name(setting):
+    """The prompt floor's row name (the m + S token floor)."""
     return f"floor: backbone on S+{setting.prefix_len} tokens"
+
+
+def prefix_floor_name(setting):
+    """The prefix floor's row name (the S token floor)."""
+    return "floor: backbone on S tokens"
 
 
 PREFIX_ROWS = (PTuningV2Original, PTuningV2PEFT, PTuningV2Fast, APTPooledFast, APTTokenFast)
@@ -310,9 +356,10 @@ PROMPT_ROWS = (DePTOriginal, ADePTOriginal, PTFast, DePTFast, ADePTFast)
 def build_all(backbone, shapes, setting, only=None, exact=False):
     """``(name, constructor)`` of every row in table order.
 
-    ``only``: keep the names containing one of these (``exact``: equal to one; "floor" names the floor).
+    ``only``: keep the names containing one of these (``exact``: equal to one; "floor" names both floors).
     """
     rows = [(c.name, lambda c=c: c(backbone, shapes, setting)) for c in PREFIX_ROWS + PROMPT_ROWS]
+    rows.append((prefix_floor_name(setting), lambda: PrefixFloor(backbone, shapes, setting)))
     rows.append((floor_name(setting), lambda: Floor(backbone, shapes, setting)))
     if only:
         keep = [s.lower() for s in only]

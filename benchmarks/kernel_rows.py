@@ -1,7 +1,8 @@
 """Kernel-level rows, CUDA only: the gated-prefix attention kernel against SDPA.
 
 Three ways to attend ``S`` queries over an ``L``-token prefix plus ``S`` keys, timed with
-``triton.testing.do_bench`` (forward, and forward + backward):
+``triton.testing.do_bench`` (forward, and forward + backward; the median of the timed calls with
+their interquartile range and min-max):
 
 - ``fastprefix`` — :func:`fastprefix.gated_prefix_attention` on the Triton path (P-Tuning v2, and APT
   with the token gate fused into the kernel);
@@ -76,6 +77,15 @@ def _contenders(x, H, Hkv):
     return rows, [k_full, v_full]
 
 
+def _bench(do_bench, fn, **kw):
+    """``dict(median, q1, q3, min, max)`` in ms of ``do_bench``'s timed calls (the spread the table reports).
+
+    ``quantiles`` (not ``return_mode="all"``) because every Triton release since 2.1 takes it.
+    """
+    med, q1, q3, lo, hi = do_bench(fn, quantiles=[0.5, 0.25, 0.75, 0.0, 1.0], **kw)
+    return dict(median=med, q1=q1, q3=q3, min=lo, max=hi)
+
+
 def run(device, dtype=torch.bfloat16, peak_tflops=None, peak_gbps=None, progress=None):
     """Rows ``{shape, impl, mode, ms, tflops, gbps, ...}`` for every shape in :data:`SHAPES`."""
     from triton.testing import do_bench
@@ -95,17 +105,19 @@ def run(device, dtype=torch.bfloat16, peak_tflops=None, peak_gbps=None, progress
             for mode in ("forward", "forward+backward"):
                 if mode == "forward":
                     with torch.no_grad():
-                        ms = do_bench(fn)
+                        summary = _bench(do_bench, fn)
                     f = flops
                 else:
                     for t in leaves:
                         t.requires_grad_(True)
                     do = torch.randn_like(x["q"])
-                    ms = do_bench(lambda: fn().backward(do), grad_to_none=leaves)
+                    summary = _bench(do_bench, lambda: fn().backward(do), grad_to_none=leaves)
                     for t in leaves:
                         t.requires_grad_(False)
                     f = int(2.5 * flops)
-                row = dict(shape=shape, impl=f"{impl} ({mode})", mode=mode, ms=ms, tflops=f / ms / 1e9,
+                ms = summary["median"]
+                row = dict(shape=shape, impl=f"{impl} ({mode})", mode=mode, ms=ms, ms_summary=summary,
+                           tflops=f / ms / 1e9,
                            gbps=nbytes / ms / 1e6 if mode == "forward" else None)
                 if t_peak:
                     row["flops_frac_pct"] = 100 * row["tflops"] / t_peak

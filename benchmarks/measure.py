@@ -1,9 +1,11 @@
 """Timing and peak memory of one contender: training step, inference, peak memory.
 
-- Time: wall clock of each call (``torch.cuda.synchronize`` around it on CUDA), median of ``repeats``
-  calls after ``warmup`` calls. ``clock="cpu"`` times the process's CPU time instead (CPU only): on a
-  shared, oversubscribed machine it leaves out the time other processes held the cores, which makes
-  single-threaded runs comparable (with several threads it also counts their spin-waiting).
+- Time: wall clock of each call (``torch.cuda.synchronize`` around it on CUDA). ``clock="cpu"`` times
+  the process's CPU time instead (CPU only): on a shared, oversubscribed machine it leaves out the time
+  other processes held the cores, which makes single-threaded runs comparable (with several threads it
+  also counts their spin-waiting), so it is the CPU default with one thread. Every step's duration is
+  kept: :mod:`.suite` interleaves the rows' steps and :mod:`.stats` turns them into medians, spreads
+  and ratios with intervals.
 - Peak memory on CUDA: ``torch.cuda.max_memory_allocated`` during one step, minus the allocation before it.
 - Peak memory on CPU: the peak of live tensor bytes during one step above the bytes live before it,
   replayed from ``torch.profiler``'s allocation events (``profile_memory=True``) — the CPU analogue of
@@ -30,6 +32,7 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def median_seconds(fn, device, warmup, repeats, clock="wall"):
+    """``(median, [repeats durations])`` in seconds of ``fn()`` after ``warmup`` untimed calls."""
     now = CLOCKS[clock]
     for _ in range(warmup):
         fn()

@@ -21,3 +21,26 @@ def _seed():
     torch.manual_seed(0)
     yield
 
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: compiled kernels on a CUDA GPU (make gpu-test); skipped without one")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the ``cuda`` tests without a GPU, and under TRITON_INTERPRET=1 (they test compiled kernels).
+
+    ``FASTPREFIX_GPU_TEST_DEVICE=cpu`` runs their logic on CPU under the interpreter (developing them).
+    """
+    if os.environ.get("FASTPREFIX_GPU_TEST_DEVICE") == "cpu":
+        return
+    reason = None
+    if not torch.cuda.is_available():
+        reason = "needs a CUDA GPU (make gpu-test)"
+    elif os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on"):
+        reason = "TRITON_INTERPRET is on: the cuda tests check compiled kernels (make gpu-test sets it to 0)"
+    if reason:
+        skip = pytest.mark.skip(reason=reason)
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)

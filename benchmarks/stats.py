@@ -1,0 +1,106 @@
+"""The benchmark's statistics: spread of a row's steps, a ratio with its interval, a verdict.
+
+The samples are per-step durations in any one unit (seconds from a CPU clock, milliseconds from
+CUDA events): only their ratios and order matter here. Two rows are compared on steps that were
+*interleaved*: step ``i`` of each row ran in the same round, one right after the other, so a slow
+spell of a shared machine lands on both. :func:`ratio_interval` keeps that pairing when it
+resamples (it draws rounds, not steps), which is what makes its interval narrow when the rows
+really differ and wide when they don't.
+
+Convention used everywhere in the benchmark: ``ratio_interval(baseline_times, row_times)`` is the
+*speedup* of the row over the baseline, median(baseline) / median(row); above 1 the row is faster.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+CONVERGED_WITHIN = 0.03  # a ratio has converged when its interval lies within +/-3% of it
+
+
+def _as_array(samples, what):
+    a = np.asarray(list(samples), dtype=np.float64)
+    if a.ndim != 1 or a.size == 0:
+        raise ValueError(f"{what} must be a non-empty sequence of numbers, got {a.size} values of shape {a.shape}")
+    if not np.all(np.isfinite(a)) or np.any(a <= 0):
+        bad = [float(x) for x in a if not (math.isfinite(x) and x > 0)][:5]
+        raise ValueError(f"{what} must be finite durations above 0, got {bad}")
+    return a
+
+
+def summarize(samples):
+    """Median, quartiles, extremes and count of a row's step durations.
+
+    ``samples``: ``[n]`` durations (n >= 1). Returns ``dict(median, q1, q3, min, max, n)`` in the
+    samples' unit; the quartiles interpolate linearly between order statistics (numpy's default),
+    so with one sample all five numbers are that sample.
+    """
+    a = _as_array(samples, "samples")
+    q1, med, q3 = np.percentile(a, [25, 50, 75])
+    return dict(median=float(med), q1=float(q1), q3=float(q3), min=float(a.min()), max=float(a.max()), n=int(a.size))
+
+
+def ratio_interval(num_samples, den_samples, *, level=0.95, n_boot=2000, seed=0, paired=True):
+    """``median(num) / median(den)`` and its ``level`` bootstrap interval ``(ratio, lo, hi)``.
+
+    With step durations, ``ratio_interval(baseline, row)`` is the row's speedup: > 1 means the row's
+    median step is shorter, i.e. the row is faster than the baseline.
+
+    ``paired`` (default): ``num_samples[i]`` and ``den_samples[i]`` are the two rows' steps of the same
+    interleaved round, so both lists have the same length ``n`` and the bootstrap resamples rounds
+    (index ``i`` for both rows at once). ``paired=False`` resamples each list on its own (runs made at
+    different times, e.g. two result files). The interval is the percentile interval of ``n_boot``
+    resampled ratios, seeded by ``seed`` so the same samples always give the same interval. With a
+    single step on either side there is nothing to resample: the interval is ``(0, inf)`` (a tie).
+    """
+    num, den = _as_array(num_samples, "num_samples"), _as_array(den_samples, "den_samples")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+    if paired and num.size != den.size:
+        raise ValueError(f"paired samples need one step of each row per round, got {num.size} and {den.size} "
+                         "steps (pass paired=False for runs that were not interleaved)")
+    ratio = float(np.median(num) / np.median(den))
+    if min(num.size, den.size) < 2:  # one step has no spread to resample: no interval, no verdict but a tie
+        return ratio, 0.0, math.inf
+    rng = np.random.default_rng(seed)
+    i = rng.integers(0, num.size, (n_boot, num.size))
+    j = i if paired else rng.integers(0, den.size, (n_boot, den.size))
+    boot = np.median(num[i], axis=1) / np.median(den[j], axis=1)
+    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    # the percentile interval of a median can exclude the point estimate with very few steps: widen to hold it
+    return ratio, float(min(lo, ratio)), float(max(hi, ratio))
+
+
+def verdict(lo, hi, *, faster_word="faster", slower_word="slower"):
+    """``"tie"`` when the interval ``[lo, hi]`` holds 1.00, else ``faster_word`` (all above 1) or ``slower_word``."""
+    if lo > hi:
+        raise ValueError(f"an interval needs lo <= hi, got lo={lo} and hi={hi}")
+    if lo > 1:
+        return faster_word
+    if hi < 1:
+        return slower_word
+    return "tie"
+
+
+def format_ratio(ratio, lo, hi):
+    """``"1.03 (0.99-1.07)"``: the ratio and its interval, two decimals."""
+    return f"{ratio:.2f} ({lo:.2f}-{hi:.2f})"
+
+
+def converged(ratio, lo, hi, within=CONVERGED_WITHIN):
+    """True when the interval lies within ``+/-within`` (relative) of the ratio."""
+    return lo >= ratio * (1 - within) and hi <= ratio * (1 + within)
+
+
+def speedup(base_samples, row_samples, **kwargs):
+    """The row's speedup over the baseline as a dict: ratio, lo, hi, verdict, text (see :func:`ratio_interval`)."""
+    ratio, lo, hi = ratio_interval(base_samples, row_samples, **kwargs)
+    return dict(ratio=ratio, lo=lo, hi=hi, verdict=verdict(lo, hi), text=format_ratio(ratio, lo, hi))
+
+
+__all__ = ["summarize", "ratio_interval", "verdict", "format_ratio", "converged", "speedup",
+           "CONVERGED_WITHIN"]

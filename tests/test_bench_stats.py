@@ -1,0 +1,328 @@
+"""The benchmark's statistics, verdicts, ``compare`` command and the README's generated claims.
+
+Known samples in, exact numbers out: identical rows tie at 1.00, clearly separated rows are faster or
+slower, the paired bootstrap sees through noise the rows share. Then the CLI around them: ``compare``
+on two small result files, ``--help`` and the README quoting the same run times, the README's block
+matching the committed ``benchmarks/results/minilm.json``, and one tiny end-to-end run.
+"""
+
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastprefix.benchmarks import __main__ as cli
+from fastprefix.benchmarks import compare, measure, report, stats, suite
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+COMMITTED = ROOT / "benchmarks" / "results" / "minilm.json"
+
+
+def _flat(text):
+    return " ".join(text.split())
+
+
+# ---------------------------------------------------------------- stats
+
+
+def test_summarize_known_samples():
+    assert stats.summarize([5, 1, 4, 2, 3]) == dict(median=3.0, q1=2.0, q3=4.0, min=1.0, max=5.0, n=5)
+    # numpy's linear interpolation between order statistics: 4 samples put q1 a quarter of the way up
+    assert stats.summarize([1, 2, 3, 4]) == dict(median=2.5, q1=1.75, q3=3.25, min=1.0, max=4.0, n=4)
+    assert stats.summarize([0.25]) == dict(median=0.25, q1=0.25, q3=0.25, min=0.25, max=0.25, n=1)
+
+
+@pytest.mark.parametrize("bad, message", [([], "non-empty"), ([1.0, -2.0], "above 0"), ([1.0, float("nan")], "finite"),
+                                          ([0.0], "above 0")], ids=["empty", "negative", "nan", "zero"])
+def test_summarize_rejects_bad_samples(bad, message):
+    with pytest.raises(ValueError, match=message):
+        stats.summarize(bad)
+
+
+def test_identical_samples_tie_at_one():
+    t = [1.0, 1.3, 0.9, 1.1, 1.05, 0.95, 1.2]
+    ratio, lo, hi = stats.ratio_interval(t, t)
+    assert (ratio, lo, hi) == (1.0, 1.0, 1.0)
+    assert stats.verdict(lo, hi) == "tie"
+    assert stats.format_ratio(ratio, lo, hi) == "1.00 (1.00-1.00)"
+
+
+@pytest.mark.parametrize("factor, word", [(0.5, "faster"), (2.0, "slower")], ids=["half-time", "double-time"])
+def test_separated_samples_get_a_verdict(factor, word):
+    rng = np.random.default_rng(0)
+    base = 1.0 + 0.05 * rng.standard_normal(15)
+    row = factor * (1.0 + 0.05 * rng.standard_normal(15))
+    s = stats.speedup(base, row)
+    expected = float(np.median(base) / np.median(row))
+    assert s["ratio"] == pytest.approx(expected, rel=1e-12)
+    assert s["lo"] <= s["ratio"] <= s["hi"]
+    assert s["verdict"] == word
+    assert s["text"] == stats.format_ratio(s["ratio"], s["lo"], s["hi"])
+
+
+def test_paired_bootstrap_sees_through_shared_noise():
+    # every round's machine speed f_i hits both rows alike: the row is exactly 1.25x faster in every round
+    f = np.array([1.0, 3.0, 0.7, 2.2, 1.4, 5.0, 0.9, 1.8, 2.5])
+    base, row = 1.0 * f, 0.8 * f
+    paired = stats.ratio_interval(base, row)
+    unpaired = stats.ratio_interval(base, row, paired=False)
+    assert paired == pytest.approx((1.25, 1.25, 1.25), rel=1e-12)
+    assert stats.verdict(*paired[1:]) == "faster"
+    assert unpaired[0] == pytest.approx(1.25, rel=1e-12)
+    assert unpaired[1] < 1.0 < unpaired[2]  # the same steps, resampled apart, can't tell the rows apart
+
+
+def test_ratio_interval_is_seeded_and_checks_its_input():
+    rng = np.random.default_rng(1)
+    a, b = 1 + rng.random(9), 1 + rng.random(9)
+    assert stats.ratio_interval(a, b, seed=3) == stats.ratio_interval(a, b, seed=3)
+    with pytest.raises(ValueError, match="got 9 and 4 steps"):
+        stats.ratio_interval(a, b[:4])
+    with pytest.raises(ValueError, match="level must lie in"):
+        stats.ratio_interval(a, b, level=1.5)
+    assert stats.ratio_interval(a, b[:4], paired=False)[0] == pytest.approx(np.median(a) / np.median(b[:4]))
+
+
+def test_one_step_gives_no_interval():
+    ratio, lo, hi = stats.ratio_interval([2.0], [1.0])
+    assert (ratio, lo, hi) == (2.0, 0.0, float("inf"))
+    assert stats.verdict(lo, hi) == "tie"
+
+
+@pytest.mark.parametrize("lo, hi, word", [(0.99, 1.07, "tie"), (1.0, 1.0, "tie"), (1.01, 1.05, "quicker"),
+                                          (0.90, 0.99, "costlier")], ids=["holds-1", "exactly-1", "above", "below"])
+def test_verdict_words(lo, hi, word):
+    assert stats.verdict(lo, hi, faster_word="quicker", slower_word="costlier") == word
+
+
+def test_verdict_rejects_a_reversed_interval():
+    with pytest.raises(ValueError, match="lo=1.2 and hi=1.1"):
+        stats.verdict(1.2, 1.1)
+
+
+def test_format_and_convergence():
+    assert stats.format_ratio(1.0349, 0.9851, 1.0712) == "1.03 (0.99-1.07)"
+    assert stats.converged(1.0, 0.98, 1.02)
+    assert not stats.converged(1.0, 0.96, 1.02)
+
+
+# ---------------------------------------------------------------- suite statistics
+
+
+def _row(name, family, impl, train, infer=None):
+    return dict(name=name, family=family, impl=impl, trainable_params=0, train_times=list(train),
+                infer_times=list(infer or train))
+
+
+def test_rows_get_their_own_family_floor_and_paired_ratios():
+    f = [1.0, 1.2, 0.9, 1.1, 1.05]
+    rows = [_row("P-Tuning v2 (original)", "prefix", "original", [2 * x for x in f]),
+            _row("APT token gate (fastprefix)", "prefix", "fastprefix", [1.6 * x for x in f]),
+            _row("DePT (original)", "prompt", "original", [3 * x for x in f]),
+            # ADePT: DePT's time up to +/-2% round to round, so its ratio's interval holds 1
+            _row("ADePT (fastprefix)", "prompt", "fastprefix",
+                 [3 * x * g for x, g in zip(f, [1.02, 0.98, 1.01, 0.99, 1])]),
+            _row("floor: backbone on S tokens", "prefix", "floor", [1.6 * x for x in f]),
+            _row("floor: backbone on S+32 tokens", "prompt", "floor", [2.4 * x for x in f])]
+    suite.add_stats(rows, tokens=100)
+    by = {r["name"]: r for r in rows}
+    apt, adept = by["APT token gate (fastprefix)"], by["ADePT (fastprefix)"]
+    assert apt["floor"] == "floor: backbone on S tokens" and adept["floor"] == "floor: backbone on S+32 tokens"
+    assert apt["ratios"]["train"]["P-Tuning v2 (original)"]["ratio"] == pytest.approx(1.25, rel=1e-12)
+    assert apt["ratios"]["train"]["P-Tuning v2 (original)"]["verdict"] == "faster"
+    assert apt["ratios"]["train"]["floor"]["verdict"] == "tie"
+    assert adept["ratios"]["train"]["DePT (original)"]["verdict"] == "tie"
+    assert adept["ratios"]["train"]["DePT (original)"]["lo"] < 1 < adept["ratios"]["train"]["DePT (original)"]["hi"]
+    assert adept["ratios"]["train"]["floor"]["hi"] < 0.9
+    assert apt["train_tok_s"] == pytest.approx(100 / (1.6 * 1.05), rel=1e-12)
+    status = {t["what"]: t["status"] for t in suite.targets(rows)}
+    assert status["ADePT (fastprefix) train step >= DePT (original)"] == "undecided"
+    assert status["ADePT (fastprefix) train step within 10% of its floor (floor: backbone on S+32 tokens)"] == "not met"
+    assert status["APT token gate (fastprefix) train step >= P-Tuning v2 (original)"] == "met"
+
+
+class _FakeRunner:
+    """A row whose training step advances a fake clock by ``cost * factor[round]`` (the machine's speed)."""
+
+    def __init__(self, clock, cost):
+        self.clock, self.cost = clock, cost
+
+    def train_step(self):
+        self.clock.now += self.cost * self.clock.speed()
+
+
+class _FakeClock:
+    def __init__(self, speeds):
+        self.now, self.calls, self.speeds = 0.0, 0, speeds
+
+    def __call__(self):
+        return self.now
+
+    def speed(self):
+        self.calls += 1
+        return self.speeds[self.calls % len(self.speeds)]
+
+
+def test_sampling_stops_at_convergence_and_only_samples_open_pairs(monkeypatch):
+    clock = _FakeClock([1.0])
+    monkeypatch.setitem(measure.CLOCKS, "fake", clock)
+    runners = [(n, _FakeRunner(clock, c)) for n, c in [("a", 1.0), ("b", 2.0), ("c", 1.0), ("d", 1.0)]]
+    times = {n: [] for n, _ in runners}
+    for rnd in range(2):
+        suite._round(runners, "train_step", torch.device("cpu"), "fake", rnd, times, suite.NullProgress(), "t")
+    started = __import__("time").perf_counter()
+    extra = suite.sample_until_converged(runners, times, torch.device("cpu"), "fake", 60.0, suite.NullProgress(),
+                                         started, [("a", "b")], max_rounds=50)
+    # exact steps converge as soon as there are MIN_ROUNDS of them; rows in no open pair are not sampled
+    assert extra == suite.MIN_ROUNDS - 2
+    assert [len(times[n]) for n in "abcd"] == [suite.MIN_ROUNDS, suite.MIN_ROUNDS, 2, 2]
+
+
+def test_sampling_without_budget_runs_no_extra_round(monkeypatch):
+    clock = _FakeClock([1.0, 3.0, 0.5])
+    monkeypatch.setitem(measure.CLOCKS, "fake", clock)
+    runners = [(n, _FakeRunner(clock, c)) for n, c in [("a", 1.0), ("b", 2.0)]]
+    times = {n: [] for n, _ in runners}
+    suite._round(runners, "train_step", torch.device("cpu"), "fake", 0, times, suite.NullProgress(), "t")
+    started = __import__("time").perf_counter()
+    assert suite.sample_until_converged(runners, times, torch.device("cpu"), "fake", 0.0, suite.NullProgress(),
+                                        started, [("a", "b")]) == 0
+
+
+# ---------------------------------------------------------------- compare, --help, README
+
+
+def _result(batch, rows):
+    return dict(settings=dict(model="m", batch=batch, seq_len=16, prefix_len=4, dtype="float32", clock="cpu",
+                              threads=1),
+                machine=dict(device="cpu"), rows=[dict(name=n, train_times=t, infer_times=t) for n, t in rows])
+
+
+def test_compare_two_result_files(tmp_path):
+    t = [1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.02]
+    a = _result(8, [("same", t), ("sped up", t), ("slowed", t), ("only in A", t)])
+    b = _result(8, [("same", t), ("sped up", [x / 2 for x in t]), ("slowed", [x * 1.5 for x in t])])
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        cli.main(["compare", str(pa), str(pb), "--out", str(tmp_path / "c.md")])
+    text = out.getvalue()
+    assert text == (tmp_path / "c.md").read_text()
+    lines = {line.split(" | ")[0].lstrip("| ") + "/" + line.split(" | ")[1]: line for line in text.splitlines()
+             if line.startswith("| ") and "row |" not in line}
+    # the runs are resampled apart (not interleaved with each other): intervals around the exact ratios
+    assert re.search(r"\| 1\.00 \(0\.\d\d-1\.\d\d\) \| tie \|$", lines["same/train"])
+    assert re.search(r"\| 2\.00 \(1\.\d\d-2\.\d\d\) \| faster \|$", lines["sped up/infer"])
+    assert re.search(r"\| 0\.67 \(0\.\d\d-0\.\d\d\) \| slower \|$", lines["slowed/train"])
+    assert "Only in A: only in A." in text
+
+
+def test_compare_scales_step_times_to_throughput():
+    t = [1.0, 1.0, 1.0]
+    rows = compare.compare_runs(_result(8, [("r", t)]), _result(16, [("r", [2 * x for x in t])]))
+    # B does twice the tokens in twice the time: the same throughput
+    assert {r["kind"]: (r["ratio"], r["verdict"]) for r in rows} == {"train": (1.0, "tie"), "infer": (1.0, "tie")}
+    assert compare.differences(_result(8, []), _result(16, [])) == ["batch: 8 -> 16"]
+
+
+def test_compare_reads_the_gpu_suite_sections():
+    t = [2.0, 2.0, 2.0]
+    a = dict(attention=[dict(name="fused", group="llama S=2048", times_ms=t),
+                        dict(name="broken", group="llama S=2048", error="OOM", times_ms=[])])
+    b = dict(attention=[dict(name="fused", group="llama S=2048", times_ms=[1.0, 1.0, 1.0])])
+    [row] = compare.compare_runs(a, b)
+    assert (row["name"], row["kind"], row["ratio"], row["verdict"]) == ("attention: llama S=2048: fused", "step",
+                                                                        2.0, "faster")
+
+
+def test_help_and_readme_state_the_same_run_times():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    sentence = cli.run_times_sentence()
+    assert sentence in _flat(out.getvalue())
+    assert sentence in _flat(README.read_text().replace("`", ""))  # the README sets the commands as code
+    for label, took in cli.RUN_TIMES.items():
+        assert re.fullmatch(r"about \d+ (seconds|minutes?)", took), (label, took)
+
+
+def test_quick_sets_defaults_that_explicit_flags_override():
+    quick = cli.parse_args(["--quick", "--batch", "2"])
+    assert (quick.batch, quick.seq_len, quick.budget, quick.repeats) == (2, 64, cli.QUICK["budget"], 5)
+    plain = cli.parse_args([])
+    assert (plain.batch, plain.budget, plain.threads, plain.clock) == (8, None, None, None)  # resolved per device
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
+        cli.parse_args(["--budget", "-1"])
+    assert "--budget must be 0 or more seconds, got -1.0" in err.getvalue()
+
+
+def test_readme_claims_match_the_committed_results():
+    block = report.readme_block_of(README.read_text())
+    assert block == report.readme_block(report.read_json(COMMITTED)), (
+        "the README's benchmark block differs from benchmarks/results/minilm.json: run `fastprefix-bench readme`")
+
+
+def test_readme_block_replacement_round_trips():
+    text = f"intro\n{report.README_BEGIN}\nold\n{report.README_END}\noutro\n"
+    new = report.replace_readme_block(text, "new\nlines")
+    assert new == f"intro\n{report.README_BEGIN}\nnew\nlines\n{report.README_END}\noutro\n"
+    assert report.readme_block_of(new) == "new\nlines"
+    with pytest.raises(ValueError, match="no generated benchmark block"):
+        report.replace_readme_block("no markers here", "x")
+
+
+def test_readme_command_rewrites_only_the_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{report.README_BEGIN}\nstale claims\n{report.README_END}\n\n## next\n")
+    with contextlib.redirect_stdout(io.StringIO()):
+        cli.main(["readme", str(COMMITTED), "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith(f"# title\n\n{report.README_BEGIN}\n") and text.endswith(f"{report.README_END}\n\n## next\n")
+    assert report.readme_block_of(text) == report.readme_block(report.read_json(COMMITTED))
+
+
+# ---------------------------------------------------------------- one tiny run, end to end
+
+
+def test_tiny_run_end_to_end(tmp_path):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "tiny-bert"
+    # vocabulary > 2000: the rows draw token ids from [1000, 2000)
+    tf.BertModel(tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
+                               vocab_size=2048, max_position_embeddings=64)).save_pretrained(model_dir)
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            cli.main(["--model", str(model_dir), "--out-dir", str(tmp_path), "--tag", "t", "--batch", "2",
+                      "--seq-len", "8", "--prefix-len", "4", "--repeats", "3", "--warmup", "1", "--budget", "0",
+                      "--only", "APT token", "DePT (original)", "floor", "--seq-lens", "8",
+                      "--prefix-lens", "2", "--curve-repeats", "3", "--no-memory", "--quiet"])
+    finally:
+        torch.set_num_threads(threads)
+    result = report.read_json(tmp_path / "t.json")
+    names = [r["name"] for r in result["rows"]]
+    assert names == ["APT token gate (fastprefix)", "DePT (original)", "ADePT (original)",
+                     "floor: backbone on S tokens", "floor: backbone on S+4 tokens"]
+    apt = result["rows"][0]
+    assert apt["floor"] == "floor: backbone on S tokens" and len(apt["train_times"]) == 3
+    assert set(apt["train"]) == {"median", "q1", "q3", "min", "max", "n"}
+    assert result["settings"]["clock"] == "cpu" and result["settings"]["threads"] == 1
+    assert result["machine"]["cpu_count"] >= 1 and len(result["machine"]["load_average_end"]) == 3
+    assert result["sampling"]["extra_rounds"] == 0
+    for curve in result["curves"]:
+        for points in curve["rows"].values():
+            assert all(len(p["train_times"]) == 3 and p["train_tok_s_iqr"][0] <= p["train_tok_s"]
+                       <= p["train_tok_s_iqr"][1] for p in points)
+    md = (tmp_path / "t.md").read_text()
+    assert apt["ratios"]["train"]["floor"]["text"] in md
+    assert (tmp_path / "t.png").stat().st_size > 0
