@@ -16,9 +16,10 @@ peak rates split costs 1.14x plain FlashAttention-2 over the real keys, 1.27x ca
 kernel's 1.32x / 1.36x before its backward's ~2x efficiency gap to FA2); the GPU benchmark's numbers
 replace it as soon as they exist.
 
-APT's fused gate inputs (``gate_hidden``, ``gate_weight``, ``gate_bias``, ``layer_scale``) become one gate
-tensor on the split path: one GEMM + sigmoid per call in torch, shared by every head and tile, its
-gradient through autograd.
+On both paths the gate reaches the kernels as one tensor in the accumulator dtype, built by
+``gated_prefix_attention.gate_tensor``: APT's fused gate inputs (``gate_hidden``, ``gate_weight``,
+``gate_bias``, ``layer_scale``) become one GEMM + sigmoid per call in torch, shared by every head and
+tile, its gradient through autograd.
 """
 
 from __future__ import annotations
@@ -67,15 +68,6 @@ def choose_path(q, k, key_padding_mask=None, causal=False) -> tuple[str, object,
     return "split", op, key_padding_mask
 
 
-def _apt_gate(gate_hidden, gate_weight, gate_bias, layer_scale):
-    """``layer_scale * sigmoid(gate_hidden @ gate_weight + gate_bias)``: ``[B, Sq|1, L]``, once per call."""
-    if gate_bias is None:
-        gate_bias = gate_weight.new_zeros(gate_weight.shape[-1])
-    logits = torch.addmm(gate_bias, gate_hidden.flatten(0, -2), gate_weight).view(*gate_hidden.shape[:-1], -1)
-    gate = torch.sigmoid(logits)
-    return gate if layer_scale is None else layer_scale * gate
-
-
 def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidden=None, gate_weight=None,
                            gate_bias=None, layer_scale=None, key_padding_mask=None, causal=False, scale=None):
     """Gated-prefix attention on the Triton backend; same contract as the reference
@@ -87,9 +79,6 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
         return fused.gated_prefix_attention(q, k, v, prefix_k, prefix_v, gate=gate, gate_hidden=gate_hidden,
                                             gate_weight=gate_weight, gate_bias=gate_bias, layer_scale=layer_scale,
                                             key_padding_mask=key_padding_mask, causal=causal, scale=scale)
-    if gate_hidden is not None:
-        if gate is not None:
-            raise ValueError("pass either gate or the fused gate inputs (gate_hidden, ...), not both")
-        gate = _apt_gate(gate_hidden, gate_weight, gate_bias, layer_scale)
+    gate = fused.gate_tensor(q, gate, gate_hidden, gate_weight, gate_bias, layer_scale)
     return prefix_merge.split_attention(q, k, v, prefix_k, prefix_v, gate=gate, key_padding_mask=key_padding_mask,
                                         causal=causal, scale=scale, op=op)

@@ -605,7 +605,8 @@ _CONFIGS_16BIT = {
     },
     86: {  # ptxas allocates differently for sm_86: at D=64, dq and dk/dv needed smaller tiles than on sm_80
         "fwd": {64: _C(128, 64, 64, 8, 3), 128: _C(128, 64, 64, 8, 2)},
-        "fwd_gate": {64: _C(128, 64, 64, 8, 3), 128: _C(128, 64, 16, 8, 2)},
+        # 2 stages: with the fp32 gate tile a third stage needs 114,688 B, over sm_86/89's 99 KB
+        "fwd_gate": {64: _C(128, 64, 64, 8, 2), 128: _C(128, 64, 16, 8, 2)},
         "bwd_dq": {64: _C(128, 32, 32, 8, 2), 128: _C(128, 32, 16, 8, 2)},
         "bwd_dkdv": {64: _C(16, 64, 0, 8, 2), 128: _C(16, 64, 0, 8, 2)},
         "bwd_prefix": {64: _C(32, 32, 32, 8, 2), 128: _C(32, 32, 32, 8, 2)},
@@ -920,6 +921,33 @@ class GatedPrefixAttentionFunction(torch.autograd.Function):
 OUT_LAYOUTS = ("bhsd", "bshd")
 
 
+def gate_tensor(q, gate=None, gate_hidden=None, gate_weight=None, gate_bias=None, layer_scale=None):
+    """The gate both Triton paths launch with: None, or a tensor broadcastable to [B, Sq, L] in the
+    accumulator dtype of q (fp32 for fp16/bf16/fp32, fp64 for fp64), so every kernel compiles one
+    gate-pointer type (the one `make fitness` checks). Either `gate` as given (cast through autograd),
+    or APT's layer_scale * sigmoid(gate_hidden @ gate_weight + gate_bias) from gate_hidden
+    [B, Sq or 1, d], gate_weight [d, L], gate_bias [L], layer_scale (0-dim): one GEMM + sigmoid
+    per call ([B, Sq, L], or [B, 1, L] from a pooled hidden state), saved by autograd.
+
+    The GEMM (and its backward) runs in the inputs' dtype with fp32 accumulation; the sigmoid and
+    scale run in the accumulator dtype, so dL/dgate (fp32 from the kernel) reaches layer_scale, a
+    sum over B * Sq * L terms, without a 16-bit rounding: with an fp16 gate its error was up to 17x
+    the reference's.
+    """
+    acc = _acc_torch_dtype(q)
+    if gate is not None and gate_hidden is not None:
+        raise ValueError("pass either gate or the fused gate inputs (gate_hidden, ...), not both")
+    if gate_hidden is None:
+        return None if gate is None else gate.to(acc)
+    if gate_weight is None:
+        raise ValueError("gate_hidden needs gate_weight")
+    if gate_bias is None:
+        gate_bias = gate_weight.new_zeros(gate_weight.shape[-1])
+    logits = torch.addmm(gate_bias, gate_hidden.flatten(0, -2), gate_weight).view(*gate_hidden.shape[:-1], -1)
+    gate = torch.sigmoid(logits.to(acc))
+    return gate if layer_scale is None else layer_scale.to(acc) * gate
+
+
 def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidden=None, gate_weight=None,
                            gate_bias=None, layer_scale=None, key_padding_mask=None, causal=False, scale=None,
                            out_layout="bhsd"):
@@ -940,23 +968,7 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
         raise ValueError(f"triton gated_prefix_attention supports head dim <= 128, got {D}")
     if out_layout not in OUT_LAYOUTS:
         raise ValueError(f"out_layout must be one of {OUT_LAYOUTS}, got {out_layout!r}")
-    if gate is not None and gate_hidden is not None:
-        raise ValueError("pass either gate or the fused gate inputs (gate_hidden, ...), not both")
-    if gate_hidden is not None:
-        if gate_weight is None:
-            raise ValueError("gate_hidden needs gate_weight")
-        if gate_bias is None:
-            gate_bias = gate_weight.new_zeros(gate_weight.shape[-1])
-        if layer_scale is None:
-            layer_scale = gate_weight.new_ones(())
-        # One GEMM + sigmoid per call ([B, Sq, L], or [B, 1, L] from a pooled hidden state), saved by
-        # autograd. The GEMM (and its backward) runs in the inputs' dtype with fp32 accumulation; the
-        # sigmoid and scale run in the accumulator dtype, so dL/dgate (fp32 from the kernel) reaches
-        # layer_scale, a sum over B * Sq * L terms, without a 16-bit rounding: with an fp16 gate its
-        # error was up to 17x the reference's.
-        acc = _acc_torch_dtype(gate_hidden)
-        logits = torch.addmm(gate_bias, gate_hidden.flatten(0, -2), gate_weight).view(*gate_hidden.shape[:-1], -1)
-        gate = layer_scale.to(acc) * torch.sigmoid(logits.to(acc))
+    gate = gate_tensor(q, gate, gate_hidden, gate_weight, gate_bias, layer_scale)
     if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
         key_padding_mask = key_padding_mask != 0
     if scale is None:
@@ -1027,6 +1039,8 @@ def fitness_configs():
                         cx.update(HAS_GATE=True)
                         ptrs = {n: ptr for n in ("Q", "PK", "PV", "GATE", "DO")}
                         ptrs.update(LSE=f32, DELTA=f32, DPK=f32, DPV=f32, DG=f32)
+                    if kind != "fwd":
+                        ptrs["GATE"] = f32  # gate_tensor hands every kernel the gate in the accumulator dtype
                     sig, cx, attrs = spec(fn, ptrs, cx)
                     yield (f"attn.{FITNESS_KERNELS[kind]} {tag}", fn, sig, cx, cfg.num_warps, cfg.num_stages, arch,
                            attrs)

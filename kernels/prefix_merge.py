@@ -662,7 +662,7 @@ def fitness_configs():
                     cx = dict(BLOCK_M=bm, BLOCK_L=bl, BLOCK_D=D, HAS_GATE=True, EVEN_D=True,
                               ACC=tl.float32, DOT=dot, PREC="tf32")
                     ptrs = {n: ptr for n in ("Q", "PK", "PV", "GATE", "OK", "OUT", "DO", "DQ")}
-                    ptrs.update(LSEK="*fp32", LSE="*fp32", DELTA="*fp32", DPK="*fp32", DPV="*fp32", DG="*fp32")
+                    ptrs.update(GATE="*fp32", LSEK="*fp32", LSE="*fp32", DELTA="*fp32", DPK="*fp32", DPV="*fp32", DG="*fp32")
                     names = set(kernel.arg_names)
                     ones = {"stride_gl", "stride_lkm"} & names
                     div16 = {n for n in names if n.startswith("stride_") and n[-1] in "bhmn" and n not in ones
