@@ -95,6 +95,15 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from ._launch import acc_torch_dtype as _acc_torch_dtype
+from ._launch import arch_of as _arch_of
+from ._launch import gate_strides as _gate_strides
+from ._launch import prefix_strides as _prefix_strides
+from ._launch import prefix_tile as _prefix_tile
+from ._launch import reduce_prefix_partials
+from ._launch import rows_per_split as _rows_per_split
+from ._launch import split_float as _split
+from ._launch import unit_rows as _rows
 from ._runtime import interpreting, new_buffer
 
 __all__ = ["gated_prefix_attention", "fitness_configs", "pick_config", "LaunchConfig"]
@@ -674,19 +683,6 @@ def pick_config(kind: str, block_d: int, arch: Optional[int], dtype: torch.dtype
     return table[target_of(arch)][kind][_head_dim_bucket(block_d)]
 
 
-def _arch_of(t: torch.Tensor) -> Optional[int]:
-    """Compute capability as 80/90/..., queried at call time; None for the CPU interpreter."""
-    if t.device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(t.device)
-    return 10 * major + minor
-
-
-def _prefix_tile(L: int, cap: int) -> int:
-    """BLOCK_L: the prefix's own tile, max(16, next_pow2(L)) up to the config's cap."""
-    return min(cap, max(16, triton.next_power_of_2(L)))
-
-
 def _folded_grid(tiles: int, rows: int, *rest: int) -> tuple:
     """(tiles * rows, *rest): grid axis 0 folds the tile index and batch * heads (decoded by
     _tile_of); axes 1 and 2 (CUDA caps them at 65,535) only get the small `rest`."""
@@ -696,19 +692,6 @@ def _folded_grid(tiles: int, rows: int, *rest: int) -> tuple:
     return (programs, *rest)
 
 
-def _rows_per_split(Sq: int, block_m: int, programs: int, like: torch.Tensor) -> int:
-    """Query rows per program of the prefix-gradient kernel (a multiple of block_m). On GPU the
-    query range is split until there are about two programs per SM (at most 16 splits); the
-    interpreter splits in two whenever it can, so the tests cover the split path."""
-    tiles = triton.cdiv(Sq, block_m)
-    if like.device.type == "cuda":
-        sms = torch.cuda.get_device_properties(like.device).multi_processor_count
-        splits = min(16, max(1, triton.cdiv(2 * sms, programs)))
-    else:
-        splits = 2
-    return triton.cdiv(tiles, min(splits, tiles)) * block_m
-
-
 def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
@@ -716,35 +699,6 @@ def _block_d(D: int) -> int:
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """Kernels address the last dim with unit stride; everything else goes through strides."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _split(c: float) -> tuple:
-    """c as fp32 high and low parts (see _scaled)."""
-    hi = float(torch.tensor(c, dtype=torch.float32))
-    return hi, c - hi
-
-
-def _acc_torch_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
-def _prefix_strides(p: torch.Tensor):
-    """(batch, head, row) strides; batch stride 0 for a prefix shared by the batch."""
-    if p.dim() == 3:
-        return 0, p.stride(0), p.stride(1)
-    return p.stride(0), p.stride(1), p.stride(2)
-
-
-def _gate_strides(gate: Optional[torch.Tensor], B: int, Sq: int, L: int):
-    if gate is None:
-        return 0, 0, 0
-    g = gate.expand(B, Sq, L)  # a view: broadcast dims get stride 0
-    return g.stride()
 
 
 def _new_output(q: torch.Tensor, out_bshd: bool) -> torch.Tensor:
@@ -851,11 +805,7 @@ def _backward(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse,
         BLOCK_M=cfg.block_m, BLOCK_N=block_l, BLOCK_D=block_d, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
     )
-    dpk, dpv = dpk.sum(0), dpv.sum(0)  # over query splits (fixed order: deterministic)
-    if prefix_k.dim() == 3:  # shared by the batch
-        dpk, dpv = dpk.sum(0), dpv.sum(0)
-    dg = dg.sum(1) if dg is not None else q.new_empty((0,), dtype=acc)
-    return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype), dg
+    return (dq, dk, dv, *reduce_prefix_partials(dpk, dpv, dg, prefix_k, prefix_v, q, acc))
 
 
 # --------------------------------------------------------------------------------------------

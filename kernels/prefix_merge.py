@@ -91,9 +91,17 @@ import triton
 import triton.language as tl
 
 from . import vendor_attention as vendor
+from ._launch import acc_torch_dtype as _acc_dtype
+from ._launch import arch_of as _arch_of
+from ._launch import gate_strides as _gate_strides
+from ._launch import prefix_strides as _prefix_strides
+from ._launch import prefix_tile, reduce_prefix_partials
+from ._launch import rows_per_split as _rows_per_split
+from ._launch import split_float as _split
+from ._launch import unit_rows as _rows
 from ._runtime import interpreting, new_buffer
 
-__all__ = ["split_attention", "merge_forward", "fitness_configs", "pick_config", "block_l"]
+__all__ = ["split_attention", "merge_forward", "fitness_configs", "pick_config"]
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
 LN2 = math.log(2.0)
@@ -362,11 +370,6 @@ _GPU_CONFIGS = {
 _INTERPRETER_CONFIG = (64, 64, 4, 1)
 
 
-def block_l(L: int, widest: int = 64) -> int:
-    """The prefix's own tile width: ``max(16, next_pow2(L))``, at most ``widest`` (longer prefixes loop)."""
-    return min(widest, max(16, triton.next_power_of_2(L)))
-
-
 def pick_config(kind: str, block_d: int, arch: Optional[int]) -> tuple:
     """(BLOCK_M, widest BLOCK_L, num_warps, num_stages) for kernel ``kind`` (``"fwd"``, ``"bwd_dq"``,
     ``"bwd_prefix"``) on ``arch`` (None: the interpreter)."""
@@ -375,33 +378,9 @@ def pick_config(kind: str, block_d: int, arch: Optional[int]) -> tuple:
     return _GPU_CONFIGS[90 if arch >= 90 else 80][kind][64 if block_d <= 64 else 128]
 
 
-def _arch_of(t: torch.Tensor) -> Optional[int]:
-    """Compute capability as 80/90/..., queried at call time; None for the CPU interpreter."""
-    if t.device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(t.device)
-    return 10 * major + minor
-
-
-def _splits(Sq: int, block_m: int, programs: int, like: torch.Tensor) -> int:
-    """Query rows per program of the backward (a multiple of block_m): on GPU split until there are about
-    two programs per SM (at most 16 splits); the interpreter splits in two when it can (so tests cover it)."""
-    tiles = triton.cdiv(Sq, block_m)
-    if like.device.type == "cuda":
-        sms = torch.cuda.get_device_properties(like.device).multi_processor_count
-        splits = min(16, max(1, triton.cdiv(2 * sms, programs)))
-    else:
-        splits = 2
-    return triton.cdiv(tiles, min(splits, tiles)) * block_m
-
-
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-
-
-def _acc_dtype(q):
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def _flags(q, D):
@@ -425,26 +404,6 @@ def _grid(programs: int, tiles: int) -> tuple:
     if tiles > 65_535:
         raise ValueError(f"the split path launches {tiles} query tiles on grid axis 1, more than CUDA's 65,535")
     return programs, tiles
-
-
-def _split(c: float) -> tuple:
-    """c as fp32 high and low parts (see _times)."""
-    hi = float(torch.tensor(c, dtype=torch.float32))
-    return hi, c - hi
-
-
-def _rows(t):
-    """The kernels address the last dim with unit stride; everything else goes through strides."""
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _prefix_strides(p):
-    """(batch, head, row) strides; batch stride 0 for a prefix shared by the batch."""
-    return (0, p.stride(0), p.stride(1)) if p.dim() == 3 else p.stride()[:3]
-
-
-def _gate_strides(gate, B, Sq, L):
-    return (0, 0, 0) if gate is None else gate.expand(B, Sq, L).stride()
 
 
 def _forward(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal: bool, scale: float, op: str):
@@ -479,7 +438,7 @@ def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale: float):
         *q.stride()[:3], *_prefix_strides(prefix_k), *_prefix_strides(prefix_v), *_gate_strides(gate, B, Sq, L),
         *o_k.stride()[:3], *lse_k.stride(), *out.stride()[:3],
         H, H // Hkv, Sq, L, D, *_split(scale * LOG2E), *_split(LOG2E),
-        BLOCK_M=block_m, BLOCK_L=block_l(L, widest_l), HAS_GATE=gate is not None, **flags,
+        BLOCK_M=block_m, BLOCK_L=prefix_tile(L, widest_l), HAS_GATE=gate is not None, **flags,
         num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=FP_FUSION,
     )
     return out, lse
@@ -513,12 +472,12 @@ def _backward(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse,
         q, prefix_k, prefix_v, gate, do, lse, delta, dq, dg,
         *q.stride()[:3], *_prefix_strides(prefix_k), *_prefix_strides(prefix_v), *g_strides, *do.stride()[:3],
         *dq.stride()[:3], *common, *_split(scale * LOG2E), *_split(scale),
-        BLOCK_M=block_m, BLOCK_L=block_l(L, widest_l), HAS_GATE=gate is not None, **flags,
+        BLOCK_M=block_m, BLOCK_L=prefix_tile(L, widest_l), HAS_GATE=gate is not None, **flags,
         num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=FP_FUSION,
     )
 
     block_m, widest_l, num_warps, num_stages = pick_config("bwd_prefix", flags["BLOCK_D"], arch)
-    rows_per_split = _splits(Sq, block_m, B * Hkv, q)
+    rows_per_split = _rows_per_split(Sq, block_m, B * Hkv, q)
     splits = triton.cdiv(Sq, rows_per_split)
     dpk = new_buffer((splits, B, Hkv, L, D), acc, q.device)
     dpv = new_buffer((splits, B, Hkv, L, D), acc, q.device)
@@ -526,14 +485,10 @@ def _backward(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse,
         q, prefix_k, prefix_v, gate, do, lse, delta, dpk, dpv,
         *q.stride()[:3], *_prefix_strides(prefix_k), *_prefix_strides(prefix_v), *g_strides, *do.stride()[:3],
         *common, rows_per_split, *_split(scale * LOG2E), *_split(scale),
-        BLOCK_M=block_m, BLOCK_L=block_l(L, widest_l), HAS_GATE=gate is not None, **flags,
+        BLOCK_M=block_m, BLOCK_L=prefix_tile(L, widest_l), HAS_GATE=gate is not None, **flags,
         num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=FP_FUSION,
     )
-    dpk, dpv = dpk.sum(0), dpv.sum(0)  # over query splits, in a fixed order: deterministic
-    if prefix_k.dim() == 3:  # shared by the batch
-        dpk, dpv = dpk.sum(0), dpv.sum(0)
-    dg = dg.sum(1) if dg is not None else q.new_empty((0,), dtype=acc)
-    return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype), dg
+    return (dq, dk, dv, *reduce_prefix_partials(dpk, dpv, dg, prefix_k, prefix_v, q, acc))
 
 
 # --------------------------------------------------------------------------------------------

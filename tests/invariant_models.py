@@ -11,8 +11,8 @@ import functools
 
 import torch
 
-VOCAB = 97
-PAD = 0
+from hf_models import PAD, VOCAB  # one vocabulary and pad id for every test model
+
 _COMMON = dict(vocab_size=VOCAB, pad_token_id=PAD)
 _DECODER = dict(_COMMON, num_hidden_layers=2, intermediate_size=40, max_position_embeddings=64, bos_token_id=1,
                 eos_token_id=None)

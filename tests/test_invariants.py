@@ -31,6 +31,8 @@ import torch
 
 import fastprefix
 from hf_models import METHODS, PREFIX_METHODS, PROMPT_METHODS, perturb
+from hf_models import batch as _batch
+from hf_models import positions as _positions
 from invariant_models import DECODERS, ENCODER_DECODERS, ENCODERS, FAMILIES, PAD, VOCAB, tiny
 
 EXACT = dict(atol=1e-10, rtol=0)
@@ -83,24 +85,6 @@ def _applied(family, method, backend="torch", config=None, double=True):
 def _reference(model):
     """Run the reference side of a comparison on the PyTorch path (a no-op for the bulk, already there)."""
     return fastprefix.use_backend(model, "torch")
-
-
-def _batch(lengths, side, seed=2):
-    """Token ids ``[B, S]`` padded on ``side`` to the longest of ``lengths``, and the 0/1 mask."""
-    g = torch.Generator().manual_seed(seed)
-    S = max(lengths)
-    ids = torch.full((len(lengths), S), PAD, dtype=torch.long)
-    mask = torch.zeros(len(lengths), S, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        cols = slice(0, n) if side == "right" else slice(S - n, S)
-        ids[b, cols] = torch.randint(3, VOCAB, (n,), generator=g)
-        mask[b, cols] = 1
-    return ids, mask
-
-
-def _positions(mask):
-    """Position ids from a 0/1 mask, as ``generate`` makes them (real tokens count from 0)."""
-    return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
 def _forward(model, family, ids, mask=None, decoder_ids=None, **kw):
