@@ -183,9 +183,9 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     started = time.perf_counter()
     machine = report.machine(device)
+    counters = report.cpu_counters()
     if report.busy(machine):  # say it now, not only after minutes of noisy sampling
-        print(f"warning: the machine is busy (load average {machine['load_average'][0]:.1f} on "
-              f"{machine['cpu_count']} CPUs): expect wide intervals and a longer run", file=sys.stderr)
+        print(f"warning: {report.busy(machine)}; expect a longer run", file=sys.stderr)
 
     backbone = backbones.load_backbone(args.model, dtype)
     shapes = backbones.describe(backbone)
@@ -240,6 +240,7 @@ def main(argv=None):
                   targets=suite.targets(rows), sampling=sampling, kernels=kernel_results)
     settings["wall_seconds"] = round(time.perf_counter() - started, 1)
     result["machine"]["load_average_end"] = report.load_average()
+    result["machine"]["other_cpus"] = report.other_cpus(counters, report.cpu_counters())
 
     out = _out_dir(args)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import time
 
 import torch
 
@@ -49,11 +50,43 @@ def load_average():
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
+def cpu_counters():
+    """``(busy CPU-seconds of the whole machine, this process's CPU-seconds, wall seconds)`` now, or None.
+
+    The machine's busy time comes from ``/proc/stat`` (Linux); two readings give how many CPUs *other* work
+    kept busy in between (:func:`other_cpus`). The load average can't say that: it counts this run's own
+    thread, trails by minutes, and on some virtual machines counts kernel threads that use no CPU.
+    """
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    busy_ticks = sum(fields[:8]) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle and iowait
+    return busy_ticks / hz, time.process_time(), time.monotonic()
+
+
+def other_cpus(before, after):
+    """How many CPUs work outside this process kept busy, on average, between two :func:`cpu_counters`."""
+    if not before or not after or after[2] <= before[2]:
+        return None
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return round(max(others, 0.0) / (after[2] - before[2]), 2)
+
+
+def sample_other_cpus(seconds=1.0):
+    """:func:`other_cpus` over a short idle wait (before a run starts)."""
+    before = cpu_counters()
+    time.sleep(seconds)
+    return other_cpus(before, cpu_counters())
+
+
 def machine(device):
     info = dict(
         platform=platform.platform(), python=platform.python_version(), cpu=_cpu_model(),
         cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), device=str(device),
-        load_average=load_average(),
+        load_average=load_average(), other_cpus_before=sample_other_cpus(),
         versions={p: _version(p) for p in ("torch", "triton", "transformers", "peft", "fastprefix")},
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )
@@ -65,21 +98,31 @@ def machine(device):
 def busy(m):
     """A sentence saying the machine was busy during the run, or None.
 
-    Other work = the 1-minute load average at the start, or at the end minus this run's own threads;
-    busy when it exceeds :data:`BUSY_SHARE` of the CPUs.
+    Other work = the CPUs other processes kept busy, measured from ``/proc/stat`` over the run
+    (``other_cpus``) and just before it (``other_cpus_before``); files without these fall back to the
+    1-minute load average at the start, or at the end minus this run's own threads. Busy when it exceeds
+    :data:`BUSY_SHARE` of the CPUs.
     """
     cpus = m.get("cpu_count") or 1
     start, end = m.get("load_average"), m.get("load_average_end")
-    others = []
-    if start:
-        others.append(start[0])
-    if end:
-        others.append(end[0] - m.get("torch_threads", 1))
-    worst = max(others, default=0.0)
+    measured = [x for x in (m.get("other_cpus_before"), m.get("other_cpus")) if x is not None]
+    if measured:
+        worst = max(measured)
+        parts = [f"{m[k]:.2f} {when}" for k, when in (("other_cpus_before", "before the run"),
+                                                       ("other_cpus", "during it")) if m.get(k) is not None]
+        how = "measured from the CPU counters: " + ", ".join(parts)
+    else:
+        others = []
+        if start:
+            others.append(start[0])
+        if end:
+            others.append(end[0] - m.get("torch_threads", 1))
+        worst = max(others, default=0.0)
+        how = f"load average {_load(start)} at the start, {_load(end)} at the end"
     if worst <= BUSY_SHARE * cpus:
         return None
-    return (f"the machine was busy: other work kept about {worst:.1f} of its {cpus} CPUs running (load average "
-            f"{_load(start)} at the start, {_load(end)} at the end); the intervals include that noise")
+    return (f"the machine was busy: other work kept about {worst:.1f} of its {cpus} CPUs running ({how}); "
+            "the intervals include that noise")
 
 
 def _load(la):
@@ -194,7 +237,10 @@ def verdicts(result, headline_only=False):
 def _load_line(result):
     m = result["machine"]
     line = (f"Measured {m['date']}; load average {_load(m.get('load_average'))} at the start, "
-            f"{_load(m.get('load_average_end'))} at the end, {m.get('cpu_count')} CPUs.")
+            f"{_load(m.get('load_average_end'))} at the end, {m.get('cpu_count')} CPUs")
+    if m.get("other_cpus") is not None:
+        line += f"; other processes kept {m['other_cpus']:.2f} CPUs busy during the run (CPU counters)"
+    line += "."
     warn = busy(m)
     return line + (f" **Warning: {warn}.**" if warn else "")
 

@@ -14,7 +14,10 @@ from .ops import adept_embedding, apt_gate, dept_embedding, gated_prefix_attenti
 # the 🤗 transformers swap-in (transformers itself is imported lazily, on first use)
 from .integrations.transformers import apply, remove, use_backend
 from .adapters import load_adapter, merge, save_adapter, unmerge
+from .peft_io import from_peft, to_peft
 from .probe import GateReport, gate_report
+from .serving import prompt_embeds
+from .conveniences import disabled, print_trainable_parameters, trainable_parameters
 
 __all__ = [
     "__version__",
@@ -24,4 +27,6 @@ __all__ = [
     "config_from_dict", "config_from_json",
     "PromptTuning", "PTuningV2Prefix", "AdaptivePrefix", "DecomposedPrompt", "AdaptiveDecomposedPrompt",
     "apply", "remove", "use_backend", "save_adapter", "load_adapter", "merge", "unmerge", "gate_report", "GateReport",
+    "from_peft", "to_peft",
+    "prompt_embeds", "disabled", "print_trainable_parameters", "trainable_parameters",
 ]

@@ -30,6 +30,8 @@ CONFIG_NAME = "adapter_config.json"
 FORMAT = "fastprefix-adapter"
 _MODULE, _BASE = "fastprefix.", "base."
 _FINGERPRINT = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+# prefix methods also fit the number of prefix sites (T5: encoder + decoder blocks; T5EncoderModel: encoder only)
+_PREFIX_METHODS = ("p_tuning_v2", "apt")
 _SAVE_ID = "fastprefix_save_id"  # safetensors metadata key (and JSON "save_id"): pairs the two files of one save
 
 
@@ -236,7 +238,8 @@ def _check_model(meta, model, shape):
         raise ValueError(f"the adapter was trained on a model configured by {config_class}, this {here} is "
                          f"configured by {type(model.config).__name__}")
     # the sizes the method's tensors depend on (the vocabulary may grow: added tokens do not break an adapter)
-    diff = {k: (saved.get(k), v) for k, v in shape.to_dict().items() if k in _FINGERPRINT and saved.get(k) != v}
+    keys = _FINGERPRINT + (("prefix_sites",) if meta.get("method") in _PREFIX_METHODS else ())
+    diff = {k: (saved.get(k), v) for k, v in shape.to_dict().items() if k in keys and saved.get(k) != v}
     if diff:
         text = ", ".join(f"{k}: adapter {a} vs model {b}" for k, (a, b) in diff.items())
         raise ValueError(f"the adapter was trained on a model of a different shape ({text})")
@@ -313,6 +316,8 @@ def load_adapter(model, directory, *, backend=None):
 def _merged_guard(module, args, kwargs):
     """Forward pre-hook while merged: a training forward would train nothing in the FFN, so refuse it."""
     state = integration.state_of(module)
+    if state.disabled:  # fastprefix.disabled: the base model runs, the folded table is not used
+        return
     ffn = [p for n, p in state.module.named_parameters() if n != "prompt"]
     if module.training and torch.is_grad_enabled() and any(p.requires_grad for p in ffn):
         raise RuntimeError("fastprefix: this ADePT model is merged (fastprefix.merge): its embeddings come from a "

@@ -63,6 +63,9 @@ def _value(cls):
     return cls
 
 
+PREFIX_POSITIONS = ("none", "shift")  # PTuningV2Config / APTConfig.prefix_positions
+
+
 @_value
 class _Config:
     method: ClassVar[str] = ""
@@ -123,6 +126,11 @@ class PTuningV2Config(_Config):
     ``prefix_projection`` reparameterises the prefix through
     ``Embedding(L, d) -> Linear(d, projection_hidden) -> tanh -> Linear(projection_hidden, 2*N*Hkv*D)``;
     ``prefix_dropout`` is the original code's dropout on the prefix (PEFT: none).
+
+    ``prefix_positions``: ``"none"`` (the prefix takes no positions: real tokens keep the positions they have
+    without it) or ``"shift"`` (the real tokens' positions move up by ``L``, as when the prefix sits in the KV
+    cache: what PEFT's prefix tuning and the original P-Tuning v2 code give on models with absolute or rotary
+    positions; needed to match adapters trained there, see :func:`fastprefix.from_peft`).
     """
 
     method: ClassVar[str] = "p_tuning_v2"
@@ -130,12 +138,14 @@ class PTuningV2Config(_Config):
     prefix_projection: bool = False
     projection_hidden: int = 512
     prefix_dropout: float = 0.0
+    prefix_positions: str = "none"
 
     def __post_init__(self):
         super().__post_init__()
         _positive_int(self, "num_virtual_tokens")
         _positive_int(self, "projection_hidden")
         _probability(self, "prefix_dropout")
+        _choice(self, "prefix_positions", PREFIX_POSITIONS)
         if not isinstance(self.prefix_projection, bool):
             raise ValueError(f"{type(self).__name__}.prefix_projection must be a bool, got {self.prefix_projection!r}")
 

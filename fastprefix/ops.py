@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 
 import torch
 
@@ -98,10 +99,48 @@ def _check_attention(q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight
         raise ValueError(f"scale must be a Python number or None, got {type(scale).__name__}")
 
 
+def _check_attention_features(q, k, attn_bias, window, softcap):
+    """The issue #12 features: ``attn_bias`` broadcastable to ``[B, H, Sq, Sk]``, ``window`` a pair of ints
+    ``>= -1``, ``softcap`` a finite positive number."""
+    B, H, Sq, _ = q.shape
+    Sk = k.shape[2]
+    if attn_bias is not None:
+        full = (B, H, Sq, Sk)
+        want = f"a floating tensor broadcastable to [B={B}, H={H}, Sq={Sq}, Sk={Sk}] (each dim full or 1)"
+        if not isinstance(attn_bias, torch.Tensor):
+            raise ValueError(f"attn_bias must be {want}, got {type(attn_bias).__name__}")
+        if not attn_bias.is_floating_point():
+            raise ValueError(f"attn_bias must be {want}, got dtype {attn_bias.dtype}")
+        check.same_device("attn_bias", attn_bias, q)
+        if attn_bias.dtype not in (q.dtype, torch.float32):
+            raise ValueError(f"attn_bias must have q's dtype ({q.dtype}) or torch.float32, got {attn_bias.dtype}")
+        shape = tuple(attn_bias.shape)
+        if len(shape) > 4 or any(n not in (1, m) for n, m in zip(reversed(shape), reversed(full))):
+            raise ValueError(f"attn_bias must be {want}, got shape {list(shape)}")
+    if window is not None:
+        ok = (isinstance(window, (tuple, list)) and len(window) == 2
+              and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window))
+        if not ok:
+            raise ValueError(f"window must be None or a (left, right) pair of ints, each >= 0 or -1 (unbounded), "
+                             f"got {window!r}")
+    if softcap is not None:
+        ok = (isinstance(softcap, (int, float)) and not isinstance(softcap, bool) and math.isfinite(softcap)
+              and softcap > 0)
+        if not ok:
+            raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+
+
 def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidden=None, gate_weight=None,
                            gate_bias=None, layer_scale=None, key_padding_mask=None, causal=False, scale=None,
-                           backend=None):
+                           attn_bias=None, window=None, softcap=None, backend=None):
     """Attention over ``[gated prefix ; keys]`` (P-Tuning v2 with ``gate=None``, APT otherwise).
+
+    For query t, prefix row j and real key u (``cap(x) = softcap * tanh(x / softcap)``, the identity without
+    ``softcap``)::
+
+        logit[t, j] = cap(g[t, j] * scale * q_t . Pk_j)                    always visible
+        logit[t, u] = cap(scale * q_t . k_u) + attn_bias[..., t, u]        or -inf where hidden
+        out_t       = sum_j p[t, j] g[t, j] Pv_j + sum_u p[t, u] v_u,      p = softmax over the L + Sk logits
 
     Args:
         q: ``[B, H, Sq, D]``.
@@ -114,6 +153,17 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
         key_padding_mask: ``[B, Sk]`` bool, True = real token. The prefix is always visible.
         causal: query t sees keys ``u <= t + Sk - Sq`` (bottom-right aligned, as in decoding).
         scale: softmax scale, default ``D ** -0.5``.
+        attn_bias: None, or a floating tensor (q's dtype or float32, q's device) broadcastable to
+            ``[B, H, Sq, Sk]`` (at most 4 dims, each trailing-aligned dim full or 1), added to the real keys'
+            logits after the cap (T5's position bias, DeBERTa's c2p/p2c terms); the prefix columns get none.
+            If it requires grad it gets its gradient (summed over its broadcast dims, in its dtype).
+        window: None, or ``(left, right)`` ints, each ``>= 0`` or ``-1`` (unbounded), FlashAttention's
+            ``window_size``: query t (at position ``t' = t + Sk - Sq``) sees real key u iff
+            ``t' - left <= u <= t' + right`` (and ``u <= t'`` with ``causal``). The prefix is always visible.
+            A transformers ``sliding_window=W`` (visible iff ``t' - u < W``) is ``window=(W - 1, 0)``.
+        softcap: None, or a finite number > 0 (Gemma 2's ``attn_logit_softcapping``): every logit, prefix
+            (after its gate) and real keys, becomes ``softcap * tanh(logit / softcap)`` before the bias and
+            the masks.
         backend: ``"torch"``, ``"triton"`` or None (Triton for CUDA tensors). ``"triton"`` runs the split
             path (PyTorch's fused attention for the keys + a Triton prefix merge) or the fused kernel, by
             the rule in ``fastprefix.kernels.attention_path`` (``FASTPREFIX_ATTENTION=split|fused`` forces one).
@@ -123,8 +173,13 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
     """
     _check_attention(q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight, gate_bias, layer_scale,
                      key_padding_mask, causal, scale)
+    _check_attention_features(q, k, attn_bias, window, softcap)
     kwargs = dict(gate=gate, gate_hidden=gate_hidden, gate_weight=gate_weight, gate_bias=gate_bias,
                   layer_scale=layer_scale, key_padding_mask=key_padding_mask, causal=causal, scale=scale)
+    # the features travel only when set: a plain P-Tuning v2 / APT call keeps the backends' original signature
+    features = dict(attn_bias=attn_bias, window=None if window is None else tuple(window),
+                    softcap=None if softcap is None else float(softcap))
+    kwargs.update({name: value for name, value in features.items() if value is not None})
     if _choose(backend, q.device) == "triton":
         # split (vendor attention + Triton prefix merge) or fused, per call: the rule is in attention_path
         return _triton_module("attention_path", q.device).gated_prefix_attention(

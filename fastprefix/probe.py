@@ -73,7 +73,7 @@ def gate_report(model, inputs=None):
         state.gate_stats.clear()
         with torch.no_grad():
             model(**inputs)
-    n = state.shape.num_layers
+    n = state.module.num_layers  # one gate per prefix site (T5: encoder and decoder self-attentions)
     if len(state.gate_stats) != n:
         raise ValueError("no gate statistics recorded yet: run a forward pass first or pass inputs")
     lam = state.module.layer_scale.detach().float().cpu()

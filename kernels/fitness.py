@@ -20,6 +20,7 @@ from Triton's own ptxas run when it compiles, or a second ptxas run on a cache h
     python -m fastprefix.kernels.fitness            # table of every config, exit 1 on a failure
     python -m fastprefix.kernels.fitness --json     # the same as JSON lines (used by the tests)
     python -m fastprefix.kernels.fitness --module gated_prefix_attention --filter sm90
+    python -m fastprefix.kernels.fitness --features  # the attention's attn_bias / window / softcap variants
 
 Compilation needs a real (not interpreted) Triton: run without TRITON_INTERPRET=1. No GPU and no
 CUDA driver are needed; the wheel's own ptxas is used.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import re
@@ -148,8 +150,10 @@ def measure(cfg: FitnessConfig) -> Fitness:
                    int(spills.group(1)) if spills else 0, int(compiled.metadata.shared), blocks)
 
 
-def discover(modules: Iterable[str] = KERNEL_MODULES) -> list[FitnessConfig]:
-    """Configs of every kernel module that defines fitness_configs()."""
+def discover(modules: Iterable[str] = KERNEL_MODULES, features: bool = False) -> list[FitnessConfig]:
+    """Configs of every kernel module that defines fitness_configs(); with ``features``, instead the
+    optional-feature variants of the modules whose fitness_configs takes ``features`` (the attention's
+    attn_bias / window / softcap kernels)."""
     configs = []
     for name in modules:
         full_name = f"{__package__ or 'fastprefix.kernels'}.{name}"
@@ -160,8 +164,12 @@ def discover(modules: Iterable[str] = KERNEL_MODULES) -> list[FitnessConfig]:
                 raise
             continue
         provider = getattr(module, "fitness_configs", None)
-        if provider is not None:
+        if provider is None:
+            continue
+        if not features:
             configs.extend(FitnessConfig(*c) for c in provider())
+        elif "features" in inspect.signature(provider).parameters:
+            configs.extend(FitnessConfig(*c) for c in provider(features=True))
     return configs
 
 
@@ -204,8 +212,10 @@ def main(argv=None) -> int:
                         help="only this kernel module (repeatable; default: all)")
     parser.add_argument("--filter", default="", help="only configs whose name contains this text")
     parser.add_argument("--workers", type=int, default=0, help="compile processes (default: all cores)")
+    parser.add_argument("--features", action="store_true",
+                        help="the optional-feature kernel variants (attention bias, window, softcap) instead")
     args = parser.parse_args(argv)
-    configs = [c for c in discover(args.module or KERNEL_MODULES) if args.filter in c.name]
+    configs = [c for c in discover(args.module or KERNEL_MODULES, args.features) if args.filter in c.name]
     results = measure_all(configs, args.workers)
     if args.json:
         for r in results:

@@ -36,6 +36,13 @@ Backward, exact. With ``e = dO . Pv_j`` and ``delta = dO . out`` (one torch redu
 The gate enters as a tensor broadcastable to ``[B, Sq, L]`` (APT's token or pooled gate, computed once
 per call by one GEMM + sigmoid in torch, see kernels/attention_path.py), never recomputed per tile.
 
+Attention features (issue #12). ``attn_bias`` and ``window`` act on the real keys only (the prefix gets no
+bias and is always visible), so they live entirely in the vendor op: one additive mask (bias, lowest
+finite value where padding, the window or causality hides a key) on CPU, the memory-efficient op's bias
+on CUDA (kernels/vendor_attention.py). The merge kernels are unchanged. The bias gradient is the vendor
+backward's own ``dS`` (same ``w * dO`` argument as above, so exact; on CPU recomputed in torch), summed
+over the bias's broadcast dims, and only when the bias requires grad. ``softcap`` never reaches this path.
+
 Caveats. A query that sees no real key (a padded row) gets ``w = 0`` exactly: the CPU op reports a
 log-sum-exp near the dtype's lowest value for it, and the kernel treats a NaN or +inf ``lse_k`` (what
 FlashAttention reports for an empty row) as "no mass". Prefix rows are always visible, so the merged
@@ -406,10 +413,12 @@ def _grid(programs: int, tiles: int) -> tuple:
     return programs, tiles
 
 
-def _forward(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal: bool, scale: float, op: str):
-    """(out ``[B, H, Sq, D]`` in ``[B, Sq, H, D]`` memory, merged lse ``[B, H, Sq]`` base 2, lse_k, rng...)."""
+def _forward(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal: bool, scale: float, op: str,
+             attn_bias=None, window=None):
+    """(out ``[B, H, Sq, D]`` in ``[B, Sq, H, D]`` memory, merged lse ``[B, H, Sq]`` base 2, lse_k, rng...).
+    ``attn_bias`` and ``window`` (an effective pair or None) reach the vendor op only: the prefix has none."""
     q, k, v, prefix_k, prefix_v = map(_rows, (q, k, v, prefix_k, prefix_v))
-    o_k, lse_k, rng = vendor.forward(op, q, k, v, key_padding_mask, causal, scale)
+    o_k, lse_k, rng = vendor.forward(op, q, k, v, key_padding_mask, causal, scale, attn_bias=attn_bias, window=window)
     out, lse = merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale)
     return out, lse, lse_k, rng[0], rng[1]
 
@@ -445,20 +454,28 @@ def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale: float):
 
 
 def _backward(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse, lse_k, seed, offset,
-              causal: bool, scale: float, op: str):
-    """dq, dk, dv, dprefix_k, dprefix_v and the gate gradient ``[B, Sq, L]`` in the accumulator dtype
-    (an empty tensor without a gate)."""
+              causal: bool, scale: float, op: str, attn_bias=None, window=None, bias_grad: bool = False):
+    """dq, dk, dv, dprefix_k, dprefix_v, the gate gradient ``[B, Sq, L]`` in the accumulator dtype (an empty
+    tensor without a gate) and the bias gradient (4-dim, the bias's dtype; an empty tensor unless
+    ``bias_grad``)."""
     B, H, Sq, D = q.shape
     Hkv = k.shape[1]
     L = prefix_k.shape[-2]
     acc = _acc_dtype(q)
     q, k, v, prefix_k, prefix_v, do = map(_rows, (q, k, v, prefix_k, prefix_v, do))
     # the real keys' mass w = exp(lse_k - lse) (0 for an empty row, however the op reports it)
-    lse_k_nat = lse_k.to(acc)
+    lse_k_nat = lse_k.narrow(-1, 0, Sq).to(acc)  # the efficient op pads its lse to 32-row multiples
     lse_k_nat = torch.where(torch.isnan(lse_k_nat) | (lse_k_nat == math.inf), -math.inf, lse_k_nat)
     w = torch.exp(lse_k_nat - lse * LN2)
-    dq, dk, dv = vendor.backward(op, (do * w.unsqueeze(-1)).to(q.dtype), q, k, v, out, lse_k, (seed, offset),
-                                 key_padding_mask, causal, scale)
+    w_do = do.to(acc) * w.unsqueeze(-1)
+    exact_delta = None
+    if bias_grad and op == vendor.CPU:  # the bias gradient is computed in torch: give it the exact delta
+        exact_delta = (w, _prefix_delta(q, prefix_k, prefix_v, gate, do, lse, scale, acc))
+    dq, dk, dv, dbias = vendor.backward_all(op, w_do.to(q.dtype), q, k, v, out, lse_k, (seed, offset),
+                                            key_padding_mask, causal, scale, attn_bias=attn_bias, window=window,
+                                            bias_grad=bias_grad, grad_out_acc=w_do, prefix_delta=exact_delta)
+    if dbias is None:
+        dbias = q.new_empty((0,))
     dq = _rows(dq)
     delta = (do.to(acc) * out.to(acc)).sum(-1).contiguous()  # [B, H, Sq]: dO . out
     flags = _flags(q, D)
@@ -488,7 +505,21 @@ def _backward(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse,
         BLOCK_M=block_m, BLOCK_L=prefix_tile(L, widest_l), HAS_GATE=gate is not None, **flags,
         num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=FP_FUSION,
     )
-    return (dq, dk, dv, *reduce_prefix_partials(dpk, dpv, dg, prefix_k, prefix_v, q, acc))
+    return (dq, dk, dv, *reduce_prefix_partials(dpk, dpv, dg, prefix_k, prefix_v, q, acc), dbias)
+
+
+def _prefix_delta(q, prefix_k, prefix_v, gate, do, lse, scale: float, acc):
+    """The prefix's share of ``delta = rowsum(dO * out)``, ``sum_j p_j g_j (dO . Pv_j)`` ``[B, H, Sq]`` in
+    ``acc``, from the merged log-sum-exp (base 2): in torch, for the CPU bias gradient only, so that its
+    delta does not go through the output rounded to q's dtype (one ``[B, H, Sq, L]`` tensor)."""
+    B, H, Sq, _ = q.shape
+    Hkv, L = prefix_k.shape[-3], prefix_k.shape[-2]
+    eq = "bkgsd,{p}ld->bkgsl".format(p="bk" if prefix_k.dim() == 4 else "k")
+    z = torch.einsum(eq, q.to(acc).unflatten(1, (Hkv, H // Hkv)), prefix_k.to(acc)).flatten(1, 2) * scale
+    e = torch.einsum(eq, do.to(acc).unflatten(1, (Hkv, H // Hkv)), prefix_v.to(acc)).flatten(1, 2)
+    g = gate.to(acc).unsqueeze(1) if gate is not None else 1.0  # [B|1, 1, Sq|1, L|1]
+    p = torch.exp(z * g - lse.to(acc).unsqueeze(-1) * LN2)
+    return (p * g * e).sum(-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,63 +531,74 @@ Tensor = torch.Tensor
 
 @torch.library.custom_op("fastprefix::split_attention_fwd", mutates_args=())
 def _fwd_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, gate: Optional[Tensor],
-            key_padding_mask: Optional[Tensor], causal: bool, scale: float,
-            op: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _forward(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, op)
+            key_padding_mask: Optional[Tensor], causal: bool, scale: float, op: str,
+            attn_bias: Optional[Tensor] = None, window_left: int = -1,
+            window_right: int = -1) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _forward(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, op, attn_bias,
+                    _window(window_left, window_right))
 
 
 @_fwd_op.register_fake
-def _(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, op):
+def _(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, op, attn_bias=None, window_left=-1,
+      window_right=-1):
     B, H, Sq, D = q.shape
     acc = _acc_dtype(q)
     out = q.new_empty((B, Sq, H, D)).transpose(1, 2)
-    # the CPU op returns lse_k in [B, Sq, H] memory, FlashAttention contiguous
-    if op == vendor.CPU:
-        lse_k = q.new_empty((B, Sq, H), dtype=acc).transpose(1, 2)
-    else:
-        lse_k = q.new_empty((B, H, Sq), dtype=acc)
-    return (out, q.new_empty((B, H, Sq), dtype=acc), lse_k, *vendor.rng_like(op, q))
+    return (out, q.new_empty((B, H, Sq), dtype=acc), vendor.lse_like(op, q), *vendor.rng_like(op, q))
 
 
 @torch.library.custom_op("fastprefix::split_attention_bwd", mutates_args=())
 def _bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, gate: Optional[Tensor],
             key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor, lse_k: Tensor, seed: Tensor, offset: Tensor,
-            causal: bool, scale: float, op: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            causal: bool, scale: float, op: str, attn_bias: Optional[Tensor] = None, window_left: int = -1,
+            window_right: int = -1,
+            bias_grad: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _backward(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse, lse_k, seed, offset, causal,
-                     scale, op)
+                     scale, op, attn_bias, _window(window_left, window_right), bias_grad)
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse, lse_k, seed, offset, causal, scale, op):
+def _(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse, lse_k, seed, offset, causal, scale, op,
+      attn_bias=None, window_left=-1, window_right=-1, bias_grad=False):
     B, _, Sq, _ = q.shape
     dg = q.new_empty((B, Sq, prefix_k.shape[-2]) if gate is not None else (0,), dtype=_acc_dtype(q))
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(prefix_k),
-            torch.empty_like(prefix_v), dg)
+    dbias = attn_bias.new_empty(attn_bias.shape) if bias_grad else q.new_empty((0,))
+    return (*vendor.grads_like(op, q, k, v), torch.empty_like(prefix_k), torch.empty_like(prefix_v), dg, dbias)
+
+
+def _window(left: int, right: int):
+    """The custom ops' two ints back to an effective window pair, None for (-1, -1)."""
+    return None if left == -1 and right == -1 else (left, right)
 
 
 class SplitAttentionFunction(torch.autograd.Function):
     """Forward and backward of the split path (vendor op + Triton prefix merge)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, op):
+    def forward(ctx, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, op, attn_bias=None,
+                window=None):
+        left, right = window if window is not None else (-1, -1)
         out, lse, lse_k, seed, offset = torch.ops.fastprefix.split_attention_fwd(
-            q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, op)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse, lse_k, seed, offset)
-        ctx.causal, ctx.scale, ctx.op = causal, scale, op
+            q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, op, attn_bias, left, right)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, attn_bias, out, lse, lse_k, seed,
+                              offset)
+        ctx.causal, ctx.scale, ctx.op, ctx.window = causal, scale, op, (left, right)
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse, lse_k, seed, offset = ctx.saved_tensors
-        dq, dk, dv, dpk, dpv, dg = torch.ops.fastprefix.split_attention_bwd(
+        q, k, v, prefix_k, prefix_v, gate, key_padding_mask, attn_bias, out, lse, lse_k, seed, offset = \
+            ctx.saved_tensors
+        bias_grad = attn_bias is not None and ctx.needs_input_grad[10]
+        dq, dk, dv, dpk, dpv, dg, dbias = torch.ops.fastprefix.split_attention_bwd(
             do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse, lse_k, seed, offset, ctx.causal,
-            ctx.scale, ctx.op)
+            ctx.scale, ctx.op, attn_bias, *ctx.window, bias_grad)
         dgate = dg.sum_to_size(gate.shape).to(gate.dtype) if gate is not None else None
-        return dq, dk, dv, dpk, dpv, dgate, None, None, None, None
+        return dq, dk, dv, dpk, dpv, dgate, None, None, None, None, dbias if bias_grad else None, None
 
 
 def split_attention(q, k, v, prefix_k, prefix_v, *, gate=None, key_padding_mask=None, causal=False, scale=None,
-                    op=None):
+                    attn_bias=None, window=None, op=None):
     """Gated-prefix attention on the split path; same contract as the reference.
 
     Args:
@@ -564,7 +606,14 @@ def split_attention(q, k, v, prefix_k, prefix_v, *, gate=None, key_padding_mask=
             ``[B, Hkv, L, D]``; gate: None or broadcastable to ``[B, Sq, L]`` (at most 3 dims);
             key_padding_mask: ``[B, Sk]`` bool, True = real key; causal: bottom-right; scale: default
             ``D ** -0.5``.
+        attn_bias: None or broadcastable to ``[B, H, Sq, Sk]`` (at most 4 dims; q's dtype or float32), added
+            to the real keys' logits (the vendor op's additive mask); gets its gradient when it requires grad.
+        window: None or ``(left, right)`` (-1 = unbounded) hiding real keys outside
+            ``[t' - left, t' + right]``, ``t' = t + Sk - Sq``; the prefix stays visible.
         op: the vendor op (kernels/vendor_attention.py); default: :func:`vendor_attention.choose_op`.
+
+    There is no ``softcap``: no vendor op caps the logits (kernels/attention_path.py sends such calls to
+    the fused kernel).
 
     Returns:
         ``[B, H, Sq, D]`` in q's dtype, stored as ``[B, Sq, H, D]`` (``out.transpose(1, 2)`` is contiguous).
@@ -574,24 +623,29 @@ def split_attention(q, k, v, prefix_k, prefix_v, *, gate=None, key_padding_mask=
         D > 128. Inputs are otherwise expected to be validated by ``fastprefix.ops``.
     """
     B, H, Sq, D = q.shape
-    L = prefix_k.shape[-2]
+    Sk = k.shape[2]
     if D > 128:
         raise ValueError(f"the split path supports head dim <= 128, got {D}")
+    window = vendor.effective_window(window, bool(causal), Sq, Sk)
     if op is None:
         cap = _arch_of(q)
-        op = vendor.choose_op(q.device.type, cap, q.dtype, D, key_padding_mask is not None, bool(causal), Sq,
-                              k.shape[2])
+        bias_dtype = None if attn_bias is None else attn_bias.dtype
+        op = vendor.choose_op(q.device.type, cap, q.dtype, D, key_padding_mask is not None, bool(causal), Sq, Sk,
+                              bias_dtype=bias_dtype, has_window=window is not None)
         if op is None:
             raise ValueError(f"no vendor attention op for {q.device.type} (capability {cap}), {q.dtype}, D={D}, "
-                             f"padding mask {key_padding_mask is not None}: use the fused kernel")
+                             f"padding mask {key_padding_mask is not None}, attn_bias {bias_dtype}, "
+                             f"window {window}: use the fused kernel")
     if gate is not None:
         gate = gate.reshape((1,) * (3 - gate.dim()) + tuple(gate.shape))  # [B|1, Sq|1, L|1], a view
+    # [B|1, H|1, Sq|1, Sk|1], a view: autograd takes its gradient back to the caller's shape
+    attn_bias = vendor.bias4(attn_bias)
     if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
         key_padding_mask = key_padding_mask != 0
     scale = D ** -0.5 if scale is None else scale
-    del B, L
+    del B, H
     return SplitAttentionFunction.apply(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, bool(causal),
-                                        float(scale), op)
+                                        float(scale), op, attn_bias, window)
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,56 +2,121 @@
 
 The split path (kernels/prefix_merge.py) hands the S x S part of the gated-prefix attention to the
 vendor: it needs, for the real keys alone, the output ``o_k`` and the row log-sum-exp ``lse_k`` (natural
-log), and later the backward of that attention called with ``w * dO`` and the *merged* output. Which
-PyTorch op can do that depends on the call; :func:`choose_op` is the one place that decides it:
+log), and later the backward of that attention called with ``w * dO`` and the *merged* output (and, when
+``attn_bias`` requires grad, the bias gradient). Which PyTorch op can do that depends on the call;
+:func:`choose_op` is the one place that decides it:
 
-==========  ============================================================  ==============================
-op          taken when                                                    what its source shows
-==========  ============================================================  ==============================
-``"cpu"``   CPU tensors (Triton's interpreter), any float dtype, any D,   ``[B, H, S, D]`` in, GQA without
-            padding mask (additive, lowest finite value), causal          expanding K/V, ``lse`` natural
-            (built-in when Sq == Sk, else an additive bottom-right        log ``[B, H, Sq]`` in
-            mask)                                                         ``[B, Sq, H]`` memory
-``"flash"`` CUDA, compute capability 8.x or 9.x, fp16 / bf16,            FlashAttention-2: GQA without
-            D % 8 == 0 and D <= 128, no padding mask, causal or not,      expanding K/V (num_heads %
-            any Sq <= Sk                                                  num_heads_k), ``is_causal``
-                                                                          bottom-right for Sq != Sk,
-                                                                          ``lse`` fp32 natural log
-                                                                          ``[B, H, Sq]``, unpadded
-None        anything else: the caller takes the fused kernel              --
-==========  ============================================================  ==============================
+=============  ==========================================================  ===============================
+op             taken when                                                  what its source shows
+=============  ==========================================================  ===============================
+``"cpu"``      CPU tensors (Triton's interpreter), any float dtype, any    ``[B, H, S, D]`` in, GQA without
+               D, padding, ``attn_bias``, ``window``, causal: all of       expanding K/V, an additive
+               them in one additive mask (causal built in only when        ``attn_mask`` (float32 is read
+               Sq == Sk and nothing else masks), no bias gradient: it is   right for fp16 / bf16 / fp32
+               recomputed exactly in torch (below)                         queries, not for fp64), ``lse``
+                                                                           natural log ``[B, H, Sq]`` in
+                                                                           ``[B, Sq, H]`` memory
+``"flash"``    CUDA, compute capability 8.x or 9.x, fp16 / bf16,           FlashAttention-2: GQA without
+               D % 8 == 0 and D <= 128, no padding mask, no bias, no       expanding K/V, ``is_causal``
+               window that hides a key, causal or not, any Sq <= Sk        bottom-right for Sq != Sk,
+                                                                           ``lse`` fp32 ``[B, H, Sq]``
+``"efficient"`` as ``"flash"``, but with an ``attn_bias`` in q's dtype     ``_scaled_dot_product_efficient
+               and / or a window (and padding with them): the memory-      _attention`` / ``_backward``
+               efficient op, which takes an additive bias and returns      (CUTLASS): bias ``[B, H, Sq,
+               its gradient                                                Sk]`` in q's dtype, is_causal
+                                                                           top-left, ``lse`` fp32 ``[B,
+                                                                           H, ceil32(Sq)]``, grad_bias
+None           anything else: the caller takes the fused kernel            --
+=============  ==========================================================  ===============================
 
-Sources read (torch 2.13): ``_scaled_dot_product_flash_attention_cuda`` transposes to ``[B, S, H, D]``
-and calls ``_flash_attention_forward`` with no head check of its own; FlashAttention-2's ``mha_fwd``
-accepts ``num_heads % num_heads_k == 0`` and ``head_size % 8 == 0``, and its backward sums dk, dv over
-each GQA group; ``torch.nn.attention.bias.CausalBias`` calls this op with ``is_causal=True`` for its
-lower-right variant ("for this particular op it means lower right"); the meta kernel gives
-``lse`` as fp32 ``[B, H, Sq]``. Left out, each for a reason: padding masks on CUDA
-(``_efficient_attention_forward`` takes an additive bias but needs K/V expanded for GQA, a 16-aligned
-bias and an LSE padded to a multiple of 32, none of which can be checked without a GPU), cuDNN (its GQA
-and causal alignment could not be confirmed in the source), fp32 on CUDA (FlashAttention has no fp32),
-capabilities outside 8.x / 9.x. All of these run the fused kernel, never a guess.
+The efficient op's constraints, from its source (torch 2.13, aten/src/ATen/native/transformers/cuda:
+attention.cu, attention_backward.cu and the CUTLASS kernels' ``check_supported``), and how each is met.
+The SDPA-level pair is called, not ``_efficient_attention_forward`` / ``_backward`` beneath it (the
+same kernels, BSHD views of the same tensors): the latter's meta kernel lacks its ``out`` argument, so
+its calls could not be checked on fake tensors. Their is_causal is top-left aligned (custom mask type
+1): used when Sq == Sk, the bottom-right causal mask goes into the bias otherwise.
 
-The CPU op's backward needs the same ``attn_mask`` as its forward: :func:`real_keys_mask` rebuilds it
-from the padding mask (cheap, deterministic) instead of carrying it from the forward.
+- K and V need as many heads as Q (``query.size(2) == key.size(2)``): GQA's K/V are expanded by a copy
+  (``repeat_interleave``) and the backward sums dK, dV over each group.
+- the bias must have q's dtype (``invalid dtype for bias``), be 4-dim ``[B, H, Sq, Sk]`` exactly (broadcast
+  dims as stride-0 views), its last dim contiguous, and its pointer and its B, H and row strides aligned
+  to 128 bits (8 fp16 elements, ``kAlignmentQ``; the backward checks the same on the gradient, whose last
+  dim it pads to 16): the mask is built in a ``[.., Sq, ceil16(Sk)]`` buffer and sliced to Sk, so every
+  stride is a multiple of 16 (or 0). A float32 bias on fp16 / bf16 queries would have to be rounded to
+  q's dtype, an approximation: such calls take the fused kernel.
+- fp16 / bf16 only: on 8.x its fp32 path runs the GEMMs on tensor cores (not IEEE fp32 as the fused
+  kernel computes), so fp32 calls keep the fused kernel. D % 8 == 0 (the GEMM alignment the SDPA
+  dispatcher requires), D <= 128 (the merge kernel's limit).
+- the log-sum-exp comes back padded to a multiple of 32 rows (``kAlignLSE``); the merge reads its first
+  Sq entries through strides, the backward takes it whole.
+- its backward computes ``delta = rowsum(grad_out * out)`` from what it is given, so the ``w * dO`` /
+  merged-``out`` trick of the split path holds as for FlashAttention, ``grad_bias`` included: with
+  ``grad_out = w dO`` its ``dS = p_u (w dO . v_u - w delta)`` is the merged softmax's logit gradient.
+- ROCm builds report a different log-sum-exp layout: not taken there.
+
+Left out, each for a reason: padding alone on CUDA (it would need a materialised ``[B, 1, Sq, Sk]``
+mask, where the fused kernel reads the ``[B, Sk]`` mask itself), ``softcap`` (no vendor op caps the
+logits: kernels/attention_path.py routes it to the fused kernel, never an approximation), cuDNN (its
+GQA and causal alignment could not be confirmed in the source), capabilities outside 8.x / 9.x.
+
+FlashAttention-2 sources read: ``_scaled_dot_product_flash_attention_cuda`` transposes to ``[B, S, H, D]``
+and calls ``_flash_attention_forward`` with no head check of its own; ``mha_fwd`` accepts ``num_heads %
+num_heads_k == 0`` and ``head_size % 8 == 0``, and its backward sums dk, dv over each GQA group;
+``torch.nn.attention.bias.CausalBias`` calls this op with ``is_causal=True`` for its lower-right
+variant; the meta kernel gives ``lse`` as fp32 ``[B, H, Sq]``.
+
+The CPU op returns no bias gradient. With the same ``grad_out = w dO`` it is ``dbias = sum over
+broadcast dims of p * (grad_out . v - delta')`` with ``p = exp(s - lse_k)`` on the visible keys
+(``s = scale q . k + bias``), computed in torch in the accumulator dtype only when the bias requires
+grad (one ``[B, H, Sq, Sk]`` score tensor). Its ``delta' = w * rowsum(dO * out)`` is taken exactly, from
+the prefix's share (kernels/prefix_merge.py) and the recomputed ``p``, not from the output rounded to
+fp16: that rounding made the fp16 bias gradient up to 6x the eager path's error. The CUDA op's
+``grad_bias`` has FlashAttention's delta (from the fp16 output).
+
+The masks are rebuilt in the backward from their parts (padding, bias, window; cheap, deterministic)
+instead of being carried from the forward.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
-CPU, FLASH = "cpu", "flash"
-OPS = (CPU, FLASH)
+CPU, FLASH, EFFICIENT = "cpu", "flash", "efficient"
+OPS = (CPU, FLASH, EFFICIENT)
+# row alignment (elements) of the efficient op's bias buffer: 16 covers the forward's 128-bit rule and
+# the 16-element padding its backward gives the gradient
+_BIAS_ALIGN = 16
+_LSE_ALIGN = 32  # the efficient op pads its log-sum-exp to a multiple of 32 rows (kAlignLSE)
 
 _aten = torch.ops.aten
 _HAS_CPU_OP = hasattr(_aten, "_scaled_dot_product_flash_attention_for_cpu")
 _HAS_FLASH_OP = hasattr(_aten, "_scaled_dot_product_flash_attention")
+_HAS_EFFICIENT_OP = (hasattr(_aten, "_scaled_dot_product_efficient_attention")
+                     and hasattr(_aten, "_scaled_dot_product_efficient_attention_backward"))
+
+
+def effective_window(window, causal: bool, Sq: int, Sk: int) -> Optional[tuple]:
+    """``window = (left, right)`` reduced to what it hides beyond ``causal``: ``(left, right)`` with -1 for
+    a side that hides nothing, or None when no side hides a key (then FlashAttention stays eligible).
+
+    With ``t' = t + Sk - Sq`` in ``[Sk - Sq, Sk - 1]``: the left side hides a key iff some
+    ``u < t' - left``, i.e. ``left < Sk - 1``; the right side iff some ``u > t' + right``, i.e.
+    ``right < Sq - 1``, and never under ``causal`` (``u <= t'`` already)."""
+    if window is None:
+        return None
+    left, right = (int(w) for w in window)
+    if left < 0 or left >= Sk - 1:
+        left = -1
+    if right < 0 or right >= Sq - 1 or causal:
+        right = -1
+    return None if left == -1 and right == -1 else (left, right)
 
 
 def choose_op(device_type: str, capability: Optional[int], dtype: torch.dtype, D: int, has_mask: bool,
-              causal: bool, Sq: int, Sk: int) -> Optional[str]:
+              causal: bool, Sq: int, Sk: int, *, bias_dtype: Optional[torch.dtype] = None,
+              has_window: bool = False) -> Optional[str]:
     """The PyTorch op that computes the real keys' attention and log-sum-exp for this call, or None.
 
     Args:
@@ -59,90 +124,275 @@ def choose_op(device_type: str, capability: Optional[int], dtype: torch.dtype, D
         capability: compute capability as ``10 * major + minor`` (80 for an A100), None on CPU.
         dtype: q's dtype; D: head dim; has_mask: a key padding mask is passed; causal: bottom-right
             causal mask; Sq, Sk: query and key lengths (``Sq <= Sk``, checked by ``fastprefix.ops``).
+        bias_dtype: the ``attn_bias`` dtype, None without a bias.
+        has_window: a window that hides some key (:func:`effective_window` is not None).
 
     Returns:
-        ``"cpu"``, ``"flash"`` or None (unsupported here: the caller runs the fused kernel). Causality
-        and ``Sq < Sk`` never rule an op out: both ops align the causal mask bottom-right (the CPU op
-        through an explicit mask when ``Sq != Sk``).
+        ``"cpu"``, ``"flash"``, ``"efficient"`` or None (unsupported here: the caller runs the fused
+        kernel), by the table in the module docstring. Causality and ``Sq < Sk`` never rule an op out.
     """
     del causal, Sq, Sk  # every op here handles them (see the table in the module docstring)
     if device_type == "cpu":
         return CPU if _HAS_CPU_OP else None
-    if device_type != "cuda" or capability is None or not _HAS_FLASH_OP:
+    if device_type != "cuda" or capability is None or not 80 <= capability < 100:
         return None
-    if 80 <= capability < 100 and dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 128 \
-            and not has_mask:
-        return FLASH
-    return None
+    if dtype not in (torch.float16, torch.bfloat16) or D % 8 != 0 or D > 128:
+        return None
+    if bias_dtype is None and not has_window:
+        return FLASH if _HAS_FLASH_OP and not has_mask else None  # padding alone: the fused kernel
+    if bias_dtype not in (None, dtype) or not _HAS_EFFICIENT_OP or torch.version.hip is not None:
+        return None
+    return EFFICIENT
 
 
-def real_keys_mask(key_padding_mask, causal: bool, Sq: int, Sk: int, dtype, device):
-    """(additive mask ``[B|1, 1, Sq, Sk]`` or None, is_causal) for the CPU op over the real keys.
+# --------------------------------------------------------------------------------------------
+# Masks
+# --------------------------------------------------------------------------------------------
 
-    A hidden key gets the dtype's lowest finite value, not -inf: a query that sees no real key (a row
-    of padding) then gets a log-sum-exp near that value, so the real keys' share of the merged softmax
-    underflows to exactly 0, forward and backward, and nothing is NaN.
-    """
-    if key_padding_mask is None and (not causal or Sq == Sk):
-        return None, causal  # the op's own causal mask is top-left aligned: the same as ours when Sq == Sk
-    visible = torch.ones(1, 1, Sq, Sk, dtype=torch.bool, device=device)
+
+def bias4(attn_bias):
+    """A bias broadcastable to ``[B, H, Sq, Sk]`` as a 4-dim view (None stays None)."""
+    if attn_bias is None:
+        return None
+    return attn_bias.reshape((1,) * (4 - attn_bias.dim()) + tuple(attn_bias.shape))
+
+
+def visible_keys(key_padding_mask, causal: bool, window, Sq: int, Sk: int, device):
+    """``[B|1, 1, Sq, Sk]`` bool, True = query t sees real key u (padding, bottom-right causal and
+    ``window``, an :func:`effective_window` pair); None when every key is visible."""
+    visible = None
     if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :]
-    if causal:
-        t = torch.arange(Sq, device=device)[:, None] + (Sk - Sq)
-        visible = visible & (torch.arange(Sk, device=device)[None, :] <= t)
-    mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, torch.finfo(dtype).min)
-    return mask, False
+        visible = key_padding_mask.unsqueeze(1).unsqueeze(1)  # [B, 1, 1, Sk] (views, no indexing: fake-safe)
+    left, right = window if window is not None else (-1, -1)
+    if causal or window is not None:
+        # key u vs query t at position t' = t + Sk - Sq, as diagonals of the [Sq, Sk] band: tril(d) keeps
+        # u - t <= d, triu(d) keeps u - t >= d (no index tensors: they also trace on fake CUDA tensors)
+        band = torch.ones(Sq, Sk, dtype=torch.bool, device=device)
+        if causal:
+            band = band.tril(Sk - Sq)  # u <= t'
+        if right >= 0:
+            band = band.tril(Sk - Sq + right)  # u <= t' + right
+        if left >= 0:
+            band = band.triu(Sk - Sq - left)  # u >= t' - left
+        visible = band.view(1, 1, Sq, Sk) if visible is None else visible & band
+    return visible
 
 
-def forward(op: str, q, k, v, key_padding_mask, causal: bool, scale: float):
+def additive_mask(Sq: int, Sk: int, dtype, device, key_padding_mask=None, causal: bool = False, window=None,
+                  attn_bias=None, align: int = 1):
+    """The additive mask ``[Bm, Hm, Sq, Sk]`` over the real keys, or None when nothing masks or biases them.
+
+    ``attn_bias`` (4-dim, clamped below at the dtype's lowest finite value so that a -inf entry cannot
+    turn a row into NaN) where a key is visible, the lowest finite value where it is hidden (padding,
+    ``causal`` if asked to put it in the mask, ``window``). Not -inf: a query that sees no real key then
+    gets a log-sum-exp near that value, so the real keys' share of the merged softmax underflows to
+    exactly 0, forward and backward, and nothing is NaN. ``Bm``, ``Hm`` are 1 unless the bias or the
+    padding mask has those dims. Rows live in a buffer of ``ceil(Sk / align) * align`` columns (the
+    efficient op's stride alignment); the result is that buffer sliced to Sk.
+    """
+    bias = bias4(attn_bias)
+    visible = visible_keys(key_padding_mask, causal, window, Sq, Sk, device)
+    if bias is None and visible is None:
+        return None
+    Bm = max(bias.shape[0] if bias is not None else 1, visible.shape[0] if visible is not None else 1)
+    lowest = torch.finfo(dtype).min
+    # out-of-place ops only (where, clamp, pad): they also trace on fake CUDA tensors without a GPU
+    if bias is None:
+        mask = torch.zeros(Bm, 1, Sq, Sk, dtype=dtype, device=device)
+    else:
+        mask = bias.to(dtype).expand(Bm, bias.shape[1], Sq, Sk).clamp(min=lowest)  # a new tensor
+    if visible is not None:
+        mask = torch.where(visible, mask, lowest)
+    if Sk % align:
+        mask = torch.nn.functional.pad(mask, (0, align - Sk % align)).narrow(-1, 0, Sk)
+    return mask
+
+
+def _cpu_mask_for(Sq, Sk, q, key_padding_mask, causal, window, attn_bias):
+    """(mask or None, is_causal) for the CPU op. Its own causal mask is top-left aligned, the same as
+    ours only when Sq == Sk, and used only when nothing else needs a mask. The mask takes the bias's
+    dtype (q's or float32: the op reads either), q's without a bias."""
+    if key_padding_mask is None and attn_bias is None and window is None and (not causal or Sq == Sk):
+        return None, causal
+    return additive_mask(Sq, Sk, _cpu_mask_dtype(q, attn_bias), q.device, key_padding_mask, causal, window,
+                         attn_bias), False
+
+
+def _cpu_mask_dtype(q, attn_bias):
+    """The CPU op's mask dtype: the bias's promoted with q's (a float32 bias stays float32 on fp16 / bf16
+    queries, no rounding). Not a float32 mask on float64 queries: torch 2.13's CPU op reads such a
+    mask wrongly (errors of order 1 at Sk = 9), so it is widened to float64, which is exact."""
+    return q.dtype if attn_bias is None else torch.promote_types(attn_bias.dtype, q.dtype)
+
+
+def _efficient_bias(q, Sk, key_padding_mask, causal, window, attn_bias):
+    """(the efficient op's bias ``[B, H, Sq, Sk]`` or None, its own is_causal). Stride-0 views over the
+    broadcast dims, rows 16-aligned. The op's causal mask is top-left aligned: used when Sq == Sk (the
+    same as ours, and it lets the kernel skip the masked blocks), put in the bias otherwise."""
+    B, H, Sq, _ = q.shape
+    in_mask = causal and Sq != Sk
+    mask = additive_mask(Sq, Sk, q.dtype, q.device, key_padding_mask, in_mask, window, attn_bias, align=_BIAS_ALIGN)
+    return (None if mask is None else mask.expand(B, H, Sq, Sk)), causal and not in_mask
+
+
+def _heads(x, H):
+    """K or V ``[B, Hkv, Sk, D]`` with its heads repeated to H (a copy; itself when Hkv == H)."""
+    return x if x.shape[1] == H else x.repeat_interleave(H // x.shape[1], dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward and backward
+# --------------------------------------------------------------------------------------------
+
+
+def forward(op: str, q, k, v, key_padding_mask, causal: bool, scale: float, *, attn_bias=None, window=None):
     """The real keys' attention alone.
 
     Args:
         op: from :func:`choose_op`. q ``[B, H, Sq, D]``; k, v ``[B, Hkv, Sk, D]`` (last dim contiguous);
-        key_padding_mask ``[B, Sk]`` bool or None (``"cpu"`` only); causal bottom-right; scale.
+        key_padding_mask ``[B, Sk]`` bool or None; causal bottom-right; scale; attn_bias None or
+        broadcastable to ``[B, H, Sq, Sk]``; window None or an :func:`effective_window` pair.
 
     Returns:
         ``o_k`` ``[B, H, Sq, D]`` (whatever memory layout the op picks), ``lse_k`` ``[B, H, Sq]`` natural
-        log in the accumulator dtype, and ``rng`` (two tensors the flash backward takes back; empty on CPU).
+        log in the accumulator dtype (``[B, H, ceil32(Sq)]`` for the efficient op: read its first Sq
+        entries), and ``rng`` (two tensors the CUDA backwards take back; empty on CPU).
     """
     Sq, Sk = q.shape[2], k.shape[2]
     if op == CPU:
-        mask, is_causal = real_keys_mask(key_padding_mask, causal, Sq, Sk, q.dtype, q.device)
+        mask, is_causal = _cpu_mask_for(Sq, Sk, q, key_padding_mask, causal, window, attn_bias)
         o_k, lse_k = _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=mask,
                                                                        scale=scale)
         return o_k, lse_k, (q.new_empty((0,)), q.new_empty((0,)))  # two tensors: custom op outputs never alias
     if op == FLASH:
-        assert key_padding_mask is None, "choose_op never picks flash with a padding mask"
+        assert key_padding_mask is None and attn_bias is None and window is None, "choose_op: flash has no mask"
         o_k, lse_k, _, _, _, _, seed, offset, _ = _aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, causal, False, scale=scale)  # is_causal: bottom-right for this op
+        return o_k, lse_k, (seed, offset)
+    if op == EFFICIENT:
+        H = q.shape[1]
+        bias, is_causal = _efficient_bias(q, Sk, key_padding_mask, causal, window, attn_bias)
+        o_k, lse_k, seed, offset = _aten._scaled_dot_product_efficient_attention(
+            q, _heads(k, H), _heads(v, H), bias, True, 0.0, is_causal, scale=scale)
         return o_k, lse_k, (seed, offset)
     raise ValueError(f"unknown vendor attention op {op!r}; expected one of {OPS}")
 
 
-def backward(op: str, grad_out, q, k, v, out, lse_k, rng, key_padding_mask, causal: bool, scale: float):
+class Grads(NamedTuple):
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+    dbias: Optional[torch.Tensor]
+
+
+def backward_all(op: str, grad_out, q, k, v, out, lse_k, rng, key_padding_mask, causal: bool, scale: float, *,
+                 attn_bias=None, window=None, bias_grad: bool = False, grad_out_acc=None,
+                 prefix_delta=None) -> Grads:
     """The vendor backward of :func:`forward`, called by the split path with ``grad_out = w * dO`` and
     the merged ``out``: its ``delta = rowsum(w dO * out)`` and probabilities ``exp(logit - lse_k)`` are
-    then the merged softmax's own, so the returned ``dq`` (real keys' share), ``dk``, ``dv`` are exact.
+    then the merged softmax's own, so the returned gradients are exact.
+
+    ``grad_out_acc`` (``grad_out`` before its rounding to q's dtype) and ``prefix_delta`` (``(w, the
+    prefix's share of rowsum(dO * out))``, each ``[B, H, Sq]``): for the CPU bias gradient, computed here
+    in torch, whose delta is then taken exactly (the prefix's share + the real keys' share from their
+    recomputed probabilities) instead of from the output rounded to q's dtype.
 
     Returns:
-        dq ``[B, H, Sq, D]``, dk, dv ``[B, Hkv, Sk, D]`` (GQA groups already summed by the op).
+        dq ``[B, H, Sq, D]``, dk, dv ``[B, Hkv, Sk, D]`` (GQA groups summed), and with ``bias_grad`` the
+        bias gradient in the shape of :func:`bias4` of ``attn_bias`` (summed over its broadcast dims) and its
+        dtype; dbias None otherwise.
     """
     Sq, Sk = q.shape[2], k.shape[2]
     if op == CPU:
-        mask, is_causal = real_keys_mask(key_padding_mask, causal, Sq, Sk, q.dtype, q.device)
-        return _aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        mask, is_causal = _cpu_mask_for(Sq, Sk, q, key_padding_mask, causal, window, attn_bias)
+        dq, dk, dv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out, q, k, v, out, lse_k, 0.0, is_causal, attn_mask=mask, scale=scale)
+        dbias = None
+        if bias_grad:
+            dbias = _cpu_bias_grad(grad_out if grad_out_acc is None else grad_out_acc, q, k, v, out, lse_k,
+                                   key_padding_mask, causal, window, attn_bias, scale, prefix_delta)
+        return Grads(dq, dk, dv, dbias)
     if op == FLASH:
         seed, offset = rng
         # cum_seq_q / cum_seq_k None: the dense (not varlen) backward, as the forward returned them
-        return _aten._scaled_dot_product_flash_attention_backward(
+        dq, dk, dv = _aten._scaled_dot_product_flash_attention_backward(
             grad_out, q, k, v, out, lse_k, None, None, Sq, Sk, 0.0, causal, seed, offset, scale=scale)
+        return Grads(dq, dk, dv, None)
+    if op == EFFICIENT:
+        H = q.shape[1]
+        Hkv = k.shape[1]
+        seed, offset = rng
+        bias, is_causal = _efficient_bias(q, Sk, key_padding_mask, causal, window, attn_bias)
+        dq, dk, dv, dbias = _aten._scaled_dot_product_efficient_attention_backward(
+            grad_out, q, _heads(k, H), _heads(v, H), bias, out, lse_k, seed, offset, 0.0,
+            [True, True, True, bool(bias_grad)], is_causal, scale=scale)
+        # [B, H, S, D] views of [B, S, H, D] memory: the copies' gradients summed back onto their K/V head
+        # in that memory, in fp32 (as FlashAttention sums its GQA groups)
+        dk, dv = (x.transpose(1, 2).unflatten(2, (Hkv, H // Hkv)).sum(3, dtype=torch.float32).to(x.dtype)
+                  .transpose(1, 2) if Hkv != H else x for x in (dk, dv))
+        if bias_grad:
+            dbias = dbias.sum_to_size(bias4(attn_bias).shape).to(attn_bias.dtype)
+        return Grads(dq, dk, dv, dbias if bias_grad else None)
     raise ValueError(f"unknown vendor attention op {op!r}; expected one of {OPS}")
 
 
+def backward(op: str, grad_out, q, k, v, out, lse_k, rng, key_padding_mask, causal: bool, scale: float, **kwargs):
+    """:func:`backward_all` less the bias gradient: ``(dq, dk, dv)``."""
+    return tuple(backward_all(op, grad_out, q, k, v, out, lse_k, rng, key_padding_mask, causal, scale, **kwargs)[:3])
+
+
+def _cpu_bias_grad(grad_out, q, k, v, out, lse_k, key_padding_mask, causal, window, attn_bias, scale,
+                   prefix_delta=None):
+    """The bias gradient the CPU op does not return, exactly as its backward would: with the real keys'
+    probabilities ``p = exp(scale q . k + bias - lse_k)`` (0 where hidden), ``dS = p (grad_out . v -
+    rowsum(grad_out * out))``, summed over the bias's broadcast dims. In the accumulator dtype (fp64 for
+    fp64, fp32 otherwise), one ``[B, H, Sq, Sk]`` tensor at a time."""
+    H, Sq = q.shape[1], q.shape[2]
+    Hkv, Sk = k.shape[1], k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    bias = bias4(attn_bias)
+    q5 = q.to(acc).unflatten(1, (Hkv, H // Hkv))  # [B, Hkv, G, Sq, D]: no K/V expansion for GQA
+    g5 = grad_out.to(acc).unflatten(1, (Hkv, H // Hkv))
+    s = torch.einsum("bkgsd,bkud->bkgsu", q5, k.to(acc)).flatten(1, 2) * scale  # [B, H, Sq, Sk]
+    s = s + bias.to(acc).clamp(min=torch.finfo(_cpu_mask_dtype(q, bias)).min)  # as the forward's mask holds it
+    p = torch.exp(s - lse_k.to(acc).unsqueeze(-1))
+    visible = visible_keys(key_padding_mask, causal, window, Sq, Sk, q.device)
+    if visible is not None:
+        p = p.masked_fill(~visible, 0.0)
+    dp = torch.einsum("bkgsd,bkud->bkgsu", g5, v.to(acc)).flatten(1, 2)
+    if prefix_delta is None:  # as the op's backward does
+        delta = (grad_out.to(acc) * out.to(acc)).sum(-1, keepdim=True)
+    else:  # exactly: delta' = w delta = w (prefix share + sum_u p_u (w dO . v_u)), grad_out being w dO
+        w, prefix_share = (x.to(acc).unsqueeze(-1) for x in prefix_delta)
+        delta = w * (prefix_share + (p * dp).sum(-1, keepdim=True))
+    return (p * (dp - delta)).sum_to_size(bias.shape).to(attn_bias.dtype)
+
+
 def rng_like(op: str, q):
-    """Fake (shape-only) twins of the ``rng`` tensors :func:`forward` returns, for the custom op's fake kernel."""
+    """Fake (shape-only) twins of the ``rng`` tensors :func:`forward` returns, for the custom op's fake kernel.
+    The efficient op returns its (unused: no dropout) seed and offset as int64 scalars on the CPU."""
     if op == FLASH:
         return q.new_empty((2,), dtype=torch.uint64), q.new_empty((), dtype=torch.uint64)
+    if op == EFFICIENT:
+        return (torch.empty((), dtype=torch.int64, device="cpu"), torch.empty((), dtype=torch.int64, device="cpu"))
     return q.new_empty((0,)), q.new_empty((0,))
+
+
+def grads_like(op: str, q, k, v):
+    """Fake twins of dq, dk, dv as :func:`backward_all` returns them: the CPU op writes its gradients in
+    ``[B, S, H, D]`` memory, as does the efficient branch (its BSHD outputs transposed back);
+    FlashAttention's are laid out like its inputs."""
+    if op == FLASH:
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return tuple(x.new_empty((x.shape[0], x.shape[2], x.shape[1], x.shape[3])).transpose(1, 2) for x in (q, k, v))
+
+
+def lse_like(op: str, q):
+    """A fake twin of :func:`forward`'s ``lse_k``: its shape, dtype and memory layout per op."""
+    B, H, Sq, _ = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if op == CPU:  # the CPU op returns lse in [B, Sq, H] memory
+        return q.new_empty((B, Sq, H), dtype=acc).transpose(1, 2)
+    if op == EFFICIENT:
+        return q.new_empty((B, H, -(-Sq // _LSE_ALIGN) * _LSE_ALIGN), dtype=torch.float32)
+    return q.new_empty((B, H, Sq), dtype=acc)

@@ -18,9 +18,9 @@ _DECODER = dict(_COMMON, num_hidden_layers=2, intermediate_size=40, max_position
                 eos_token_id=None)
 # 4 query heads on 2 key/value heads of width 8
 _GQA = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-# Gemma 2/3, windowed Mistral: windows longer than any test sequence (m + S + new tokens), so that left padding,
-# which moves tokens to other cache slots, cannot move one out of a window: the base model stays padding-exact
-_WINDOW = 16
+# Gemma 2/3, windowed Mistral: windows shorter than the test sequences (6 tokens, + 3 generated), so that the
+# window hides keys, and a sliding-window KV cache drops its oldest keys while generating
+WINDOW = 4
 
 
 def _build(family):
@@ -35,8 +35,8 @@ def _build(family):
         return tf.Qwen3ForCausalLM(tf.Qwen3Config(**_GQA, **_DECODER))
     if family == "mistral":  # no sliding window, as Mistral 7B v0.2+
         return tf.MistralForCausalLM(tf.MistralConfig(**_GQA, sliding_window=None, **_DECODER))
-    if family == "mistral_window":  # a sliding window, as Mistral 7B v0.1: prefix methods can't express it
-        return tf.MistralForCausalLM(tf.MistralConfig(**_GQA, sliding_window=_WINDOW, **_DECODER))
+    if family == "mistral_window":  # a sliding window, as Mistral 7B v0.1
+        return tf.MistralForCausalLM(tf.MistralConfig(**_GQA, sliding_window=WINDOW, **_DECODER))
     if family == "phi3":  # fused qkv and gate_up projections
         return tf.Phi3ForCausalLM(tf.Phi3Config(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                                                 **_DECODER))
@@ -46,12 +46,12 @@ def _build(family):
                                                 bos_token_id=1, eos_token_id=None, **_COMMON))
     if family == "gemma":  # embeddings scaled by sqrt(hidden) inside the embedding module
         return tf.GemmaForCausalLM(tf.GemmaConfig(**_GQA, **_DECODER))
-    if family == "gemma2":  # + sliding-window layers, attention and final logit soft-capping
-        return tf.Gemma2ForCausalLM(tf.Gemma2Config(**_GQA, **_DECODER, sliding_window=_WINDOW,
-                                                    query_pre_attn_scalar=8))
+    if family == "gemma2":  # + sliding-window layers, attention (a cap low enough to matter) and final soft-capping
+        return tf.Gemma2ForCausalLM(tf.Gemma2Config(**_GQA, **_DECODER, sliding_window=WINDOW,
+                                                    query_pre_attn_scalar=8, attn_logit_softcapping=2.0))
     if family == "gemma3":  # + q/k norm, one sliding and one full-attention layer
         return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
-            **_GQA, **_DECODER, sliding_window=_WINDOW, query_pre_attn_scalar=8,
+            **_GQA, **_DECODER, sliding_window=WINDOW, query_pre_attn_scalar=8,
             layer_types=["sliding_attention", "full_attention"]))
     if family == "bert":
         return tf.BertModel(tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -69,6 +69,7 @@ def _build(family):
 
 
 DECODERS = ("llama", "qwen2", "qwen3", "mistral", "mistral_window", "phi3", "gpt2", "gemma", "gemma2", "gemma3")
+WINDOWED = ("mistral_window", "gemma2", "gemma3")  # sliding windows of WINDOW tokens
 ENCODERS = ("bert", "roberta")
 ENCODER_DECODERS = ("t5",)
 FAMILIES = DECODERS + ENCODERS + ENCODER_DECODERS

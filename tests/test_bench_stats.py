@@ -318,6 +318,7 @@ def test_tiny_run_end_to_end(tmp_path):
     assert set(apt["train"]) == {"median", "q1", "q3", "min", "max", "n"}
     assert result["settings"]["clock"] == "cpu" and result["settings"]["threads"] == 1
     assert result["machine"]["cpu_count"] >= 1 and len(result["machine"]["load_average_end"]) == 3
+    assert result["machine"]["other_cpus"] >= 0 and result["machine"]["other_cpus_before"] >= 0
     assert result["sampling"]["extra_rounds"] == 0
     for curve in result["curves"]:
         for points in curve["rows"].values():
@@ -326,3 +327,27 @@ def test_tiny_run_end_to_end(tmp_path):
     md = (tmp_path / "t.md").read_text()
     assert apt["ratios"]["train"]["floor"]["text"] in md
     assert (tmp_path / "t.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------- how busy the machine was
+
+
+def test_other_cpus_subtracts_this_process():
+    # 3 s of machine-wide busy time over 2 s of wall clock, 1 s of it this process's own: 1 other CPU
+    assert report.other_cpus((10.0, 5.0, 100.0), (13.0, 6.0, 102.0)) == 1.0
+    assert report.other_cpus((10.0, 5.0, 100.0), (10.5, 6.0, 102.0)) == 0.0  # counter granularity: never negative
+    assert report.other_cpus(None, (1.0, 1.0, 1.0)) is None
+
+
+@pytest.mark.parametrize("measured, warns", [((0.1, 0.2), False), ((0.1, 1.4), True), ((1.5, 0.0), True)],
+                         ids=["quiet", "busy-during", "busy-before"])
+def test_busy_prefers_the_cpu_counters_to_the_load_average(measured, warns):
+    # a load average of 1.4 on 2 CPUs with one CPU idle is what a VM's kernel threads can show: not busy
+    m = dict(cpu_count=2, torch_threads=1, load_average=[1.4, 1.2, 1.1], load_average_end=[2.4, 1.5, 1.2],
+             other_cpus_before=measured[0], other_cpus=measured[1])
+    assert bool(report.busy(m)) is warns
+
+
+def test_busy_falls_back_to_the_load_average_for_older_files():
+    m = dict(cpu_count=2, torch_threads=1, load_average=[1.4, 1.2, 1.1], load_average_end=[1.0, 1.0, 1.0])
+    assert "load average 1.40/1.20/1.10" in report.busy(m)

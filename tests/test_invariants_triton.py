@@ -1,4 +1,5 @@
-"""The invariants matrix (``test_invariants.py``) on the Triton kernels: a decoder (Llama) and an encoder (BERT).
+"""The invariants matrix (``test_invariants.py``) on the Triton kernels: a decoder (Llama), an encoder (BERT) and
+the sliding-window layers and soft-capping of Gemma 2 and windowed Mistral.
 
 Each cell's subject (the padded batch, ``generate``, the checkpointed run) takes the kernels, under the
 interpreter on CPU, and its reference (each row alone, the uncached forward, the plain gradients) the PyTorch
@@ -18,6 +19,9 @@ TRITON_SLICE = [
     ("llama", "ptv2", "padded_eq_alone"), ("llama", "apt-pooled", "generate_eq_uncached"),
     *[("bert", method, prop) for method in ("dept", "adept", "apt-pooled")
       for prop in ("padded_eq_alone", "checkpoint_eq_plain")],
+    # windows shorter than the inputs (a cropped KV cache while generating) and Gemma 2's soft-capping
+    ("mistral_window", "ptv2", "padded_eq_alone"), ("mistral_window", "apt-pooled", "generate_eq_uncached"),
+    ("gemma2", "apt", "padded_eq_alone"), ("gemma2", "ptv2", "generate_eq_uncached"),
 ]
 
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from . import _deberta, _seq2seq
+
 
 @dataclass
 class ModelShape:
@@ -22,6 +24,8 @@ class ModelShape:
     head_dim: int
     vocab_size: int
     embedding_size: int | None = None  # width of the input embedding (ELECTRA, ALBERT: below hidden_size)
+    # prefix methods: attention sites with a prefix where that is not num_layers (T5: encoder + decoder blocks)
+    prefix_sites: int | None = None
 
     def to_dict(self):
         return dict(self.__dict__)
@@ -77,36 +81,39 @@ def model_shape(model):
     vocab = emb.weight.shape[0] if isinstance(emb, nn.Embedding) else (_first(cfg, "vocab_size") or 0)
     width = emb.weight.shape[1] if isinstance(emb, nn.Embedding) else None
     return ModelShape(str(getattr(cfg, "model_type", type(model).__name__)), hidden, layers, heads, kv, head_dim, vocab,
-                      width)
+                      width, prefix_sites=_seq2seq.prefix_sites(model))
+
+
+_LAYER_TYPES = ("full_attention", "sliding_attention")  # what the "fastprefix" attention expresses
 
 
 def _unsupported_attention(model):
     """Why the "fastprefix" attention can't express this model's attention: a list of reasons, empty if it can.
 
-    The fused attention computes plain causal or bidirectional softmax attention over ``[prefix ; keys]``
-    with a padding mask: no sliding or chunked windows, no logit soft-capping. These are configuration
-    facts, so they are refused at ``apply`` instead of at every forward.
+    The fused attention computes causal or bidirectional softmax attention over ``[prefix ; keys]`` with a
+    padding mask, a sliding window over the real keys (the prefix stays visible to every query) and logit
+    soft-capping (Gemma 2): full and sliding-window layers are served. Other layer kinds (chunked, linear,
+    compressed attention) and chunked attention are configuration facts, refused at ``apply`` instead of at
+    every forward.
     """
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     reasons = []
-    kinds = sorted({t for t in (getattr(cfg, "layer_types", None) or ()) if t != "full_attention"})
-    window = getattr(cfg, "sliding_window", None)
+    kinds = sorted({t for t in (getattr(cfg, "layer_types", None) or ()) if t not in _LAYER_TYPES})
     if kinds:
-        reasons.append(f"its config.layer_types has {', '.join(map(repr, kinds))} layers (local attention windows)")
-    elif window is not None and getattr(cfg, "use_sliding_window", True) is not False:
-        reasons.append(f"it attends within a sliding window (config.sliding_window={window}; for inputs no longer "
-                       "than the window, loading the model with sliding_window=None gives the same attention)")
-    if getattr(cfg, "attn_logit_softcapping", None) is not None:
-        reasons.append(f"it soft-caps attention logits (config.attn_logit_softcapping={cfg.attn_logit_softcapping})")
+        reasons.append(f"its config.layer_types has {', '.join(map(repr, kinds))} layers (only full and "
+                       "sliding-window attention layers are supported)")
+    chunk = getattr(cfg, "attention_chunk_size", None)
+    if chunk is not None:
+        reasons.append(f"it attends within chunks (config.attention_chunk_size={chunk})")
     return reasons
 
 
 def _bypassed_base_model(model, layers_path):
     """The submodule call (``"self.model.decoder"``) by which ``model.forward`` skips its base model, or None.
 
-    The prefix is computed by a forward pre-hook on ``model.base_model`` and travels down that call's
-    keyword arguments; a head that calls a module *inside* the base model directly (OPT's
-    ``self.model.decoder(...)``) never runs the hook.
+    The prefix is computed by a forward pre-hook and travels down that call's keyword arguments; a head
+    that calls a module *inside* the base model directly (OPT's ``self.model.decoder(...)``) never runs a
+    hook on the base model, so :func:`prefix_entry` puts it on the module called.
     """
     import inspect
     import re
@@ -129,17 +136,23 @@ def prefix_layers(model, shape):
     """``[(layer, self_attention)]`` for every transformer layer, for the prefix methods.
 
     The model must dispatch attention through transformers' ``AttentionInterface`` (the attention module
-    calls ``ALL_ATTENTION_FUNCTIONS``) with plain full attention (see :func:`_unsupported_attention`), be
-    encoder-only or decoder-only, run its layers through its base model (where the prefix is computed), and
-    have one ``nn.ModuleList`` of ``num_hidden_layers`` layers each holding exactly one self-attention
-    module (the module with transformers' ``is_causal`` attribute, the one that calls the attention function).
+    calls ``ALL_ATTENTION_FUNCTIONS``) with full or sliding-window layers (see :func:`_unsupported_attention`),
+    be encoder-only or decoder-only (T5: see ``_seq2seq``), and have one ``nn.ModuleList`` of
+    ``num_hidden_layers`` layers each holding exactly one self-attention module (the module with transformers'
+    ``is_causal`` attribute, the one that calls the attention function).
     """
     _pretrained(model)
     cfg = model.config
     name = type(model).__name__
+    if _seq2seq.family(model) is not None:  # T5, mT5, UMT5: every self-attention, encoder and decoder
+        return _seq2seq.prefix_layers(model)
+    if _deberta.is_deberta(model):  # DeBERTa v1/v2/v3: its own disentangled attention, not AttentionInterface
+        return _deberta.prefix_layers(model, shape)
     if getattr(cfg, "is_encoder_decoder", False):
-        raise ValueError(f"prefix methods (P-Tuning v2, APT) are not supported on encoder-decoder models like {name}; "
-                         "use a prompt method (PromptTuningConfig, DePTConfig, ADePTConfig)")
+        raise ValueError(f"prefix methods (P-Tuning v2, APT) are not supported on the encoder-decoder {name} "
+                         f"({getattr(cfg, 'model_type', '?')}): of the encoder-decoders they serve only "
+                         f"{', '.join(_seq2seq.FAMILIES.values())}; use a prompt method (PromptTuningConfig, "
+                         "DePTConfig, ADePTConfig)")
     if getattr(cfg, "add_cross_attention", False):
         raise ValueError(f"prefix methods do not support {name} with cross-attention (config.add_cross_attention)")
     if not getattr(model, "_supports_attention_backend", False):
@@ -156,11 +169,6 @@ def prefix_layers(model, shape):
     if not lists:
         raise ValueError(f"{name} has no nn.ModuleList of num_hidden_layers={shape.num_layers} identical layers")
     path, layers = lists[0]
-    call = _bypassed_base_model(model, path)
-    if call is not None:
-        raise ValueError(f"prefix methods are not supported on {name}: its forward calls {call}(...) directly, "
-                         f"bypassing {type(model.base_model).__name__}, where fastprefix computes the prefix for each "
-                         "forward; use a prompt method (PromptTuningConfig, DePTConfig, ADePTConfig)")
     found = []
     for i, layer in enumerate(layers):
         attn = [m for m in layer.modules() if hasattr(m, "is_causal")
@@ -171,3 +179,22 @@ def prefix_layers(model, shape):
                              "fastprefix can add a prefix to exactly one per layer")
         found.append((layer, attn[0]))
     return found
+
+
+def prefix_entry(model, layers):
+    """The module whose forward pre-hook computes the prefix for each call: ``model.base_model``, or the module
+    inside it that ``model.forward`` calls directly (OPT's ``*ForCausalLM`` calls ``self.model.decoder``).
+
+    ``layers``: :func:`prefix_layers`' answer. The module found holds the layer list, so every layer runs inside
+    its call, and it is the one the model's own forward enters: a head that bypasses the base model still runs
+    the hook, and a head that goes through the base model reaches the same module.
+    """
+    first = layers[0][0]
+    path = next(p for p, m in model.named_modules() if isinstance(m, nn.ModuleList) and any(x is first for x in m))
+    call = _bypassed_base_model(model, path)
+    if call is None:
+        return model.base_model
+    entry = model.get_submodule(call[len("self."):])
+    if not any(m is first for m in entry.modules()):  # pragma: no cover - the call names an ancestor of the layers
+        raise ValueError(f"{type(model).__name__}.forward calls {call}(...), which does not hold its layers")
+    return entry

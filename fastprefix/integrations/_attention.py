@@ -3,10 +3,13 @@
 transformers builds a mask only for implementations registered with ``AttentionMaskInterface``: an
 attention function registered alone silently receives ``attention_mask=None`` and padded batches go
 wrong. So both are registered under one name. The mask function hands the layers the 2D key padding
-mask ``[B, Sk]`` (True = real key) and rejects patterns the fused attention can't express (sliding
-windows, packed sequences, static caches); the attention function calls
-:func:`fastprefix.gated_prefix_attention`, where causality is bottom-right aligned as in decoding and
-the prefix is visible to every query.
+mask ``[B, Sk]`` (True = real key) after checking that the pattern transformers asks for is one the fused
+attention expresses: causal or bidirectional, with or without a sliding window (recognised structurally,
+see :func:`mask_pattern`); chunked attention, custom overlays and static caches are rejected. The attention
+function calls :func:`fastprefix.gated_prefix_attention`, where causality and windows are bottom-right
+aligned as in decoding and the prefix is visible to every query. A sliding-window layer's window comes from
+the ``sliding_window`` keyword argument the layer hands its attention function (as transformers' flash
+attention reads it), its soft-capping from ``softcap`` (Gemma 2's ``attn_logit_softcapping``).
 
 State travels with the forward: the base model's forward pre-hook computes the prefix (after dropout)
 into a :class:`ForwardContext` and adds it to the call's keyword arguments as ``fastprefix_context``;
@@ -25,6 +28,7 @@ import torch
 
 from .. import ops
 from ..modules import PTuningV2Prefix
+from . import _packing
 
 NAME = "fastprefix"
 KWARG = "fastprefix_context"  # the keyword argument that carries a ForwardContext down the call
@@ -64,27 +68,99 @@ class _Running:
         self.seen, self.total, self.count, self.last_key = seen, total, count, last_key
 
 
+def _closure_value(fn, name):
+    """The value of the free variable ``name`` of closure ``fn``."""
+    return fn.__closure__[fn.__code__.co_freevars.index(name)].cell_contents
+
+
+def _is_closure_of(fn, factory, *args):
+    """``fn`` is a closure made by ``factory`` (the code object of ``factory(*args)``'s), not a look-alike."""
+    return getattr(fn, "__code__", None) is factory(*args).__code__ and fn.__closure__ is not None
+
+
+def _positive_int(x):
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def mask_pattern(mask_function):
+    """``(causal, window)`` of a transformers mask function that fastprefix's attention expresses, else None.
+
+    Recognised by structure, never by name: transformers builds a sliding-window mask function as
+    ``and_masks(sliding_window_overlay(W), causal_mask_function)`` (visible iff ``q - W < kv <= q``) or
+    ``and_masks(sliding_window_bidirectional_overlay(W), bidirectional_mask_function)`` (``|q - kv| <= W``);
+    the closures are matched by their code objects and W is read from the overlay's closure. ``window`` is
+    ``(left, right)`` as :func:`fastprefix.gated_prefix_attention` takes it, or None. Anything else (chunked
+    attention, other overlays) gives None.
+    """
+    from transformers import masking_utils as mu
+
+    if mask_function is None or mask_function is mu.bidirectional_mask_function:
+        return False, None
+    if mask_function is mu.causal_mask_function:
+        return True, None
+    if not _is_closure_of(mask_function, mu.and_masks, mu.causal_mask_function):
+        return None
+    parts = _closure_value(mask_function, "mask_functions")
+    if len(parts) != 2:
+        return None
+    overlay, base = parts
+    if base is mu.causal_mask_function and _is_closure_of(overlay, mu.sliding_window_overlay, 1):
+        w = _closure_value(overlay, "sliding_window")
+        return (True, (w - 1, 0)) if _positive_int(w) else None
+    if base is mu.bidirectional_mask_function and _is_closure_of(overlay, mu.sliding_window_bidirectional_overlay, 1):
+        w = _closure_value(overlay, "sliding_window")
+        return (False, (w, w)) if _positive_int(w) else None
+    return None
+
+
+@_packing.packed_mask  # packed sequences: transformers' overlay becomes the [B, T] sequence ids (see _packing)
 def fastprefix_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                     attention_mask=None, **kwargs):
-    """Mask interface: return the key padding mask ``[B, kv_length]`` (bool, True = real key) or None."""
-    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, prepare_padding_mask
+    """Mask interface: return the key padding mask ``[B, kv_length]`` (bool, True = real key) or None.
 
-    if mask_function not in (None, causal_mask_function, bidirectional_mask_function):
+    Causality and the window are not in the returned mask: the attention function applies them from the layer's
+    ``is_causal`` and ``sliding_window``. This only checks that the pattern asked for is one of those
+    (:func:`mask_pattern`) and that the queries are the last ``q_length`` of the keys, which a sliding-window
+    cache that dropped its oldest keys (``DynamicSlidingWindowLayer``) keeps: its keys start at ``kv_offset``
+    and the window is measured between slots of that same key tensor.
+    """
+    from transformers.masking_utils import prepare_padding_mask
+
+    pattern = mask_pattern(mask_function)
+    if pattern is None:
         raise NotImplementedError(
-            "fastprefix's attention supports plain causal or bidirectional masks with padding; this model asked for "
-            f"{getattr(mask_function, '__name__', mask_function)!r} (sliding window, chunked, packed sequences or a "
-            "custom overlay). Pass an attention_mask instead of packed position_ids, or disable sliding windows.")
-    if mask_function is causal_mask_function and int(q_offset) + q_length != int(kv_offset) + kv_length:
+            "fastprefix's attention supports causal or bidirectional masks, with or without a sliding window, with "
+            f"padding; this model asked for {getattr(mask_function, '__qualname__', mask_function)!r} (chunked "
+            "attention or a custom overlay, e.g. bidirectional image tokens); use a prompt method "
+            "(PromptTuningConfig, DePTConfig, ADePTConfig)")
+    causal, window = pattern
+    if (causal or window is not None) and int(q_offset) + q_length != int(kv_offset) + kv_length:
         raise NotImplementedError(
-            f"fastprefix aligns causal masks bottom-right (queries are the last {q_length} of {kv_length} keys); this "
-            f"cache gives queries at offset {int(q_offset)} of {int(kv_offset) + kv_length} slots. Use the default "
-            "DynamicCache, not a static or sliding cache.")
+            f"fastprefix aligns causal and windowed masks bottom-right (queries are the last {q_length} of "
+            f"{kv_length} keys); this cache gives queries at offset {int(q_offset)} of keys {int(kv_offset)} to "
+            f"{int(kv_offset) + kv_length}. Use the default DynamicCache, not a static cache")
     mask = prepare_padding_mask(attention_mask, kv_length, kv_offset)
     if mask is None:
         return None
     return mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
 
 
+def layer_window(sliding_window, causal):
+    """The ``window=(left, right)`` of a layer whose attention got ``sliding_window=W`` (None: no window).
+
+    transformers' convention, what its flash-attention path hands FlashAttention (``(W - 1, W - 1)``): a causal
+    layer sees its own key and the ``W - 1`` before it (Mistral, Qwen2, Phi-3, Gemma 2/3: visible iff
+    ``q - kv < W``, as their masks say), a bidirectional one ``|q - kv| <= W - 1`` (ModernBERT passes its half
+    window + 1, its mask ``|q - kv| <= half window``).
+    """
+    if sliding_window is None:
+        return None
+    if not _positive_int(sliding_window):
+        raise ValueError(f"the attention got sliding_window={sliding_window!r}; expected None or an int >= 1")
+    return (sliding_window - 1, 0) if causal else (sliding_window - 1, sliding_window - 1)
+
+
+@_packing.padding_free  # packed sequences run unpacked, one row each, and are packed back (see _packing)
 def fastprefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention interface: ``[B, H, Sq, D]`` queries over ``[prefix ; keys]`` -> ``([B, Sq, H, D], weights)``.
 
@@ -101,12 +177,15 @@ def fastprefix_attention(module, query, key, value, attention_mask, scaling=None
     if not isinstance(ctx, ForwardContext):
         raise RuntimeError(f"{type(module).__name__} got no fastprefix context: call the model, not its layers or "
                            f"attention modules (the base model's forward pre-hook passes it down as {KWARG!r})")
-    if kwargs.get("sliding_window") is not None:
-        raise NotImplementedError("fastprefix's attention does not support sliding-window layers")
     if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.dtype != torch.bool):
         raise ValueError(f"the 'fastprefix' attention expects the 2D boolean key padding mask its mask function "
                          f"builds, got {attention_mask.dtype} {list(attention_mask.shape)}; do not pass 4D masks")
-    i = module._fastprefix_layer
+    i = getattr(module, "_fastprefix_layer", None)
+    if i is None:  # an attention without a prefix (T5's cross-attention): as the base model computes it
+        from ._seq2seq import plain_attention
+
+        return plain_attention(module, query, key, value, attention_mask, scaling, dropout,
+                               kwargs.get("position_bias"), ctx.output_attentions)
     device = query.device.type
     if torch.is_autocast_enabled(device):
         # attention is an autocast op (SDPA runs in the autocast dtype); rotary embeddings can hand over float32
@@ -116,13 +195,20 @@ def fastprefix_attention(module, query, key, value, attention_mask, scaling=None
     dt = query.dtype
     prefix_k, prefix_v = (x.to(dt) for x in PTuningV2Prefix.layer(ctx.prefixes, i))
     causal = bool(kwargs.get("is_causal", module.is_causal))
+    window = layer_window(kwargs.get("sliding_window"), causal)
+    softcap = kwargs.get("softcap")  # Gemma 2's attn_logit_softcapping: caps the prefix logits too
     query_mask = None if attention_mask is None else attention_mask[:, -query.shape[2]:]
     gate = _gate(ctx, module, i, query_mask, causal, key) if state.gated else {}
+    bias = kwargs.get("position_bias")  # T5's relative position bias [1, H, Sq, Sk]: the real keys' only
+    if bias is not None and bias.dtype not in (dt, torch.float32):
+        bias = bias.to(dt)
     out = ops.gated_prefix_attention(query, key, value, prefix_k, prefix_v, key_padding_mask=attention_mask,
-                                     causal=causal, scale=scaling, backend=ctx.backend, **gate)
+                                     causal=causal, scale=scaling, attn_bias=bias, window=window, softcap=softcap,
+                                     backend=ctx.backend, **gate)
     weights = None
     if ctx.output_attentions:
-        weights = attention_map(query, key, prefix_k, _gate_tensor(gate), attention_mask, causal, scaling)
+        weights = attention_map(query, key, prefix_k, _gate_tensor(gate), attention_mask, causal, scaling, bias,
+                                window=window, softcap=softcap)
     return out.transpose(1, 2).contiguous(), weights
 
 
@@ -135,20 +221,32 @@ def _gate(ctx, module, i, query_mask, causal, key):
     hidden = hidden.to(key.dtype)
     apt = ctx.state.module
     pooled_causal = apt.config.gate == "pooled" and causal
-    past = _past_totals(ctx.caches.get(i), i, key, hidden.shape[1]) if pooled_causal else None
-    gate = apt.gate_kwargs(i, hidden, query_mask, causal=causal, past=past)
     cache = ctx.caches.get(i)
+    seen = _tokens_seen(cache, module, key) if pooled_causal else None
+    past = _past_totals(cache, i, key, seen, hidden.shape[1]) if pooled_causal else None
+    gate = apt.gate_kwargs(i, hidden, query_mask, causal=causal, past=past)
     if pooled_causal and cache is not None:
         total, count = apt.pooled_totals(i, hidden, query_mask, past=past)
-        cache.__dict__.setdefault(_RUNNING, {})[i] = _Running(key.shape[2], total, count, key[:, :, -1].clone())
+        cache.__dict__.setdefault(_RUNNING, {})[i] = _Running(seen, total, count, key[:, :, -1].clone())
     if ctx.state.record_gates and i not in ctx.gate_stats:  # a checkpoint recompute does not record again
         ctx.gate_stats[i] = _mean_gate(apt, i, hidden, query_mask, causal, past)
     return gate
 
 
-def _past_totals(cache, i, key, Sq):
-    """``(total [B, L], count [B])`` of the tokens before this call's ``Sq`` (None at position 0)."""
-    past = key.shape[2] - Sq
+def _tokens_seen(cache, module, key):
+    """How many tokens the layer's KV cache has taken, this call's included: its keys, or more where a
+    sliding-window cache (``DynamicSlidingWindowLayer``) dropped the oldest (its ``get_seq_length`` counts them)."""
+    idx = getattr(module, "layer_idx", None)
+    if cache is not None and isinstance(idx, int) and callable(getattr(cache, "get_seq_length", None)):
+        n = int(cache.get_seq_length(idx))
+        if n >= key.shape[2]:
+            return n
+    return key.shape[2]
+
+
+def _past_totals(cache, i, key, seen, Sq):
+    """``(total [B, L], count [B])`` of the ``seen - Sq`` tokens before this call's ``Sq`` (None at position 0)."""
+    past = seen - Sq
     if past == 0:
         return None
     run = getattr(cache, _RUNNING, {}).get(i) if cache is not None else None
@@ -157,7 +255,9 @@ def _past_totals(cache, i, key, Sq):
             f"APT's causal pooled gate at layer {i}: the KV cache holds {past} earlier tokens but not their running "
             "gate statistics, which fastprefix keeps on the cache this model filled from position 0. Continue "
             "with the cache this fastprefix model returned (as generate does)")
-    if run.seen != past or run.total.shape[0] != key.shape[0] or not torch.equal(key[:, :, past - 1], run.last_key):
+    # the newest earlier key (a sliding-window cache keeps it: it keeps the W - 1 latest)
+    newest = key[:, :, key.shape[2] - Sq - 1] if key.shape[2] > Sq else run.last_key
+    if run.seen != past or run.total.shape[0] != key.shape[0] or not torch.equal(newest, run.last_key):
         raise ValueError(
             f"APT's causal pooled gate at layer {i}: the KV cache was reordered, cropped or rewritten since the last "
             f"call (it covered {run.seen} tokens of batch {run.total.shape[0]}, now {past} tokens of batch "
@@ -186,12 +286,35 @@ def _gate_tensor(gate):
     return gate.get("gate")
 
 
-def attention_map(q, k, prefix_k, gate, key_padding_mask, causal, scale):
+def visible_keys(Sq, Sk, causal, window, device):
+    """``[Sq, Sk]`` bool: real key u visible to query t, bottom-right aligned (``t' = t + Sk - Sq``).
+
+    ``causal``: ``u <= t'``; ``window=(left, right)``: ``t' - left <= u <= t' + right`` (-1: unbounded).
+    """
+    t = torch.arange(Sq, device=device)[:, None] + (Sk - Sq)
+    u = torch.arange(Sk, device=device)[None, :]
+    visible = torch.ones(Sq, Sk, dtype=torch.bool, device=device)
+    if causal:
+        visible = visible & (u <= t)
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            visible = visible & (u >= t - left)
+        if right >= 0:
+            visible = visible & (u <= t + right)
+    return visible
+
+
+def attention_map(q, k, prefix_k, gate, key_padding_mask, causal, scale, attn_bias=None, *, window=None,
+                  softcap=None):
     """Each query's attention probabilities over ``[prefix ; keys]``: ``[B, H, Sq, L + Sk]`` (``output_attentions``).
 
-    The scores of the reference path built explicitly (``scale * g * q.Pk`` for the prefix, ``scale * q.k`` or
-    -inf for hidden keys) and softmaxed together; half precision softmaxes in float32 as eager transformers does.
-    q: ``[B, H, Sq, D]``; k: ``[B, Hkv, Sk, D]``; prefix_k: ``[Hkv, L, D]``; gate: None or ``[B|1, Sq|1, L]``.
+    The scores of the reference path built explicitly and softmaxed together: ``cap(g * scale * q.Pk)`` for the
+    prefix, ``cap(scale * q.k) + attn_bias`` for the real keys, -inf where a key is hidden (padding, causality,
+    the window), with ``cap(x) = softcap * tanh(x / softcap)`` when ``softcap`` is set. Half precision
+    softmaxes in float32 as eager transformers does.
+    q: ``[B, H, Sq, D]``; k: ``[B, Hkv, Sk, D]``; prefix_k: ``[Hkv, L, D]``; gate: None or ``[B|1, Sq|1, L]``;
+    attn_bias: None or broadcastable to ``[B, H, Sq, Sk]``; window: None or ``(left, right)``.
     """
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -201,9 +324,12 @@ def attention_map(q, k, prefix_k, gate, key_padding_mask, causal, scale):
     if gate is not None:
         s_prefix = s_prefix * gate.reshape((1,) * (3 - gate.dim()) + tuple(gate.shape)).unsqueeze(1)
     s_keys = torch.matmul(q, k.repeat_interleave(H // Hkv, dim=1).transpose(-1, -2)) * scale
-    visible = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
-    if causal:
-        visible = torch.arange(Sk, device=q.device)[None, :] <= torch.arange(Sq, device=q.device)[:, None] + Sk - Sq
+    if softcap is not None:
+        s_prefix = torch.tanh(s_prefix / softcap) * softcap
+        s_keys = torch.tanh(s_keys / softcap) * softcap
+    if attn_bias is not None:
+        s_keys = s_keys + attn_bias.to(s_keys.dtype)
+    visible = visible_keys(Sq, Sk, causal, window, q.device)
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, :]
     s_keys = s_keys.masked_fill(~visible, float("-inf"))

@@ -36,6 +36,8 @@ import sys
 import torch
 from torch import nn
 
+from . import _packing
+
 IGNORE_INDEX = -100
 _TOKEN_INDEX_ARGS = ("start_positions", "end_positions")  # labels that index tokens (question answering)
 
@@ -229,6 +231,9 @@ def _first_call(state, kwargs, m):
     if not isinstance(ids, torch.Tensor) or ids.dim() not in (2, 3):
         shape = list(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"input_ids must be [B, S] (or [B, C, S] for multiple choice), got {shape}")
+    packing = _packing.prompt_packing(kwargs)
+    if packing is not None:  # a padding-free batch: the prompt goes in front of every packed sequence
+        return _packing.prompt_inputs(state, kwargs, packing)
     lead, S = ids.shape[:-1], ids.shape[-1]  # [B] or [B, C]: choices are flattened as the model does
     flat = ids.reshape(-1, S)
     mask = _flat(kwargs.get("attention_mask"), S)

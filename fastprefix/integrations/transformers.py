@@ -19,8 +19,9 @@ through fastprefix:
 
 ``remove(model)`` undoes all of it: same outputs as before ``apply``, bit for bit.
 
-Caveats: attention-probability dropout is not applied on the prefix path; sliding-window layers, static
-caches and packed sequences are rejected with a clear error; reentrant gradient checkpointing is rejected
+Caveats: attention-probability dropout is not applied on the prefix path; sliding-window layers keep their
+window over the real keys while the prefix stays visible to every query; static caches, chunked attention
+and packed sequences are rejected with a clear error; reentrant gradient checkpointing is rejected
 for prefix methods (the default non-reentrant one works); APT's ``gate="pooled"`` on causal attention pools
 each position over the real tokens up to it (decoding keeps the running sum and count on the KV cache).
 """
@@ -36,7 +37,7 @@ from torch import nn
 from .. import ops
 from ..config import ADePTConfig, APTConfig, DePTConfig, PromptTuningConfig, PTuningV2Config, _Config
 from ..modules import AdaptiveDecomposedPrompt, AdaptivePrefix, DecomposedPrompt, PromptTuning, PTuningV2Prefix
-from . import _arch, _attention, _embedding, _inputs
+from . import _arch, _attention, _deberta, _embedding, _inputs, _positions, _seq2seq
 
 ATTR = "fastprefix"  # the submodule holding the trainable state
 _STATE = "_fastprefix_state"  # plain attribute: the State, on the model and on every hooked module
@@ -66,6 +67,7 @@ class State:
         self.attn_implementation = None
         self.sub_implementations = []  # (sub-config, its attention implementation) pairs
         self.hooked = []  # (module, hook function) pairs
+        self.disabled = 0  # depth of `fastprefix.disabled` blocks: while > 0 the hooks leave every call alone
 
     @property
     def num_virtual_tokens(self):
@@ -75,6 +77,7 @@ class State:
         # a model pickled whole (torch.save) and loaded in a fresh process: its config still names the
         # "fastprefix" attention, which transformers only finds registered
         self.__dict__.update(d)
+        self.__dict__.setdefault("disabled", 0)
         if self.attn_implementation is not None:
             _attention.register()
 
@@ -166,6 +169,8 @@ def _check_attention_implementation(state):
 def _prefix_pre_hook(module, args, kwargs):
     """Compute every layer's prefix for this call and hand it down in the call's keyword arguments."""
     state = getattr(module, _STATE)
+    if state.disabled:  # fastprefix.disabled: the base model runs as it is
+        return None
     _check_attention_implementation(state)
     if module.training and any(_reentrant(layer) for layer in state.layers):
         # the reentrant recompute backpropagates into the shared prefix once per layer and frees its graph
@@ -176,11 +181,16 @@ def _prefix_pre_hook(module, args, kwargs):
         output_attentions = getattr(module.config, "output_attentions", False)
     ctx = _attention.ForwardContext(state, state.module(), output_attentions)
     state.gate_stats = ctx.gate_stats  # what gate_report reads: the last forward's
+    shift = getattr(state, "shift", None)
+    if shift is not None:  # prefix_positions="shift": real tokens numbered after the prefix (see _positions)
+        return (), {**shift(module, args, kwargs), _attention.KWARG: ctx}
     return args, {**kwargs, _attention.KWARG: ctx}
 
 
 def _layer_pre_hook(module, args, kwargs):
     """APT: record the hidden states entering the layer (and the KV cache it was given) in the call's context."""
+    if getattr(module, _STATE).disabled:
+        return None
     ctx = kwargs.get(_attention.KWARG)
     if not isinstance(ctx, _attention.ForwardContext):
         raise RuntimeError(f"APT: {type(module).__name__} was called without the fastprefix context; call the model, "
@@ -197,11 +207,16 @@ def _layer_pre_hook(module, args, kwargs):
 
 def _prompt_pre_hook(module, args, kwargs):
     state = getattr(module, _STATE)
+    if state.disabled:  # fastprefix.disabled: no prompt, and no pooled slot left for the pool hook to use
+        state.inputs.pending_pool.clear()
+        return None
     return (), _inputs.model_inputs(state, _inputs.bind(module, args, kwargs))
 
 
 def _encoder_pre_hook(module, args, kwargs):
     state = getattr(module, _STATE)
+    if state.disabled:
+        return None
     return (), _inputs.encoder_inputs(state, _inputs.bind(module, args, kwargs))
 
 
@@ -244,7 +259,8 @@ def build_module(config, shape):
     for cfg_cls, mod_cls in _MODULES:
         if type(config) is cfg_cls:
             if isinstance(config, _PREFIX):
-                return mod_cls(config, shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.hidden_size)
+                sites = getattr(shape, "prefix_sites", None) or shape.num_layers  # T5: encoder + decoder blocks
+                return mod_cls(config, sites, shape.num_kv_heads, shape.head_dim, shape.hidden_size)
             # the prompt lives in the input-embedding space (narrower than hidden_size on ELECTRA, ALBERT)
             return mod_cls(config, getattr(shape, "embedding_size", None) or shape.hidden_size)
     raise ValueError(f"config must be one of {[c.__name__ for c, _ in _MODULES]}, got {type(config).__name__}")
@@ -294,6 +310,8 @@ def apply(model, config, *, backend=None, trainable=(), generator=None):
     shape = _arch.model_shape(model)
     is_prefix = isinstance(config, _PREFIX)
     layers = _arch.prefix_layers(model, shape) if is_prefix else None
+    shift = (_positions.Shift(model, config.num_virtual_tokens)
+             if is_prefix and config.prefix_positions == "shift" else None)  # refused here, before any change
     embedding = None if is_prefix else _arch.input_embedding(model)
     # prompt methods: a model that scales its embeddings only when it embeds ids itself (probed; refused if unknown)
     enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
@@ -312,6 +330,7 @@ def apply(model, config, *, backend=None, trainable=(), generator=None):
 
     enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
     state = State(config, module, shape, backend, enc_dec)
+    state.shift = shift
     state.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     state.trainable = tuple(trainable)
     for p in model.parameters():
@@ -327,22 +346,30 @@ def apply(model, config, *, backend=None, trainable=(), generator=None):
         state.attn_implementation = model.config._attn_implementation
         for sub in model.modules():  # submodels may carry their own config
             cfg = getattr(sub, "config", None)
-            if cfg is not None and hasattr(cfg, "_attn_implementation_internal") and cfg is not model.config:
+            # a config shared by several modules (T5: a stack's, held by its attention modules) is recorded once
+            if (cfg is not None and hasattr(cfg, "_attn_implementation_internal") and cfg is not model.config
+                    and all(cfg is not seen for seen, _ in state.sub_implementations)):
                 state.sub_implementations.append((cfg, cfg._attn_implementation_internal))
                 cfg._attn_implementation_internal = _attention.NAME
         model.config._attn_implementation_internal = _attention.NAME
-        _hook(state, model.base_model, _prefix_pre_hook)
+        if _seq2seq.family(model) is not None:  # T5: a hook on each stack (generate runs the encoder alone)
+            _seq2seq.install(state, model)
+        else:
+            _hook(state, _arch.prefix_entry(model, layers), _prefix_pre_hook)  # base model, or what forward calls
         for sub in model.modules():  # the model and any PreTrainedModel inside (e.g. model.model)
             if callable(getattr(type(sub), "set_attn_implementation", None)):
                 sub.__dict__["set_attn_implementation"] = _AttentionGuard(sub)
                 state.hooked.append((sub, None))
         state.layers = [layer for layer, _ in layers]
+        deberta = _deberta.is_deberta(model)  # no kwargs reach its layers: its own hooks and attention forward
         for i, (layer, attn) in enumerate(layers):
             setattr(attn, _STATE, state)
             setattr(attn, _LAYER, i)
             state.hooked.append((attn, None))
-            if state.gated:
+            if state.gated and not deberta:
                 _hook(state, layer, _layer_pre_hook, layer=i)
+        if deberta:
+            _deberta.install(state, model.base_model, layers)
     else:
         state.embedding = embedding
         state.input_embedding = _embedding.InputEmbedding(embedding, outer)
@@ -369,10 +396,12 @@ def remove(model):
                 for key in [k for k, h in hooks.items() if h is fn]:
                     del hooks[key]
                     with_kwargs.pop(key, None)
+                    module._forward_hooks_always_called.pop(key, None)
         for attr in (_STATE, _LAYER):
             module.__dict__.pop(attr, None)
         if isinstance(module.__dict__.get("set_attn_implementation"), _AttentionGuard):
             del module.__dict__["set_attn_implementation"]
+        _deberta.restore(module)  # a DeBERTa attention's instance forward
     if state.attn_implementation is not None:
         model.config._attn_implementation_internal = state.attn_implementation
         for cfg, impl in state.sub_implementations:

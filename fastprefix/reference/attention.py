@@ -3,14 +3,18 @@
 This is the numerical contract of ``fastprefix.kernels.gated_prefix_attention`` and the path used on
 CPU. For query t, prefix token j (always visible) and real key u:
 
-    logit[t, j] = scale * g[t, j] * (q_t . Pk_j)
-    logit[t, u] = scale * (q_t . k_u)  or -inf          (hidden by padding / causality)
+    logit[t, j] = cap(scale * g[t, j] * (q_t . Pk_j))
+    logit[t, u] = cap(scale * (q_t . k_u)) + attn_bias[t, u]  or -inf   (hidden by padding / causality / window)
     out_t       = sum_j p[t, j] g[t, j] Pv_j + sum_u p[t, u] v_u,   p = softmax over all L + Sk logits
 
-A zero gate gives a logit of 0 (not -inf): the prefix token still takes softmax mass and adds no value.
-Inputs are assumed validated (``fastprefix.ops`` does that once).
+``cap(x) = softcap * tanh(x / softcap)`` (the identity without ``softcap``); the bias (broadcastable to
+``[B, H, Sq, Sk]``) reaches the real keys only; ``window = (left, right)`` hides real key u from query t
+(at position ``t' = t + Sk - Sq``) unless ``t' - left <= u <= t' + right`` (-1 = unbounded); the prefix is
+always visible. A zero gate gives a logit of 0 (not -inf): the prefix token still takes softmax mass and
+adds no value. Inputs are assumed validated (``fastprefix.ops`` does that once).
 
-Three exact formulations, picked by the gate's shape:
+Three exact formulations, picked by the gate's shape and the features (a window is a mask, so every
+formulation takes it; a bias or a softcap changes the logits themselves and takes the explicit one):
 
 - no gate, or one gate row for all queries (P-Tuning v2, APT's pooled gate on encoders): the gate folds into the
   prefix, ``scale * g * (q . Pk) = scale * q . (g * Pk)`` and value ``g * Pv``, so the whole thing is one
@@ -20,8 +24,9 @@ Three exact formulations, picked by the gate's shape:
   fused CPU attention, which also returns their log-sum-exp; the L prefix scores are computed apart and the two partial
   softmaxes merged by log-sum-exp. Its backward (:class:`_TokenGatedAttention`) calls the fused
   backward with the merged output and the real keys' share of the gradient, which is exact;
-- anything else (other devices): the scores of the prefix and of the keys built explicitly and
-  softmaxed together (:func:`_explicit_attention`).
+- anything else (other devices, ``attn_bias``, ``softcap``): the scores of the prefix and of the keys built
+  explicitly and softmaxed together (:func:`_explicit_attention`), autograd through every op (the bias's
+  gradient, summed over its broadcast dims, included).
 """
 
 from __future__ import annotations
@@ -79,15 +84,33 @@ def apt_gate(hidden, weight, bias, layer_scale, *, mode="token", key_padding_mas
     return layer_scale * torch.sigmoid(torch.addmm(bias, hidden.flatten(0, -2), weight).view(*hidden.shape[:-1], -1))
 
 
-def _visible_keys(key_padding_mask, causal, Sq, Sk, device):
-    """``[B|1, 1, Sq, Sk]`` bool, True = query t may see real key u; None when every key is visible."""
+def _window(window, causal):
+    """The part of ``window = (left, right)`` that hides more than ``causal`` does: ``(left, right)`` with -1
+    for an unbounded side (the right side is 0 under ``causal``), or None when it adds nothing."""
+    if window is None:
+        return None
+    left, right = window
+    if causal:
+        right = 0
+    if left == -1 and (right == -1 or causal):
+        return None
+    return left, right
+
+
+def _visible_keys(key_padding_mask, causal, Sq, Sk, device, window=None):
+    """``[B|1, 1, Sq, Sk]`` bool, True = query t may see real key u; None when every key is visible.
+    ``window`` is :func:`_window`'s normalised pair or None."""
     visible = None
     if key_padding_mask is not None:
         visible = key_padding_mask[:, None, None, :]
-    if causal:
-        t = torch.arange(Sq, device=device)[:, None] + (Sk - Sq)
-        past = torch.arange(Sk, device=device)[None, :] <= t
-        visible = past[None, None] if visible is None else visible & past
+    if causal or window is not None:
+        t = torch.arange(Sq, device=device)[:, None] + (Sk - Sq)  # each query's absolute position
+        u = torch.arange(Sk, device=device)[None, :]
+        left, right = window if window is not None else (-1, 0)
+        band = u <= t + right if right >= 0 else torch.ones_like(u, dtype=torch.bool)
+        if left >= 0:
+            band = band & (u >= t - left)
+        visible = band[None, None] if visible is None else visible & band
     return visible
 
 
@@ -97,7 +120,8 @@ def _gate3(gate):
 
 
 def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidden=None, gate_weight=None,
-                           gate_bias=None, layer_scale=None, key_padding_mask=None, causal=False, scale=None):
+                           gate_bias=None, layer_scale=None, key_padding_mask=None, causal=False, scale=None,
+                           attn_bias=None, window=None, softcap=None):
     """Attention over ``[g * prefix ; keys]`` without a kernel.
 
     Args:
@@ -109,6 +133,12 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
         key_padding_mask: ``[B, Sk]`` bool, True = real key. The prefix is always visible.
         causal: query t (at position ``Sk - Sq + t``) sees keys ``u <= Sk - Sq + t``.
         scale: softmax scale, default ``D ** -0.5``.
+        attn_bias: None or broadcastable to ``[B, H, Sq, Sk]`` (q's dtype or float32): added to the real
+            keys' logits after the cap; the prefix gets none.
+        window: None or ``(left, right)``, -1 = unbounded: query t sees real key u iff
+            ``t' - left <= u <= t' + right`` with ``t' = t + Sk - Sq``. The prefix is always visible.
+        softcap: None or a number > 0: every logit x (prefix ones after the gate) becomes
+            ``softcap * tanh(x / softcap)``, before the bias and the masks.
 
     Returns:
         ``[B, H, Sq, D]`` in the dtype of ``q``.
@@ -123,14 +153,18 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
         gate = apt_gate(gate_hidden, gate_weight, gate_bias, layer_scale)
     if gate is not None:
         gate = _gate3(gate)
+    window = _window(window, causal)
+    if attn_bias is not None or softcap is not None:
+        return _explicit_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, window,
+                                   attn_bias, softcap)
     if gate is None or gate.shape[1] == 1:
-        return _folded_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale)
+        return _folded_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, window)
     if q.device.type == "cpu" and _FUSED_CPU:
-        return _token_gated_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale)
-    return _explicit_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale)
+        return _token_gated_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, window)
+    return _explicit_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, window)
 
 
-def _folded_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale):
+def _folded_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, window=None):
     """No gate or one gate row ``[B|1, 1, L]`` for all queries: one SDPA over ``[g * Pk ; K]``."""
     B, H, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -141,23 +175,23 @@ def _folded_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causa
     L = pk.shape[-2]
     keys = torch.cat([pk.expand(B, Hkv, L, -1), k], dim=2)
     values = torch.cat([pv.expand(B, Hkv, L, -1), v], dim=2)
-    visible = _visible_keys(key_padding_mask, causal, Sq, Sk, q.device)
+    visible = _visible_keys(key_padding_mask, causal, Sq, Sk, q.device, window)
     if visible is not None:  # the prefix columns are always visible
         prefix_cols = visible.new_ones(*visible.shape[:-1], L).expand(*visible.shape[:-2], Sq, L)
         visible = torch.cat([prefix_cols, visible.expand(*visible.shape[:-2], Sq, Sk)], dim=-1)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=scale, enable_gqa=H != Hkv)
 
 
-def _real_keys_mask(key_padding_mask, causal, Sq, Sk, dtype, device):
+def _real_keys_mask(key_padding_mask, causal, Sq, Sk, dtype, device, window=None):
     """(additive mask, is_causal) for the fused CPU attention over the real keys.
 
     A hidden key gets the dtype's lowest finite value, not -inf: a query that sees no real key then
     gets a log-sum-exp of about that value (the fused op reports 0 for an all -inf row), so the real
     keys' share of the merged softmax underflows to exactly 0, forward and backward.
     """
-    if key_padding_mask is None and causal and Sq == Sk:
+    if key_padding_mask is None and causal and Sq == Sk and window is None:
         return None, True  # the fused op's own causal mask is top-left aligned: the same when Sq == Sk
-    visible = _visible_keys(key_padding_mask, causal, Sq, Sk, device)
+    visible = _visible_keys(key_padding_mask, causal, Sq, Sk, device, window)
     if visible is None:
         return None, False
     mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, torch.finfo(dtype).min)
@@ -236,9 +270,9 @@ def _eq(prefix, pattern):
     return pattern.format(p="bk" if prefix.dim() == 4 else "k")
 
 
-def _token_gated_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale):
+def _token_gated_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, window=None):
     Sq, Sk = q.shape[2], k.shape[2]
-    mask, is_causal = _real_keys_mask(key_padding_mask, causal, Sq, Sk, q.dtype, q.device)
+    mask, is_causal = _real_keys_mask(key_padding_mask, causal, Sq, Sk, q.dtype, q.device, window)
     return _TokenGatedAttention.apply(q, k, v, prefix_k, prefix_v, gate, mask, is_causal, scale)
 
 
@@ -247,8 +281,10 @@ def _repeat_kv(x, group):
     return x if group == 1 else x.repeat_interleave(group, dim=-3)
 
 
-def _explicit_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale):
-    """Scores of the prefix and of the keys built explicitly and softmaxed together (any device)."""
+def _explicit_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, window=None,
+                        attn_bias=None, softcap=None):
+    """Scores of the prefix and of the keys built explicitly and softmaxed together (any device, every feature:
+    the cap on both score blocks, then the bias on the keys', then the masks)."""
     H, Sq = q.shape[1], q.shape[2]
     Hkv, Sk = k.shape[1], k.shape[2]
     group = H // Hkv
@@ -256,14 +292,22 @@ def _explicit_attention(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, cau
     k, v = _repeat_kv(k, group), _repeat_kv(v, group)
     if pk.dim() == 3:  # shared prefix: broadcast over the batch, no copy
         pk, pv = pk.unsqueeze(0), pv.unsqueeze(0)
-    g = gate.unsqueeze(-3)  # one gate for every head: [B|1, 1, Sq, L]
-    s_prefix = torch.matmul(q, pk.transpose(-1, -2)) * scale * g  # [B, H, Sq, L]
+    g = None if gate is None else gate.unsqueeze(-3)  # one gate for every head: [B|1, 1, Sq, L]
+    s_prefix = torch.matmul(q, pk.transpose(-1, -2)) * scale  # [B, H, Sq, L]
+    if g is not None:
+        s_prefix = s_prefix * g
     s_keys = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, Sq, Sk]
-    visible = _visible_keys(key_padding_mask, causal, Sq, Sk, q.device)
+    if softcap is not None:
+        s_prefix = torch.tanh(s_prefix / softcap) * softcap
+        s_keys = torch.tanh(s_keys / softcap) * softcap
+    if attn_bias is not None:  # a float32 bias on 16-bit scores promotes them: the softmax is float32 anyway
+        s_keys = s_keys + attn_bias.reshape((1,) * (4 - attn_bias.dim()) + tuple(attn_bias.shape))
+    visible = _visible_keys(key_padding_mask, causal, Sq, Sk, q.device, window)
     if visible is not None:
         s_keys = s_keys.masked_fill(~visible, float("-inf"))
     # half precision: softmax in fp32 as eager transformers does
-    p = F.softmax(torch.cat([s_prefix, s_keys], dim=-1), dim=-1,
-                  dtype=torch.float32 if q.dtype in _HALF else None).to(q.dtype)
+    scores = torch.cat([s_prefix.to(s_keys.dtype), s_keys], dim=-1)
+    p = F.softmax(scores, dim=-1, dtype=torch.float32 if q.dtype in _HALF else None).to(q.dtype)
     L = s_prefix.shape[-1]
-    return torch.matmul(p[..., :L] * g, pv) + torch.matmul(p[..., L:], v)
+    p_prefix = p[..., :L] if g is None else p[..., :L] * g
+    return torch.matmul(p_prefix, pv) + torch.matmul(p[..., L:], v)

@@ -1,0 +1,288 @@
+"""DeBERTa (v2/v3 and v1) with the prefix methods: the prefix inside DeBERTa's own disentangled attention.
+
+DeBERTa's ``DisentangledSelfAttention`` does not go through transformers' ``AttentionInterface``: its logits
+are the content score plus the relative-position terms, all at DeBERTa's scale ``s = sqrt(D * f)`` (``f`` = 1 +
+one per c2p/p2c term)::
+
+    logit[t, u] = (q_t . k_u) / s + c2p[t, u] + p2c[t, u]
+
+With the prefix, as the original P-Tuning v2 DeBERTa code does (it pads the relative scores with zeros for the
+prefix columns), prefix row j gets the content score only, gated by APT::
+
+    logit[t, j] = g[t, j] * (q_t . Pk_j) / s
+
+fastprefix gives each ``DisentangledSelfAttention`` its own ``forward`` (an instance attribute, removed by
+``fastprefix.remove``) that projects q, k, v with the module's weights, computes ``c2p + p2c`` for the real keys
+with the module's own ``disentangled_attention_bias`` (v1: ``disentangled_att_bias``) and calls
+:func:`fastprefix.gated_prefix_attention` with them as ``attn_bias``, so the Triton path runs it too. ``s`` is
+computed as DeBERTa computes it (a float32 square root, rounded to the attention's dtype). The key padding mask
+is the model's 2D input ``attention_mask``.
+
+The per-forward context (``_attention.ForwardContext``) cannot travel in keyword arguments here: DeBERTa's base
+model swallows ``**kwargs`` and its encoder calls the layers with fixed arguments. It travels like this:
+
+1. ``transformers._prefix_pre_hook`` puts the call's context into the base model's keyword arguments;
+2. :func:`_enter` (the next pre-hook on the base model) makes it, with the 2D padding mask, the current call of
+   this thread (a ``ContextVar`` stack) for the duration of the base model's forward; :func:`_exit` (a forward
+   hook that runs on errors too) takes it off again;
+3. :func:`_layer_pre_hook` (on each layer, outside the layer's gradient checkpoint, which wraps ``forward``)
+   hands the current call to the layer inside its ``relative_pos`` argument (a :class:`_Carry`), which the
+   layer passes untouched to its attention. A non-reentrant checkpoint keeps the call's arguments, so the
+   recompute during the backward pass reads the prefix and gate inputs of *its* forward;
+4. the attention's forward unwraps it.
+
+Nothing of a forward is left on the model. Not supported (refused clearly): DeBERTa v1's talking heads, 3D/4D
+attention masks, the enhanced-mask-decoder steps (``z_steps > 1``: ``query_states``). Attention-probability
+dropout is not applied on the prefix path (as everywhere in fastprefix).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+
+import torch
+
+from .. import ops
+from ..modules import PTuningV2Prefix
+from . import _attention
+
+MODEL_TYPES = ("deberta-v2", "deberta")
+_STATE = "_fastprefix_state"  # the attributes transformers.apply sets (see transformers.py)
+_LAYER = "_fastprefix_layer"
+_CALLS = contextvars.ContextVar("fastprefix_deberta_calls", default=())  # this thread's running base-model calls
+
+
+class _Call:
+    """One forward of a DeBERTa base model: its ForwardContext and its key padding mask ``[B, S]`` (None: all real)."""
+
+    def __init__(self, ctx, key_padding_mask):
+        self.ctx, self.key_padding_mask = ctx, key_padding_mask
+
+
+class _Carry:
+    """A layer call's ``relative_pos`` argument with that call's :class:`_Call` (see the module docstring, step 3)."""
+
+    def __init__(self, relative_pos, call):
+        self.relative_pos, self.call = relative_pos, call
+
+
+def is_deberta(model):
+    """Whether ``model`` is a DeBERTa (v1, v2 or v3) model, whose prefix path is this module's."""
+    return getattr(getattr(model, "config", None), "model_type", None) in MODEL_TYPES
+
+
+def _attention_classes():
+    """``{model_type: (base model class, its DisentangledSelfAttention class)}`` (imported on first use)."""
+    from transformers.models.deberta import modeling_deberta as v1
+    from transformers.models.deberta_v2 import modeling_deberta_v2 as v2
+
+    return {"deberta-v2": (v2.DebertaV2Model, v2.DisentangledSelfAttention),
+            "deberta": (v1.DebertaModel, v1.DisentangledSelfAttention)}
+
+
+def prefix_layers(model, shape):
+    """``[(layer, DisentangledSelfAttention)]`` for every layer of a DeBERTa model; ValueError if it can't be served."""
+    name, cfg = type(model).__name__, model.config
+    base_cls, attn_cls = _attention_classes()[cfg.model_type]
+    base = model.base_model
+    if not isinstance(base, base_cls):
+        raise ValueError(f"prefix methods on {name}: its base model is {type(base).__name__}, not the "
+                         f"{base_cls.__name__} whose attention fastprefix knows")
+    if getattr(cfg, "talking_head", False):
+        raise ValueError(f"prefix methods are not supported on {name} with talking heads (config.talking_head=True): "
+                         "they mix the heads' logits and probabilities, which attention over [prefix ; keys] per "
+                         "head cannot express; use a prompt method (PromptTuningConfig, DePTConfig, ADePTConfig)")
+    layers = base.encoder.layer
+    if len(layers) != shape.num_layers:
+        raise ValueError(f"{name} has {len(layers)} encoder layers, its config says num_hidden_layers="
+                         f"{shape.num_layers}")
+    found = []
+    for i, layer in enumerate(layers):
+        attn = getattr(getattr(layer, "attention", None), "self", None)
+        if type(attn) is not attn_cls:
+            raise ValueError(f"layer {i} of {name}: expected the {attn_cls.__name__} at layer.attention.self, "
+                             f"got {type(attn).__name__}")
+        if attn.attention_head_size != shape.head_dim or attn.num_attention_heads != shape.num_heads:
+            raise ValueError(f"layer {i} of {name}: {attn.num_attention_heads} heads of width "
+                             f"{attn.attention_head_size}, but the prefix would be sized for {shape.num_heads} of "
+                             f"width {shape.head_dim} (config.attention_head_size is not supported)")
+        found.append((layer, attn))
+    return found
+
+
+def install(state, base, layers):
+    """Route ``base``'s layers through the prefix (after ``transformers.apply`` hooked ``base``). ``remove`` undoes it.
+
+    Every hook is recorded in ``state.hooked`` as ``(module, fn)``, every attention module gets its instance
+    ``forward``; :func:`restore` takes the latter away.
+    """
+    base.register_forward_pre_hook(_enter, with_kwargs=True)
+    state.hooked.append((base, _enter))
+    base.register_forward_hook(_exit, with_kwargs=True, always_call=True)
+    state.hooked.append((base, _exit))
+    for i, (layer, attn) in enumerate(layers):
+        setattr(layer, _STATE, state)
+        setattr(layer, _LAYER, i)
+        layer.register_forward_pre_hook(_layer_pre_hook, with_kwargs=True)
+        state.hooked.append((layer, _layer_pre_hook))
+        attn.__dict__["forward"] = AttentionForward(attn)
+
+
+def restore(module):
+    """Take the instance ``forward`` :func:`install` gave ``module`` away (a no-op on other modules)."""
+    if isinstance(module.__dict__.get("forward"), AttentionForward):
+        del module.__dict__["forward"]
+
+
+# hooks: module-level functions that find their state on the module, so deepcopy/pickling stay consistent
+def _enter(base, args, kwargs):
+    """Make this forward the thread's current DeBERTa call, with the 2D key padding mask of its input."""
+    if getattr(getattr(base, _STATE), "disabled", 0):  # fastprefix.disabled: the base model runs as it is
+        return None
+    ctx = kwargs.get(_attention.KWARG)
+    if not isinstance(ctx, _attention.ForwardContext):
+        raise RuntimeError(f"{type(base).__name__} got no fastprefix context from its forward pre-hook")
+    mask = kwargs["attention_mask"] if "attention_mask" in kwargs else (args[1] if len(args) > 1 else None)
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            got = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"attention_mask: {type(base).__name__} with a fastprefix prefix method takes the 2D "
+                             f"padding mask [batch, seq_len], got {got}; a 3D/4D attention pattern cannot be "
+                             "applied to attention over [prefix ; keys]")
+        mask = mask.to(torch.bool)
+    _CALLS.set(_CALLS.get() + (_Call(ctx, mask),))
+
+
+def _exit(base, args, kwargs, output):
+    """Take this forward's call off the thread's stack (also when the forward raised)."""
+    calls = _CALLS.get()
+    if calls and calls[-1].ctx is kwargs.get(_attention.KWARG):
+        _CALLS.set(calls[:-1])
+
+
+def _layer_pre_hook(layer, args, kwargs):
+    """Hand the current call to the layer inside its ``relative_pos`` argument; APT: record the layer's input."""
+    state = getattr(layer, _STATE)
+    if getattr(state, "disabled", 0):
+        return None
+    calls = _CALLS.get()
+    if not calls or calls[-1].ctx.state is not state:
+        raise RuntimeError(f"{type(layer).__name__} with a fastprefix prefix method was called outside its model's "
+                           "forward; call the model, not its layers")
+    call = calls[-1]
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if state.gated:
+        if not isinstance(hidden, torch.Tensor):
+            raise RuntimeError(f"APT: {type(layer).__name__} was called without hidden_states")
+        call.ctx.hidden[getattr(layer, _LAYER)] = hidden
+    if len(args) > 3:  # (hidden_states, attention_mask, query_states, relative_pos, ...)
+        args = (*args[:3], _Carry(args[3], call), *args[4:])
+    else:
+        kwargs = {**kwargs, "relative_pos": _Carry(kwargs.get("relative_pos"), call)}
+    return args, kwargs
+
+
+class AttentionForward:
+    """The forward of a DeBERTa ``DisentangledSelfAttention`` under a prefix method (stored on the instance)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, hidden_states, attention_mask, output_attentions=False, query_states=None, relative_pos=None,
+                 rel_embeddings=None):
+        if not isinstance(relative_pos, _Carry) and getattr(getattr(self.module, _STATE, None), "disabled", 0):
+            # fastprefix.disabled: DeBERTa's own attention (a recompute keeps the path its forward took: the carry)
+            return type(self.module).forward(self.module, hidden_states, attention_mask, output_attentions,
+                                             query_states, relative_pos, rel_embeddings)
+        return attention(self.module, hidden_states, output_attentions, query_states, relative_pos, rel_embeddings)
+
+
+@functools.lru_cache(maxsize=None)
+def _root(head_dim, factor, dtype):
+    """DeBERTa's ``s = sqrt(D * factor)`` as it computes it: a float32 square root, rounded to ``dtype``."""
+    return float(torch.sqrt(torch.tensor(head_dim, dtype=torch.float32) * factor).to(dtype))
+
+
+def _projections_v2(module, hidden, relative_pos, rel_embeddings, dtype):
+    """DeBERTa v2/v3: ``(q, k, v [B, H, S, D], attn_bias [B, H, S, S] or None, scale)``."""
+    B, S, H = hidden.shape[0], hidden.shape[1], module.num_attention_heads
+    q, k, v = (module.transpose_for_scores(proj(hidden), H).to(dtype)  # [B*H, S, D], the layout of the bias code
+               for proj in (module.query_proj, module.key_proj, module.value_proj))
+    factor = 1 + ("c2p" in module.pos_att_type) + ("p2c" in module.pos_att_type)
+    bias = None
+    if module.relative_attention:
+        bias = module.disentangled_attention_bias(q, k, relative_pos, module.pos_dropout(rel_embeddings), factor)
+    bias = bias.view(B, H, S, S).to(dtype) if isinstance(bias, torch.Tensor) else None  # no c2p/p2c: 0
+    D = q.shape[-1]
+    return (*(x.view(B, H, S, D) for x in (q, k, v)), bias, 1.0 / _root(D, factor, dtype))
+
+
+def _projections_v1(module, hidden, relative_pos, rel_embeddings, dtype):
+    """DeBERTa v1: the same, from the fused ``in_proj`` and its q/v biases; q comes pre-scaled (scale 1), as in v1."""
+    q, k, v = module.transpose_for_scores(module.in_proj(hidden)).chunk(3, dim=-1)  # [B, H, S, D] each
+    q = (q + module.transpose_for_scores(module.q_bias[None, None, :])).to(dtype)
+    k = k.to(dtype)
+    v = (v + module.transpose_for_scores(module.v_bias[None, None, :])).to(dtype)
+    factor = 1 + len(module.pos_att_type)
+    q = q / _root(q.shape[-1], factor, dtype)
+    bias = None
+    if module.relative_attention and rel_embeddings is not None and relative_pos is not None:
+        bias = module.disentangled_att_bias(q, k, relative_pos, module.pos_dropout(rel_embeddings), factor)
+    bias = bias.to(dtype) if isinstance(bias, torch.Tensor) else None
+    return q, k, v, bias, 1.0
+
+
+def attention(module, hidden_states, output_attentions, query_states, relative_pos, rel_embeddings):
+    """DeBERTa's disentangled attention over ``[prefix ; keys]``: ``([B, S, H * D], weights or None)``.
+
+    hidden_states: ``[B, S, d]``; relative_pos: the :class:`_Carry` of :func:`_layer_pre_hook`. ``weights``:
+    with ``output_attentions``, each query's probabilities over ``[prefix ; keys]``, ``[B, H, S, L + S]``.
+    """
+    if not isinstance(relative_pos, _Carry):
+        raise RuntimeError(f"{type(module).__name__} with a fastprefix prefix method got no fastprefix context; call "
+                           "the model, not its layers or attention modules")
+    if query_states is not None:
+        raise NotImplementedError(
+            f"{type(module).__name__} was called with query_states (DeBERTa's enhanced-mask-decoder steps, "
+            "z_steps > 1), which fastprefix's prefix path does not support; set the base model's z_steps to 0")
+    call, relative_pos = relative_pos.call, relative_pos.relative_pos
+    ctx, mask = call.ctx, call.key_padding_mask
+    i = getattr(module, _LAYER)
+    B, S = hidden_states.shape[:2]
+    if mask is not None and tuple(mask.shape) != (B, S):
+        raise ValueError(f"attention_mask: expected [{B}, {S}] for the layer's input, got {list(mask.shape)}")
+    device = hidden_states.device.type
+    # the fused ops want one dtype: under autocast the autocast dtype (float32 q/v biases would promote, as in v1)
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden_states.dtype
+    project = _projections_v1 if hasattr(module, "in_proj") else _projections_v2
+    q, k, v, bias, scale = project(module, hidden_states, relative_pos, rel_embeddings, dtype)
+    prefix_k, prefix_v = (x.to(dtype) for x in PTuningV2Prefix.layer(ctx.prefixes, i))
+    gate = _attention._gate(ctx, module, i, mask, False, k) if ctx.state.gated else {}
+    out = ops.gated_prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=mask, scale=scale,
+                                     attn_bias=bias, backend=ctx.backend, **gate)
+    context = out.permute(0, 2, 1, 3).reshape(B, S, -1)
+    weights = None
+    if output_attentions:
+        weights = attention_map(q, k, prefix_k, _attention._gate_tensor(gate), mask, scale, bias)
+    return context, weights
+
+
+def attention_map(q, k, prefix_k, gate, key_padding_mask, scale, bias):
+    """Each query's probabilities over ``[prefix ; keys]``, ``[B, H, Sq, L + Sk]`` (``output_attentions``).
+
+    The logits built explicitly: ``g * scale * q.Pk`` for the prefix, ``scale * q.k + bias`` (or -inf for padding)
+    for the keys; half precision softmaxes in float32. q, k: ``[B, H, S, D]``; prefix_k: ``[H, L, D]``; gate:
+    None or broadcastable to ``[B, Sq, L]``; bias: None or ``[B, H, Sq, Sk]``.
+    """
+    s_prefix = torch.matmul(q, prefix_k.transpose(-1, -2)) * scale
+    if gate is not None:
+        s_prefix = s_prefix * gate.reshape((1,) * (3 - gate.dim()) + tuple(gate.shape)).unsqueeze(1)
+    s_keys = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if bias is not None:
+        s_keys = s_keys + bias
+    if key_padding_mask is not None:
+        s_keys = s_keys.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    return torch.softmax(torch.cat([s_prefix, s_keys], dim=-1), dim=-1,
+                         dtype=torch.float32 if half else None).to(q.dtype)

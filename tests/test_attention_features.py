@@ -1,0 +1,312 @@
+"""Issue #12's attention features: ``attn_bias``, ``window`` and ``softcap`` of ``gated_prefix_attention``.
+
+Every path is checked against :func:`explicit_attention`, a plain float64 re-implementation of the contract:
+the logits of ``[gated prefix ; keys]`` concatenated, the cap on all of them, the bias on the key columns, the
+padding / causal / window masks on the key columns, one softmax. The reference path must match it to 1e-10 in
+float64 (output and every gradient, the bias's included); the fused Triton kernel (Triton's interpreter) follows
+FlashAttention's rule in float32 (error vs float64 <= 2 x the PyTorch path's float32 error + a small floor) and
+passes float64 ``gradcheck``. Kernel outputs are NaN-poisoned (FASTPREFIX_POISON_OUTPUTS=1).
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+
+import fastprefix
+from fastprefix.kernels.gated_prefix_attention import gated_prefix_attention as triton_attention
+from fastprefix.reference.attention import gated_prefix_attention as reference_attention
+from numerics import assert_flash_rule
+
+FLOOR32 = 1e-5  # relative to the largest magnitude of the float64 result, as in test_attention_kernel.py
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    monkeypatch.setenv("FASTPREFIX_POISON_OUTPUTS", "1")
+
+
+@dataclass(frozen=True)
+class Case:
+    B: int = 1
+    H: int = 2
+    Hkv: int = 2
+    Sq: int = 7
+    Sk: int = 7
+    L: int = 3
+    D: int = 16
+    bias: str = "none"  # none | full [B,H,Sq,Sk] | heads [1,H,Sq,Sk] | keys [B,1,1,Sk]
+    bias_grad: bool = True
+    window: Optional[tuple] = None
+    softcap: Optional[float] = None
+    gate: str = "none"  # none | dense [B,Sq,L] | pooled [B,1,L] | fused (APT's gate inputs)
+    pad: bool = False
+    causal: bool = False
+
+    @property
+    def id(self) -> str:
+        parts = [f"B{self.B}", f"H{self.H}kv{self.Hkv}", f"Sq{self.Sq}", f"Sk{self.Sk}", f"L{self.L}", f"D{self.D}",
+                 f"bias-{self.bias}" + ("" if self.bias_grad or self.bias == "none" else "-frozen"),
+                 f"gate-{self.gate}"]
+        if self.window is not None:
+            parts.append(f"window{self.window[0]}_{self.window[1]}")
+        if self.softcap is not None:
+            parts.append(f"cap{self.softcap:g}")
+        return "-".join(parts + ["pad"] * self.pad + ["causal"] * self.causal)
+
+
+# A covering set: every bias shape, window and the cap several times, with GQA, padding, causal, the gates,
+# S = 1, S past one tile (the interpreter's tiles are 64 queries x 32 keys), D = 16 and 64.
+CASES = [
+    Case(B=2, H=2, Hkv=1, Sq=65, Sk=65, L=5, bias="full", window=(2, 0), softcap=5.0, gate="dense", pad=True,
+         causal=True),
+    Case(B=2, H=2, Hkv=2, Sq=7, Sk=7, L=3, bias="heads", window=(1, 1), gate="fused", pad=True),
+    Case(B=2, H=2, Hkv=1, Sq=7, Sk=40, L=5, D=64, bias="keys", window=(-1, 3), softcap=5.0, gate="pooled"),
+    Case(B=1, H=2, Hkv=2, Sq=1, Sk=33, L=4, window=(2, 0), softcap=5.0, causal=True),
+    Case(B=1, H=2, Hkv=1, Sq=130, Sk=130, L=5, bias="full", window=(2, 0), causal=True),
+    Case(B=1, H=2, Hkv=1, Sq=100, Sk=100, L=3, bias="heads", window=(70, 70), softcap=5.0, gate="dense"),
+    Case(B=2, H=2, Hkv=2, Sq=33, Sk=33, L=5, bias="keys", softcap=5.0, gate="fused", causal=True),
+    Case(B=2, H=4, Hkv=1, Sq=33, Sk=33, L=4, D=64, bias="full", bias_grad=False, pad=True),
+    Case(B=1, H=2, Hkv=2, Sq=9, Sk=70, L=2, window=(-1, 3), gate="dense", causal=True),
+    Case(B=1, H=2, Hkv=1, Sq=40, Sk=40, L=3, window=(1, 1), softcap=2.0, pad=True),
+    # a window alone keeps the reference on its SDPA paths (folded prefix; fused CPU attention + prefix merge)
+    Case(B=2, H=2, Hkv=1, Sq=9, Sk=12, L=3, window=(2, 1), pad=True),
+    Case(B=2, H=2, Hkv=2, Sq=12, Sk=12, L=3, window=(3, 0), gate="dense", causal=True),
+]
+
+
+def make_inputs(case: Case, dtype, seed=0):
+    """(leaf tensors, keyword arguments): the tensors all require grad, except a frozen bias."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, std=1.0, grad=True):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype).requires_grad_(grad)
+
+    B, H, Hkv, Sq, Sk, L, D = case.B, case.H, case.Hkv, case.Sq, case.Sk, case.L, case.D
+    # scaled so that the logits reach the cap's bend (|x| ~ softcap) and the bias matters
+    tensors = dict(q=randn(B, H, Sq, D, std=2.0), k=randn(B, Hkv, Sk, D, std=2.0), v=randn(B, Hkv, Sk, D),
+                   prefix_k=randn(Hkv, L, D, std=2.0), prefix_v=randn(Hkv, L, D))
+    kwargs = dict(causal=case.causal, window=case.window, softcap=case.softcap)
+    bias_shape = {"full": (B, H, Sq, Sk), "heads": (1, H, Sq, Sk), "keys": (B, 1, 1, Sk)}.get(case.bias)
+    if bias_shape is not None:
+        bias = randn(*bias_shape, std=2.0, grad=case.bias_grad)
+        if case.bias_grad:
+            tensors["attn_bias"] = bias
+        else:
+            kwargs["attn_bias"] = bias
+    if case.gate in ("dense", "pooled"):
+        shape = (B, Sq, L) if case.gate == "dense" else (B, 1, L)
+        tensors["gate"] = torch.rand(*shape, generator=g, dtype=torch.float64).mul(2).to(dtype).requires_grad_()
+    elif case.gate == "fused":
+        d = 12
+        tensors.update(gate_hidden=randn(B, Sq, d), gate_weight=randn(d, L, std=0.5), gate_bias=randn(L),
+                       layer_scale=torch.tensor(0.8, dtype=dtype).requires_grad_())
+    if case.pad:
+        mask = torch.rand(B, Sk, generator=g) > 0.3
+        mask[0, -1] = False
+        if B > 1:
+            mask[-1] = False  # every real key padded: only the prefix is visible
+        kwargs["key_padding_mask"] = mask
+    return tensors, kwargs
+
+
+def explicit_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidden=None, gate_weight=None,
+                       gate_bias=None, layer_scale=None, key_padding_mask=None, causal=False, scale=None,
+                       attn_bias=None, window=None, softcap=None):
+    """The contract written out: softmax over ``[cap(g s_prefix) ; cap(s_keys) + bias (masked)]``."""
+    B, H, Sq, D = q.shape
+    Hkv, Sk, L = k.shape[1], k.shape[2], prefix_k.shape[-2]
+    scale = D ** -0.5 if scale is None else scale
+    if gate_hidden is not None:
+        gate = layer_scale * torch.sigmoid(gate_hidden @ gate_weight + gate_bias)
+    g = torch.ones(B, Sq, L, dtype=q.dtype) if gate is None else gate.expand(B, Sq, L)
+    g = g[:, None]  # [B, 1, Sq, L]: every head
+    group = H // Hkv
+    pk = prefix_k.expand(B, Hkv, L, D).repeat_interleave(group, 1)
+    pv = prefix_v.expand(B, Hkv, L, D).repeat_interleave(group, 1)
+    kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    cap = (lambda x: x) if softcap is None else (lambda x: softcap * torch.tanh(x / softcap))
+    prefix_logits = cap(g * scale * (q @ pk.transpose(-1, -2)))
+    key_logits = cap(scale * (q @ kk.transpose(-1, -2)))
+    if attn_bias is not None:
+        key_logits = key_logits + attn_bias
+    t = torch.arange(Sq)[:, None] + (Sk - Sq)
+    u = torch.arange(Sk)[None, :]
+    visible = torch.ones(B, 1, Sq, Sk, dtype=torch.bool)
+    if key_padding_mask is not None:
+        visible &= key_padding_mask[:, None, None, :]
+    if causal:
+        visible &= u <= t
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            visible &= u >= t - left
+        if right >= 0:
+            visible &= u <= t + right
+    key_logits = key_logits.masked_fill(~visible, float("-inf"))
+    p = torch.softmax(torch.cat([prefix_logits, key_logits], dim=-1), dim=-1)
+    # the prefix value of row j for query t is g[t, j] Pv_j
+    return (p[..., :L] * g) @ pv + p[..., L:] @ vv
+
+
+def run(fn, tensors, kwargs, grad_out):
+    names = ("q", "k", "v", "prefix_k", "prefix_v")
+    out = fn(*(tensors[n] for n in names), **{k: v for k, v in tensors.items() if k not in names}, **kwargs)
+    grads = torch.autograd.grad(out, list(tensors.values()), grad_out)
+    return out, dict(zip(tensors, grads))
+
+
+def upcast(tensors):
+    return {k: v.detach().double().requires_grad_() for k, v in tensors.items()}
+
+
+def upcast_kwargs(kwargs):
+    return {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kwargs.items()}
+
+
+def _assert_close(x, ref, tol, name):
+    assert x.shape == ref.shape and x.dtype == ref.dtype, (name, x.shape, ref.shape, x.dtype, ref.dtype)
+    assert torch.isfinite(x).all(), f"{name}: non-finite values"
+    err = (x - ref).abs().max().item()
+    bound = tol * max(1.0, ref.abs().max().item())
+    assert err <= bound, f"{name}: max error {err:.3e} > {bound:.1e}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_reference_path_matches_explicit_float64(case):
+    """fastprefix.gated_prefix_attention(backend="torch") = the contract, output and gradients, to 1e-10."""
+    tensors, kwargs = make_inputs(case, torch.float64)
+    grad_out = torch.randn(case.B, case.H, case.Sq, case.D, dtype=torch.float64)
+    out, grads = run(lambda *a, **kw: fastprefix.gated_prefix_attention(*a, **kw, backend="torch"), tensors, kwargs,
+                     grad_out)
+    out_x, grads_x = run(explicit_attention, tensors, kwargs, grad_out)
+    _assert_close(out, out_x, 1e-10, f"{case.id} out")
+    for name in tensors:
+        _assert_close(grads[name], grads_x[name], 1e-10, f"{case.id} d{name}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_triton_float32_follows_the_flash_rule(case):
+    """The fused kernel in float32, forward and backward (the bias's gradient included), vs float64."""
+    tensors, kwargs = make_inputs(case, torch.float32)
+    grad_out = torch.randn(case.B, case.H, case.Sq, case.D, dtype=torch.float64).float()
+    out, grads = run(triton_attention, tensors, kwargs, grad_out)
+    out_torch, grads_torch = run(reference_attention, tensors, kwargs, grad_out)
+    out_64, grads_64 = run(explicit_attention, upcast(tensors), upcast_kwargs(kwargs), grad_out.double())
+    for name, x, x_torch, x_64 in [("out", out, out_torch, out_64)] + [
+            (f"d{n}", grads[n], grads_torch[n], grads_64[n]) for n in tensors]:
+        assert x.dtype == torch.float32 and x.shape == x_64.shape, name
+        assert_flash_rule(x, x_torch, x_64, floor=FLOOR32 * max(1.0, x_64.abs().max().item()),
+                          name=f"{case.id} {name}")
+
+
+GRADCHECK_CASES = [  # (case, fast_mode): fast mode checks random projections of the full Jacobian
+    (Case(B=1, H=1, Hkv=1, Sq=2, Sk=3, L=1, D=2, bias="heads", softcap=2.0, window=(1, 0)), False),
+    (Case(B=1, H=2, Hkv=1, Sq=3, Sk=5, L=2, D=4, bias="full", window=(1, 1), softcap=3.0, gate="dense", pad=True),
+     True),
+    (Case(B=2, H=1, Hkv=1, Sq=3, Sk=4, L=2, D=4, bias="keys", window=(1, 0), gate="fused", causal=True), True),
+    (Case(B=2, H=2, Hkv=1, Sq=1, Sk=4, L=2, D=4, bias="full", window=(-1, 3), softcap=2.0, gate="pooled"), True),
+]
+
+
+@pytest.mark.parametrize("case,fast_mode", GRADCHECK_CASES,
+                         ids=[c.id + ("-fast" if fast else "-full") for c, fast in GRADCHECK_CASES])
+def test_triton_gradcheck_float64(case, fast_mode):
+    tensors, kwargs = make_inputs(case, torch.float64)
+    names = list(tensors)
+
+    def fn(*args):
+        t = dict(zip(names, args))
+        return triton_attention(t.pop("q"), t.pop("k"), t.pop("v"), t.pop("prefix_k"), t.pop("prefix_v"), **t,
+                                **kwargs)
+
+    assert "attn_bias" in names
+    assert torch.autograd.gradcheck(fn, tuple(tensors.values()), eps=1e-6, atol=1e-8, rtol=1e-6,
+                                    fast_mode=fast_mode)
+
+
+def test_frozen_bias_gets_no_gradient_work(monkeypatch):
+    """A bias without requires_grad: the backward writes no dS and returns no bias gradient."""
+    from fastprefix.kernels import gated_prefix_attention as kernel_module
+
+    seen = []
+    backward = kernel_module._backward
+
+    def spy(*args):
+        seen.append(args[13])  # bias_grad
+        return backward(*args)
+
+    monkeypatch.setattr(kernel_module, "_backward", spy)
+    case = Case(B=1, H=2, Hkv=1, Sq=5, Sk=6, L=2, bias="full", bias_grad=False, window=(1, 1))
+    tensors, kwargs = make_inputs(case, torch.float64)
+    out = triton_attention(*(tensors[n] for n in ("q", "k", "v", "prefix_k", "prefix_v")), **kwargs)
+    out.sum().backward()
+    assert seen == [False] and kwargs["attn_bias"].grad is None
+
+
+def test_zero_gate_and_hidden_keys_stay_finite():
+    """A zero gate under the cap, every real key hidden by the window or padding: the prefix alone, no NaN."""
+    q, k, v = torch.randn(2, 2, 4, 16), torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16)
+    pk, pv = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1] = False
+    kw = dict(gate=torch.zeros(2, 4, 3), key_padding_mask=mask, window=(0, 0), softcap=5.0,
+              attn_bias=torch.randn(2, 2, 4, 6))
+    out = triton_attention(q, k, v, pk, pv, **kw)
+    expected = explicit_attention(*(x.double() for x in (q, k, v, pk, pv)), **upcast_kwargs(kw))
+    assert torch.isfinite(out).all()
+    assert (out.double() - expected).abs().max() <= 1e-5
+    assert out[1].abs().max() == 0  # every key hidden, the prefix carries no value under a zero gate
+
+
+def _args(B=2, H=2, Sq=3, Sk=4, D=8, L=2, dtype=torch.float32):
+    return (torch.randn(B, H, Sq, D, dtype=dtype), torch.randn(B, H, Sk, D, dtype=dtype),
+            torch.randn(B, H, Sk, D, dtype=dtype), torch.randn(H, L, D, dtype=dtype), torch.randn(H, L, D, dtype=dtype))
+
+
+@pytest.mark.parametrize("bias,message", [
+    (torch.zeros(2, 2, 3, 5), r"attn_bias must be a floating tensor broadcastable to \[B=2, H=2, Sq=3, Sk=4\].*"
+                              r"got shape \[2, 2, 3, 5\]"),
+    (torch.zeros(1, 2, 2, 3, 4), r"attn_bias must be .* got shape \[1, 2, 2, 3, 4\]"),
+    (torch.zeros(3, 1, 1, 4), r"attn_bias must be .* got shape \[3, 1, 1, 4\]"),
+    (torch.zeros(2, 2, 3, 4, dtype=torch.int64), r"attn_bias must be .* got dtype torch.int64"),
+    (torch.zeros(2, 2, 3, 4, dtype=torch.float64), r"attn_bias must have q's dtype \(torch.float32\) or "
+                                                    r"torch.float32, got torch.float64"),
+    (torch.zeros(2, 2, 3, 4, device="meta"), r"attn_bias is on meta but the other inputs are on cpu"),
+    ([[0.0]], r"attn_bias must be .* got list"),
+], ids=["wrong-Sk", "five-dims", "wrong-B", "int", "float64", "device", "list"])
+def test_bad_attn_bias_is_refused(bias, message):
+    with pytest.raises(ValueError, match=message):
+        fastprefix.gated_prefix_attention(*_args(), attn_bias=bias, backend="torch")
+
+
+@pytest.mark.parametrize("window", [(1,), (1, 2, 3), (1, -2), (1.0, 2), (True, 0), 3, "ab", [0, None]],
+                         ids=["one", "three", "below-minus-one", "float", "bool", "int", "str", "none-inside"])
+def test_bad_window_is_refused(window):
+    with pytest.raises(ValueError, match=r"window must be None or a \(left, right\) pair of ints, each >= 0 or -1 "
+                                         r"\(unbounded\), got " + re.escape(repr(window))):
+        fastprefix.gated_prefix_attention(*_args(), window=window, backend="torch")
+
+
+@pytest.mark.parametrize("softcap", [0, -1.0, float("inf"), float("nan"), True, "5", torch.tensor(5.0)],
+                         ids=["zero", "negative", "inf", "nan", "bool", "str", "tensor"])
+def test_bad_softcap_is_refused(softcap):
+    with pytest.raises(ValueError, match=r"softcap must be None or a finite number > 0, got"):
+        fastprefix.gated_prefix_attention(*_args(), softcap=softcap, backend="torch")
+
+
+def test_float32_bias_on_half_inputs():
+    """attn_bias may be float32 under fp16 inputs; its gradient comes back float32 (Triton and torch paths)."""
+    case = Case(B=1, H=2, Hkv=1, Sq=33, Sk=33, L=3, bias="full", window=(4, 0), softcap=5.0, causal=True)
+    tensors, kwargs = make_inputs(case, torch.float16)
+    tensors["attn_bias"] = tensors["attn_bias"].detach().float().requires_grad_()
+    grad_out = torch.randn(1, 2, 33, 16, dtype=torch.float64).half()
+    out, grads = run(triton_attention, tensors, kwargs, grad_out)
+    out_torch, grads_torch = run(reference_attention, tensors, kwargs, grad_out)
+    out_64, grads_64 = run(explicit_attention, upcast(tensors), upcast_kwargs(kwargs), grad_out.double())
+    assert grads["attn_bias"].dtype == grads_torch["attn_bias"].dtype == torch.float32
+    for name, x, x_torch, x_64 in [("out", out, out_torch, out_64)] + [
+            (f"d{n}", grads[n], grads_torch[n], grads_64[n]) for n in tensors]:
+        assert_flash_rule(x, x_torch, x_64, floor=2e-4 * max(1.0, x_64.abs().max().item()), name=name)
