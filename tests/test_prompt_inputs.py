@@ -426,3 +426,27 @@ def test_prompt_methods_train_under_autocast_on_an_fp32_base(kind, method):
         assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32, name
         assert torch.isfinite(p.grad).all(), name
     assert model.fastprefix.prompt.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- sliding windows and left padding
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_left_padding_under_a_sliding_window_is_said_not_silent(side):
+    # the prompt sits in front of the left padding, which a sliding window counts: padded rows differ from the
+    # rows alone once a row is longer than the window (tests/test_invariants.py pins that), so it warns
+    import warnings
+
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.MistralForCausalLM(tf.MistralConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                   num_key_value_heads=2, intermediate_size=40, vocab_size=VOCAB,
+                                                   pad_token_id=PAD, sliding_window=4)).double().eval()
+    fastprefix.apply(model, fastprefix.PromptTuningConfig(num_virtual_tokens=2, prompt_init="normal"))
+    ids, mask = batch((6, 3), side)
+    with warnings.catch_warnings(record=True) as seen, torch.no_grad():
+        warnings.simplefilter("always")
+        model(input_ids=ids, attention_mask=mask)
+    said = [w for w in seen if "sliding window of 4 slots" in str(w.message)]
+    assert len(said) == (1 if side == "left" else 0), [str(w.message) for w in seen]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -69,6 +70,7 @@ class Rules:
         self.model_name = type(model).__name__
         self.pool_last = _pools_last_token(model)
         self.pad_token_id = getattr(model.config, "pad_token_id", None)
+        self.window = _sliding_window(model.config)
         self.pending_pool = []  # the pooled slot of the call in progress (consumed by its own base-model forward)
 
     def check_length(self, length, m, largest=None):
@@ -87,6 +89,31 @@ class Rules:
             raise ValueError(f"an input of {length - m} tokens + {m} prompt tokens needs {length} positions, but "
                              f"{self.model_name} numbers at most {limit} (its position table has {self.position_rows}"
                              f" rows, config.max_position_embeddings): truncate the input to {limit - m} tokens")
+
+
+def _sliding_window(config):
+    """The sliding window W of a model with sliding-window layers (Mistral, Qwen2, Gemma 2/3, ...), else None."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(cfg, "sliding_window", None)
+    kinds = set(getattr(cfg, "layer_types", None) or ())
+    if not isinstance(window, int) or isinstance(window, bool) or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    return window if not kinds or kinds - {"full_attention"} else None
+
+
+def _warn_left_padding_in_window(rules, mask, m):
+    """Prompt methods put the prompt in front of the left padding; a sliding window counts the padding
+    slots, so once a row is longer than the window its tokens can lose sight of the prompt sooner than
+    they would alone. Not silent: say so (right padding is exact)."""
+    if getattr(rules, "window", None) is None or mask is None or mask.shape[-1] == 0:  # (older pickles: no window)
+        return
+    if bool((~mask[:, 0].bool() & mask.bool().any(dim=-1)).any()):
+        warnings.warn(
+            f"{rules.model_name} attends within a sliding window of {rules.window} slots, and this batch is "
+            f"left-padded: the prompt method's {m} prompt slots sit in front of the padding, so once a row is "
+            "longer than the window its tokens stop seeing the prompt earlier than the row alone would, and "
+            "padded rows no longer equal the rows alone. Pad on the right (tokenizer.padding_side='right') "
+            "for exact results", stacklevel=4)
 
 
 def _pools_last_token(model):
@@ -245,6 +272,7 @@ def _first_call(state, kwargs, m):
         return _prepend(_flat(x, S), m, value).view(*lead, m + S)
 
     if mask is not None:
+        _warn_left_padding_in_window(rules, mask, m)
         kwargs["attention_mask"] = grown(mask, 1)
     if kwargs.get("token_type_ids") is not None:
         kwargs["token_type_ids"] = grown(kwargs["token_type_ids"], 0)
