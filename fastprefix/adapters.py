@@ -176,15 +176,21 @@ def save_adapter(model, directory, *, state_dict=None):
     return directory
 
 
-def _read_meta(directory):
+def read_adapter_json(directory, what):
+    """The parsed ``adapter_config.json`` of ``directory`` (fastprefix's and PEFT's share the name); a missing
+    file or invalid JSON is a ValueError, the missing file's saying the folder is not ``what``."""
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
-        raise ValueError(f"no {CONFIG_NAME} in {directory!r}; not a fastprefix adapter")
+        raise ValueError(f"no {CONFIG_NAME} in {directory!r}; not {what}")
     try:
         with open(path) as f:
-            meta = json.load(f)
+            return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{CONFIG_NAME} in {directory!r} is not valid JSON: {e}") from None
+
+
+def _read_meta(directory):
+    meta = read_adapter_json(directory, "a fastprefix adapter")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{CONFIG_NAME} in {directory!r} is not a fastprefix adapter config (format != {FORMAT!r})")
     for key, kind in (("config", dict), ("tensors", dict), ("base_model", dict), ("trainable", list)):

@@ -21,11 +21,11 @@ import os
 
 import torch
 
+from .adapters import CONFIG_NAME, read_adapter_json  # PEFT's file has fastprefix's name
 from .config import ADePTConfig, APTConfig, DePTConfig, PromptTuningConfig, PTuningV2Config
 from .integrations import _arch
 from .integrations import transformers as integration
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PROMPT_KEY = "prompt_embeddings"
 PREFIX, PROMPT = "PREFIX_TUNING", "PROMPT_TUNING"
@@ -36,14 +36,7 @@ _TASKS = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS")
 
 # ---------------------------------------------------------------------------------------------------- reading
 def _read_config(path):
-    file = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(file):
-        raise ValueError(f"no {CONFIG_NAME} in {path!r}; not a PEFT adapter directory (as save_pretrained writes it)")
-    try:
-        with open(file) as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{CONFIG_NAME} in {path!r} is not valid JSON: {e}") from None
+    cfg = read_adapter_json(path, "a PEFT adapter directory (as save_pretrained writes it)")
     if not isinstance(cfg, dict):
         raise ValueError(f"{CONFIG_NAME} in {path!r} is not a JSON object")
     kind = cfg.get("peft_type")

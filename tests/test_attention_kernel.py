@@ -19,11 +19,6 @@ from numerics import assert_flash_rule
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setenv("FASTPREFIX_POISON_OUTPUTS", "1")
-
-
 @dataclass(frozen=True)
 class Case:
     B: int = 1

@@ -16,11 +16,6 @@ from numerics import assert_flash_rule
 FLOAT_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setenv("FASTPREFIX_POISON_OUTPUTS", "1")
-
-
 def _ids(B, S, V, repeated):
     """Token ids: drawn from 4 values when ``repeated`` (many collisions), else all distinct."""
     if repeated:

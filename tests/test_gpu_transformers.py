@@ -32,11 +32,6 @@ FLOOR = 2e-3  # relative to the largest magnitude of the float64 reference (bf16
 SIDE = {"bert": "right", "llama": "left"}
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setenv("FASTPREFIX_POISON_OUTPUTS", "1")
-
-
 def three_models(kind, method):
     """The same tuned model three times on the device: bf16 (Triton), bf16 (PyTorch path), float64 (PyTorch)."""
     master = applied(kind, method, scale=0.3)  # float64, method parameters moved off their init

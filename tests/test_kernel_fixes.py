@@ -18,11 +18,6 @@ from fastprefix.reference.attention import gated_prefix_attention as reference_a
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setenv("FASTPREFIX_POISON_OUTPUTS", "1")
-
-
 def _randn(*shape, seed=0):
     g = torch.Generator().manual_seed(seed + sum(shape))
     return torch.randn(shape, generator=g, dtype=F64).requires_grad_()
