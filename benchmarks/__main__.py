@@ -61,9 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=7,
                    help="interleaved rounds of every row (the least; --budget may add training rounds)")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds the table's training rounds may take in all, sampling the headline ratios until "
-                        "each 95%% interval is within +/-3%% (default: 300 on CPU, 60 on CUDA, 30 with --quick; "
-                        "0: just --repeats)")
+                   help="seconds the table's training rounds may take in all, sampling the table's ratios (the "
+                        "least settled verdict first) until each 95%% interval is within +/-3%%; inference gets a "
+                        "quarter of it on top (default: 300 on CPU, 60 on CUDA, 30 with --quick; 0: just --repeats)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--curve-repeats", type=int, default=3, help="interleaved rounds per curve point")
     p.add_argument("--seq-lens", type=int, nargs="*", default=[128, 256, 512, 1024, 2048])
@@ -256,7 +256,7 @@ def main(argv=None):
     if warn:
         print(f"warning: {warn}", file=sys.stderr)
     if sampling["not_converged"]:
-        print(f"note: {len(sampling['not_converged'])} headline ratio(s) did not converge to +/-3% within the "
+        print(f"note: {len(sampling['not_converged'])} target ratio(s) did not converge to +/-3% within the "
               f"{budget:.0f} s budget (raise --budget): " + "; ".join(sampling["not_converged"]), file=sys.stderr)
     print(f"wrote {out / tag}.{{md,json,png}} in {settings['wall_seconds']:.0f} s")
 

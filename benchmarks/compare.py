@@ -7,6 +7,11 @@ and a verdict.
 The runs were not interleaved with each other, so the bootstrap resamples each run's steps on its own
 (``paired=False``). When the two runs used different tokens per step (batch x sequence), step-time
 ratios are scaled by B's tokens over A's so the ratio stays one of throughputs.
+
+Then the verdicts: every ratio cell of the two tables (each row against P-Tuning v2 (original), DePT
+(original) and its floor, training and inference) and every target's status, those that changed from
+A to B listed with both intervals. Two runs of the same code on the same machine should agree on all of
+them; a change that flips one is a change a reader of the README would see.
 """
 
 from __future__ import annotations
@@ -78,6 +83,35 @@ def compare_runs(a, b):
     return out
 
 
+def _verdict_cells(result):
+    """``{label: (verdict, text)}`` of every ratio cell of a table result and every target's status."""
+    from .report import ensure_stats  # report imports the suite; this module stays importable on its own
+
+    if not result.get("rows") or not all("train_times" in r and "impl" in r for r in result["rows"]):
+        return {}
+    ensure_stats(result)
+    out = {}
+    for r in result["rows"]:
+        for kind, ratios in (r.get("ratios") or {}).items():
+            for base, c in ratios.items():
+                out[f"{r['name']}, {kind} x {c.get('of', base)}"] = (c["verdict"], c["text"])
+    for t in result.get("targets") or []:
+        out[f"target: {t['what']}"] = (t["status"], t["text"])
+    return out
+
+
+def verdict_changes(a, b):
+    """``(same, changed)``: how many verdicts the two runs share, and ``[(label, (verdict, text) in A, in B)]``.
+
+    Verdicts are the ratio cells' faster/slower/tie and the targets' met/not met/undecided
+    (:func:`_verdict_cells`), for the labels both results hold.
+    """
+    va, vb = _verdict_cells(a), _verdict_cells(b)
+    common = [k for k in va if k in vb]
+    changed = [(k, va[k], vb[k]) for k in common if va[k][0] != vb[k][0]]
+    return len(common) - len(changed), changed
+
+
 def differences(a, b):
     """The settings that differ between the two runs, as ``"key: A -> B"`` strings."""
     sa, sb = a.get("settings") or {}, b.get("settings") or {}
@@ -104,6 +138,13 @@ def markdown(a, b, name_a="A", name_b="B"):
     for r in rows:
         lines.append(f"| {r['name']} | {r['kind']} | {r['a_median']:.4g} | {r['b_median']:.4g} | "
                      f"{r['text']} | {r['verdict']} |")
+    same, changed = verdict_changes(a, b)
+    if same or changed:
+        lines += ["", f"Verdicts (the tables' ratio cells and the targets): {same} of {same + len(changed)} the same"
+                  + ("." if not changed else "; changed:"), ""]
+        lines += [f"- {label}: {va[0]} {va[1]} -> {vb[0]} {vb[1]}" for label, va, vb in changed]
+        if not changed:
+            lines.pop()
     only_a, only_b = sorted(set(_rows(a)) - set(_rows(b))), sorted(set(_rows(b)) - set(_rows(a)))
     if only_a or only_b:
         lines += ["", f"Only in A: {', '.join(only_a) or 'none'}. Only in B: {', '.join(only_b) or 'none'}."]

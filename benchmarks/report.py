@@ -174,7 +174,7 @@ def settings_sentence(result):
     threads = s.get("threads", m["torch_threads"])
     dev = m.get("gpu") or f"{m['cpu']} ({m['cpu_count']} cores, {threads} torch thread{'s' * (threads != 1)})"
     samp = result.get("sampling") or {}
-    rounds = (f"{s['repeats']} interleaved rounds" + (f" plus {samp['extra_rounds']} more for the headline rows"
+    rounds = (f"{s['repeats']} interleaved rounds" + (f" plus {samp['extra_rounds']} two-row rounds"
                                                       if samp.get("extra_rounds") else ""))
     return (f"Backbone **{s['model']}** ({s['backbone_params'] / 1e6:.1f} M params, frozen), batch {s['batch']}, "
             f"sequence {s['seq_len']}, prefix/prompt length {s['prefix_len']}, {s['dtype']}, on {dev}; "
@@ -182,7 +182,8 @@ def settings_sentence(result):
             f"peft {m['versions']['peft']}, triton {m['versions']['triton']}. "
             f"Training steps: {rounds} after {s['warmup']} warm-up step{'s' * (s['warmup'] != 1)} ({_clock(s)}). "
             f"tokens/s counts the B·S real tokens: median (interquartile range). ×: throughput ratio to that row "
-            f"of the same run, above 1 is faster, with its 95% interval (bootstrap over the interleaved rounds); "
+            f"of the same run, above 1 is faster: the median over the rounds both rows ran of that round's ratio, "
+            f"with its 95% interval (bootstrap over those rounds); "
             f"\"tie\" when the interval holds 1.00. × floor: to the row's own floor (column floor).")
 
 
@@ -249,11 +250,16 @@ def _sampling_line(result):
     samp = result.get("sampling")
     if not samp:
         return ""
-    head = (f"Sampling: {samp['repeats']} rounds, then {samp['extra_rounds']} more until every headline ratio's "
-            f"interval was within ±{stats.CONVERGED_WITHIN:.0%} (budget {samp['budget_s']:.0f} s). ")
+    infer = ""
+    if "infer_extra_rounds" in samp:
+        infer = (f"; inference: {samp['repeats']} rounds, then {samp['infer_extra_rounds']} two-row rounds "
+                 f"(budget {samp['infer_budget_s']:.0f} s)")
+    head = (f"Sampling: training: {samp['repeats']} rounds of every row, then {samp['extra_rounds']} two-row rounds "
+            f"(budget {samp['budget_s']:.0f} s){infer}. Each two-row round ran the two rows of the ratio whose "
+            f"verdict was least settled among those with an interval wider than ±{stats.CONVERGED_WITHIN:.0%}. ")
     if samp["not_converged"]:
-        return head + "Did not converge: " + "; ".join(samp["not_converged"]) + "."
-    return head + "All converged."
+        return head + "Target ratios that did not converge: " + "; ".join(samp["not_converged"]) + "."
+    return head + "Every target ratio converged."
 
 
 def markdown(result):

@@ -7,6 +7,12 @@ spell of a shared machine lands on both. :func:`ratio_interval` keeps that pairi
 resamples (it draws rounds, not steps), which is what makes its interval narrow when the rows
 really differ and wide when they don't.
 
+Paired ratios are the median over rounds of the per-round ratio (``num[i] / den[i]``), not the ratio of
+the two medians: a shared machine's speed drifts slowly (on the 2-core CI machine a 30 ms matrix
+product's time correlates 0.8 with the next one's, a 1 s training step's about 0.35 with the next
+step's), so the per-round ratio cancels most of that drift, and its median needs about half the
+rounds for the same interval width (60 rounds of two 1 s rows: +/-3.2% against +/-4.7%).
+
 Convention used everywhere in the benchmark: ``ratio_interval(baseline_times, row_times)`` is the
 *speedup* of the row over the baseline, median(baseline) / median(row); above 1 the row is faster.
 """
@@ -43,15 +49,16 @@ def summarize(samples):
 
 
 def ratio_interval(num_samples, den_samples, *, level=0.95, n_boot=2000, seed=0, paired=True):
-    """``median(num) / median(den)`` and its ``level`` bootstrap interval ``(ratio, lo, hi)``.
+    """The ratio of ``num`` to ``den`` and its ``level`` bootstrap interval: ``(ratio, lo, hi)``.
 
     With step durations, ``ratio_interval(baseline, row)`` is the row's speedup: > 1 means the row's
     median step is shorter, i.e. the row is faster than the baseline.
 
     ``paired`` (default): ``num_samples[i]`` and ``den_samples[i]`` are the two rows' steps of the same
-    interleaved round, so both lists have the same length ``n`` and the bootstrap resamples rounds
-    (index ``i`` for both rows at once). ``paired=False`` resamples each list on its own (runs made at
-    different times, e.g. two result files). The interval is the percentile interval of ``n_boot``
+    interleaved round, so both lists have the same length ``n``; the ratio is the median of the ``n``
+    per-round ratios ``num[i] / den[i]`` and the bootstrap resamples rounds. ``paired=False``: the
+    ratio is ``median(num) / median(den)`` and the bootstrap resamples each list on its own (runs made
+    at different times, e.g. two result files). The interval is the percentile interval of ``n_boot``
     resampled ratios, seeded by ``seed`` so the same samples always give the same interval. With a
     single step on either side there is nothing to resample: the interval is ``(0, inf)`` (a tie).
     """
@@ -63,13 +70,16 @@ def ratio_interval(num_samples, den_samples, *, level=0.95, n_boot=2000, seed=0,
     if paired and num.size != den.size:
         raise ValueError(f"paired samples need one step of each row per round, got {num.size} and {den.size} "
                          "steps (pass paired=False for runs that were not interleaved)")
-    ratio = float(np.median(num) / np.median(den))
+    per_round = num / den if paired else None
+    ratio = float(np.median(per_round) if paired else np.median(num) / np.median(den))
     if min(num.size, den.size) < 2:  # one step has no spread to resample: no interval, no verdict but a tie
         return ratio, 0.0, math.inf
     rng = np.random.default_rng(seed)
     i = rng.integers(0, num.size, (n_boot, num.size))
-    j = i if paired else rng.integers(0, den.size, (n_boot, den.size))
-    boot = np.median(num[i], axis=1) / np.median(den[j], axis=1)
+    if paired:
+        boot = np.median(per_round[i], axis=1)
+    else:
+        boot = np.median(num[i], axis=1) / np.median(den[rng.integers(0, den.size, (n_boot, den.size))], axis=1)
     lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
     # the percentile interval of a median can exclude the point estimate with very few steps: widen to hold it
     return ratio, float(min(lo, ratio)), float(max(hi, ratio))
@@ -96,11 +106,28 @@ def converged(ratio, lo, hi, within=CONVERGED_WITHIN):
     return lo >= ratio * (1 - within) and hi <= ratio * (1 + within)
 
 
+def decision_margin(lo, hi, thresholds=(1.0,)):
+    """How safely the interval ``[lo, hi]`` decides against each threshold, in interval half-widths.
+
+    For each threshold ``t`` it is the distance from ``t`` to the nearer end of the interval, over the
+    interval's half-width; the smallest over ``thresholds`` is returned. Small means an end of the
+    interval sits near a threshold, so another run could come out on the other side of it and change
+    the verdict; about 1 or more means the verdict (a tie around ``t`` included) is settled. ``inf``
+    for a zero-width interval, 0 for an unbounded one.
+    """
+    half = (hi - lo) / 2
+    if not math.isfinite(half):
+        return 0.0
+    if half <= 0:
+        return math.inf
+    return min(min(abs(lo - t), abs(hi - t)) for t in thresholds) / half
+
+
 def speedup(base_samples, row_samples, **kwargs):
     """The row's speedup over the baseline as a dict: ratio, lo, hi, verdict, text (see :func:`ratio_interval`)."""
     ratio, lo, hi = ratio_interval(base_samples, row_samples, **kwargs)
     return dict(ratio=ratio, lo=lo, hi=hi, verdict=verdict(lo, hi), text=format_ratio(ratio, lo, hi))
 
 
-__all__ = ["summarize", "ratio_interval", "verdict", "format_ratio", "converged", "speedup",
+__all__ = ["summarize", "ratio_interval", "verdict", "format_ratio", "converged", "decision_margin", "speedup",
            "CONVERGED_WITHIN"]

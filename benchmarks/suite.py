@@ -1,11 +1,15 @@
-"""Run the contenders: the main table (sampled until its headline ratios converge) and the scaling curves.
+"""Run the contenders: the main table (sampled until its target ratios converge) and the scaling curves.
 
-Steps are interleaved: every round runs one step of each contender in turn (the order rotating), so a
-slow spell of a shared machine lands on all rows alike, and step ``i`` of two rows form a pair for
-:func:`.stats.ratio_interval`. The table first runs ``repeats`` rounds of every row; then, while a
-headline ratio's 95% interval is wider than +/-3% (:data:`.stats.CONVERGED_WITHIN`) and the time
-budget lasts, it runs more rounds of the rows in those ratios only. A row that stopped early keeps the
-first rounds of the others as its pairs (ratios use the rounds both rows ran).
+Steps are interleaved: every round runs one step of each of its rows in turn (the order rotating), so
+a slow spell of a shared machine lands on all of them alike, and two rows' steps of the same round
+form a pair for :func:`.stats.ratio_interval`. Every step keeps the id of its round. The table first
+runs ``repeats`` rounds of every row. Then, while a ratio of the table or of its targets
+(:func:`table_pairs`) has a 95% interval wider than +/-3% (:data:`.stats.CONVERGED_WITHIN`) and the
+time budget lasts, it runs two-row rounds: the two rows of the unconverged ratio whose verdict is
+least settled (:func:`.stats.decision_margin` against 1.00 and, for a training floor, the 0.9
+target), back to back, the order alternating. Inference does the same on a quarter of the budget.
+Back-to-back steps share more of the machine's drift than steps a whole round apart, and a round
+spent on a ratio that is already decided would not change what the table says.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ HEADLINE = (("APT token gate (fastprefix)", "P-Tuning v2 (PEFT)"),
             ("ADePT (fastprefix)", "floor"))
 FLOOR_TARGET = 0.9  # "within 10% of the floor": at least 0.9x the floor's throughput
 MAX_ROUNDS = 400  # a cap on the adaptive rounds, whatever the budget
+# the inference rounds may take this share of the training budget on top of it (their ratios get verdicts too)
+INFER_BUDGET_SHARE = 0.25
 # a bootstrap over fewer rounds than this can look tight by chance (3 rounds give 10 distinct resamples)
 MIN_ROUNDS = 5
 
@@ -76,13 +82,15 @@ def _warm(runners, step, warmup, progress, label):
         progress.update(warmup)
 
 
-def _round(runners, step, device, clock, rnd, times, progress, label):
-    """One step of each runner, the order rotated by ``rnd``; appends to ``times[name]``."""
+def _round(runners, step, device, clock, rnd, times, progress, label, rounds=None):
+    """One step of each runner, the order rotated by ``rnd``; appends to ``times`` (and ``rnd`` to ``rounds``)."""
     k = rnd % len(runners)
     for name, r in runners[k:] + runners[:k]:
         progress.set_postfix_str(f"{name}: {label} step {len(times[name]) + 1}", refresh=False)
         _, t = measure.median_seconds(getattr(r, step), device, 0, 1, clock)
         times[name].append(t[0])
+        if rounds is not None:
+            rounds[name].append(rnd)
         progress.update(1)
 
 
@@ -113,57 +121,90 @@ def _resolve(pair, families, floors):
     return row, base
 
 
-def _paired(a, b):
-    n = min(len(a), len(b))
-    return a[:n], b[:n]
+def _paired(a, b, a_rounds=None, b_rounds=None):
+    """The steps of ``a`` and ``b`` that ran in the same rounds, in round order.
+
+    Without round ids (result files written before the two-row rounds) step ``i`` of each is round ``i``.
+    """
+    if a_rounds is None or b_rounds is None:
+        n = min(len(a), len(b))
+        return list(a[:n]), list(b[:n])
+    if len(a_rounds) != len(a) or len(b_rounds) != len(b):
+        raise ValueError(f"every step needs its round id: {len(a)} and {len(b)} steps, "
+                         f"{len(a_rounds)} and {len(b_rounds)} round ids")
+    at, bt = dict(zip(a_rounds, a)), dict(zip(b_rounds, b))
+    common = sorted(set(at) & set(bt))
+    return [at[i] for i in common], [bt[i] for i in common]
 
 
-def compare(base_times, row_times):
+def compare(base_times, row_times, base_rounds=None, row_rounds=None):
     """The row's speedup over the baseline on the rounds both ran: ratio, lo, hi, verdict, text, n, converged."""
-    base, row = _paired(base_times, row_times)
+    base, row = _paired(base_times, row_times, base_rounds, row_rounds)
     out = stats.speedup(base, row)
     out["n"] = len(row)
     out["converged"] = len(row) >= MIN_ROUNDS and stats.converged(out["ratio"], out["lo"], out["hi"])
     return out
 
 
-def sample_until_converged(runners, times, device, clock, budget_s, progress, started, pairs,
-                           max_rounds=MAX_ROUNDS):
-    """More interleaved training rounds of the rows in unconverged ``pairs`` until all converge or time is up.
+def _compare_rows(base, row, kind="train"):
+    """:func:`compare` of two result rows' ``kind`` steps, paired by round id when the rows carry them."""
+    return compare(base[f"{kind}_times"], row[f"{kind}_times"], base.get(f"{kind}_rounds"), row.get(f"{kind}_rounds"))
 
-    ``times``: ``{name: [durations]}`` so far (extended in place); ``pairs``: ``(row, base)`` names;
-    ``started``: ``time.perf_counter()`` when the first timed round began (the budget counts from it).
-    Returns the number of extra rounds run.
+
+def thresholds_of(base_name, rows_by_name, kind="train"):
+    """The ratios a verdict about ``base_name`` turns on: 1.00, and :data:`FLOOR_TARGET` for a training floor."""
+    base = rows_by_name.get(base_name) or {}
+    return (1.0, FLOOR_TARGET) if base.get("impl") == "floor" and kind == "train" else (1.0,)
+
+
+def sample_until_converged(runners, times, rounds, device, clock, budget_s, progress, started, pairs,
+                           max_rounds=MAX_ROUNDS, step="train_step"):
+    """Two-row rounds of ``step`` for unconverged ``pairs`` until all converge or the time is up.
+
+    ``times``/``rounds``: ``{name: [durations]}`` and ``{name: [round ids]}`` so far (extended in place);
+    ``pairs``: ``(row, base, thresholds)``; ``started``: ``time.perf_counter()`` when the first timed round
+    began (the budget counts from it). Each round runs the two rows of the unconverged pair with the
+    smallest :func:`.stats.decision_margin`, back to back. Returns the number of rounds run.
     """
     by_name = dict(runners)
-    rounds = 0
-    first = len(next(iter(times.values()), []))
-    round_s = (time.perf_counter() - started) / max(first, 1) if first else 0.0
-    planned = 0
-    while first + rounds < max_rounds:
-        open_pairs = [p for p in pairs if not compare(times[p[1]], times[p[0]])["converged"]]
+    next_id = 1 + max((i for ids in rounds.values() for i in ids), default=-1)
+    cache = {}
+
+    def state(pair):
+        row, base, _ = pair
+        key = (row, base, len(times[row]), len(times[base]))
+        if key not in cache:
+            cache[key] = compare(times[base], times[row], rounds[base], rounds[row])
+        return cache[key]
+
+    def step_s(name):
+        return sorted(times[name])[len(times[name]) // 2]
+
+    n, planned = 0, None
+    while n < max_rounds:
+        open_pairs = [p for p in pairs if not state(p)["converged"]]
         if not open_pairs:
             break
-        active = [n for n in by_name if any(n in p for p in open_pairs)]
+        row, base, _ = min(open_pairs, key=lambda p: stats.decision_margin(
+            state(p)["lo"], state(p)["hi"], p[2]))
+        cost = step_s(row) + step_s(base)
         elapsed = time.perf_counter() - started
-        # a round of the active rows costs about their share of a full round
-        cost = round_s * len(active) / len(by_name)
         if elapsed + cost > budget_s:
             break
-        if not planned:  # tell the progress bar the most this phase can take
-            planned = int(min(max_rounds - first, (budget_s - elapsed) / max(cost, 1e-9))) * len(active)
+        if planned is None:  # tell the progress bar the most this phase can take
+            planned = 2 * int(min(max_rounds, (budget_s - elapsed) / max(cost, 1e-9)))
             progress.total += planned
             progress.refresh()
-        t0 = time.perf_counter()
-        _round([(n, by_name[n]) for n in active], "train_step", device, clock, first + rounds, times, progress,
-               "train (until converged)")
-        planned -= len(active)
-        round_s = (time.perf_counter() - t0) * len(by_name) / len(active)
-        rounds += 1
-    if planned > 0:  # the phase ended early: take the unused estimate back out of the bar's total
+        order = [(row, by_name[row]), (base, by_name[base])]
+        # rotation by the round id alternates which of the two goes first
+        _round(order, step, device, clock, next_id, times, progress, f"{step.split('_')[0]} (until converged)", rounds)
+        next_id += 1
+        planned -= 2
+        n += 1
+    if planned and planned > 0:  # the phase ended early: take the unused estimate back out of the bar's total
         progress.total -= planned
         progress.refresh()
-    return rounds
+    return n
 
 
 def add_stats(rows, tokens):
@@ -191,10 +232,30 @@ def add_stats(rows, tokens):
             ratios = r["ratios"][kind] = {}
             for base in BASELINES:
                 if base in by_name and by_name[base].get(f"{kind}_times"):
-                    ratios[base] = compare(by_name[base][f"{kind}_times"], t)
+                    ratios[base] = _compare_rows(by_name[base], r, kind)
             if r["floor"] and by_name[r["floor"]].get(f"{kind}_times"):
-                ratios["floor"] = dict(compare(by_name[r["floor"]][f"{kind}_times"], t), of=r["floor"])
+                ratios["floor"] = dict(_compare_rows(by_name[r["floor"]], r, kind), of=r["floor"])
     return rows
+
+
+def target_pairs(rows):
+    """``(row, base, threshold, headline)`` of every target present in ``rows``, floors resolved to row names.
+
+    The :data:`HEADLINE` pairs first, then every other fastprefix row against its floor; ``threshold`` is
+    :data:`FLOOR_TARGET` against a floor, else 1.00.
+    """
+    by = {r["name"]: r for r in rows}
+    families = {r["name"]: r["family"] for r in rows}
+    floors = {fam: floor_of(by, fam) for fam in ("prefix", "prompt")}
+    pairs = [(p, True) for p in HEADLINE]
+    pairs += [((r["name"], "floor"), False) for r in rows
+              if r["impl"] == "fastprefix" and (r["name"], "floor") not in HEADLINE]
+    out = []
+    for pair, headline in pairs:
+        row, base = _resolve(pair, families, floors)
+        if row in by and base in by:
+            out.append((row, base, FLOOR_TARGET if by[base]["impl"] == "floor" else 1.0, headline))
+    return out
 
 
 def targets(rows):
@@ -204,18 +265,9 @@ def targets(rows):
     below, "undecided" when it holds the threshold (for ">= 1" targets that is a tie).
     """
     by = {r["name"]: r for r in rows}
-    families = {r["name"]: r["family"] for r in rows}
-    floors = {fam: floor_of(by, fam) for fam in ("prefix", "prompt")}
     out = []
-    pairs = [(p, True) for p in HEADLINE]
-    pairs += [((r["name"], "floor"), False) for r in rows
-              if r["impl"] == "fastprefix" and (r["name"], "floor") not in HEADLINE]
-    for (row, base), headline in pairs:
-        row, base = _resolve((row, base), families, floors)
-        if row not in by or base not in by:
-            continue
-        threshold = FLOOR_TARGET if by[base]["impl"] == "floor" else 1.0
-        c = compare(by[base]["train_times"], by[row]["train_times"])
+    for row, base, threshold, headline in target_pairs(rows):
+        c = _compare_rows(by[base], by[row])
         status = "met" if c["lo"] >= threshold else "not met" if c["hi"] < threshold else "undecided"
         what = (f"{row} train step within 10% of its floor ({base})" if threshold != 1.0
                 else f"{row} train step >= {base}")
@@ -223,40 +275,54 @@ def targets(rows):
     return out
 
 
+def table_pairs(rows, kind="train"):
+    """``(row, base, thresholds)`` of every ratio the table states for ``kind`` steps, the targets first.
+
+    The target pairs (:func:`target_pairs`, training only), then each row against the :data:`BASELINES`
+    and its floor; ``thresholds``: :func:`thresholds_of`.
+    """
+    by = {r["name"]: r for r in rows}
+    pairs = [(row, base) for row, base, _, _ in target_pairs(rows)] if kind == "train" else []
+    for r in rows:
+        floor = None if r["impl"] == "floor" else floor_of(by, r["family"])
+        pairs += [(r["name"], base) for base in (*BASELINES, floor) if base in by and base != r["name"]]
+    return [(row, base, thresholds_of(base, by, kind)) for row, base in dict.fromkeys(pairs)]
+
+
 def headline_pairs(rows):
     """The :data:`HEADLINE` pairs present in ``rows``, floors resolved to row names."""
-    by = {r["name"]: r for r in rows}
-    families = {r["name"]: r["family"] for r in rows}
-    floors = {fam: floor_of(by, fam) for fam in ("prefix", "prompt")}
-    out = []
-    for p in HEADLINE:
-        row, base = _resolve(p, families, floors)
-        if row in by and base in by:
-            out.append((row, base))
-    return out
+    return [(row, base) for row, base, _, headline in target_pairs(rows) if headline]
 
 
 def run_table(backbone, shapes, setting, device, warmup, repeats, progress, only=None, memory=True, clock="wall",
               budget_s=0.0):
     """One row per contender: step-time samples and summaries, throughput, peak memory, ratios with intervals.
 
-    ``repeats`` rounds of every row always run; ``budget_s`` (seconds of wall time from the first timed
-    round) allows more training rounds until the :data:`HEADLINE` ratios converge. Returns
-    ``(rows, sampling)`` where ``sampling`` says how many rounds ran and which headline ratios converged.
+    ``repeats`` rounds of every row always run, training then inference. ``budget_s`` (seconds of wall
+    time from the first timed training round) allows two-row training rounds (see the module
+    docstring) until every ratio of the table and its targets (:func:`table_pairs`) has converged;
+    inference gets :data:`INFER_BUDGET_SHARE` of it on top, for its own ratios. Returns ``(rows,
+    sampling)`` where ``sampling`` says how many rounds ran and which target ratios did not converge.
+    Each row keeps its steps' round ids (``train_rounds``, ``infer_rounds``) beside their durations.
     """
     runners = _runners(backbone, shapes, setting, device, only)
     rows = [dict(name=n, family=r.c.family, impl=r.c.impl, trainable_params=r.trainable_count()) for n, r in runners]
-    pairs = headline_pairs(rows)
-    _warm(runners, "train_step", warmup, progress, "train")
-    train = {n: [] for n, _ in runners}
-    started = time.perf_counter()
-    for rnd in range(repeats):
-        _round(runners, "train_step", device, clock, rnd, train, progress, "train")
-    extra = sample_until_converged(runners, train, device, clock, budget_s, progress, started, pairs)
-    train_seconds = time.perf_counter() - started
-    infer = _interleaved(runners, "infer_step", device, warmup, repeats, progress, clock, label="inference")
+    by_name = {r["name"]: r for r in rows}
+    times, extra, seconds = {}, {}, {}
+    for kind, budget in (("train", budget_s), ("infer", budget_s * INFER_BUDGET_SHARE)):
+        step, label = f"{kind}_step", "train" if kind == "train" else "inference"
+        _warm(runners, step, warmup, progress, label)
+        t, ids = {n: [] for n, _ in runners}, {n: [] for n, _ in runners}
+        started = time.perf_counter()
+        for rnd in range(repeats):
+            _round(runners, step, device, clock, rnd, t, progress, label, ids)
+        extra[kind] = sample_until_converged(runners, t, ids, device, clock, budget, progress, started,
+                                             table_pairs(rows, kind), step=step)
+        seconds[kind] = round(time.perf_counter() - started, 1)
+        times[kind] = (t, ids)
     for row, (name, r) in zip(rows, runners):
-        row["train_times"], row["infer_times"] = train[name], infer[name]
+        for kind, (t, ids) in times.items():
+            row[f"{kind}_times"], row[f"{kind}_rounds"] = t[name], ids[name]
         if memory:
             progress.set_postfix_str(f"{name}: peak memory", refresh=False)
             row["train_peak_bytes"] = measure.peak_bytes(r.train_step, device)
@@ -264,9 +330,10 @@ def run_table(backbone, shapes, setting, device, warmup, repeats, progress, only
     del runners
     gc.collect()
     add_stats(rows, setting.batch * setting.seq_len)
-    open_pairs = [dict(row=a, base=b, **compare(train[b], train[a])) for a, b in pairs]
-    sampling = dict(repeats=repeats, extra_rounds=extra, budget_s=budget_s,
-                    seconds=round(train_seconds, 1),
+    open_pairs = [dict(row=a, base=b, **_compare_rows(by_name[b], by_name[a])) for a, b, _, _ in target_pairs(rows)]
+    sampling = dict(repeats=repeats, extra_rounds=extra["train"], budget_s=budget_s, seconds=seconds["train"],
+                    infer_extra_rounds=extra["infer"], infer_budget_s=budget_s * INFER_BUDGET_SHARE,
+                    infer_seconds=seconds["infer"],
                     not_converged=[f"{p['row']} vs {p['base']}: {p['text']}" for p in open_pairs
                                    if not p["converged"]])
     return rows, sampling

@@ -59,7 +59,7 @@ def test_separated_samples_get_a_verdict(factor, word):
     base = 1.0 + 0.05 * rng.standard_normal(15)
     row = factor * (1.0 + 0.05 * rng.standard_normal(15))
     s = stats.speedup(base, row)
-    expected = float(np.median(base) / np.median(row))
+    expected = float(np.median(base / row))  # paired: the median of the per-round ratios
     assert s["ratio"] == pytest.approx(expected, rel=1e-12)
     assert s["lo"] <= s["ratio"] <= s["hi"]
     assert s["verdict"] == word
@@ -87,6 +87,27 @@ def test_ratio_interval_is_seeded_and_checks_its_input():
     with pytest.raises(ValueError, match="level must lie in"):
         stats.ratio_interval(a, b, level=1.5)
     assert stats.ratio_interval(a, b[:4], paired=False)[0] == pytest.approx(np.median(a) / np.median(b[:4]))
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    base = np.array([1.0, 2.0, 4.0, 1.5, 3.0])
+    row = base / np.array([1.1, 0.9, 1.3, 1.0, 1.2])  # per-round speedups; their median is 1.1
+    ratio, lo, hi = stats.ratio_interval(base, row)
+    assert ratio == pytest.approx(1.1, rel=1e-12)
+    assert 0.9 - 1e-12 <= lo <= ratio <= hi <= 1.3 + 1e-12  # resampled medians of those five ratios
+    assert stats.ratio_interval(base, row, paired=False)[0] == pytest.approx(np.median(base) / np.median(row))
+
+
+@pytest.mark.parametrize("lo, hi, thresholds, margin", [
+    (0.90, 1.10, (1.0,), 1.0),          # a tie centred on 1: settled
+    (0.99, 1.09, (1.0,), 0.2),          # an end 0.01 from 1, half-width 0.05: could flip
+    (0.80, 0.90, (1.0,), 2.0),          # clearly below 1
+    (0.88, 0.98, (1.0, 0.9), 0.4),      # a floor ratio: 0.02 from 0.9 decides it, not 1.00
+    (1.0, 1.0, (1.0,), float("inf")),   # exact
+    (0.0, float("inf"), (1.0,), 0.0),   # one step: no interval
+], ids=["centred-tie", "edge-near-1", "clear", "floor-target", "zero-width", "unbounded"])
+def test_decision_margin(lo, hi, thresholds, margin):
+    assert stats.decision_margin(lo, hi, thresholds) == pytest.approx(margin, rel=1e-9)
 
 
 def test_one_step_gives_no_interval():
@@ -169,30 +190,87 @@ class _FakeClock:
         return self.speeds[self.calls % len(self.speeds)]
 
 
+def _full_rounds(runners, n):
+    times, rounds = {name: [] for name, _ in runners}, {name: [] for name, _ in runners}
+    for rnd in range(n):
+        suite._round(runners, "train_step", torch.device("cpu"), "fake", rnd, times, suite.NullProgress(), "t",
+                     rounds)
+    return times, rounds
+
+
 def test_sampling_stops_at_convergence_and_only_samples_open_pairs(monkeypatch):
     clock = _FakeClock([1.0])
     monkeypatch.setitem(measure.CLOCKS, "fake", clock)
     runners = [(n, _FakeRunner(clock, c)) for n, c in [("a", 1.0), ("b", 2.0), ("c", 1.0), ("d", 1.0)]]
-    times = {n: [] for n, _ in runners}
-    for rnd in range(2):
-        suite._round(runners, "train_step", torch.device("cpu"), "fake", rnd, times, suite.NullProgress(), "t")
+    times, rounds = _full_rounds(runners, 2)
     started = __import__("time").perf_counter()
-    extra = suite.sample_until_converged(runners, times, torch.device("cpu"), "fake", 60.0, suite.NullProgress(),
-                                         started, [("a", "b")], max_rounds=50)
+    extra = suite.sample_until_converged(runners, times, rounds, torch.device("cpu"), "fake", 60.0,
+                                         suite.NullProgress(), started, [("a", "b", (1.0,))], max_rounds=50)
     # exact steps converge as soon as there are MIN_ROUNDS of them; rows in no open pair are not sampled
     assert extra == suite.MIN_ROUNDS - 2
     assert [len(times[n]) for n in "abcd"] == [suite.MIN_ROUNDS, suite.MIN_ROUNDS, 2, 2]
+    # the extra rounds ran a and b back to back, each round with its own id, the order alternating
+    assert rounds["a"] == rounds["b"] == list(range(suite.MIN_ROUNDS)) and rounds["c"] == [0, 1]
+
+
+def test_sampling_goes_to_the_least_settled_ratio(monkeypatch):
+    clock = _FakeClock([1.0, 1.05, 0.97, 1.02, 0.99, 1.03, 0.96])  # the machine's speed, step by step
+    monkeypatch.setitem(measure.CLOCKS, "fake", clock)
+    runners = [(n, _FakeRunner(clock, c)) for n, c in [("a", 1.0), ("b", 1.04), ("c", 1.0), ("d", 2.0)]]
+    times, rounds = _full_rounds(runners, 6)
+    pairs = [("c", "d", (1.0,)), ("a", "b", (1.0,))]
+    margins = {p[:2]: stats.decision_margin(*[suite.compare(times[p[1]], times[p[0]], rounds[p[1]], rounds[p[0]])[k]
+                                              for k in ("lo", "hi")]) for p in pairs}
+    assert margins[("a", "b")] < margins[("c", "d")]  # c is clearly 2x d; a vs b is a 4% question
+    started = __import__("time").perf_counter()
+    extra = suite.sample_until_converged(runners, times, rounds, torch.device("cpu"), "fake", 60.0,
+                                         suite.NullProgress(), started, pairs, max_rounds=3)
+    assert extra == 3 and [len(times[n]) for n in "abcd"] == [9, 9, 6, 6]
+
+
+def test_table_pairs_cover_every_ratio_cell_once():
+    rows = [_row("P-Tuning v2 (original)", "prefix", "original", [1.0]),
+            _row("P-Tuning v2 (PEFT)", "prefix", "peft", [1.0]),
+            _row("APT token gate (fastprefix)", "prefix", "fastprefix", [1.0]),
+            _row("DePT (original)", "prompt", "original", [1.0]),
+            _row("floor: backbone on S tokens", "prefix", "floor", [1.0])]
+    train = suite.table_pairs(rows)
+    apt, ptv2, peft, dept, floor = (r["name"] for r in (rows[2], rows[0], rows[1], rows[3], rows[4]))
+    assert train[:3] == [(apt, peft, (1.0,)), (apt, ptv2, (1.0,)), (apt, floor, (1.0, suite.FLOOR_TARGET))]
+    assert len(train) == len(set(p[:2] for p in train))  # a target that is also a cell is sampled as one pair
+    assert (dept, ptv2, (1.0,)) in train and (floor, dept, (1.0,)) in train and (ptv2, ptv2, (1.0,)) not in train
+    infer = suite.table_pairs(rows, "infer")
+    assert (apt, peft, (1.0,)) not in infer and (apt, floor, (1.0,)) in infer  # no targets, no 0.9 for inference
+
+
+def test_rows_pair_on_the_rounds_both_ran():
+    base, row = suite._paired([1.0, 2.0, 3.0, 4.0], [10.0, 30.0, 50.0], [0, 1, 2, 7], [0, 2, 9])
+    assert (base, row) == ([1.0, 3.0], [10.0, 30.0])
+    assert suite._paired([1.0, 2.0, 3.0], [4.0, 5.0]) == ([1.0, 2.0], [4.0, 5.0])  # old files: by position
+    with pytest.raises(ValueError, match="round id"):
+        suite._paired([1.0, 2.0], [1.0], [0], [0])
 
 
 def test_sampling_without_budget_runs_no_extra_round(monkeypatch):
     clock = _FakeClock([1.0, 3.0, 0.5])
     monkeypatch.setitem(measure.CLOCKS, "fake", clock)
     runners = [(n, _FakeRunner(clock, c)) for n, c in [("a", 1.0), ("b", 2.0)]]
-    times = {n: [] for n, _ in runners}
-    suite._round(runners, "train_step", torch.device("cpu"), "fake", 0, times, suite.NullProgress(), "t")
+    times, rounds = _full_rounds(runners, 1)
     started = __import__("time").perf_counter()
-    assert suite.sample_until_converged(runners, times, torch.device("cpu"), "fake", 0.0, suite.NullProgress(),
-                                        started, [("a", "b")]) == 0
+    assert suite.sample_until_converged(runners, times, rounds, torch.device("cpu"), "fake", 0.0,
+                                        suite.NullProgress(), started, [("a", "b", (1.0,))]) == 0
+
+
+def test_cpu_peak_memory_counts_the_step_and_keeps_the_console_clean(capfd):
+    def step():
+        a = torch.ones(256, 256, dtype=torch.float64)  # 512 KiB live at once with b
+        b = a * 2
+        return float((a + b).sum())
+
+    peak = measure.peak_bytes(step, torch.device("cpu"))
+    assert 2 * 256 * 256 * 8 <= peak <= 4 * 256 * 256 * 8
+    out, err = capfd.readouterr()
+    assert "profiler_start" not in err and "profiler_stop" not in err  # torch's C++ log lines are silenced
 
 
 # ---------------------------------------------------------------- compare, --help, README
@@ -223,6 +301,35 @@ def test_compare_two_result_files(tmp_path):
     assert re.search(r"\| 2\.00 \(1\.\d\d-2\.\d\d\) \| faster \|$", lines["sped up/infer"])
     assert re.search(r"\| 0\.67 \(0\.\d\d-0\.\d\d\) \| slower \|$", lines["slowed/train"])
     assert "Only in A: only in A." in text
+
+
+def _table(ptv2_factor):
+    f = [1.0, 1.2, 0.9, 1.1, 1.05, 0.95, 1.15]
+    rows = [_row("P-Tuning v2 (original)", "prefix", "original", [ptv2_factor * x for x in f]),
+            _row("APT token gate (fastprefix)", "prefix", "fastprefix", [1.6 * x for x in f]),
+            _row("floor: backbone on S tokens", "prefix", "floor", [1.6 * x for x in f])]
+    return dict(settings=dict(model="m", batch=8, seq_len=16, prefix_len=4, dtype="float32", clock="cpu", threads=1),
+                machine=dict(device="cpu"), rows=rows)
+
+
+def test_compare_lists_the_verdicts_that_changed():
+    a, b = _table(2.0), _table(1.5)  # in B, P-Tuning v2 (original) got faster than APT
+    same, changed = compare.verdict_changes(_table(2.0), _table(2.0))
+    assert changed == [] and same > 0
+    same, changed = compare.verdict_changes(a, b)
+    labels = {label: (va[0], vb[0]) for label, va, vb in changed}
+    assert labels == {
+        "APT token gate (fastprefix), train x P-Tuning v2 (original)": ("faster", "slower"),
+        "APT token gate (fastprefix), infer x P-Tuning v2 (original)": ("faster", "slower"),
+        "floor: backbone on S tokens, train x P-Tuning v2 (original)": ("faster", "slower"),
+        "floor: backbone on S tokens, infer x P-Tuning v2 (original)": ("faster", "slower"),
+        "P-Tuning v2 (original), train x floor: backbone on S tokens": ("slower", "faster"),
+        "P-Tuning v2 (original), infer x floor: backbone on S tokens": ("slower", "faster"),
+        "target: APT token gate (fastprefix) train step >= P-Tuning v2 (original)": ("met", "not met")}
+    text = compare.markdown(a, b)
+    assert f"{same} of {same + 7} the same; changed:" in text
+    assert "- target: APT token gate (fastprefix) train step >= P-Tuning v2 (original): met 1.25 (1.25-1.25) -> " \
+           "not met 0.94 (0.94-0.94)" in text
 
 
 def test_compare_scales_step_times_to_throughput():
@@ -315,11 +422,12 @@ def test_tiny_run_end_to_end(tmp_path):
                      "floor: backbone on S tokens", "floor: backbone on S+4 tokens"]
     apt = result["rows"][0]
     assert apt["floor"] == "floor: backbone on S tokens" and len(apt["train_times"]) == 3
+    assert apt["train_rounds"] == apt["infer_rounds"] == [0, 1, 2]
     assert set(apt["train"]) == {"median", "q1", "q3", "min", "max", "n"}
     assert result["settings"]["clock"] == "cpu" and result["settings"]["threads"] == 1
     assert result["machine"]["cpu_count"] >= 1 and len(result["machine"]["load_average_end"]) == 3
     assert result["machine"]["other_cpus"] >= 0 and result["machine"]["other_cpus_before"] >= 0
-    assert result["sampling"]["extra_rounds"] == 0
+    assert result["sampling"]["extra_rounds"] == result["sampling"]["infer_extra_rounds"] == 0
     for curve in result["curves"]:
         for points in curve["rows"].values():
             assert all(len(p["train_times"]) == 3 and p["train_tok_s_iqr"][0] <= p["train_tok_s"]
