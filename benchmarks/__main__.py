@@ -33,7 +33,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 # then the README render); fastprefix-bench --quick 148 s.
 RUN_TIMES = {"make bench": "about 16 minutes", "--quick": "about 2 minutes"}
 DEFAULT_BUDGET_S = {"cpu": 300.0, "cuda": 60.0}  # --budget without the flag
-QUICK = dict(batch=4, seq_len=64, repeats=5, warmup=1, curve_repeats=3, seq_lens=[64, 256, 512],
+QUICK = dict(batch=4, seq_len=64, repeats=6, warmup=1, curve_repeats=3, seq_lens=[64, 256, 512],
              prefix_lens=[4, 32, 128], budget=30.0)  # the defaults --quick sets
 
 
@@ -182,6 +182,11 @@ def main(argv=None):
         raise SystemExit("--clock cpu times CPU work only; use the wall clock on CUDA")
     budget = args.budget if args.budget is not None else DEFAULT_BUDGET_S.get(device.type, 60.0)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if device.type == "cpu" and dtype != torch.float32 and not args.quiet:
+        # measured on the 2-core machine (no native 16-bit matrix units): --quick took 148 s in float32 and
+        # 1,760 s in bfloat16, partly alongside a test run
+        print(f"note: {args.dtype} runs many times slower than float32 on a CPU without native 16-bit matrix "
+              "units (--quick: about 2 minutes in float32, about 30 in bfloat16 on a 2-core machine)", file=sys.stderr)
     started = time.perf_counter()
     machine = report.machine(device)
     counters = report.cpu_counters()

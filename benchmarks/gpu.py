@@ -109,7 +109,7 @@ def full_plan():
     return Plan(attention=tuple(shapes), embedding=dict(B=8, S=2048, d=4096, r=64, V=32000, m=32),
                 e2e=(("llama-1.1b", "llama", 1024, 8), ("llama-1.1b", "llama", 2048, 4),
                      ("bert-large", "bert", 128, 64), ("bert-large", "bert", 512, 16)),
-                warmup=3, repeats=10, e2e_warmup=2, e2e_repeats=5, prefix_len=32, adept_rank=19,
+                warmup=3, repeats=10, e2e_warmup=2, e2e_repeats=7, prefix_len=32, adept_rank=19,
                 dtype=torch.bfloat16, compile_flex=True)
 
 

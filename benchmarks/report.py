@@ -181,9 +181,10 @@ def settings_sentence(result):
             f"torch {m['versions']['torch']}, transformers {m['versions']['transformers']}, "
             f"peft {m['versions']['peft']}, triton {m['versions']['triton']}. "
             f"Training steps: {rounds} after {s['warmup']} warm-up step{'s' * (s['warmup'] != 1)} ({_clock(s)}). "
-            f"tokens/s counts the B·S real tokens: median (interquartile range). ×: throughput ratio to that row "
+            f"tokens/s counts the B·S real tokens: median (interquartile range) over the rounds every row ran. "
+            f"×: throughput ratio to that row "
             f"of the same run, above 1 is faster: the median over the rounds both rows ran of that round's ratio, "
-            f"with its 95% interval (bootstrap over those rounds); "
+            f"with its exact 95% interval (order statistics of those ratios, the sign test's); "
             f"\"tie\" when the interval holds 1.00. × floor: to the row's own floor (column floor).")
 
 
@@ -204,7 +205,8 @@ def main_table(result):
 
 def spread_table(result):
     """Step times in ms: median, interquartile range, min-max and count of every row's timed steps."""
-    lines = ["Step times (ms): median, interquartile range, min-max and number of timed steps:", "",
+    lines = ["Step times (ms) in the rounds every row ran: median, interquartile range, min-max and number of "
+             "steps:", "",
              "| contender | train median | train IQR | train min-max | n | infer median | infer IQR | "
              "infer min-max | n |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
@@ -255,8 +257,9 @@ def _sampling_line(result):
         infer = (f"; inference: {samp['repeats']} rounds, then {samp['infer_extra_rounds']} two-row rounds "
                  f"(budget {samp['infer_budget_s']:.0f} s)")
     head = (f"Sampling: training: {samp['repeats']} rounds of every row, then {samp['extra_rounds']} two-row rounds "
-            f"(budget {samp['budget_s']:.0f} s){infer}. Each two-row round ran the two rows of the ratio whose "
-            f"verdict was least settled among those with an interval wider than ±{stats.CONVERGED_WITHIN:.0%}. ")
+            f"(budget {samp['budget_s']:.0f} s){infer}. Each two-row round ran the two rows of a ratio whose interval "
+            f"was wider than ±{stats.CONVERGED_WITHIN:.0%}: the targets first, then those whose verdict was not "
+            f"settled, the fewest rounds first. ")
     if samp["not_converged"]:
         return head + "Target ratios that did not converge: " + "; ".join(samp["not_converged"]) + "."
     return head + "Every target ratio converged."

@@ -9,6 +9,7 @@ matching the committed ``benchmarks/results/minilm.json``, and one tiny end-to-e
 import contextlib
 import io
 import json
+import math
 import re
 from pathlib import Path
 
@@ -90,12 +91,34 @@ def test_ratio_interval_is_seeded_and_checks_its_input():
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios():
-    base = np.array([1.0, 2.0, 4.0, 1.5, 3.0])
-    row = base / np.array([1.1, 0.9, 1.3, 1.0, 1.2])  # per-round speedups; their median is 1.1
-    ratio, lo, hi = stats.ratio_interval(base, row)
+    base = np.array([1.0, 2.0, 4.0, 1.5, 3.0, 2.5, 0.8])
+    speedups = np.array([1.1, 0.9, 1.3, 1.0, 1.2, 1.15, 1.05])  # per round; their median is 1.1
+    ratio, lo, hi = stats.ratio_interval(base, base / speedups)
     assert ratio == pytest.approx(1.1, rel=1e-12)
-    assert 0.9 - 1e-12 <= lo <= ratio <= hi <= 1.3 + 1e-12  # resampled medians of those five ratios
-    assert stats.ratio_interval(base, row, paired=False)[0] == pytest.approx(np.median(base) / np.median(row))
+    # 7 rounds: the exact 95% interval of a median is the smallest to the largest (P = 1 - 2/2**7)
+    assert (lo, hi) == pytest.approx((0.9, 1.3), rel=1e-12)
+    assert stats.ratio_interval(base, base / speedups, paired=False)[0] == pytest.approx(
+        np.median(base) / np.median(base / speedups))
+    # 5 rounds can't give a 95% interval (even min-max covers only 1 - 2/2**5 = 94%): a tie
+    assert stats.ratio_interval(base[:5], (base / speedups)[:5])[1:] == (0.0, float("inf"))
+
+
+@pytest.mark.parametrize("n, k", [(6, 1), (7, 1), (8, 1), (9, 2), (10, 2), (20, 6), (40, 14), (100, 40)],
+                         ids=lambda v: str(v))
+def test_median_interval_takes_the_sign_test_order_statistics(n, k):
+    # k: the largest k with P(Binomial(n, 1/2) <= k - 1) <= 2.5% (binomial tables)
+    x = np.arange(1.0, n + 1)[::-1]
+    assert stats.median_interval(x) == (float(k), float(n + 1 - k))
+    cover = 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2 ** n
+    assert cover >= 0.95 and 1 - 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n < 0.95
+
+
+def test_median_interval_covers_as_it_claims():
+    rng = np.random.default_rng(1)
+    for n in (7, 12):
+        draws = (stats.median_interval(np.exp(0.1 * rng.standard_normal(n))) for _ in range(400))  # median 1
+        hits = sum(lo <= 1 <= hi for lo, hi in draws)
+        assert hits / 400 >= 0.93  # at least 95% in theory (97.7% and 96.1% here); 400 draws wobble ~1%
 
 
 @pytest.mark.parametrize("lo, hi, thresholds, margin", [
@@ -129,6 +152,8 @@ def test_verdict_rejects_a_reversed_interval():
 
 def test_format_and_convergence():
     assert stats.format_ratio(1.0349, 0.9851, 1.0712) == "1.03 (0.99-1.07)"
+    assert stats.format_ratio(0.93, 0.79, 0.998) == "0.93 (0.79-0.998)"  # "slower" must not read 0.79-1.00
+    assert stats.format_ratio(1.0, 1.0, 1.004) == "1.00 (1.00-1.004)"
     assert stats.converged(1.0, 0.98, 1.02)
     assert not stats.converged(1.0, 0.96, 1.02)
 
@@ -142,13 +167,13 @@ def _row(name, family, impl, train, infer=None):
 
 
 def test_rows_get_their_own_family_floor_and_paired_ratios():
-    f = [1.0, 1.2, 0.9, 1.1, 1.05]
+    f = [1.0, 1.2, 0.9, 1.1, 1.05, 0.95, 1.15]
     rows = [_row("P-Tuning v2 (original)", "prefix", "original", [2 * x for x in f]),
             _row("APT token gate (fastprefix)", "prefix", "fastprefix", [1.6 * x for x in f]),
             _row("DePT (original)", "prompt", "original", [3 * x for x in f]),
             # ADePT: DePT's time up to +/-2% round to round, so its ratio's interval holds 1
             _row("ADePT (fastprefix)", "prompt", "fastprefix",
-                 [3 * x * g for x, g in zip(f, [1.02, 0.98, 1.01, 0.99, 1])]),
+                 [3 * x * g for x, g in zip(f, [1.02, 0.98, 1.01, 0.99, 1, 1.01, 0.99])]),
             _row("floor: backbone on S tokens", "prefix", "floor", [1.6 * x for x in f]),
             _row("floor: backbone on S+32 tokens", "prompt", "floor", [2.4 * x for x in f])]
     suite.add_stats(rows, tokens=100)
@@ -205,7 +230,7 @@ def test_sampling_stops_at_convergence_and_only_samples_open_pairs(monkeypatch):
     times, rounds = _full_rounds(runners, 2)
     started = __import__("time").perf_counter()
     extra = suite.sample_until_converged(runners, times, rounds, torch.device("cpu"), "fake", 60.0,
-                                         suite.NullProgress(), started, [("a", "b", (1.0,))], max_rounds=50)
+                                         suite.NullProgress(), started, [("a", "b", (1.0,), True)], max_rounds=50)
     # exact steps converge as soon as there are MIN_ROUNDS of them; rows in no open pair are not sampled
     assert extra == suite.MIN_ROUNDS - 2
     assert [len(times[n]) for n in "abcd"] == [suite.MIN_ROUNDS, suite.MIN_ROUNDS, 2, 2]
@@ -218,7 +243,7 @@ def test_sampling_goes_to_the_least_settled_ratio(monkeypatch):
     monkeypatch.setitem(measure.CLOCKS, "fake", clock)
     runners = [(n, _FakeRunner(clock, c)) for n, c in [("a", 1.0), ("b", 1.04), ("c", 1.0), ("d", 2.0)]]
     times, rounds = _full_rounds(runners, 6)
-    pairs = [("c", "d", (1.0,)), ("a", "b", (1.0,))]
+    pairs = [("c", "d", (1.0,), False), ("a", "b", (1.0,), False)]
     margins = {p[:2]: stats.decision_margin(*[suite.compare(times[p[1]], times[p[0]], rounds[p[1]], rounds[p[0]])[k]
                                               for k in ("lo", "hi")]) for p in pairs}
     assert margins[("a", "b")] < margins[("c", "d")]  # c is clearly 2x d; a vs b is a 4% question
@@ -226,6 +251,18 @@ def test_sampling_goes_to_the_least_settled_ratio(monkeypatch):
     extra = suite.sample_until_converged(runners, times, rounds, torch.device("cpu"), "fake", 60.0,
                                          suite.NullProgress(), started, pairs, max_rounds=3)
     assert extra == 3 and [len(times[n]) for n in "abcd"] == [9, 9, 6, 6]
+    # a target comes first, settled or not; among the rest the unsettled one with the fewest rounds
+    times, rounds = _full_rounds(runners, 6)
+    times["e"], rounds["e"] = list(times["a"]), list(rounds["a"])  # e = a: a tie centred on 1.00 (settled)
+    runners.append(("e", _FakeRunner(clock, 1.0)))
+    pairs = [("a", "b", (1.0,), False), ("c", "d", (1.0,), True), ("e", "a", (1.0,), False), ("b", "c", (1.0,), False)]
+    suite.sample_until_converged(runners, times, rounds, torch.device("cpu"), "fake", 60.0, suite.NullProgress(),
+                                 started, pairs, max_rounds=1)
+    assert [len(times[n]) for n in "abcde"] == [6, 6, 7, 7, 6]
+    suite.sample_until_converged(runners, times, rounds, torch.device("cpu"), "fake", 60.0, suite.NullProgress(),
+                                 started, pairs[:1] + pairs[2:], max_rounds=3)
+    # a-b (6 rounds) and b-c (6 rounds, but c has 7 steps) are unsettled: a-b, then b-c, then a-b again
+    assert [len(times[n]) for n in "abcde"] == [8, 9, 8, 7, 6]
 
 
 def test_table_pairs_cover_every_ratio_cell_once():
@@ -236,11 +273,15 @@ def test_table_pairs_cover_every_ratio_cell_once():
             _row("floor: backbone on S tokens", "prefix", "floor", [1.0])]
     train = suite.table_pairs(rows)
     apt, ptv2, peft, dept, floor = (r["name"] for r in (rows[2], rows[0], rows[1], rows[3], rows[4]))
-    assert train[:3] == [(apt, peft, (1.0,)), (apt, ptv2, (1.0,)), (apt, floor, (1.0, suite.FLOOR_TARGET))]
+    assert train[:3] == [(apt, peft, (1.0,), True), (apt, ptv2, (1.0,), True),
+                         (apt, floor, (1.0, suite.FLOOR_TARGET), True)]
     assert len(train) == len(set(p[:2] for p in train))  # a target that is also a cell is sampled as one pair
-    assert (dept, ptv2, (1.0,)) in train and (floor, dept, (1.0,)) in train and (ptv2, ptv2, (1.0,)) not in train
+    assert (dept, ptv2, (1.0,), False) in train and (floor, dept, (1.0,), False) in train
+    assert all(p[:2] != (ptv2, ptv2) for p in train)
     infer = suite.table_pairs(rows, "infer")
-    assert (apt, peft, (1.0,)) not in infer and (apt, floor, (1.0,)) in infer  # no targets, no 0.9 for inference
+    # inference: no targets, and no 0.9 threshold against a floor
+    assert all(not p[3] for p in infer) and (apt, floor, (1.0,), False) in infer
+    assert all(p[:2] != (apt, peft) for p in infer)
 
 
 def test_rows_pair_on_the_rounds_both_ran():
@@ -258,7 +299,7 @@ def test_sampling_without_budget_runs_no_extra_round(monkeypatch):
     times, rounds = _full_rounds(runners, 1)
     started = __import__("time").perf_counter()
     assert suite.sample_until_converged(runners, times, rounds, torch.device("cpu"), "fake", 0.0,
-                                        suite.NullProgress(), started, [("a", "b", (1.0,))]) == 0
+                                        suite.NullProgress(), started, [("a", "b", (1.0,), True)]) == 0
 
 
 def test_cpu_peak_memory_counts_the_step_and_keeps_the_console_clean(capfd):
@@ -363,7 +404,7 @@ def test_help_and_readme_state_the_same_run_times():
 
 def test_quick_sets_defaults_that_explicit_flags_override():
     quick = cli.parse_args(["--quick", "--batch", "2"])
-    assert (quick.batch, quick.seq_len, quick.budget, quick.repeats) == (2, 64, cli.QUICK["budget"], 5)
+    assert (quick.batch, quick.seq_len, quick.budget, quick.repeats) == (2, 64, cli.QUICK["budget"], 6)
     plain = cli.parse_args([])
     assert (plain.batch, plain.budget, plain.threads, plain.clock) == (8, None, None, None)  # resolved per device
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
