@@ -2,11 +2,11 @@
 
 For each row the two files share (by name; the GPU suite's rows by section, group and name) and each
 kind of step both timed (``train_times`` and ``infer_times`` in the CPU/CUDA table, ``times_ms`` in the
-GPU suite), the ratio is B's throughput over A's, above 1 B is faster, with a 95% bootstrap interval
-and a verdict.
-The runs were not interleaved with each other, so the bootstrap resamples each run's steps on its own
-(``paired=False``). When the two runs used different tokens per step (batch x sequence), step-time
-ratios are scaled by B's tokens over A's so the ratio stays one of throughputs.
+GPU suite), the ratio is B's throughput over A's, above 1 B is faster (the ratio of the two runs'
+medians), with a 95% bootstrap interval and a verdict. The runs were not interleaved with each other,
+so the bootstrap resamples each run's steps on its own (``paired=False``). When the two runs used
+different tokens per step (batch x sequence), step-time ratios are scaled by B's tokens over A's so
+the ratio stays one of throughputs.
 
 Then the verdicts: every ratio cell of the two tables (each row against P-Tuning v2 (original), DePT
 (original) and its floor, training and inference) and every target's status, those that changed from

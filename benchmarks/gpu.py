@@ -2,7 +2,7 @@
 
 Three sections, each row timed with CUDA events, steps interleaved across the rows of a group (round
 ``i`` runs step ``i`` of every row, the order rotating), so the ratios come from paired steps
-(:mod:`.stats`: median, IQR, min-max per row, a 95% bootstrap interval per ratio):
+(:mod:`.stats`: median, IQR, min-max per row, the exact 95% interval of each ratio's median):
 
 1. **Attention**, forward and forward+backward, on Llama-3-8B-like heads (H=32, Hkv=8, D=128, causal,
    S in {512, 2048, 8192} with 16k tokens per call, L in {16, 64}) and BERT-large-like heads (H=16, D=64,

@@ -66,7 +66,8 @@ def markdown(result):
              f"Settings: {s['dtype']}; attention and embedding rows {s['warmup']} warm-up calls, then "
              f"{s['repeats']} interleaved rounds (order rotating); end to end {s['e2e_warmup']} warm-up and "
              f"{s['e2e_repeats']} rounds. Times: {s['clock']}, milliseconds, median (IQR; min-max). Ratios: "
-             "speedup over the named row from the paired rounds, > 1 is faster, with a 95% bootstrap interval "
+             "speedup over the named row, the median of the paired rounds' ratios, > 1 is faster, with its exact 95% "
+             "interval (order statistics) "
              "and a verdict (\"tie\" when it holds 1.00). Peak: extra memory allocated during one call. "
              f"Split path available: {result.get('split_path')}.", ""]
     att = result.get("attention") or []
