@@ -89,6 +89,26 @@ def _stage(path, data):
     return tmp
 
 
+def write_files(directory, files):
+    """Write ``files`` (``(name, bytes)`` pairs, in order) into ``directory`` as one change; return ``directory``.
+
+    Every file is staged first (:func:`_stage`); nothing is replaced unless all were staged, and then
+    :func:`_commit` moves them into place in the given order, so a failed write leaves the previous set.
+    """
+    os.makedirs(directory, exist_ok=True)
+    staged = {}
+    try:
+        for name, data in files:
+            final = os.path.join(directory, name)
+            staged[final] = _stage(final, data)
+    except BaseException:
+        for tmp in staged.values():
+            os.remove(tmp)
+        raise
+    _commit(directory, staged)
+    return directory
+
+
 def _commit(directory, files):
     """Move the staged ``{final path: temporary path}`` into place, in order, as one change.
 
@@ -160,20 +180,10 @@ def save_adapter(model, directory, *, state_dict=None):
     }
     from safetensors.torch import save
 
-    os.makedirs(directory, exist_ok=True)
     weights = save(tensors, metadata={"format": "pt", "fastprefix": FORMAT, _SAVE_ID: save_id})
     text = json.dumps(meta, indent=2, sort_keys=True).encode()
-    staged = {}
-    try:
-        for name, data in ((WEIGHTS_NAME, weights), (CONFIG_NAME, text)):  # the config, which names the save, last
-            final = os.path.join(directory, name)
-            staged[final] = _stage(final, data)
-    except BaseException:
-        for tmp in staged.values():
-            os.remove(tmp)
-        raise
-    _commit(directory, staged)
-    return directory
+    # the config, which names the save, last
+    return write_files(directory, ((WEIGHTS_NAME, weights), (CONFIG_NAME, text)))
 
 
 def read_adapter_json(directory, what):

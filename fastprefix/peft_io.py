@@ -233,7 +233,7 @@ def to_peft(model, path):
     ``prefix_positions="none"``) is a ValueError saying what can be exported. A failed write leaves a previous
     adapter in ``path`` as it was.
     """
-    from .adapters import _commit, _stage
+    from .adapters import write_files
 
     path, state, inner = os.fspath(path), integration.state_of(model), integration.unwrap(model)
     kind, table = _exportable(state)
@@ -269,18 +269,6 @@ def to_peft(model, path):
                     tokenizer_kwargs=None)
     from safetensors.torch import save
 
-    os.makedirs(path, exist_ok=True)
-    data = {WEIGHTS_NAME: save(tensors, metadata={"format": "pt"}),
-            CONFIG_NAME: json.dumps(meta, indent=2, sort_keys=True).encode()}
-    staged = {}
-    try:
-        for name, blob in data.items():
-            final = os.path.join(path, name)
-            staged[final] = _stage(final, blob)
-    except BaseException:
-        for tmp in staged.values():
-            os.remove(tmp)
-        raise
-    _commit(path, staged)
-    return path
+    return write_files(path, ((WEIGHTS_NAME, save(tensors, metadata={"format": "pt"})),
+                              (CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True).encode())))
 

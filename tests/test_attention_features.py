@@ -18,7 +18,7 @@ import torch
 import fastprefix
 from fastprefix.kernels.gated_prefix_attention import gated_prefix_attention as triton_attention
 from fastprefix.reference.attention import gated_prefix_attention as reference_attention
-from numerics import assert_flash_rule
+from numerics import assert_flash_rule, gradcheck_attention, padding_mask
 
 FLOOR32 = 1e-5  # relative to the largest magnitude of the float64 result, as in test_attention_kernel.py
 
@@ -99,11 +99,7 @@ def make_inputs(case: Case, dtype, seed=0):
         tensors.update(gate_hidden=randn(B, Sq, d), gate_weight=randn(d, L, std=0.5), gate_bias=randn(L),
                        layer_scale=torch.tensor(0.8, dtype=dtype).requires_grad_())
     if case.pad:
-        mask = torch.rand(B, Sk, generator=g) > 0.3
-        mask[0, -1] = False
-        if B > 1:
-            mask[-1] = False  # every real key padded: only the prefix is visible
-        kwargs["key_padding_mask"] = mask
+        kwargs["key_padding_mask"] = padding_mask(B, Sk, g)
     return tensors, kwargs
 
 
@@ -210,16 +206,8 @@ GRADCHECK_CASES = [  # (case, fast_mode): fast mode checks random projections of
                          ids=[c.id + ("-fast" if fast else "-full") for c, fast in GRADCHECK_CASES])
 def test_triton_gradcheck_float64(case, fast_mode):
     tensors, kwargs = make_inputs(case, torch.float64)
-    names = list(tensors)
-
-    def fn(*args):
-        t = dict(zip(names, args))
-        return triton_attention(t.pop("q"), t.pop("k"), t.pop("v"), t.pop("prefix_k"), t.pop("prefix_v"), **t,
-                                **kwargs)
-
-    assert "attn_bias" in names
-    assert torch.autograd.gradcheck(fn, tuple(tensors.values()), eps=1e-6, atol=1e-8, rtol=1e-6,
-                                    fast_mode=fast_mode)
+    assert "attn_bias" in tensors
+    assert gradcheck_attention(triton_attention, tensors, kwargs, fast_mode)
 
 
 def test_frozen_bias_gets_no_gradient_work(monkeypatch):

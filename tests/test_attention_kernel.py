@@ -13,7 +13,7 @@ import torch
 from fastprefix.kernels import gated_prefix_attention as kernel_module
 from fastprefix.kernels.gated_prefix_attention import gated_prefix_attention as triton_attention
 from fastprefix.reference.attention import gated_prefix_attention as reference_attention
-from numerics import assert_flash_rule
+from numerics import assert_flash_rule, attention_leaves, gradcheck_attention, padding_mask
 
 # floor, relative to the largest magnitude of the float64 reference tensor
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
@@ -62,14 +62,8 @@ CASES = [
 def make_inputs(case: Case, dtype, seed=0):
     """Leaf tensors (all requiring grad) and the keyword arguments of the attention call."""
     g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype).requires_grad_()
-
-    B, H, Hkv, Sq, Sk, L, D = case.B, case.H, case.Hkv, case.Sq, case.Sk, case.L, case.D
-    prefix_shape = (Hkv, L, D) if case.shared else (B, Hkv, L, D)
-    tensors = dict(q=randn(B, H, Sq, D), k=randn(B, Hkv, Sk, D), v=randn(B, Hkv, Sk, D),
-                   prefix_k=randn(*prefix_shape), prefix_v=randn(*prefix_shape))
+    randn, tensors = attention_leaves(case, dtype, g)
+    B, H, Sq, Sk, L = case.B, case.H, case.Sq, case.Sk, case.L
     kwargs = dict(causal=case.causal)
     if case.gate in ("dense", "pooled"):
         shape = (B, Sq, L) if case.gate == "dense" else (B, 1, L)
@@ -81,11 +75,7 @@ def make_inputs(case: Case, dtype, seed=0):
         tensors.update(gate_hidden=randn(B, Sq if case.gate == "fused" else 1, d), gate_weight=randn(d, L, std=0.5),
                        gate_bias=randn(L), layer_scale=torch.tensor(0.8, dtype=dtype).requires_grad_())
     if case.pad:
-        mask = torch.rand(B, Sk, generator=g) > 0.3
-        mask[0, -1] = False  # the last key is padding in row 0
-        if B > 1:
-            mask[-1] = False  # a row with every real key padded: only the prefix is visible
-        kwargs["key_padding_mask"] = mask
+        kwargs["key_padding_mask"] = padding_mask(B, Sk, g)
     return tensors, kwargs
 
 
@@ -142,15 +132,7 @@ GRADCHECK_CASES = [  # (case, fast_mode): fast mode checks random projections of
                          ids=[c.id + ("-fast" if fast else "-full") for c, fast in GRADCHECK_CASES])
 def test_gradcheck_float64(case, fast_mode):
     tensors, kwargs = make_inputs(case, torch.float64)
-    names = list(tensors)
-
-    def fn(*args):
-        t = dict(zip(names, args))
-        return triton_attention(t.pop("q"), t.pop("k"), t.pop("v"), t.pop("prefix_k"), t.pop("prefix_v"), **t,
-                                **kwargs)
-
-    assert torch.autograd.gradcheck(fn, tuple(tensors.values()), eps=1e-6, atol=1e-8, rtol=1e-6,
-                                    fast_mode=fast_mode)
+    assert gradcheck_attention(triton_attention, tensors, kwargs, fast_mode)
 
 
 def test_zero_gate_keeps_prefix_mass():

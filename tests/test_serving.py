@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastprefix
-from hf_models import METHODS, PAD, perturb
+from hf_models import METHODS, batch, perturb
 from invariant_models import tiny
 
 FAMILIES = ("llama", "gpt2", "gemma")
@@ -31,16 +31,8 @@ def _pair(family, method, dtype=torch.float64):
     return base, model
 
 
-def _padded(lengths, side, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    S = max(lengths)
-    ids = torch.full((len(lengths), S), PAD, dtype=torch.long)
-    mask = torch.zeros(len(lengths), S, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        cols = slice(0, n) if side == "right" else slice(S - n, S)
-        ids[b, cols] = torch.randint(3, 97, (n,), generator=g)
-        mask[b, cols] = 1
-    return ids, mask
+def _padded(lengths, side):
+    return batch(lengths, side, seed=3)
 
 
 def _feeds(model):

@@ -16,10 +16,10 @@ from fastprefix import ops
 from fastprefix.kernels import attention_path, prefix_merge, vendor_attention
 from fastprefix.reference.attention import gated_prefix_attention as reference_attention
 from fastprefix.reference.prefix_merge import prefix_merge as naive_merge
-from numerics import assert_flash_rule
+from numerics import ATTENTION_INPUTS, assert_flash_rule, gradcheck_attention
 from test_attention_kernel import CASES, FLOOR, GRADCHECK_CASES, Case, make_inputs, run, upcast
 
-NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
+NAMES = ATTENTION_INPUTS
 
 
 @pytest.fixture
@@ -77,14 +77,7 @@ GRADCHECK = [(c, fast) for c, fast in GRADCHECK_CASES if not c.gate.startswith("
                          ids=[c.id + ("-fast" if fast else "-full") for c, fast in GRADCHECK])
 def test_gradcheck_float64(case, fast_mode, split_calls):
     tensors, kwargs = make_inputs(case, torch.float64)
-    names = list(tensors)
-
-    def fn(*args):
-        t = dict(zip(names, args))
-        qkv = [t.pop(n) for n in NAMES]
-        return split_fn(*qkv, **t, **kwargs)
-
-    assert torch.autograd.gradcheck(fn, tuple(tensors.values()), eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=fast_mode)
+    assert gradcheck_attention(split_fn, tensors, kwargs, fast_mode)
     assert split_calls and set(split_calls) == {"cpu"}
 
 

@@ -20,11 +20,11 @@ from fastprefix import ops
 from fastprefix.kernels import attention_path, prefix_merge, vendor_attention
 from fastprefix.kernels import gated_prefix_attention as fused_module
 from fastprefix.reference.attention import gated_prefix_attention as reference_attention
-from numerics import assert_flash_rule
+from numerics import ATTENTION_INPUTS, assert_flash_rule, attention_leaves, gradcheck_attention, padding_mask
 from test_attention_kernel import FLOOR
 from test_split_attention import _OpLog
 
-NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
+NAMES = ATTENTION_INPUTS
 
 
 @pytest.fixture(autouse=True)
@@ -74,14 +74,8 @@ class Case:
 def make_inputs(case: Case, dtype, seed=0, bias_dtype=None):
     """(leaf tensors requiring grad, other keyword arguments). A bias without grad goes in the kwargs."""
     g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype).requires_grad_()
-
-    B, H, Hkv, Sq, Sk, L, D = case.B, case.H, case.Hkv, case.Sq, case.Sk, case.L, case.D
-    prefix_shape = (Hkv, L, D) if case.shared else (B, Hkv, L, D)
-    tensors = dict(q=randn(B, H, Sq, D), k=randn(B, Hkv, Sk, D), v=randn(B, Hkv, Sk, D),
-                   prefix_k=randn(*prefix_shape), prefix_v=randn(*prefix_shape))
+    randn, tensors = attention_leaves(case, dtype, g)
+    B, H, Sq, Sk, L = case.B, case.H, case.Sq, case.Sk, case.L
     kwargs = dict(causal=case.causal)
     if case.gate != "none":
         shape = (B, Sq, L) if case.gate == "dense" else (B, 1, L)
@@ -95,11 +89,7 @@ def make_inputs(case: Case, dtype, seed=0, bias_dtype=None):
         else:
             kwargs["attn_bias"] = bias
     if case.pad:
-        mask = torch.rand(B, Sk, generator=g) > 0.3
-        mask[0, -1] = False
-        if B > 1:
-            mask[-1] = False  # a row with every real key padded: only the prefix is visible
-        kwargs["key_padding_mask"] = mask
+        kwargs["key_padding_mask"] = padding_mask(B, Sk, g)
     if case.window is not None:
         kwargs["window"] = case.window
     return tensors, kwargs
@@ -269,14 +259,7 @@ GRADCHECK = [  # fast mode (random projections of the Jacobian); the float64 tes
 @pytest.mark.parametrize("case,fast_mode", GRADCHECK, ids=[c.id + ("-fast" if f else "-full") for c, f in GRADCHECK])
 def test_gradcheck_float64(case, fast_mode, split_calls):
     tensors, kwargs = make_inputs(case, torch.float64)
-    names = list(tensors)
-
-    def fn(*args):
-        t = dict(zip(names, args))
-        qkv = [t.pop(n) for n in NAMES]
-        return split_fn(*qkv, **t, **kwargs)
-
-    assert torch.autograd.gradcheck(fn, tuple(tensors.values()), eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=fast_mode)
+    assert gradcheck_attention(split_fn, tensors, kwargs, fast_mode)
     assert split_calls and set(split_calls) == {"cpu"}
 
 

@@ -153,13 +153,13 @@ def _shift_positions(position_ids, m):
     return position_ids + m
 
 
-def _cache_length(past):
+def cache_length(past, who="fastprefix prompt methods need"):
+    """Tokens already in ``past_key_values`` (0 without one); ``who`` starts the error for a legacy tuple."""
     if past is None:
         return 0
     if hasattr(past, "get_seq_length"):
         return int(past.get_seq_length())
-    raise ValueError("fastprefix prompt methods need past_key_values as a transformers Cache "
-                     "(legacy tuples are not supported)")
+    raise ValueError(f"{who} past_key_values as a transformers Cache (legacy tuples are not supported)")
 
 
 def _embed(state, kwargs):
@@ -242,7 +242,7 @@ def model_inputs(state, kwargs):
             kwargs["attention_mask"] = _prepend(mask, m, 1)
         return kwargs
 
-    past = _cache_length(kwargs.get("past_key_values"))
+    past = cache_length(kwargs.get("past_key_values"))
     if past == 0:
         return _first_call(state, kwargs, m)
     return _decoding_step(state, kwargs, m, past)

@@ -82,7 +82,7 @@ class Shift:
         if x is None:
             return kw
         B, S = x.shape[0], x.shape[1]
-        past = _cache_length(kw.get("past_key_values"))
+        past = _inputs.cache_length(kw.get("past_key_values"), who="prefix_positions='shift' needs")
         given = kw.get("position_ids")
         if given is not None:
             pos = given + self.L
@@ -109,12 +109,3 @@ class Shift:
                 f"S={S} tokens{cached} reaches position id {largest}, but {self.model_name}'s position table has "
                 f"{self.rows} rows (config.max_position_embeddings), so past + S + L must be at most "
                 f"{self.rows - first}: truncate the input to {self.rows - first - self.L - past} tokens")
-
-
-def _cache_length(past):
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    raise ValueError("prefix_positions='shift' needs past_key_values as a transformers Cache (legacy tuples are not "
-                     "supported)")
