@@ -281,7 +281,7 @@ def target_pairs(rows):
     for pair, headline in pairs:
         row, base = _resolve(pair, families, floors)
         if row in by and base in by:
-            out.append((row, base, FLOOR_TARGET if by[base]["impl"] == "floor" else 1.0, headline))
+            out.append((row, base, thresholds_of(base, by)[-1], headline))
     return out
 
 
@@ -315,11 +315,6 @@ def table_pairs(rows, kind="train"):
         floor = None if r["impl"] == "floor" else floor_of(by, r["family"])
         pairs += [(r["name"], base) for base in (*BASELINES, floor) if base in by and base != r["name"]]
     return [(row, base, thresholds_of(base, by, kind), (row, base) in targets_) for row, base in dict.fromkeys(pairs)]
-
-
-def headline_pairs(rows):
-    """The :data:`HEADLINE` pairs present in ``rows``, floors resolved to row names."""
-    return [(row, base) for row, base, _, headline in target_pairs(rows) if headline]
 
 
 def run_table(backbone, shapes, setting, device, warmup, repeats, progress, only=None, memory=True, clock="wall",
