@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from . import backbones, contenders, report, suite
+from .metronome import Metronome
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -75,9 +76,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 on CPU, where one thread's CPU time is the steady clock on a "
                         "shared machine; torch's choice on CUDA)")
-    p.add_argument("--clock", choices=["wall", "cpu"], default=None,
-                   help="wall clock, or this process's CPU time (CPU only; it leaves out the time other processes "
-                        "held the cores). Default: cpu with one CPU thread, else wall")
+    p.add_argument("--clock", choices=["wall", "cpu", "metronome"], default=None,
+                   help="wall clock; this process's CPU time (CPU only; it leaves out the time other processes "
+                        "held the cores); or metronome: CPU time rescaled by fixed reference work timed inside each "
+                        "step, which takes the shared core's speed swings out (benchmarks/metronome.py). Default: "
+                        "metronome with one CPU thread, else wall")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="backbone dtype (default: float32 on CPU, bfloat16 on CUDA)")
@@ -177,9 +180,9 @@ def main(argv=None):
     threads = args.threads or (1 if device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
-    clock = args.clock or ("cpu" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall")
-    if clock == "cpu" and device.type != "cpu":
-        raise SystemExit("--clock cpu times CPU work only; use the wall clock on CUDA")
+    clock = args.clock or ("metronome" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall")
+    if clock != "wall" and device.type != "cpu":
+        raise SystemExit(f"--clock {clock} times CPU work only; use the wall clock on CUDA")
     budget = args.budget if args.budget is not None else DEFAULT_BUDGET_S.get(device.type, 60.0)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if device.type == "cpu" and dtype != torch.float32 and not args.quiet:
@@ -212,16 +215,18 @@ def main(argv=None):
         from . import kernel_rows
         total += kernel_rows.count()
     progress = _progress(total, args.quiet)
+    # one metronome for the whole run: every row and curve point in the same unit (its reference tick)
+    timer = Metronome() if clock == "metronome" else clock
     try:
         rows, sampling = suite.run_table(backbone, shapes, setting, device, args.warmup, args.repeats, progress,
-                                         only=args.only, memory=not args.no_memory, clock=clock, budget_s=budget)
+                                         only=args.only, memory=not args.no_memory, clock=timer, budget_s=budget)
         curves = []
         if seq_lens:
             curves.append(suite.run_curve(backbone, shapes, setting, "seq_len", seq_lens, device, 1,
-                                          args.curve_repeats, progress, clock=clock))
+                                          args.curve_repeats, progress, clock=timer))
         if prefix_lens:
             curves.append(suite.run_curve(backbone, shapes, setting, "prefix_len", prefix_lens, device, 1,
-                                          args.curve_repeats, progress, clock=clock))
+                                          args.curve_repeats, progress, clock=timer))
         if device.type == "cuda":
             kernel_results = kernel_rows.run(device, dtype, args.peak_tflops, args.peak_gbps, progress)
     finally:
@@ -241,7 +246,7 @@ def main(argv=None):
                     command=" ".join(["fastprefix-bench", *map(shlex.quote, argv)]),
                     position_table_extended_to=need if extended else None, memory_method=memory_method,
                     fastprefix_path="reference (PyTorch)" if device.type == "cpu" else "Triton",
-                    wall_seconds=None)
+                    wall_seconds=None, metronome=timer.summary() if clock == "metronome" else None)
     result = dict(machine=machine, settings=settings, shapes=shapes, rows=rows, curves=curves,
                   targets=suite.targets(rows), sampling=sampling, kernels=kernel_results)
     settings["wall_seconds"] = round(time.perf_counter() - started, 1)

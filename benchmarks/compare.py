@@ -126,7 +126,7 @@ def differences(a, b):
 def markdown(a, b, name_a="A", name_b="B"):
     """A Markdown report of :func:`compare_runs`, the differing settings first."""
     lines = [f"B = {name_b} against A = {name_a}: throughput ratio B / A (above 1: B is faster), 95% interval, "
-             "verdict (\"tie\" when the interval holds 1.00); median steps in the files' unit."]
+             f"verdict ({stats.TIE_RULE}); median steps in the files' unit."]
     diff = differences(a, b)
     if diff:
         lines += ["", "Settings that differ: " + "; ".join(diff) + "."]

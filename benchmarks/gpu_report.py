@@ -10,6 +10,8 @@ import re
 
 import torch
 
+from . import stats
+
 
 def versions(device=None):
     """Python, torch, triton, transformers, peft, CUDA, and the GPU's name and capability."""
@@ -68,7 +70,7 @@ def markdown(result):
              f"{s['e2e_repeats']} rounds. Times: {s['clock']}, milliseconds, median (IQR; min-max). Ratios: "
              "speedup over the named row, the median of the paired rounds' ratios, > 1 is faster, with its exact 95% "
              "interval (order statistics) "
-             "and a verdict (\"tie\" when it holds 1.00). Peak: extra memory allocated during one call. "
+             f"and a verdict ({stats.TIE_RULE}). Peak: extra memory allocated during one call. "
              f"Split path available: {result.get('split_path')}.", ""]
     att = result.get("attention") or []
     if att:

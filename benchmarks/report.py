@@ -4,7 +4,7 @@ Every number rendered here comes from the result dict (the JSON file), so the re
 block (:func:`readme_block`) and the committed JSON can't drift apart: ``fastprefix-bench readme``
 rewrites the block from a JSON file and a test checks the README against ``results/minilm.json``.
 Ratios are throughput ratios, above 1 the row is faster, printed as ``1.03 (0.99-1.07)`` with their
-95% interval; one whose interval holds 1.00 reads "tie".
+95% interval and a verdict (:func:`.stats.verdict`: "tie" when the interval reaches 0.97-1.03).
 """
 
 from __future__ import annotations
@@ -166,7 +166,8 @@ def _row_ratio(r, kind, base):
 
 
 def _clock(s):
-    return "wall clock" if s.get("clock", "wall") == "wall" else "process CPU time"
+    return {"wall": "wall clock", "cpu": "process CPU time",
+            "metronome": "process CPU time corrected by an in-step metronome"}.get(s.get("clock", "wall"), s["clock"])
 
 
 def settings_sentence(result):
@@ -185,7 +186,7 @@ def settings_sentence(result):
             f"×: throughput ratio to that row "
             f"of the same run, above 1 is faster: the median over the rounds both rows ran of that round's ratio, "
             f"with its exact 95% interval (order statistics of those ratios, the sign test's); "
-            f"\"tie\" when the interval holds 1.00. × floor: to the row's own floor (column floor).")
+            f"{stats.TIE_RULE}. × floor: to the row's own floor (column floor).")
 
 
 def main_table(result):
@@ -227,7 +228,8 @@ def _claim(t):
         head = f"{t['row']} {verb} {t['base']}: × {t['text']}"
     else:
         head = f"{t['row']} trains at × {t['text']} its floor (backbone on {_floor_label(t['base'])})"
-    status = t["status"] if t["status"] != "undecided" else f"undecided (the interval holds {t['threshold']:.2f})"
+    edge = t["threshold"] * (1 - stats.TIE_WITHIN)
+    status = t["status"] if t["status"] != "undecided" else f"undecided (the interval holds {edge:.2f})"
     return f"- {head}; target ≥ {t['threshold']:.2f}: {status}" + (
         "" if t.get("converged", True) else f"; interval wider than ±{stats.CONVERGED_WITHIN:.0%} (not converged)")
 

@@ -17,6 +17,16 @@ bootstrap: a percentile bootstrap of the median of 7 rounds covers about 89% whe
 in two runs of the table that showed up as verdicts flipping between runs. Fewer than 6 rounds give no
 95% interval at all, so they read "tie".
 
+A verdict has a tie band: "faster" needs the whole interval above 1.03 and "slower" the whole interval
+below 0.97 (:data:`TIE_WITHIN`); everything else, an interval that holds 1.00 included, reads "tie".
+A band is what lets a verdict repeat: rows that differ by 1-3% (two implementations of the same
+prefix attention) sit right at a bare 1.00 boundary, so with intervals of a few percent their verdict
+came out "faster" in one run and "tie" in the next; and with some 40 such ratios in a table, 95%
+intervals alone put one or two of them on the wrong side of 1.00 in a typical run. 3% is the
+precision the sampling aims for (:data:`CONVERGED_WITHIN`): differences below it are below what the
+benchmark resolves, and a target is met when its interval lies no lower than the threshold less that
+band (:func:`meets`).
+
 Convention used everywhere in the benchmark: ``ratio_interval(baseline_times, row_times)`` is the
 *speedup* of the row over the baseline, median(baseline) / median(row); above 1 the row is faster.
 """
@@ -28,6 +38,10 @@ import math
 import numpy as np
 
 CONVERGED_WITHIN = 0.03  # a ratio has converged when its interval lies within +/-3% of it
+TIE_WITHIN = 0.03  # an interval reaching into 0.97-1.03 reads "tie" (see the module docstring)
+# how every report states the rule
+TIE_RULE = (f"\"tie\" when the interval reaches {1 - TIE_WITHIN:.2f}-{1 + TIE_WITHIN:.2f} (it holds 1.00, or the "
+            f"difference may be under {TIE_WITHIN:.0%})")
 
 
 def _as_array(samples, what):
@@ -110,24 +124,49 @@ def ratio_interval(num_samples, den_samples, *, level=0.95, n_boot=2000, seed=0,
     return ratio, float(min(lo, ratio)), float(max(hi, ratio))
 
 
-def verdict(lo, hi, *, faster_word="faster", slower_word="slower"):
-    """``"tie"`` when the interval ``[lo, hi]`` holds 1.00, else ``faster_word`` (all above 1) or ``slower_word``."""
+def verdict(lo, hi, *, within=TIE_WITHIN, faster_word="faster", slower_word="slower"):
+    """The verdict on a speedup interval ``[lo, hi]``: ``faster_word``, ``slower_word`` or ``"tie"``.
+
+    ``faster_word`` when the whole interval lies above ``1 + within``, ``slower_word`` when it lies below
+    ``1 - within``, else ``"tie"`` (the interval reaches the band around 1.00; ``within=0``: holds 1.00).
+    """
     if lo > hi:
         raise ValueError(f"an interval needs lo <= hi, got lo={lo} and hi={hi}")
-    if lo > 1:
+    if lo > 1 + within:
         return faster_word
-    if hi < 1:
+    if hi < 1 - within:
         return slower_word
     return "tie"
 
 
+def tie_band(within=TIE_WITHIN):
+    """The two ends of the tie band, ``(1 - within, 1 + within)``: the thresholds a verdict turns on."""
+    return (1 - within, 1 + within)
+
+
+def meets(lo, hi, threshold, within=TIE_WITHIN):
+    """A target "ratio >= ``threshold``" on the interval ``[lo, hi]``: "met", "not met" or "undecided".
+
+    "met" when the whole interval lies at or above ``threshold * (1 - within)`` (not resolvably below it,
+    the tie band's reading), "not met" when the whole interval lies below that, else "undecided".
+    """
+    edge = threshold * (1 - within)
+    return "met" if lo >= edge else "not met" if hi < edge else "undecided"
+
+
 def _bound(x):
-    # an end that rounds to 1.00 without being 1 gets a third decimal, so the text shows its verdict
-    return f"{x:.3f}" if f"{x:.2f}" == "1.00" and x != 1 else f"{x:.2f}"
+    # an end that rounds to 1.00 or to an end of the tie band without equalling it gets a third decimal,
+    # so that "0.97-0.99 tie" next to "0.95-0.968 slower" shows why
+    for edge in (1.0, *tie_band()):
+        if f"{x:.2f}" == f"{edge:.2f}" and abs(x - edge) > 1e-12:
+            digits = 3 if f"{x:.3f}" != f"{edge:.3f}" else 4
+            return f"{x:.{digits}f}"
+    return f"{x:.2f}"
 
 
 def format_ratio(ratio, lo, hi):
-    """``"1.03 (0.99-1.07)"``: the ratio and its interval, two decimals (three for an end near 1.00)."""
+    """``"1.03 (0.99-1.07)"``: the ratio and its interval, two decimals (three for an end near 1.00 or
+    near an end of the tie band)."""
     return f"{ratio:.2f} ({_bound(lo)}-{_bound(hi)})"
 
 
@@ -159,5 +198,5 @@ def speedup(base_samples, row_samples, **kwargs):
     return dict(ratio=ratio, lo=lo, hi=hi, verdict=verdict(lo, hi), text=format_ratio(ratio, lo, hi))
 
 
-__all__ = ["summarize", "median_interval", "ratio_interval", "verdict", "format_ratio", "converged",
-           "decision_margin", "speedup", "CONVERGED_WITHIN"]
+__all__ = ["summarize", "median_interval", "ratio_interval", "verdict", "tie_band", "meets", "format_ratio",
+           "converged", "decision_margin", "speedup", "CONVERGED_WITHIN", "TIE_WITHIN", "TIE_RULE"]

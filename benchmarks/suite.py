@@ -23,6 +23,7 @@ import torch
 
 from . import contenders as C
 from . import measure, stats
+from .metronome import Metronome
 
 BASELINES = ("P-Tuning v2 (original)", "DePT (original)")
 # the rows of the scaling curves (the baselines, the fast rows that must beat them, both floors)
@@ -68,13 +69,24 @@ def make_batch(setting, vocab_size, seed=0):
     return ids, torch.ones_like(ids), torch.randint(0, 2, (setting.batch,), generator=g)
 
 
-def _runners(backbone, shapes, setting, device, only, exact=False):
+def _runners(backbone, shapes, setting, device, only, exact=False, clock="wall"):
+    """``[(name, measure.Runner)]`` of the rows; a :class:`.Metronome` ``clock`` gets hooked into each model."""
     batch = make_batch(setting, shapes["vocab_size"])
     runners = []
     for name, make in C.build_all(backbone, shapes, setting, only, exact):
         torch.manual_seed(0)
-        runners.append((name, measure.Runner(C.move(make(), device), batch, device)))
+        runner = measure.Runner(C.move(make(), device), batch, device)
+        if isinstance(clock, Metronome):
+            clock.attach(runner.c.model)
+        runners.append((name, runner))
     return runners
+
+
+def _step_seconds(fn, device, clock):
+    """One timed call of ``fn``: by the :class:`.Metronome` when ``clock`` is one, else by :data:`.measure.CLOCKS`."""
+    if isinstance(clock, Metronome):
+        return clock.time(fn)
+    return measure.median_seconds(fn, device, 0, 1, clock)[0]
 
 
 def _warm(runners, step, warmup, progress, label):
@@ -90,8 +102,7 @@ def _round(runners, step, device, clock, rnd, times, progress, label, rounds=Non
     k = rnd % len(runners)
     for name, r in runners[k:] + runners[:k]:
         progress.set_postfix_str(f"{name}: {label} step {len(times[name]) + 1}", refresh=False)
-        _, t = measure.median_seconds(getattr(r, step), device, 0, 1, clock)
-        times[name].append(t[0])
+        times[name].append(_step_seconds(getattr(r, step), device, clock))
         if rounds is not None:
             rounds[name].append(rnd)
         progress.update(1)
@@ -155,9 +166,12 @@ def _compare_rows(base, row, kind="train"):
 
 
 def thresholds_of(base_name, rows_by_name, kind="train"):
-    """The ratios a verdict about ``base_name`` turns on: 1.00, and :data:`FLOOR_TARGET` for a training floor."""
+    """The ratios a verdict about ``base_name`` turns on: the tie band's ends (:func:`.stats.tie_band`), and
+    for a training floor the :data:`FLOOR_TARGET` less the band (where :func:`.stats.meets` turns)."""
     base = rows_by_name.get(base_name) or {}
-    return (1.0, FLOOR_TARGET) if base.get("impl") == "floor" and kind == "train" else (1.0,)
+    if base.get("impl") == "floor" and kind == "train":
+        return (*stats.tie_band(), FLOOR_TARGET * (1 - stats.TIE_WITHIN))
+    return stats.tie_band()
 
 
 def sample_until_converged(runners, times, rounds, device, clock, budget_s, progress, started, pairs,
@@ -281,21 +295,21 @@ def target_pairs(rows):
     for pair, headline in pairs:
         row, base = _resolve(pair, families, floors)
         if row in by and base in by:
-            out.append((row, base, thresholds_of(base, by)[-1], headline))
+            out.append((row, base, FLOOR_TARGET if by[base]["impl"] == "floor" else 1.0, headline))
     return out
 
 
 def targets(rows):
     """The issue's CPU targets (training step), each a dict with the ratio, its interval and a status.
 
-    ``status``: "met" when the whole interval is at or above the threshold, "not met" when it is all
-    below, "undecided" when it holds the threshold (for ">= 1" targets that is a tie).
+    ``status`` (:func:`.stats.meets`): "met" when the whole interval is at or above the threshold less the
+    3% tie band, "not met" when it is all below that, else "undecided".
     """
     by = {r["name"]: r for r in rows}
     out = []
     for row, base, threshold, headline in target_pairs(rows):
         c = _compare_rows(by[base], by[row])
-        status = "met" if c["lo"] >= threshold else "not met" if c["hi"] < threshold else "undecided"
+        status = stats.meets(c["lo"], c["hi"], threshold)
         what = (f"{row} train step within 10% of its floor ({base})" if threshold != 1.0
                 else f"{row} train step >= {base}")
         out.append(dict(what=what, row=row, base=base, threshold=threshold, headline=headline, status=status, **c))
@@ -328,7 +342,7 @@ def run_table(backbone, shapes, setting, device, warmup, repeats, progress, only
     sampling)`` where ``sampling`` says how many rounds ran and which target ratios did not converge.
     Each row keeps its steps' round ids (``train_rounds``, ``infer_rounds``) beside their durations.
     """
-    runners = _runners(backbone, shapes, setting, device, only)
+    runners = _runners(backbone, shapes, setting, device, only, clock=clock)
     rows = [dict(name=n, family=r.c.family, impl=r.c.impl, trainable_params=r.trainable_count()) for n, r in runners]
     by_name = {r["name"]: r for r in rows}
     times, extra, seconds = {}, {}, {}
@@ -376,7 +390,7 @@ def run_curve(backbone, shapes, base, axis, values, device, warmup, repeats, pro
         if axis == "seq_len":
             fields.update(batch=max(1, (tokens_per_step or base.batch * base.seq_len) // v), dept_max_length=v)
         setting = dataclasses.replace(base, **fields)
-        runners = _runners(backbone, shapes, setting, device, CURVE_ROWS, exact=True)
+        runners = _runners(backbone, shapes, setting, device, CURVE_ROWS, exact=True, clock=clock)
         times = _interleaved(runners, "train_step", device, warmup, repeats, progress, clock,
                              label=f"{axis} {v}")
         tokens = setting.batch * setting.seq_len
