@@ -259,9 +259,10 @@ def _sampling_line(result):
         infer = (f"; inference: {samp['repeats']} rounds, then {samp['infer_extra_rounds']} two-row rounds "
                  f"(budget {samp['infer_budget_s']:.0f} s)")
     head = (f"Sampling: training: {samp['repeats']} rounds of every row, then {samp['extra_rounds']} two-row rounds "
-            f"(budget {samp['budget_s']:.0f} s){infer}. Each two-row round ran the two rows of a ratio whose interval "
-            f"was wider than ±{stats.CONVERGED_WITHIN:.0%}: the targets first, then those whose verdict was not "
-            f"settled, the fewest rounds first. ")
+            f"(budget {samp['budget_s']:.0f} s){infer}. Each two-row round ran the two rows of a ratio whose verdict was "
+            f"not settled (an end of its interval near a threshold) or whose interval was wider than "
+            f"±{stats.CONVERGED_WITHIN:.0%}: unsettled first, then unconverged, targets first, the fewest rounds "
+            f"first. ")
     if samp["not_converged"]:
         return head + "Target ratios that did not converge: " + "; ".join(samp["not_converged"]) + "."
     return head + "Every target ratio converged."

@@ -3,14 +3,15 @@
 Steps are interleaved: every round runs one step of each of its rows in turn (the order rotating), so
 a slow spell of a shared machine lands on all of them alike, and two rows' steps of the same round
 form a pair for :func:`.stats.ratio_interval`. Every step keeps the id of its round. The table first
-runs ``repeats`` rounds of every row. Then, while a ratio of the table or of its targets
-(:func:`table_pairs`) has a 95% interval wider than +/-3% (:data:`.stats.CONVERGED_WITHIN`) and the
-time budget lasts, it runs two-row rounds: the two rows of one unconverged ratio, back to back, the order
-alternating; the targets first, then the ratios whose verdict is not settled
-(:func:`.stats.decision_margin` against 1.00 and, for a training floor, the 0.9 target), the one
-with the fewest rounds first. Inference does the same on a quarter of the budget. Back-to-back steps
-share more of the machine's drift than steps a whole round apart, and a round spent on a ratio that
-is already decided would not change what the table says.
+runs ``repeats`` rounds of every row. Then, while the time budget lasts and a ratio of the table or of
+its targets (:func:`table_pairs`) is open (its 95% interval wider than +/-3%,
+:data:`.stats.CONVERGED_WITHIN`, or its verdict not settled: :func:`.stats.decision_margin` against the
+tie band's ends and, for a training floor, the target's), it runs two-row rounds: the two rows of one
+open ratio, back to back, the order alternating; unsettled verdicts first, then unconverged intervals,
+targets ahead of other ratios, the fewest rounds first (:func:`sample_until_converged`). Inference does
+the same on a quarter of the budget. Back-to-back steps share more of the machine's drift than steps a
+whole round apart, and a round spent on a ratio that is already decided would not change what the
+table says.
 """
 
 from __future__ import annotations
@@ -176,16 +177,20 @@ def thresholds_of(base_name, rows_by_name, kind="train"):
 
 def sample_until_converged(runners, times, rounds, device, clock, budget_s, progress, started, pairs,
                            max_rounds=MAX_ROUNDS, step="train_step"):
-    """Two-row rounds of ``step`` for unconverged ``pairs`` until all converge or the time is up.
+    """Two-row rounds of ``step`` for open ``pairs`` until none is open or the time is up.
 
     ``times``/``rounds``: ``{name: [durations]}`` and ``{name: [round ids]}`` so far (extended in place);
     ``pairs``: ``(row, base, thresholds, target)``; ``started``: ``time.perf_counter()`` when the first timed
-    round began (the budget counts from it). Each round runs the two rows of one unconverged pair, back to
-    back: a target before any other ratio, an unsettled one (:func:`.stats.decision_margin` below
-    :data:`SETTLED`) before a settled one, then the one with the fewest paired rounds. Round-robin over the
-    unsettled, not "the least settled first": a ratio whose true value sits within a few percent of a
-    threshold stays unsettled however long it is sampled, and would take the whole budget (it took 40 of
-    104 rounds in a trial run while a headline ratio got none). Returns the number of rounds run.
+    round began (the budget counts from it). A pair is open while its interval is wider than +/-3%
+    (unconverged) or its verdict is not settled (:func:`.stats.decision_margin` against its thresholds
+    below :data:`SETTLED`: an end of the interval near the tie band's edge or a target's threshold, so
+    that another run could land on the other side). Each round runs the two rows of one open pair, back
+    to back: unsettled before settled, then unconverged before converged, then targets first, then the
+    one with the fewest paired rounds. Unsettled first because a verdict that repeats is what a reader
+    takes away; round-robin over them (fewest rounds first), not "the least settled first", because a
+    ratio whose true value sits right at a threshold stays unsettled however long it is sampled and would
+    take the whole budget (it took 40 of 104 rounds in a trial run while a headline ratio got none).
+    Returns the number of rounds run.
     """
     by_name = dict(runners)
     next_id = 1 + max((i for ids in rounds.values() for i in ids), default=-1)
@@ -203,11 +208,13 @@ def sample_until_converged(runners, times, rounds, device, clock, budget_s, prog
 
     n, planned = 0, None
     while n < max_rounds:
-        open_pairs = [p for p in pairs if not state(p)["converged"]]
+        def settled(p):
+            return stats.decision_margin(state(p)["lo"], state(p)["hi"], p[2]) >= SETTLED
+
+        open_pairs = [p for p in pairs if not (state(p)["converged"] and settled(p))]
         if not open_pairs:
             break
-        row, base, _, _ = min(open_pairs, key=lambda p: (
-            not p[3], stats.decision_margin(state(p)["lo"], state(p)["hi"], p[2]) >= SETTLED, state(p)["n"]))
+        row, base, _, _ = min(open_pairs, key=lambda p: (settled(p), state(p)["converged"], not p[3], state(p)["n"]))
         cost = step_s(row) + step_s(base)
         elapsed = time.perf_counter() - started
         if elapsed + cost > budget_s:
