@@ -63,7 +63,8 @@ def parse_args(argv=None):
                    help="interleaved rounds of every row (the least; --budget may add training rounds)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds the table's training rounds may take in all, sampling the table's ratios (the "
-                        "least settled verdict first) until each 95%% interval is within +/-3%%; inference gets a "
+                        "unsettled verdicts first) until each 95%% interval is within +/-3%% and each verdict settled; "
+                        "inference gets a "
                         "quarter of it on top (default: 300 on CPU, 60 on CUDA, 30 with --quick; 0: just --repeats)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--curve-repeats", type=int, default=3, help="interleaved rounds per curve point")
@@ -232,6 +233,8 @@ def main(argv=None):
     finally:
         if hasattr(progress, "close"):
             progress.close()
+    if isinstance(timer, Metronome):  # from the calibration tick to the run's median tick (see metronome.py)
+        suite.rescale(rows, curves, timer.rescale_factor(), setting.batch * setting.seq_len)
 
     memory_method = ("torch.cuda.max_memory_allocated during one training step, minus the allocation before it"
                      if device.type == "cuda" else

@@ -3,8 +3,9 @@
 - Time: wall clock of each call (``torch.cuda.synchronize`` around it on CUDA). ``clock="cpu"`` times
   the process's CPU time instead (CPU only): on a shared, oversubscribed machine it leaves out the time
   other processes held the cores, which makes single-threaded runs comparable (with several threads it
-  also counts their spin-waiting), so it is the CPU default with one thread. Every step's duration is
-  kept: :mod:`.suite` interleaves the rows' steps and :mod:`.stats` turns them into medians, spreads
+  also counts their spin-waiting). With one thread the CPU default is that CPU time corrected by the
+  :mod:`.metronome` (ticks of fixed work inside the step), which :mod:`.suite` applies. Every step's
+  duration is kept: :mod:`.suite` interleaves the rows' steps and :mod:`.stats` turns them into medians, spreads
   and ratios with intervals.
 - Peak memory on CUDA: ``torch.cuda.max_memory_allocated`` during one step, minus the allocation before it.
 - Peak memory on CPU: the peak of live tensor bytes during one step above the bytes live before it,

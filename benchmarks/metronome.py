@@ -8,24 +8,28 @@ still see different speeds: their per-round ratio had a CV of 10-15%, which need
 ratio before a 95% interval is narrow enough for a verdict to repeat from one run to the next.
 
 How: a *tick* is a fixed piece of work (``reps`` products of two ``size x size`` float32 matrices, about
-3 ms; its operands, 64 KiB each, stay in cache) whose CPU time is recorded. Forward hooks on the
-backbone's blocks (the outermost ``nn.ModuleList``: BERT's ``encoder.layer``, T5's ``block``s, Llama's
-``layers``) tick after each block, and, in training, a gradient hook on the block's output ticks when
-the backward pass reaches it: 12 ticks per MiniLM training step, 6 per inference step. Each stretch of
-the step between two ticks is rescaled to the machine's reference speed by the mean of the two ticks'
-durations around it (the first and last stretches by their one neighbour):
+1.5 ms; its operands, 64 KiB each, stay in cache) whose CPU time is recorded. Forward hooks tick after
+each sub-layer of each of the backbone's blocks (:func:`tick_points`: BERT's attention, intermediate and
+output modules, Llama's ``self_attn`` and ``mlp``; the blocks are the outermost ``nn.ModuleList``'s
+children), and, in training, a gradient hook on each sub-layer's output ticks when the backward pass
+reaches it: 36 ticks per MiniLM training step, 18 per inference step. Each stretch of the step between
+two ticks is rescaled by the mean of the two ticks' durations around it (the first and last stretches by
+their one neighbour):
 
     corrected = sum_j  stretch_j * reference / local_tick_j
 
-and the ticks' own time is left out. ``reference`` is one process-wide tick duration (the median of a
-calibration burst), so every row and every curve point is in the same unit: seconds at the machine's
-usual speed. On that machine the corrected step time's CV fell from 9-12% to 3-5% and the per-round
-ratio of two rows from 10-15% to about 4% (30 rounds each, measured 2026-12-02), while the ratios'
-medians stayed within a percent of the uncorrected ones.
+and the ticks' own time is left out. ``reference`` starts as the median of a calibration burst; at the
+end of a run :meth:`Metronome.rescale_factor` gives the factor that brings every time to the median tick
+of the whole run instead (:func:`.suite.rescale`), so a run's times are seconds at that run's typical
+speed, and two runs compare (a start-of-run burst had caught two runs' speeds 35% apart). On the 2-core
+machine, 30 rounds of two rows (APT token gate and P-Tuning v2 (PEFT)) measured 2026-12-02: the per-round
+ratio's standard deviation (of its log) was 10-13% uncorrected, 4.7% with a tick per block (12 per
+step), 2.7-3.0% with a tick per sub-layer (36 per step) or per linear layer (69), so the sub-layers it
+is; a tick mixing in a 16 MiB memory sweep tracked worse (6.3%). The medians stayed within the noise.
 
 Caveats: it assumes the swings slow the model's work and the tick alike (CPU time's correlation with
 the tick's was 0.93 on that machine); a machine whose slow spells hit memory-bound work only would be
-corrected less. It adds about 4% wall time (the ticks). Ticks fire only inside :meth:`Metronome.time`,
+corrected less. It adds about 5% wall time (the ticks). Ticks fire only inside :meth:`Metronome.time`,
 so warm-up steps and the peak-memory profile see plain hooks that return at once. CPU only (CUDA steps
 are timed by events, which a shared host's swings do not reach in this way); with several torch threads
 use the wall clock, which this does not correct.
@@ -38,6 +42,27 @@ import time
 
 import torch
 from torch import nn
+
+
+def _called_children(module):
+    # containers are never called themselves: look through them
+    for child in module.children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict, nn.ParameterList)):
+            yield from _called_children(child)
+        else:
+            yield child
+
+
+def tick_points(model):
+    """The modules the metronome ticks after: each block's sub-layers that hold a weight matrix.
+
+    Norms and activations (no matrix) are skipped; a block with no such sub-layer is ticked as a whole.
+    """
+    points = []
+    for block in blocks(model):
+        inner = [m for m in _called_children(block) if any(p.ndim >= 2 for p in m.parameters())]
+        points.extend(inner or [block])
+    return points
 
 
 def blocks(model):
@@ -63,7 +88,7 @@ class Metronome:
     every row of a run, so all corrected times share its :attr:`reference`.
     """
 
-    def __init__(self, clock=time.process_time, size=128, reps=40, calibration_ticks=30):
+    def __init__(self, clock=time.process_time, size=128, reps=20, calibration_ticks=30):
         self.clock, self.reps = clock, reps
         g = torch.Generator().manual_seed(0)
         self._a = torch.randn(size, size, generator=g)
@@ -78,6 +103,7 @@ class Metronome:
         for _ in range(calibration_ticks):
             self._tick(burst)
         self.reference = statistics.median(e - s for s, e in burst)
+        self.durations = []  # every timed step's ticks, for the run's median tick
 
     def _tick(self, into):
         start = self.clock()
@@ -85,7 +111,7 @@ class Metronome:
             torch.mm(self._a, self._b, out=self._out)
         into.append((start, self.clock()))
 
-    def _after_block(self, module, args, output):
+    def _after_layer(self, module, args, output):
         if self._ticks is None:
             return
         self._tick(self._ticks)
@@ -95,8 +121,8 @@ class Metronome:
             out.register_hook(lambda grad: self._tick(ticks) if self._ticks is ticks else None)
 
     def attach(self, model):
-        """Forward hooks on ``model``'s :func:`blocks`; returns their handles (``.remove()`` each to detach)."""
-        return [block.register_forward_hook(self._after_block) for block in blocks(model)]
+        """Forward hooks on ``model``'s :func:`tick_points`; returns their handles (``.remove()`` each to detach)."""
+        return [m.register_forward_hook(self._after_layer) for m in tick_points(model)]
 
     def corrected(self, start, end, ticks):
         """The stretch ``[start, end]`` of the clock with ``ticks`` ``[(s, e)]`` inside it, at the reference speed."""
@@ -119,6 +145,7 @@ class Metronome:
             end = self.clock()
         finally:
             self._ticks = None
+        self.durations.extend(e - s for s, e in ticks)
         spent = sum(e - s for s, e in ticks)
         self.steps += 1
         self.ticks += len(ticks)
@@ -126,9 +153,14 @@ class Metronome:
         self.raw_seconds += end - start - spent
         return self.corrected(start, end, ticks)
 
+    def rescale_factor(self):
+        """The factor taking the times :meth:`time` returned to the run's median tick as the reference."""
+        return statistics.median(self.durations) / self.reference if self.durations else 1.0
+
     def summary(self):
-        """What the result file records: the reference tick, ticks per step, and their share of the time."""
+        """What the result file records: the reference ticks, ticks per step, and their share of the time."""
         total = self.tick_seconds + self.raw_seconds
-        return dict(reference_ms=round(1000 * self.reference, 4), steps=self.steps,
+        return dict(calibration_ms=round(1000 * self.reference, 4),
+                    reference_ms=round(1000 * self.reference * self.rescale_factor(), 4), steps=self.steps,
                     ticks_per_step=round(self.ticks / max(self.steps, 1), 2),
                     tick_share=round(self.tick_seconds / total, 4) if total else 0.0)

@@ -383,6 +383,31 @@ def run_table(backbone, shapes, setting, device, warmup, repeats, progress, only
     return rows, sampling
 
 
+def _curve_point(value, batch, tokens, times):
+    """One point of a curve: its step times, their summary, and tokens/s with its interquartile range."""
+    s = stats.summarize(times)
+    return dict(value=value, batch=batch, tokens=tokens, train_times=list(times), train=s, train_s=s["median"],
+                train_tok_s=tokens / s["median"], train_tok_s_iqr=[tokens / s["q3"], tokens / s["q1"]])
+
+
+def rescale(rows, curves, factor, tokens):
+    """Every step time of the table ``rows`` and the ``curves`` times ``factor``, and all that derives from them.
+
+    A :class:`.Metronome` run's times are in units of its calibration tick until the run's median tick is
+    known (:meth:`.Metronome.rescale_factor`). Ratios do not change; medians, spreads and tokens/s do.
+    ``tokens``: the table's real tokens per step.
+    """
+    for r in rows:
+        for kind in ("train", "infer"):
+            if r.get(f"{kind}_times"):
+                r[f"{kind}_times"] = [t * factor for t in r[f"{kind}_times"]]
+    add_stats(rows, tokens)
+    for curve in curves:
+        for points in curve["rows"].values():
+            points[:] = [_curve_point(p["value"], p["batch"], p["tokens"], [t * factor for t in p["train_times"]])
+                         for p in points]
+
+
 def run_curve(backbone, shapes, base, axis, values, device, warmup, repeats, progress, tokens_per_step=None,
               clock="wall"):
     """Training throughput of :data:`CURVE_ROWS` as ``axis`` ("seq_len" or "prefix_len") takes ``values``.
@@ -402,13 +427,9 @@ def run_curve(backbone, shapes, base, axis, values, device, warmup, repeats, pro
                              label=f"{axis} {v}")
         tokens = setting.batch * setting.seq_len
         for name, r in runners:
-            t = times[name]
-            s = stats.summarize(t)
-            if r.c.impl == "floor" and r.c.family == "prompt":
-                name = "floor: backbone on S+L tokens"  # its row name carries this value's L
-            curve["rows"].setdefault(name, []).append(dict(
-                value=v, batch=setting.batch, train_times=t, train=s, train_s=s["median"],
-                train_tok_s=tokens / s["median"], train_tok_s_iqr=[tokens / s["q3"], tokens / s["q1"]]))
+            # the prompt floor's row name carries this value's L: one name for the curve
+            label = "floor: backbone on S+L tokens" if r.c.impl == "floor" and r.c.family == "prompt" else name
+            curve["rows"].setdefault(label, []).append(_curve_point(v, setting.batch, tokens, times[name]))
         del runners
         gc.collect()
     return curve

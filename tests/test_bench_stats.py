@@ -139,10 +139,22 @@ def test_one_step_gives_no_interval():
     assert stats.verdict(lo, hi) == "tie"
 
 
-@pytest.mark.parametrize("lo, hi, word", [(0.99, 1.07, "tie"), (1.0, 1.0, "tie"), (1.01, 1.05, "quicker"),
-                                          (0.90, 0.99, "costlier")], ids=["holds-1", "exactly-1", "above", "below"])
-def test_verdict_words(lo, hi, word):
-    assert stats.verdict(lo, hi, faster_word="quicker", slower_word="costlier") == word
+@pytest.mark.parametrize("lo, hi, within, word", [
+    (0.99, 1.07, 0.03, "tie"), (1.0, 1.0, 0.03, "tie"), (1.031, 1.05, 0.03, "quicker"), (0.90, 0.969, 0.03, "costlier"),
+    (1.01, 1.05, 0.03, "tie"), (0.90, 0.99, 0.03, "tie"), (1.01, 1.05, 0.0, "quicker"), (0.90, 0.99, 0.0, "costlier"),
+], ids=["holds-1", "exactly-1", "above-band", "below-band", "above-1-in-band", "below-1-in-band", "no-band-above",
+        "no-band-below"])
+def test_verdict_words(lo, hi, within, word):
+    assert stats.verdict(lo, hi, within=within, faster_word="quicker", slower_word="costlier") == word
+
+
+@pytest.mark.parametrize("lo, hi, threshold, status", [
+    (0.98, 1.10, 1.0, "met"), (0.97, 0.99, 1.0, "met"), (0.95, 0.99, 1.0, "undecided"), (0.90, 0.96, 1.0, "not met"),
+    (0.88, 0.95, 0.9, "met"), (0.85, 0.89, 0.9, "undecided"), (0.80, 0.87, 0.9, "not met"),
+], ids=["above", "in-band", "straddles-band-edge", "below-band", "floor-met", "floor-straddles", "floor-below"])
+def test_target_status_reads_the_tie_band(lo, hi, threshold, status):
+    # met: not resolvably below the threshold, i.e. the whole interval at or above threshold * 0.97
+    assert stats.meets(lo, hi, threshold) == status
 
 
 def test_verdict_rejects_a_reversed_interval():
@@ -154,6 +166,10 @@ def test_format_and_convergence():
     assert stats.format_ratio(1.0349, 0.9851, 1.0712) == "1.03 (0.99-1.07)"
     assert stats.format_ratio(0.93, 0.79, 0.998) == "0.93 (0.79-0.998)"  # "slower" must not read 0.79-1.00
     assert stats.format_ratio(1.0, 1.0, 1.004) == "1.00 (1.00-1.004)"
+    # ends that round onto an edge of the tie band show which side of it they are on
+    assert stats.format_ratio(0.95, 0.93, 0.968) == "0.95 (0.93-0.968)"
+    assert stats.format_ratio(1.05, 1.0297, 1.08) == "1.05 (1.0297-1.08)"
+    assert stats.format_ratio(1.05, 1.03, 1.08) == "1.05 (1.03-1.08)"
     assert stats.converged(1.0, 0.98, 1.02)
     assert not stats.converged(1.0, 0.96, 1.02)
 
@@ -188,7 +204,8 @@ def test_rows_get_their_own_family_floor_and_paired_ratios():
     assert adept["ratios"]["train"]["floor"]["hi"] < 0.9
     assert apt["train_tok_s"] == pytest.approx(100 / (1.6 * 1.05), rel=1e-12)
     status = {t["what"]: t["status"] for t in suite.targets(rows)}
-    assert status["ADePT (fastprefix) train step >= DePT (original)"] == "undecided"
+    # within 2% of DePT: not resolvably slower, so ">= 1.00" is met by the tie band's reading
+    assert status["ADePT (fastprefix) train step >= DePT (original)"] == "met"
     assert status["ADePT (fastprefix) train step within 10% of its floor (floor: backbone on S+32 tokens)"] == "not met"
     assert status["APT token gate (fastprefix) train step >= P-Tuning v2 (original)"] == "met"
 
@@ -251,18 +268,37 @@ def test_sampling_goes_to_the_least_settled_ratio(monkeypatch):
     extra = suite.sample_until_converged(runners, times, rounds, torch.device("cpu"), "fake", 60.0,
                                          suite.NullProgress(), started, pairs, max_rounds=3)
     assert extra == 3 and [len(times[n]) for n in "abcd"] == [9, 9, 6, 6]
-    # a target comes first, settled or not; among the rest the unsettled one with the fewest rounds
+    # an unsettled verdict comes first, ahead of a target whose verdict is settled; a settled and converged
+    # ratio is not sampled at all; among the unsettled, the one with the fewest rounds
     times, rounds = _full_rounds(runners, 6)
-    times["e"], rounds["e"] = list(times["a"]), list(rounds["a"])  # e = a: a tie centred on 1.00 (settled)
+    times["e"], rounds["e"] = list(times["a"]), list(rounds["a"])  # e = a: exactly 1.00 (settled, converged)
     runners.append(("e", _FakeRunner(clock, 1.0)))
-    pairs = [("a", "b", (1.0,), False), ("c", "d", (1.0,), True), ("e", "a", (1.0,), False), ("b", "c", (1.0,), False)]
+    pairs = [("c", "d", (1.0,), True), ("a", "b", (1.0,), False), ("e", "a", (1.0,), False), ("b", "c", (1.0,), False)]
+    state = {p[:2]: suite.compare(times[p[1]], times[p[0]], rounds[p[1]], rounds[p[0]]) for p in pairs}
+    assert stats.decision_margin(state["c", "d"]["lo"], state["c", "d"]["hi"]) >= suite.SETTLED
+    assert stats.decision_margin(state["a", "b"]["lo"], state["a", "b"]["hi"]) < suite.SETTLED
     suite.sample_until_converged(runners, times, rounds, torch.device("cpu"), "fake", 60.0, suite.NullProgress(),
                                  started, pairs, max_rounds=1)
-    assert [len(times[n]) for n in "abcde"] == [6, 6, 7, 7, 6]
+    assert [len(times[n]) for n in "abcde"] == [7, 7, 6, 6, 6]
     suite.sample_until_converged(runners, times, rounds, torch.device("cpu"), "fake", 60.0, suite.NullProgress(),
-                                 started, pairs[:1] + pairs[2:], max_rounds=3)
-    # a-b (6 rounds) and b-c (6 rounds, but c has 7 steps) are unsettled: a-b, then b-c, then a-b again
-    assert [len(times[n]) for n in "abcde"] == [8, 9, 8, 7, 6]
+                                 started, pairs[1:], max_rounds=3)
+    # a-b (7 rounds) and b-c (6 rounds) are unsettled: b-c, then a-b (7 each: the first listed), then b-c
+    assert [len(times[n]) for n in "abcde"] == [8, 10, 8, 6, 6]
+
+
+def test_sampling_keeps_going_on_a_converged_ratio_whose_verdict_could_flip(monkeypatch):
+    clock = _FakeClock([1.0, 1.01, 0.99, 1.005, 0.995, 1.0, 1.01])
+    monkeypatch.setitem(measure.CLOCKS, "fake", clock)
+    # b costs 3% more than a: an interval within +/-3% (converged) whose ends sit at the band's edge 0.97
+    runners = [(n, _FakeRunner(clock, c)) for n, c in [("a", 1.0), ("b", 1.03)]]
+    times, rounds = _full_rounds(runners, 6)
+    c = suite.compare(times["a"], times["b"], rounds["a"], rounds["b"])
+    assert c["converged"] and stats.decision_margin(c["lo"], c["hi"], stats.tie_band()) < suite.SETTLED
+    started = __import__("time").perf_counter()
+    extra = suite.sample_until_converged(runners, times, rounds, torch.device("cpu"), "fake", 60.0,
+                                         suite.NullProgress(), started, [("b", "a", stats.tie_band(), False)],
+                                         max_rounds=4)
+    assert extra == 4
 
 
 def test_table_pairs_cover_every_ratio_cell_once():
@@ -273,15 +309,33 @@ def test_table_pairs_cover_every_ratio_cell_once():
             _row("floor: backbone on S tokens", "prefix", "floor", [1.0])]
     train = suite.table_pairs(rows)
     apt, ptv2, peft, dept, floor = (r["name"] for r in (rows[2], rows[0], rows[1], rows[3], rows[4]))
-    assert train[:3] == [(apt, peft, (1.0,), True), (apt, ptv2, (1.0,), True),
-                         (apt, floor, (1.0, suite.FLOOR_TARGET), True)]
+    band = stats.tie_band()  # (0.97, 1.03): where a verdict turns
+    assert train[:3] == [(apt, peft, band, True), (apt, ptv2, band, True),
+                         (apt, floor, (*band, suite.FLOOR_TARGET * 0.97), True)]
     assert len(train) == len(set(p[:2] for p in train))  # a target that is also a cell is sampled as one pair
-    assert (dept, ptv2, (1.0,), False) in train and (floor, dept, (1.0,), False) in train
+    assert (dept, ptv2, band, False) in train and (floor, dept, band, False) in train
     assert all(p[:2] != (ptv2, ptv2) for p in train)
     infer = suite.table_pairs(rows, "infer")
     # inference: no targets, and no 0.9 threshold against a floor
-    assert all(not p[3] for p in infer) and (apt, floor, (1.0,), False) in infer
+    assert all(not p[3] for p in infer) and (apt, floor, band, False) in infer
     assert all(p[:2] != (apt, peft) for p in infer)
+
+
+def test_rescaling_moves_the_unit_and_keeps_the_ratios():
+    f = [1.0, 1.2, 0.9, 1.1, 1.05, 0.95, 1.15]
+    rows = [_row("P-Tuning v2 (original)", "prefix", "original", [2 * x for x in f]),
+            _row("APT token gate (fastprefix)", "prefix", "fastprefix", [1.6 * x for x in f])]
+    suite.add_stats(rows, tokens=100)
+    curves = [dict(axis="prefix_len", values=[4], rows={"a": [suite._curve_point(4, 2, 100, [0.5, 0.6, 0.7])]})]
+    before = {k: rows[1]["ratios"]["train"]["P-Tuning v2 (original)"][k] for k in ("ratio", "lo", "hi")}
+    tok_s = rows[1]["train_tok_s"]
+    suite.rescale(rows, curves, 2.0, tokens=100)
+    assert rows[1]["train_times"] == [3.2 * x for x in f] and rows[1]["train_tok_s"] == pytest.approx(tok_s / 2)
+    after = rows[1]["ratios"]["train"]["P-Tuning v2 (original)"]
+    assert {k: after[k] for k in before} == pytest.approx(before, rel=1e-12) and after["verdict"] == "faster"
+    point = curves[0]["rows"]["a"][0]
+    assert point["train_times"] == [1.0, 1.2, 1.4] and point["train_tok_s"] == pytest.approx(100 / 1.2)
+    assert point["train_tok_s_iqr"] == pytest.approx([100 / 1.3, 100 / 1.1])
 
 
 def test_rows_pair_on_the_rounds_both_ran():
@@ -465,7 +519,10 @@ def test_tiny_run_end_to_end(tmp_path):
     assert apt["floor"] == "floor: backbone on S tokens" and len(apt["train_times"]) == 3
     assert apt["train_rounds"] == apt["infer_rounds"] == [0, 1, 2]
     assert set(apt["train"]) == {"median", "q1", "q3", "min", "max", "n"}
-    assert result["settings"]["clock"] == "cpu" and result["settings"]["threads"] == 1
+    assert result["settings"]["clock"] == "metronome" and result["settings"]["threads"] == 1
+    # the tiny BERT's 2 blocks x 3 sub-layers tick after each forward and, in training, in the backward too
+    metronome = result["settings"]["metronome"]
+    assert 6 < metronome["ticks_per_step"] < 12 and 0 < metronome["tick_share"] < 1
     assert result["machine"]["cpu_count"] >= 1 and len(result["machine"]["load_average_end"]) == 3
     assert result["machine"]["other_cpus"] >= 0 and result["machine"]["other_cpus_before"] >= 0
     assert result["sampling"]["extra_rounds"] == result["sampling"]["infer_extra_rounds"] == 0
