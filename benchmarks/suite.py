@@ -9,7 +9,7 @@ its targets (:func:`table_pairs`) is open (its 95% interval wider than +/-3%,
 tie band's ends and, for a training floor, the target's), it runs two-row rounds: the two rows of one
 open ratio, back to back, the order alternating; unsettled verdicts first, then unconverged intervals,
 targets ahead of other ratios, the fewest rounds first (:func:`sample_until_converged`). Inference does
-the same on a quarter of the budget. Back-to-back steps share more of the machine's drift than steps a
+the same on half the budget. Back-to-back steps share more of the machine's drift than steps a
 whole round apart, and a round spent on a ratio that is already decided would not change what the
 table says.
 """
@@ -42,7 +42,7 @@ HEADLINE = (("APT token gate (fastprefix)", "P-Tuning v2 (PEFT)"),
 FLOOR_TARGET = 0.9  # "within 10% of the floor": at least 0.9x the floor's throughput
 MAX_ROUNDS = 400  # a cap on the adaptive rounds, whatever the budget
 # the inference rounds may take this share of the training budget on top of it (their ratios get verdicts too)
-INFER_BUDGET_SHARE = 0.25
+INFER_BUDGET_SHARE = 0.5
 # a verdict counts as settled when both ends of its interval lie at least a half-width from the threshold
 SETTLED = 1.0
 # fewer rounds than this have no 95% interval for their median (stats.median_interval)
