@@ -65,7 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=None,
                    help="seconds the table's training rounds may take in all, sampling the table's ratios (the "
                         "unsettled verdicts first) until each 95%% interval is within +/-3%% and each verdict "
-                        "settled; inference gets half of it on top (default: 300 on CPU, 60 on CUDA, 30 with --quick; 0: just --repeats)")
+                        "settled; inference gets half of it on top (default: 300 on CPU, 60 on CUDA, 30 with "
+                        "--quick; 0: just --repeats)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--curve-repeats", type=int, default=3, help="interleaved rounds per curve point")
     p.add_argument("--seq-lens", type=int, nargs="*", default=[128, 256, 512, 1024, 2048])

@@ -228,10 +228,11 @@ def _claim(t):
         head = f"{t['row']} {verb} {t['base']}: × {t['text']}"
     else:
         head = f"{t['row']} trains at × {t['text']} its floor (backbone on {_floor_label(t['base'])})"
-    edge = t["threshold"] * (1 - stats.TIE_WITHIN)
+    edge = stats.target_edge(t["threshold"])
     status = t["status"] if t["status"] != "undecided" else f"undecided (the interval holds {edge:.2f})"
     # met from the threshold less the tie band (stats.meets): say so, or "0.89 ... target >= 0.90: met" puzzles
-    return f"- {head}; target ≥ {t['threshold']:.2f} (≥ {edge:.3f} with the {stats.TIE_WITHIN:.0%} tie band): {status}" + (
+    target = f"target ≥ {t['threshold']:.2f} (≥ {edge:.3f} with the {stats.TIE_WITHIN:.0%} tie band)"
+    return f"- {head}; {target}: {status}" + (
         "" if t.get("converged", True) else f"; interval wider than ±{stats.CONVERGED_WITHIN:.0%} (not converged)")
 
 
@@ -260,8 +261,8 @@ def _sampling_line(result):
         infer = (f"; inference: {samp['repeats']} rounds, then {samp['infer_extra_rounds']} two-row rounds "
                  f"(budget {samp['infer_budget_s']:.0f} s)")
     head = (f"Sampling: training: {samp['repeats']} rounds of every row, then {samp['extra_rounds']} two-row rounds "
-            f"(budget {samp['budget_s']:.0f} s){infer}. Each two-row round ran the two rows of a ratio whose verdict was "
-            f"not settled (an end of its interval near a threshold) or whose interval was wider than "
+            f"(budget {samp['budget_s']:.0f} s){infer}. Each two-row round ran the two rows of a ratio whose "
+            f"verdict was not settled (an end of its interval near a threshold) or whose interval was wider than "
             f"±{stats.CONVERGED_WITHIN:.0%}: unsettled first, then unconverged, targets first, the fewest rounds "
             f"first. ")
     if samp["not_converged"]:

@@ -171,7 +171,7 @@ def thresholds_of(base_name, rows_by_name, kind="train"):
     for a training floor the :data:`FLOOR_TARGET` less the band (where :func:`.stats.meets` turns)."""
     base = rows_by_name.get(base_name) or {}
     if base.get("impl") == "floor" and kind == "train":
-        return (*stats.tie_band(), FLOOR_TARGET * (1 - stats.TIE_WITHIN))
+        return (*stats.tie_band(), stats.target_edge(FLOOR_TARGET))
     return stats.tie_band()
 
 
