@@ -95,15 +95,20 @@ class Metronome:
         self._b = torch.randn(size, size, generator=g)
         self._out = torch.empty(size, size)
         self._ticks = None  # a list while a step is timed, else None (hooks do nothing)
-        self.steps = self.ticks = 0
-        self.tick_seconds = self.raw_seconds = 0.0
+        self.steps = 0
+        self.raw_seconds = 0.0  # the timed steps' CPU time without their ticks
         for _ in range(5):  # warm the tick's code path and caches
             self._tick([])
         burst = []
         for _ in range(calibration_ticks):
             self._tick(burst)
         self.reference = statistics.median(e - s for s, e in burst)
-        self.durations = []  # every timed step's ticks, for the run's median tick
+        self.durations = []  # every timed step's tick durations: the run's median tick, counts and shares
+
+    @property
+    def ticks(self):
+        """How many ticks the timed steps have had so far."""
+        return len(self.durations)
 
     def _tick(self, into):
         start = self.clock()
@@ -145,12 +150,10 @@ class Metronome:
             end = self.clock()
         finally:
             self._ticks = None
-        self.durations.extend(e - s for s, e in ticks)
-        spent = sum(e - s for s, e in ticks)
+        spent = [e - s for s, e in ticks]
+        self.durations.extend(spent)
         self.steps += 1
-        self.ticks += len(ticks)
-        self.tick_seconds += spent
-        self.raw_seconds += end - start - spent
+        self.raw_seconds += end - start - sum(spent)
         return self.corrected(start, end, ticks)
 
     def rescale_factor(self):
@@ -159,8 +162,9 @@ class Metronome:
 
     def summary(self):
         """What the result file records: the reference ticks, ticks per step, and their share of the time."""
-        total = self.tick_seconds + self.raw_seconds
+        tick_seconds = sum(self.durations)
+        total = tick_seconds + self.raw_seconds
         return dict(calibration_ms=round(1000 * self.reference, 4),
                     reference_ms=round(1000 * self.reference * self.rescale_factor(), 4), steps=self.steps,
                     ticks_per_step=round(self.ticks / max(self.steps, 1), 2),
-                    tick_share=round(self.tick_seconds / total, 4) if total else 0.0)
+                    tick_share=round(tick_seconds / total, 4) if total else 0.0)
