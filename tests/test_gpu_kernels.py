@@ -110,7 +110,8 @@ def make_inputs(case, dtype, seed=0):
     if case.pad:
         mask = torch.rand(B, Sk, generator=g, device=DEVICE) > 0.3
         mask[0, -1] = False
-        mask[-1] = False  # a row whose real keys are all padding: only the prefix is visible
+        if B > 1:  # a row whose real keys are all padding: only the prefix is visible (row 0 keeps real keys)
+            mask[-1] = False
         kwargs["key_padding_mask"] = mask
     return leaves, kwargs
 
