@@ -31,9 +31,9 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 # How long the runs take on the CI machine (2 cores, shared), wall clock. --help and the README quote
 # RUN_TIMES (a test checks they agree): re-measure both runs there and update these after changing the defaults.
 # Measured 2026-12-02 on the 2-core machine, otherwise idle, with the metronome clock: fastprefix-bench 970 s and
-# 976 s with inference on a quarter of the budget, 952 s and 921 s with half (make bench adds seconds for the README
-# render); fastprefix-bench --quick 120 s.
-RUN_TIMES = {"make bench": "about 16 minutes", "--quick": "about 2 minutes"}
+# 976 s with inference on a quarter of the budget, 952 s, 921 s, 842 s and 854 s with half (make bench adds seconds
+# for the README render); fastprefix-bench --quick 120 s.
+RUN_TIMES = {"make bench": "about 15 minutes", "--quick": "about 2 minutes"}
 DEFAULT_BUDGET_S = {"cpu": 300.0, "cuda": 60.0}  # --budget without the flag
 QUICK = dict(batch=4, seq_len=64, repeats=6, warmup=1, curve_repeats=3, seq_lens=[64, 256, 512],
              prefix_lens=[4, 32, 128], budget=30.0)  # the defaults --quick sets
