@@ -206,11 +206,11 @@ def sample_until_converged(runners, times, rounds, device, clock, budget_s, prog
     def step_s(name):
         return sorted(times[name])[len(times[name]) // 2]
 
+    def settled(pair):
+        return stats.decision_margin(state(pair)["lo"], state(pair)["hi"], pair[2]) >= SETTLED
+
     n, planned = 0, None
     while n < max_rounds:
-        def settled(p):
-            return stats.decision_margin(state(p)["lo"], state(p)["hi"], p[2]) >= SETTLED
-
         open_pairs = [p for p in pairs if not (state(p)["converged"] and settled(p))]
         if not open_pairs:
             break
