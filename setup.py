@@ -10,7 +10,7 @@ from pathlib import Path
 from setuptools import setup
 
 here = Path(__file__).parent
-version = re.search(r'__version__ = "([^"]+)"', (here / "fastprefix" / "__init__.py").read_text()).group(1)
+version = re.search(r'__version__ = "([^"]+)"', (here / "fastprefix" / "_version.py").read_text()).group(1)
 
 setup(
     name="fastprefix",
@@ -21,7 +21,9 @@ setup(
     python_requires=">=3.10",
     # kernels/ is the subpackage fastprefix.kernels; a top-level `kernels` would shadow Hugging Face's package
     # benchmarks/ likewise installs as fastprefix.benchmarks (the `fastprefix-bench` command)
-    packages=["fastprefix", "fastprefix.reference", "fastprefix.integrations", "fastprefix.kernels",
+    packages=["fastprefix", "fastprefix.reference", "fastprefix.integrations",
+              "fastprefix.integrations.families", "fastprefix.kernels", "fastprefix.kernels.common",
+              "fastprefix.kernels.attention", "fastprefix.kernels.embedding",
               "fastprefix.benchmarks"],
     package_dir={"fastprefix": "fastprefix", "fastprefix.kernels": "kernels", "fastprefix.benchmarks": "benchmarks"},
     entry_points={"console_scripts": ["fastprefix-bench = fastprefix.benchmarks.__main__:main"]},

@@ -7,7 +7,7 @@ Three sections, each row timed with CUDA events, steps interleaved across the ro
 1. **Attention**, forward and forward+backward, on Llama-3-8B-like heads (H=32, Hkv=8, D=128, causal,
    S in {512, 2048, 8192} with 16k tokens per call, L in {16, 64}) and BERT-large-like heads (H=16, D=64,
    S in {128, 512}, a padded batch, L in {16, 64}). Rows: fastprefix fused and split (forced with
-   ``FASTPREFIX_ATTENTION``) for no gate, a pooled gate ``[B, 1, L]`` and the fused token gate; SDPA over
+   ``path=``) for no gate, a pooled gate ``[B, 1, L]`` and the fused token gate; SDPA over
    ``cat([prefix.expand(B), K])`` with the mask transformers builds for it (K/V heads repeated, as
    transformers does when it passes a mask); the ``flash_attn`` package over the same concatenation when it
    is importable (unpadded shapes); FlexAttention over it with a block mask, ``torch.compile``-d once, at
@@ -36,10 +36,8 @@ it so the suite cannot rot between GPU sessions; its timings mean nothing).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
-import importlib
 import os
 import signal
 import sys
@@ -52,7 +50,7 @@ import torch.nn.functional as F
 from . import stats
 from .gpu_report import gpu_tag, versions, versions_line, write
 
-ENV_PATH = "FASTPREFIX_ATTENTION"  # read by the Triton path at every call: "fused" | "split" | "auto"
+ENV_PATH = "FASTPREFIX_ATTENTION"  # the Triton path's default when a call names none: "fused" | "split" | "auto"
 BUDGET_S = 210.0  # seconds: no new group starts after this (make gpu = gpu-test + gpu-bench must fit 10 minutes)
 
 
@@ -248,34 +246,16 @@ def clean(rows):
 # ------------------------------------------------------------------------------------------- attention
 
 
-@contextlib.contextmanager
-def forced_path(path):
-    """``FASTPREFIX_ATTENTION=path`` for the duration (None: leave it as it is)."""
-    old = os.environ.get(ENV_PATH)
-    if path is not None:
-        os.environ[ENV_PATH] = path
-    try:
-        yield
-    finally:
-        if path is not None:
-            if old is None:
-                os.environ.pop(ENV_PATH, None)
-            else:
-                os.environ[ENV_PATH] = old
-
-
 def path_taken(path, q, k, key_padding_mask, causal):
-    """The path the Triton backend takes for this call with ``FASTPREFIX_ATTENTION=path``, as it decides it.
+    """The path the Triton backend takes for this call with ``path=path``, as it decides it.
 
-    ``"fused"`` or ``"split"``; ``"fused"`` also when this fastprefix has no split path yet (the variable is
-    then never read). Asks the dispatch module itself, so the answer is never a guess.
+    ``"fused"`` or ``"split"``. Asks the dispatch module itself (``choose_path``), so the answer is never a guess.
     """
-    try:
-        dispatch = importlib.import_module("fastprefix.kernels.attention_path")
-    except ModuleNotFoundError:
-        return "fused"
-    with forced_path(path):
-        return dispatch.choose_path(q, k, key_padding_mask, causal)[0]
+    from fastprefix.kernels.attention import dispatch
+    from fastprefix.spec import AttentionSpec
+
+    spec = AttentionSpec.build(q, k, key_padding_mask=key_padding_mask, causal=causal)
+    return dispatch.choose_path(q, k, spec, path)[0]
 
 
 def attention_flops(s: AttentionShape, floor=False):
@@ -358,9 +338,8 @@ def attention_rows(s: AttentionShape, dtype, device, split_ok, flex_fn):
                     skipped = "the split path does not cover this call (it falls back to the fused kernel)"
 
             def fn(kw=kw, path=path):
-                with forced_path(path):
-                    return fastprefix.gated_prefix_attention(q, k, v, pk, pv, key_padding_mask=keep, causal=s.causal,
-                                                             backend="triton", **kw)
+                return fastprefix.gated_prefix_attention(q, k, v, pk, pv, key_padding_mask=keep, causal=s.causal,
+                                                         backend="triton", path=path, **kw)
             contenders.append((name, fn, base + extra, skipped, False))
     contenders.append(("SDPA on cat([prefix; K]) (as PEFT)", sdpa_cat, base, None, False))
     try:
@@ -445,16 +424,17 @@ def _no_grad_flex(flex_fn, q, k, v, pk, pv, s, block_mask):
 
 
 def split_path_available(device, dtype):
-    """True when this fastprefix reads ``FASTPREFIX_ATTENTION`` (a bad value must then raise, naming it)."""
+    """True when this fastprefix takes a ``path`` (a bad one must then raise, naming it)."""
     import fastprefix
 
     q = torch.zeros(1, 1, 2, 16, device=device, dtype=dtype)
     p = torch.zeros(1, 1, 16, device=device, dtype=dtype)
-    with forced_path("no-such-path"):
-        try:
-            fastprefix.gated_prefix_attention(q, q, q, p, p, backend="triton")
-        except (ValueError, NotImplementedError, RuntimeError) as e:
-            return ENV_PATH in str(e)
+    try:
+        fastprefix.gated_prefix_attention(q, q, q, p, p, backend="triton", path="no-such-path")
+    except TypeError:  # no path argument: a fastprefix without a split path
+        return False
+    except (ValueError, NotImplementedError, RuntimeError) as e:
+        return "no-such-path" in str(e)
     return False
 
 

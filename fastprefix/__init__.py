@@ -4,8 +4,7 @@ The functional ops validate their inputs and run either the Triton kernels (CUDA
 pure-PyTorch reference path (everything else); the modules hold each method's trainable state.
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .config import (ADePTConfig, APTConfig, DePTConfig, PromptTuningConfig, PTuningV2Config, config_from_dict,
                      config_from_json)
 from .modules import (AdaptiveDecomposedPrompt, AdaptivePrefix, DecomposedPrompt, PromptTuning, PTuningV2Prefix)

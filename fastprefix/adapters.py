@@ -17,13 +17,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 
 import torch
+import safetensors
+import safetensors.torch
 
+from ._version import __version__
 from .config import ADePTConfig, config_from_dict
-from .integrations import _arch
+from .fold import fold_adept_offsets
 from .integrations import transformers as integration
+from .integrations.families import model_shape
+from .integrations.state import hook, unhook
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -36,7 +42,6 @@ _SAVE_ID = "fastprefix_save_id"  # safetensors metadata key (and JSON "save_id")
 
 
 def _version():
-    from . import __version__
     return __version__
 
 
@@ -116,8 +121,6 @@ def _commit(directory, files):
     hard links (or copies) of their previous versions, so the directory holds the old set or the new one.
     Temporary files and backups never outlive the call.
     """
-    import shutil
-
     backups, done = {}, []
     try:
         for final, tmp in files.items():
@@ -178,9 +181,7 @@ def save_adapter(model, directory, *, state_dict=None):
             "shape": state.shape.to_dict(),
         },
     }
-    from safetensors.torch import save
-
-    weights = save(tensors, metadata={"format": "pt", "fastprefix": FORMAT, _SAVE_ID: save_id})
+    weights = safetensors.torch.save(tensors, metadata={"format": "pt", "fastprefix": FORMAT, _SAVE_ID: save_id})
     text = json.dumps(meta, indent=2, sort_keys=True).encode()
     # the config, which names the save, last
     return write_files(directory, ((WEIGHTS_NAME, weights), (CONFIG_NAME, text)))
@@ -226,10 +227,8 @@ def _read_tensors(directory, save_id=None):
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
         raise ValueError(f"no {WEIGHTS_NAME} in {directory!r}")
-    from safetensors import safe_open
-
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with safetensors.safe_open(path, framework="pt", device="cpu") as f:
             stored = (f.metadata() or {}).get(_SAVE_ID)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error type (and OSError) for truncated/corrupt files
@@ -287,7 +286,7 @@ def load_adapter(model, directory, *, backend=None):
     """
     meta, config = _read_meta(directory)
     outer, model = model, integration.unwrap(model)
-    shape = _arch.model_shape(model)
+    shape = model_shape(model)
     _check_model(meta, model, shape)
     state = integration.state_of(model, required=False)
     if state is not None:
@@ -352,16 +351,12 @@ def merge(model):
     if not isinstance(state.config, ADePTConfig):
         raise ValueError(f"merge folds ADePT's token-wise FFN offsets into the embedding table; the applied method "
                          f"{state.config.method!r} has nothing to fold")
-    from .fold import fold_adept_offsets
-
     mod, weight = state.module, state.input_embedding.table()  # the rows as the model embeds them (scale included)
-    p = mod._cast(weight)
+    p = mod.cast_params(weight)
     folded = fold_adept_offsets(weight, p["down_weight"], p["down_bias"], p["up_weight"], p["up_bias"])
     unmerge(model)
     mod.register_buffer(integration.FOLDED, folded, persistent=False)
-    inner = integration.unwrap(model)
-    inner.register_forward_pre_hook(_merged_guard, with_kwargs=True)
-    state.hooked.append((inner, _merged_guard))  # so fastprefix.remove takes it off too
+    hook(state, integration.unwrap(model), _merged_guard)  # recorded: fastprefix.remove takes it off too
     return model
 
 
@@ -371,10 +366,5 @@ def unmerge(model):
     module = state.module
     if integration.FOLDED in module._buffers:
         delattr(module, integration.FOLDED)
-    for owner, fn in [h for h in state.hooked if h[1] is _merged_guard]:
-        hooks = owner._forward_pre_hooks
-        for key in [k for k, h in hooks.items() if h is fn]:
-            del hooks[key]
-            owner._forward_pre_hooks_with_kwargs.pop(key, None)
-        state.hooked.remove((owner, fn))
+    unhook(state, _merged_guard)
     return model

@@ -49,7 +49,7 @@ class _Prompt(nn.Module):
         rows = torch.randint(0, weight.shape[0], (self.num_virtual_tokens,), generator=generator)
         self.prompt.copy_(weight.detach()[rows.to(weight.device)].to(self.prompt))
 
-    def _cast(self, weight):
+    def cast_params(self, weight):
         """The trainable parameters in the table's dtype (the frozen model may run in half precision)."""
         return {name: p.to(weight.dtype) for name, p in self.named_parameters(recurse=False)}
 
@@ -83,7 +83,7 @@ class DecomposedPrompt(_Prompt):
     def forward(self, input_ids, weight, *, embed_scale=None, backend=None):
         """input_ids ``[B, S]`` with ``S <= max_length``, weight ``[V, d]`` -> ``[B, m+S, d]``; ``embed_scale``
         multiplies the looked-up rows, not the prompt."""
-        p = self._cast(weight)
+        p = self.cast_params(weight)
         return ops.dept_embedding(input_ids, weight, p["prompt"], p["lora_a"], p["lora_b"],
                                   scaling=self.config.scaling, embed_scale=embed_scale, backend=backend)
 
@@ -108,7 +108,7 @@ class AdaptiveDecomposedPrompt(_Prompt):
     def forward(self, input_ids, weight, *, embed_scale=None, backend=None):
         """input_ids ``[B, S]``, weight ``[V, d]`` -> ``[B, m+S, d]``; ``embed_scale`` multiplies the looked-up rows
         (X = embed_scale * E[ids]), not the prompt."""
-        p = self._cast(weight)
+        p = self.cast_params(weight)
         mask = None
         if self.training and self.config.dropout > 0:
             keep = 1.0 - self.config.dropout

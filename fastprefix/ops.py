@@ -1,47 +1,55 @@
 """The functional API: validate the inputs once, pick a backend, call it.
 
 Backends: ``"torch"`` (the reference path in :mod:`fastprefix.reference`, any device and dtype) and
-``"triton"`` (the kernels in :mod:`fastprefix.kernels`). ``backend=None`` picks Triton for CUDA
-tensors when Triton is importable, the reference path otherwise.
+``"triton"`` (the kernels in ``fastprefix.kernels``). ``backend=None`` picks Triton for CUDA tensors when
+Triton is installed, the reference path otherwise. The attention's inputs become one
+:class:`fastprefix.spec.AttentionSpec` here, after validation, and every path takes it whole.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 
 import torch
 
 from . import _validate as check
 from . import reference
-from .kernels._runtime import interpreting
+from .kernels.common.runtime import interpreting
+from .spec import PATHS, AttentionSpec, default_path
+
+try:  # the Triton kernels are optional: without Triton the reference path runs everywhere
+    from .kernels.attention import dispatch as _attention_kernels
+    from .kernels.embedding import fused as _embedding_kernels
+except ModuleNotFoundError as e:  # pragma: no cover - exercised by the Triton-less install test
+    if e.name != "triton" and not (e.name or "").startswith("triton."):
+        raise
+    _attention_kernels = _embedding_kernels = None
 
 _BACKENDS = ("torch", "triton")
 
 
-def _triton_module(name, device):
-    """Import ``fastprefix.kernels.<name>`` or explain why the Triton path can't run here."""
+def _kernels(module, device):
+    """The Triton kernels' ``module``, or a clear error why they can't run here."""
     if device.type != "cuda" and not interpreting():
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got {device}); on CPU use backend='torch' "
             "or set TRITON_INTERPRET=1 before importing fastprefix to run the kernels in Triton's interpreter"
         )
-    try:
-        return importlib.import_module(f"fastprefix.kernels.{name}")
-    except ModuleNotFoundError as e:
-        if e.name in (f"fastprefix.kernels.{name}", "triton"):
-            raise NotImplementedError(f"the Triton kernel fastprefix.kernels.{name} is not available: {e}") from e
-        raise
+    if module is None:
+        raise NotImplementedError("backend='triton' needs Triton (pip install triton), which is not installed here")
+    return module
+
+
+def check_backend(backend):
+    """``backend`` itself if it names a backend (``"torch"``, ``"triton"`` or None), else a ValueError."""
+    if backend is not None and backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS} or None, got {backend!r}")
+    return backend
 
 
 def _choose(backend, device):
-    if backend is None:
-        if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
-            return "triton"
-        return "torch"
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS} or None, got {backend!r}")
+    if check_backend(backend) is None:
+        return "triton" if device.type == "cuda" and _attention_kernels is not None else "torch"
     return backend
 
 
@@ -132,7 +140,7 @@ def _check_attention_features(q, k, attn_bias, window, softcap):
 
 def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidden=None, gate_weight=None,
                            gate_bias=None, layer_scale=None, key_padding_mask=None, causal=False, scale=None,
-                           attn_bias=None, window=None, softcap=None, backend=None):
+                           attn_bias=None, window=None, softcap=None, backend=None, path=None):
     """Attention over ``[gated prefix ; keys]`` (P-Tuning v2 with ``gate=None``, APT otherwise).
 
     For query t, prefix row j and real key u (``cap(x) = softcap * tanh(x / softcap)``, the identity without
@@ -164,9 +172,12 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
         softcap: None, or a finite number > 0 (Gemma 2's ``attn_logit_softcapping``): every logit, prefix
             (after its gate) and real keys, becomes ``softcap * tanh(logit / softcap)`` before the bias and
             the masks.
-        backend: ``"torch"``, ``"triton"`` or None (Triton for CUDA tensors). ``"triton"`` runs the split
-            path (PyTorch's fused attention for the keys + a Triton prefix merge) or the fused kernel, by
-            the rule in ``fastprefix.kernels.attention_path`` (``FASTPREFIX_ATTENTION=split|fused`` forces one).
+        backend: ``"torch"``, ``"triton"`` or None (Triton for CUDA tensors).
+        path: how the Triton backend runs the call: ``"auto"`` (the dispatch rule in
+            ``fastprefix.kernels.attention.dispatch``), ``"fused"`` (the fused kernel) or ``"split"`` (PyTorch's
+            fused attention for the real keys + a Triton prefix merge, where a vendor op supports the call).
+            None: the environment variable ``FASTPREFIX_ATTENTION``, else ``"auto"``. The reference backend
+            has one path.
 
     Returns:
         ``[B, H, Sq, D]``.
@@ -174,17 +185,17 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
     _check_attention(q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight, gate_bias, layer_scale,
                      key_padding_mask, causal, scale)
     _check_attention_features(q, k, attn_bias, window, softcap)
-    kwargs = dict(gate=gate, gate_hidden=gate_hidden, gate_weight=gate_weight, gate_bias=gate_bias,
-                  layer_scale=layer_scale, key_padding_mask=key_padding_mask, causal=causal, scale=scale)
-    # the features travel only when set: a plain P-Tuning v2 / APT call keeps the backends' original signature
-    features = dict(attn_bias=attn_bias, window=None if window is None else tuple(window),
-                    softcap=None if softcap is None else float(softcap))
-    kwargs.update({name: value for name, value in features.items() if value is not None})
-    if _choose(backend, q.device) == "triton":
-        # split (vendor attention + Triton prefix merge) or fused, per call: the rule is in attention_path
-        return _triton_module("attention_path", q.device).gated_prefix_attention(
-            q, k, v, prefix_k, prefix_v, **kwargs)
-    return reference.gated_prefix_attention(q, k, v, prefix_k, prefix_v, **kwargs)
+    if path is not None and path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS} or None (FASTPREFIX_ATTENTION, else 'auto'), got {path!r}")
+    spec = AttentionSpec.build(q, k, gate=gate, gate_hidden=gate_hidden, gate_weight=gate_weight, gate_bias=gate_bias,
+                               layer_scale=layer_scale, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
+                               attn_bias=attn_bias, window=window, softcap=softcap)
+    # fp64 is for gradcheck under Triton's interpreter: on a GPU the kernels have no fp64 tiles, the reference runs
+    if _choose(backend, q.device) == "triton" and not (q.device.type == "cuda" and q.dtype == torch.float64):
+        kernels = _kernels(_attention_kernels, q.device)
+        return kernels.gated_prefix_attention(q, k, v, prefix_k, prefix_v, spec,
+                                              default_path() if path is None else path)
+    return reference.gated_prefix_attention(q, k, v, prefix_k, prefix_v, spec)
 
 
 def apt_gate(hidden, weight, bias, layer_scale, *, mode="token", key_padding_mask=None, causal=False, past=None):
@@ -278,7 +289,7 @@ def adept_embedding(input_ids, weight, prompt, down_weight, down_bias, up_weight
         check.named("dropout_mask", dropout_mask, [("B", B), ("S", S), ("r", r)], like=weight)
     if backend == "triton":
         ids, table = _scaled_rows(input_ids, weight, embed_scale)
-        return _triton_module("prompt_embedding", weight.device).adept_embedding(
+        return _kernels(_embedding_kernels, weight.device).adept_embedding(
             ids, table, prompt, down_weight, down_bias, up_weight, up_bias, dropout_mask=dropout_mask)
     return reference.adept_embedding(input_ids, weight, prompt, down_weight, down_bias, up_weight, up_bias,
                                      dropout_mask=dropout_mask, embed_scale=embed_scale)
@@ -312,8 +323,8 @@ def dept_embedding(input_ids, weight, prompt, lora_a, lora_b, *, scaling=1.0, em
         raise ValueError(f"scaling must be a Python number, got {type(scaling).__name__}")
     if backend == "triton":
         ids, table = _scaled_rows(input_ids, weight, embed_scale)
-        return _triton_module("prompt_embedding", weight.device).dept_embedding(ids, table, prompt, lora_a, lora_b,
-                                                                               scaling=scaling)
+        return _kernels(_embedding_kernels, weight.device).dept_embedding(ids, table, prompt, lora_a, lora_b,
+                                                                          scaling=scaling)
     return reference.dept_embedding(input_ids, weight, prompt, lora_a, lora_b, scaling=scaling,
                                     embed_scale=embed_scale)
 
@@ -321,4 +332,4 @@ def dept_embedding(input_ids, weight, prompt, lora_a, lora_b, *, scaling=1.0, em
 def prompt_tuning_embedding(input_ids, weight, prompt, *, embed_scale=None):
     """Plain prompt tuning ``[prompt ; embed_scale * weight[input_ids]]`` -> ``[B, m+S, d]`` (no kernel needed)."""
     _check_embedding(input_ids, weight, prompt, embed_scale=embed_scale)
-    return reference.embedding.prompt_tuning_embedding(input_ids, weight, prompt, embed_scale=embed_scale)
+    return reference.prompt_tuning_embedding(input_ids, weight, prompt, embed_scale=embed_scale)

@@ -20,11 +20,13 @@ import json
 import os
 
 import torch
+import safetensors
+import safetensors.torch
 
-from .adapters import CONFIG_NAME, read_adapter_json  # PEFT's file has fastprefix's name
+from .adapters import CONFIG_NAME, read_adapter_json, write_files  # PEFT's file has fastprefix's name
 from .config import ADePTConfig, APTConfig, DePTConfig, PromptTuningConfig, PTuningV2Config
-from .integrations import _arch
 from .integrations import transformers as integration
+from .integrations.families import model_shape
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PROMPT_KEY = "prompt_embeddings"
@@ -65,10 +67,8 @@ def _read_tensors(path):
         other = " (only a pickled adapter_model.bin: save with safe_serialization=True)" if os.path.isfile(
             os.path.join(path, "adapter_model.bin")) else ""
         raise ValueError(f"no {WEIGHTS_NAME} in {path!r}{other}")
-    from safetensors import safe_open
-
     try:
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with safetensors.safe_open(file, framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error type (and OSError) for truncated/corrupt files
         raise ValueError(f"{WEIGHTS_NAME} in {path!r} is truncated or corrupted: {e}") from None
@@ -147,7 +147,7 @@ def from_peft(model, path, *, backend=None):
         raise ValueError(f"fastprefix is already applied to this {type(inner).__name__}; call fastprefix.remove(model) "
                          "first")
     cfg = _read_config(path)
-    shape = _arch.model_shape(inner)
+    shape = model_shape(inner)
     config, rows = _expected(cfg, shape, inner)
     tensors = _read_tensors(path)
     if PROMPT_KEY not in tensors:
@@ -233,8 +233,6 @@ def to_peft(model, path):
     ``prefix_positions="none"``) is a ValueError saying what can be exported. A failed write leaves a previous
     adapter in ``path`` as it was.
     """
-    from .adapters import write_files
-
     path, state, inner = os.fspath(path), integration.state_of(model), integration.unwrap(model)
     kind, table = _exportable(state)
     shape, config = state.shape, state.config
@@ -267,8 +265,6 @@ def to_peft(model, path):
         meta.update(token_dim=tensors[PROMPT_KEY].shape[1], num_attention_heads=shape.num_heads,
                     prompt_tuning_init="RANDOM", prompt_tuning_init_text=None, tokenizer_name_or_path=None,
                     tokenizer_kwargs=None)
-    from safetensors.torch import save
-
-    return write_files(path, ((WEIGHTS_NAME, save(tensors, metadata={"format": "pt"})),
+    return write_files(path, ((WEIGHTS_NAME, safetensors.torch.save(tensors, metadata={"format": "pt"})),
                               (CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True).encode())))
 

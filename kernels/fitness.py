@@ -2,24 +2,25 @@
 sm_86/sm_89: same 99 KB shared-memory limit) and sm_90 and read what ptxas reports (registers,
 spill stores) plus the shared memory Triton allocates.
 
-Each kernel module offers ``fitness_configs()`` yielding tuples
+Each kernel module (``KERNEL_MODULES``: ``attention.fused``, ``attention.split``, ``embedding.fused``) offers
+``fitness_configs()``, built by its op's ``configs`` module from the module's kernels, yielding tuples
 
     (name, jit_fn, signature, constexprs, num_warps, num_stages, arch)
 
-with ``jit_fn`` the plain ``@triton.jit`` function (``heuristics_wrapped.fn``), ``signature`` the
+with ``jit_fn`` the ``@triton.jit`` function, ``signature`` the
 ``{arg: "*fp16" | "i32" | "fp32" | "constexpr" ...}`` map of ``triton.compiler.ASTSource`` and
 ``constexprs`` the values of its constexpr arguments; an optional 8th item gives ASTSource
 ``attrs`` (divisibility hints; ``signature_of`` builds all three the way Triton's launcher
 specialises a launch on contiguous tensors). The configs are the ones the module's launcher can
 pick, so "no spills and shared memory within the device limit" holds for real runs. They compile
-with the module's ``FP_FUSION`` (the enable_fp_fusion its launches pass), default True.
+with ``common.launch.FP_FUSION`` (the enable_fp_fusion every launch passes).
 
 On a cold Triton cache each config costs a few seconds (Triton compile + ptxas); results come
 from Triton's own ptxas run when it compiles, or a second ptxas run on a cache hit.
 
     python -m fastprefix.kernels.fitness            # table of every config, exit 1 on a failure
     python -m fastprefix.kernels.fitness --json     # the same as JSON lines (used by the tests)
-    python -m fastprefix.kernels.fitness --module gated_prefix_attention --filter sm90
+    python -m fastprefix.kernels.fitness --module attention --filter sm90   # an op (or one module: attention.split)
     python -m fastprefix.kernels.fitness --features  # the attention's attn_bias / window / softcap variants
 
 Compilation needs a real (not interpreted) Triton: run without TRITON_INTERPRET=1. No GPU and no
@@ -29,9 +30,12 @@ CUDA driver are needed; the wheel's own ptxas is used.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
+import io
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -39,13 +43,26 @@ import sys
 import tempfile
 from typing import Iterable, NamedTuple
 
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+
+from .common.launch import FP_FUSION, signature_of
+from .common.runtime import interpreting
+
+__all__ = ["FitnessConfig", "Fitness", "SHARED_LIMIT", "TARGETS", "KERNEL_MODULES", "signature_of", "measure",
+           "discover", "measure_all", "main"]
+
 # Opt-in shared memory per block (bytes): A100 (sm_80, 163 KB), RTX 30xx / L4 / L40 (sm_86 and sm_89,
 # 99 KB) and H100 (sm_90, 227 KB).
 SHARED_LIMIT = {80: 166_912, 86: 101_376, 90: 232_448}
 TARGETS = tuple(SHARED_LIMIT)
 
-# Kernel modules that may define fitness_configs(); a module without it is skipped.
-KERNEL_MODULES = ("gated_prefix_attention", "prompt_embedding", "prefix_merge")
+# Kernel modules that may define fitness_configs(); a module without it is skipped. ``--module`` also takes an
+# op (the folder: every kernel module of it).
+KERNEL_MODULES = ("attention.fused", "attention.split", "embedding.fused")
+OPS = tuple(dict.fromkeys(m.split(".")[0] for m in KERNEL_MODULES))
 
 
 class FitnessConfig(NamedTuple):
@@ -74,33 +91,8 @@ class Fitness(NamedTuple):
         return self.spill_store_bytes == 0 and self.shared_bytes <= SHARED_LIMIT[self.arch]
 
 
-def signature_of(fn, pointers: dict, constexprs: dict, floats: Iterable[str] = (), ones: Iterable[str] = (),
-                 multiples_of_16: Iterable[str] = ()):
-    """(signature, constexprs, attrs) for ASTSource, specialised as Triton's launcher would:
-    pointers are 16-byte aligned; `ones` (unit strides) become constexpr 1; `multiples_of_16`
-    (row strides, head dims) get the divisibility hint. "fp32" for `floats`, "i32" otherwise."""
-    floats, ones, div16 = set(floats), set(ones), set(multiples_of_16)
-    constexprs = dict(constexprs, **{name: 1 for name in ones})
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = pointers[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name in floats:
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
-            if name in div16:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return sig, constexprs, attrs
-
-
 def _ptxas(arch: int) -> str:
     """The wheel's bundled ptxas that Triton itself uses for `arch` (a newer one for sm_90+)."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
     return get_ptxas(arch).path
 
 
@@ -118,18 +110,9 @@ def _ptxas_report(compiled, arch: int) -> str:
 
 def measure(cfg: FitnessConfig) -> Fitness:
     """AOT-compile one config; registers and spills from ptxas -v, shared bytes from Triton."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         raise RuntimeError("fitness needs compiled Triton: unset TRITON_INTERPRET")
-    import contextlib
-    import io
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     src = ASTSource(cfg.fn, cfg.signature, cfg.constexprs, cfg.attrs)
-    module = sys.modules.get(getattr(cfg.fn, "__module__", None) or "")
-    fp_fusion = bool(getattr(module, "FP_FUSION", True))
     # Triton runs the bundled ptxas -v itself on a cold compile: keep its log instead of running it twice.
     log, knobs = io.StringIO(), triton.knobs.nvidia
     saved, knobs.dump_ptxas_log = knobs.dump_ptxas_log, True
@@ -137,7 +120,7 @@ def measure(cfg: FitnessConfig) -> Fitness:
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(src, target=GPUTarget("cuda", cfg.arch, 32),
                                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                                   enable_fp_fusion=fp_fusion))
+                                                   enable_fp_fusion=FP_FUSION))
     finally:
         knobs.dump_ptxas_log = saved
     text = log.getvalue()
@@ -150,12 +133,17 @@ def measure(cfg: FitnessConfig) -> Fitness:
                    int(spills.group(1)) if spills else 0, int(compiled.metadata.shared), blocks)
 
 
+def _expand(modules: Iterable[str]) -> list[str]:
+    """Kernel module names, an op (``attention``) standing for each of its modules."""
+    return [m for name in modules for m in ([k for k in KERNEL_MODULES if k.split(".")[0] == name] or [name])]
+
+
 def discover(modules: Iterable[str] = KERNEL_MODULES, features: bool = False) -> list[FitnessConfig]:
-    """Configs of every kernel module that defines fitness_configs(); with ``features``, instead the
+    """Configs of every kernel module (or op) that defines fitness_configs(); with ``features``, instead the
     optional-feature variants of the modules whose fitness_configs takes ``features`` (the attention's
     attn_bias / window / softcap kernels)."""
     configs = []
-    for name in modules:
+    for name in _expand(modules):
         full_name = f"{__package__ or 'fastprefix.kernels'}.{name}"
         try:
             module = importlib.import_module(full_name)
@@ -187,8 +175,6 @@ def measure_all(configs: list[FitnessConfig], workers: int = 0) -> list[Fitness]
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(configs) == 1:
         return [measure(c) for c in configs]
-    import multiprocessing
-
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         return pool.map(_measure_index, range(len(configs)), chunksize=1)
 
@@ -208,8 +194,8 @@ def format_table(results: list[Fitness]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="one JSON object per config instead of a table")
-    parser.add_argument("--module", action="append", choices=KERNEL_MODULES,
-                        help="only this kernel module (repeatable; default: all)")
+    parser.add_argument("--module", action="append", choices=OPS + KERNEL_MODULES,
+                        help="only this op or kernel module (repeatable; default: all)")
     parser.add_argument("--filter", default="", help="only configs whose name contains this text")
     parser.add_argument("--workers", type=int, default=0, help="compile processes (default: all cores)")
     parser.add_argument("--features", action="store_true",

@@ -1,6 +1,11 @@
-"""Numerical comparison helpers shared by the tests."""
+"""Numerical comparison helpers shared by the tests, and the attention paths called with the keyword arguments of
+``fastprefix.gated_prefix_attention`` (the paths themselves take an :class:`fastprefix.spec.AttentionSpec`)."""
 
 import torch
+
+from fastprefix.kernels.attention import dispatch, fused, split
+from fastprefix.reference import attention as reference
+from fastprefix.spec import AttentionSpec, default_path
 
 
 def rel_rms(x, ref):
@@ -63,3 +68,39 @@ def gradcheck_attention(attention, tensors, kwargs, fast_mode):
         return attention(*qkv, **t, **kwargs)
 
     return torch.autograd.gradcheck(fn, tuple(tensors.values()), eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=fast_mode)
+
+
+# ------------------------------------------------------------------- the attention paths, keyword arguments in
+
+
+def spec_of(q, k, **kwargs):
+    """The call's spec, from the keyword arguments of ``fastprefix.gated_prefix_attention`` (gate, gate_hidden, ...,
+    key_padding_mask, causal, scale, attn_bias, window, softcap)."""
+    return AttentionSpec.build(q, k, **kwargs)
+
+
+def reference_attention(q, k, v, prefix_k, prefix_v, **kwargs):
+    """The reference path (``fastprefix.reference.attention.gated_prefix_attention``)."""
+    return reference.gated_prefix_attention(q, k, v, prefix_k, prefix_v, spec_of(q, k, **kwargs))
+
+
+def fused_attention(q, k, v, prefix_k, prefix_v, out_layout="bhsd", **kwargs):
+    """The fused Triton kernel (``fastprefix.kernels.attention.fused.gated_prefix_attention``)."""
+    return fused.gated_prefix_attention(q, k, v, prefix_k, prefix_v, spec_of(q, k, **kwargs), out_layout)
+
+
+def split_attention(q, k, v, prefix_k, prefix_v, op=None, **kwargs):
+    """The split path (``fastprefix.kernels.attention.split.split_attention``)."""
+    return split.split_attention(q, k, v, prefix_k, prefix_v, spec_of(q, k, **kwargs), op=op)
+
+
+def triton_attention(q, k, v, prefix_k, prefix_v, path=None, **kwargs):
+    """The Triton backend's dispatch (``fastprefix.kernels.attention.dispatch``); ``path`` None: as ``fastprefix.ops``
+    resolves it (``FASTPREFIX_ATTENTION``, else ``"auto"``)."""
+    path = default_path() if path is None else path
+    return dispatch.gated_prefix_attention(q, k, v, prefix_k, prefix_v, spec_of(q, k, **kwargs), path)
+
+
+def choose_path(q, k, path=None, **kwargs):
+    """``dispatch.choose_path`` for this call, ``path`` resolved as in :func:`triton_attention`."""
+    return dispatch.choose_path(q, k, spec_of(q, k, **kwargs), default_path() if path is None else path)

@@ -10,6 +10,7 @@ import fastprefix
 from fastprefix import adapters
 from fastprefix.adapters import CONFIG_NAME, WEIGHTS_NAME
 from fastprefix.integrations import transformers as integration
+from fastprefix.integrations.families import model_shape
 from hf_models import METHODS, PAD, VOCAB, applied, batch, run, tiny
 
 
@@ -77,8 +78,8 @@ APPLIED_IDS = ["fresh-model", "applied-model"]
 def test_an_adapter_of_another_family_with_the_same_shape_is_refused(tmp_path, method):
     fastprefix.save_adapter(applied("llama", "ptv2"), tmp_path)
     qwen2 = _qwen2_shaped_like_tiny_llama()
-    assert integration._arch.model_shape(qwen2).to_dict() | {"model_type": "llama"} == \
-        integration._arch.model_shape(tiny("llama")).to_dict()
+    assert model_shape(qwen2).to_dict() | {"model_type": "llama"} == \
+        model_shape(tiny("llama")).to_dict()
     _refused(qwen2, tmp_path, "trained on a 'llama' model \\(LlamaForCausalLM\\), not on a 'qwen2' model "
                               "\\(Qwen2ForCausalLM\\)", method)
 

@@ -10,10 +10,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from fastprefix.kernels import gated_prefix_attention as kernel_module
-from fastprefix.kernels.gated_prefix_attention import gated_prefix_attention as triton_attention
-from fastprefix.reference.attention import gated_prefix_attention as reference_attention
-from numerics import assert_flash_rule, attention_leaves, gradcheck_attention, padding_mask
+from fastprefix.kernels.attention import configs
+from numerics import assert_flash_rule, attention_leaves, gradcheck_attention, padding_mask, reference_attention
+from numerics import fused_attention as triton_attention
 
 # floor, relative to the largest magnitude of the float64 reference tensor
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
@@ -188,7 +187,7 @@ def test_inputs_without_grad():
 
 
 def test_poisoned_outputs_are_nan(monkeypatch):
-    from fastprefix.kernels._runtime import new_buffer
+    from fastprefix.kernels.common.runtime import new_buffer
 
     monkeypatch.setenv("FASTPREFIX_POISON_OUTPUTS", "1")
     assert torch.isnan(new_buffer((2, 3), torch.float32, "cpu")).all()
@@ -208,12 +207,12 @@ def test_kernel_limits_raise():
 
 def test_config_choice_needs_no_gpu():
     """Under the interpreter the launcher picks its small CPU config; GPU tables cover D<=128."""
-    assert kernel_module.pick_config("fwd", 64, None) == kernel_module._INTERPRETER_CONFIG
+    assert configs.pick_config("fwd", 64, None) == configs._INTERPRETER_CONFIG
     for arch in (80, 86, 89, 90):
-        for kind in kernel_module.KINDS:
+        for kind in configs.KINDS:
             for block_d in (16, 32, 64, 128):
                 for dtype in (torch.float16, torch.bfloat16, torch.float32):
-                    assert len(kernel_module.pick_config(kind, block_d, arch, dtype)) == 5
+                    assert len(configs.pick_config(kind, block_d, arch, dtype)) == 5
 
 
 def test_torch_compile_fullgraph():

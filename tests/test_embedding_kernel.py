@@ -8,7 +8,7 @@ Kernel-written buffers start as NaN (``FASTPREFIX_POISON_OUTPUTS=1``), so an ele
 import pytest
 import torch
 
-import fastprefix.kernels.prompt_embedding as pe
+import fastprefix.kernels.embedding.fused as pe
 from fastprefix.fold import fold_adept_offsets
 from fastprefix.reference import embedding as ref
 from numerics import assert_flash_rule
@@ -127,8 +127,8 @@ def test_bf16_adept_and_dept_match_reference():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_gpu_tile_sizes_match_reference(dtype, monkeypatch):
     """The interpreter normally runs large tiles; here the sm_80 launch configs (BLOCK_T 32, BLOCK_D 16-64)."""
-    gpu_config = pe._config
-    monkeypatch.setattr(pe, "_config", lambda kernel, dt, arch, d: gpu_config(kernel, dt, (8, 0), d))
+    gpu_config = pe.pick_config
+    monkeypatch.setattr(pe, "pick_config", lambda kernel, dt, arch, d: gpu_config(kernel, dt, 80, d))
     ids, vals = _adept_inputs(2, 37, 5, 96, 19, repeated=True, dropout=True, dtype=dtype)
     names = ["weight", "prompt", "down_weight", "down_bias", "up_weight", "up_bias"]
     _check_against_reference(pe.adept_embedding, ref.adept_embedding, ids, vals, dtype, names)

@@ -13,7 +13,8 @@ import sys
 import pytest
 
 from fastprefix.kernels import fitness
-from fastprefix.kernels import gated_prefix_attention as attention
+from fastprefix.kernels.attention import configs as attention
+from fastprefix.kernels.attention import fused
 
 
 def _measure_module(module):
@@ -27,13 +28,13 @@ def _measure_module(module):
 
 @pytest.fixture(scope="module")
 def attention_results():
-    return _measure_module("gated_prefix_attention")
+    return _measure_module("attention.fused")
 
 
 @pytest.mark.parametrize("module", fitness.KERNEL_MODULES)
 def test_no_spills_and_shared_memory_fits(module, attention_results):
-    results = attention_results if module == "gated_prefix_attention" else _measure_module(module)
-    if module == "gated_prefix_attention":
+    results = attention_results if module == "attention.fused" else _measure_module(module)
+    if module == "attention.fused":
         assert results
     bad = [r for r in results if r["spill_store_bytes"] != 0 or r["shared_bytes"] > fitness.SHARED_LIMIT[r["arch"]]]
     assert not bad, "\n".join(f"{r['name']}: {r['spill_store_bytes']} B spilled, {r['shared_bytes']} B shared"
@@ -59,10 +60,10 @@ def test_attention_configs_cover_what_the_launcher_picks(attention_results):
 
 
 def test_signature_specialisation():
-    sig, constexprs, attrs = fitness.signature_of(attention._bwd_dkdv_kernel.fn, {"Q": "*fp16"}, {"BLOCK_M": 32},
+    sig, constexprs, attrs = fitness.signature_of(fused._bwd_dkdv_kernel, {"Q": "*fp16"}, {"BLOCK_M": 32},
                                                   floats=("qk_hi",), ones=("stride_kn",),
                                                   multiples_of_16=("stride_qm",))
-    names = attention._bwd_dkdv_kernel.fn.arg_names
+    names = fused._bwd_dkdv_kernel.arg_names
     assert sig["Q"] == "*fp16" and sig["qk_hi"] == "fp32" and sig["Sq"] == "i32"
     assert sig["BLOCK_M"] == sig["stride_kn"] == "constexpr" and constexprs["stride_kn"] == 1
     assert attrs[(names.index("stride_qm"),)] == [["tt.divisibility", 16]]
@@ -77,4 +78,4 @@ def test_discover_skips_modules_without_configs():
 def test_measure_refuses_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        fitness.measure(next(iter(fitness.discover(["gated_prefix_attention"]))))
+        fitness.measure(next(iter(fitness.discover(["attention.fused"]))))

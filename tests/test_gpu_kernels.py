@@ -3,7 +3,7 @@
 Marked ``cuda``: skipped without a GPU, or under ``TRITON_INTERPRET=1`` (these tests are about compiled code;
 the interpreter versions are tests/test_attention_kernel.py and tests/test_embedding_kernel.py).
 
-- Every attention path (the fused kernel, and the split path forced with ``FASTPREFIX_ATTENTION=split``)
+- Every attention path (the fused kernel, and the split path forced with ``path="split"``)
   and both embedding kernels in fp16, bf16 and fp32, under FlashAttention's rule: the error of every output
   and gradient against a float64 reference is at most twice the error of the PyTorch reference path in the
   same dtype, plus a small floor. Split cases skip (saying so) when this fastprefix has no split path, or
@@ -16,7 +16,6 @@ the interpreter versions are tests/test_attention_kernel.py and tests/test_embed
 (for developing these tests without a GPU; the large cases skip there).
 """
 
-import contextlib
 import dataclasses
 import os
 
@@ -24,7 +23,7 @@ import pytest
 import torch
 
 import fastprefix
-from fastprefix.benchmarks.gpu import forced_path, path_taken, split_path_available
+from fastprefix.benchmarks.gpu import path_taken, split_path_available
 from numerics import assert_flash_rule
 
 pytestmark = pytest.mark.cuda
@@ -120,13 +119,11 @@ NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
 
 
 def attend(leaves, kwargs, grad_out, backend, path=None):
-    """Output and gradients of every leaf, ``path`` forced (``FASTPREFIX_ATTENTION``) on the Triton backend."""
+    """Output and gradients of every leaf, ``path`` forced (``path=``) on the Triton backend."""
     leaves = {k: v.detach().requires_grad_() for k, v in leaves.items()}  # no copy: ops never write their inputs
-    ctx = forced_path(path) if path else contextlib.nullcontext()
-    with ctx:
-        out = fastprefix.gated_prefix_attention(*(leaves[n] for n in NAMES), backend=backend, **kwargs,
-                                                **{k: v for k, v in leaves.items() if k not in NAMES})
-        grads = torch.autograd.grad(out, list(leaves.values()), grad_out)
+    out = fastprefix.gated_prefix_attention(*(leaves[n] for n in NAMES), backend=backend, path=path, **kwargs,
+                                            **{k: v for k, v in leaves.items() if k not in NAMES})
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_out)
     return out.detach(), dict(zip(leaves, grads))
 
 

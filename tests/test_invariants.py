@@ -51,7 +51,7 @@ NEW_TOKENS = 3
 T5_DECODER_IDS = torch.tensor([[PAD, 5, 9, 17]])
 
 # (family, method) -> why apply refuses it; the refusal must be a ValueError naming the model
-REFUSED = {}  # none at present: T5's prefix methods run its position bias as attn_bias (integrations/_seq2seq.py)
+REFUSED = {}  # none at present: T5's prefix methods run its position bias as attn_bias (integrations/families/t5.py)
 # (family, method) pairs whose left-padded rows differ from the rows alone: the prompt sits in front of the left
 # padding, which the sliding window counts (the window is measured in slots). padded_eq_alone checks that they
 # do differ, so that the README's footnote can't go stale, and checks them right-padded.

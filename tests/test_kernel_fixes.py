@@ -10,10 +10,12 @@ grid. Every comparison is in float64 against an explicit torch reference.
 import pytest
 import torch
 
-from fastprefix.kernels import gated_prefix_attention as attention
-from fastprefix.kernels import prompt_embedding as embedding
+from fastprefix.kernels.attention import configs, fused
+from fastprefix.kernels.common import launch
+from fastprefix.kernels.embedding import fused as embedding
 from fastprefix.reference.attention import apt_gate
-from fastprefix.reference.attention import gated_prefix_attention as reference_attention
+from fastprefix.spec import AttentionSpec
+from numerics import fused_attention, reference_attention
 
 F64 = torch.float64
 
@@ -49,8 +51,8 @@ def test_output_layout_bshd():
     layout = "bshd"
     t = _attention_inputs(B=2, H=4, Hkv=2, Sq=5, Sk=6, L=3, D=16)
     mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
-    out = attention.gated_prefix_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], gate=t["gate"],
-                                           key_padding_mask=mask, causal=True, out_layout=layout)
+    out = fused_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], gate=t["gate"],
+                          key_padding_mask=mask, causal=True, out_layout=layout)
     want = reference_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], gate=t["gate"],
                                key_padding_mask=mask, causal=True)
     assert out.shape == want.shape == (2, 4, 5, 16)
@@ -63,18 +65,18 @@ def test_output_layout_bshd():
 def test_output_layout_rejects_unknown_names():
     t = _attention_inputs(B=1, H=1, Hkv=1, Sq=2, Sk=2, L=1, D=16, gate=False)
     with pytest.raises(ValueError, match="out_layout must be one of .*'bshd'.*got 'sbhd'"):
-        attention.gated_prefix_attention(*t.values(), out_layout="sbhd")
+        fused_attention(*t.values(), out_layout="sbhd")
 
 
 def test_dkdv_diagonal_interior_and_tail_ranges(monkeypatch):
     """16-row tiles and Sq = 40, Sk = 45: key tile 0 sees a masked causal diagonal tile, an unmasked
     interior tile and a ragged tail, with padding (zeroed rows) and decoding offset Sk - Sq = 5."""
-    monkeypatch.setattr(attention, "_INTERPRETER_CONFIG", attention.LaunchConfig(16, 16, 16, 4, 1))
+    monkeypatch.setattr(configs, "_INTERPRETER_CONFIG", launch.LaunchConfig(16, 16, 16, 4, 1))
     t = _attention_inputs(B=1, H=2, Hkv=1, Sq=40, Sk=45, L=3, D=16)
     mask = torch.ones(1, 45, dtype=torch.bool)
     mask[0, 5:9] = False
     kwargs = dict(gate=t["gate"], key_padding_mask=mask, causal=True)
-    out = attention.gated_prefix_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], **kwargs)
+    out = fused_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], **kwargs)
     want = reference_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], **kwargs)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     grad_out = torch.randn(want.shape, dtype=F64)
@@ -89,8 +91,8 @@ def test_apt_gate_is_computed_once_and_matches_a_precomputed_gate():
     t = _attention_inputs(B=2, H=2, Hkv=1, Sq=4, Sk=4, L=3, D=16, gate=False)
     hidden, w, b, lam = _randn(2, 4, 8, seed=6), _randn(8, 3, seed=7), _randn(3, seed=8), _randn(seed=9)
     args = (t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"])
-    out = attention.gated_prefix_attention(*args, gate_hidden=hidden, gate_weight=w, gate_bias=b, layer_scale=lam)
-    want = attention.gated_prefix_attention(*args, gate=apt_gate(hidden, w, b, lam))
+    out = fused_attention(*args, gate_hidden=hidden, gate_weight=w, gate_bias=b, layer_scale=lam)
+    want = fused_attention(*args, gate=apt_gate(hidden, w, b, lam))
     assert torch.equal(out, want)
     grad_out = torch.randn(out.shape, dtype=F64)
     inputs = [*args, hidden, w, b, lam]
@@ -114,40 +116,40 @@ def test_grid_folds_batch_heads_into_axis_0(monkeypatch, B, H, Hkv):
     axes 1 and 2 small; every launch sets enable_fp_fusion explicitly."""
     log = []
     for name in ("_fwd_kernel", "_bwd_delta_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_prefix_kernel"):
-        monkeypatch.setattr(attention, name, _LaunchRecorder(name, log))
+        monkeypatch.setattr(fused, name, _LaunchRecorder(name, log))
     Sq = Sk = 3
     q = torch.zeros(B, H, Sq, 16)
     k = torch.zeros(B, Hkv, Sk, 16)
     prefix = torch.zeros(Hkv, 2, 16)
-    out, lse = attention._forward(q, k, k, prefix, prefix, None, None, True, 0.25, False)
-    attention._backward(out, q, k, k, prefix, prefix, None, None, out, lse, True, 0.25)
+    out, lse = fused._forward(q, k, k, prefix, prefix, AttentionSpec(scale=0.25, causal=True), False)
+    fused._backward(out, q, k, k, prefix, prefix, out, lse, AttentionSpec(scale=0.25, causal=True))
     grids = {name: grid for name, grid, _ in log}
     assert grids["_fwd_kernel"] == grids["_bwd_delta_kernel"] == grids["_bwd_dq_kernel"] == (B * H,)  # 64 rows
     assert grids["_bwd_dkdv_kernel"] == (B * Hkv,)  # one 32-row key tile
     assert grids["_bwd_prefix_kernel"] == (B * Hkv, 1)  # one prefix tile, one query split
     assert all(max(grid[1:], default=0) <= 65_535 for grid in grids.values())
-    assert all(options["enable_fp_fusion"] is attention.FP_FUSION for _, _, options in log)
+    assert all(options["enable_fp_fusion"] is launch.FP_FUSION for _, _, options in log)
 
 
 def test_folded_grid_limit():
-    assert attention._folded_grid(3, 70_000, 2) == (210_000, 2)
+    assert launch.folded_grid(3, 70_000, 2) == (210_000, 2)
     with pytest.raises(ValueError, match="2147483648 programs exceed"):
-        attention._folded_grid(2 ** 16, 2 ** 15)
+        launch.folded_grid(2 ** 16, 2 ** 15)
 
 
 def test_launch_tables_per_target_and_dtype():
     """sm_80, sm_86/89 and sm_90 have their own tables; fp32 its own tiles; the prefix tile follows L."""
-    assert [attention.target_of(a) for a in (75, 80, 86, 87, 89, 90, 100)] == [86, 80, 86, 80, 86, 90, 90]
-    for kind in attention.KINDS:
+    assert [configs.target_of(a) for a in (75, 80, 86, 87, 89, 90, 100)] == [86, 80, 86, 80, 86, 90, 90]
+    for kind in configs.KINDS:
         for D in (64, 128):
-            half = attention.pick_config(kind, D, 80, torch.float16)
-            assert attention.pick_config(kind, D, 80, torch.bfloat16) == half
-            assert attention.pick_config(kind, D, 80, torch.float32) is attention._CONFIGS_FP32[80][kind][D]
-            assert attention.pick_config(kind, D, 89, torch.float16) is attention._CONFIGS_16BIT[86][kind][D]
-    assert attention.pick_config("bwd_dkdv", 128, 80).block_n == 64  # Q and dO read once per 64 keys
-    assert [attention._prefix_tile(L, 64) for L in (1, 5, 16, 17, 64, 65, 300)] == [16, 16, 16, 32, 64, 64, 64]
+            half = configs.pick_config(kind, D, 80, torch.float16)
+            assert configs.pick_config(kind, D, 80, torch.bfloat16) == half
+            assert configs.pick_config(kind, D, 80, torch.float32) is configs._CONFIGS_FP32[80][kind][D]
+            assert configs.pick_config(kind, D, 89, torch.float16) is configs._CONFIGS_16BIT[86][kind][D]
+    assert configs.pick_config("bwd_dkdv", 128, 80).block_n == 64  # Q and dO read once per 64 keys
+    assert [launch.prefix_tile(L, 64) for L in (1, 5, 16, 17, 64, 65, 300)] == [16, 16, 16, 32, 64, 64, 64]
     with pytest.raises(ValueError, match="kind must be one of"):
-        attention.pick_config("fwd_fused", 64, 80)
+        configs.pick_config("fwd_fused", 64, 80)
 
 
 # ---------------------------------------------------------------------------------- prompt embedding
@@ -208,13 +210,13 @@ def test_padding_idx_table_gradient(method):
 def test_dept_backward_grid_over_positions_chunks_and_batch(monkeypatch):
     """With 16-column chunks, S = 37 spans two 32-row position tiles, d = 40 three column chunks (a
     ragged one) and the batch two splits of 3 and 2 rows: the partials add up to the reference."""
-    config = embedding._config
+    config = embedding.pick_config
 
     def narrow(kernel, *args):
         cfg = config(kernel, *args)
-        return dict(cfg, BLOCK_D=16) if kernel == "dept_bwd" else cfg
+        return cfg._replace(block_n=16) if kernel == "dept_bwd" else cfg
 
-    monkeypatch.setattr(embedding, "_config", narrow)
+    monkeypatch.setattr(embedding, "pick_config", narrow)
     V, d, r, B, S, m = 7, 40, 4, 5, 37, 1
     ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(2))
     table, prompt, lora_a, lora_b = _randn(V, d, seed=20), _randn(m, d, seed=21), _randn(45, r, seed=22), \

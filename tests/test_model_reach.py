@@ -114,7 +114,7 @@ REFUSED = {
     **{("bloom", m): (_NOT_ROUTED[0], _NOT_ROUTED[1].format("BloomForCausalLM")) for m in PREFIX},
     **{("stablelm", m): (_NOT_ROUTED[0], _NOT_ROUTED[1].format("StableLmForCausalLM")) for m in PREFIX},
     # T5's position bias and DeBERTa's disentangled attention reach fastprefix's attention as attn_bias
-    # (fastprefix/integrations/_seq2seq.py, _deberta.py)
+    # (fastprefix/integrations/families/t5.py, deberta.py)
 }
 # cells exact right-padded only: the prompt goes in front of the padding, which a sliding window counts
 RIGHT_PADDED = {(f, m) for f in WINDOWED_DECODERS for m in PROMPT}
@@ -258,7 +258,7 @@ def _eager_prefix_attention(module, query, key, value, attention_mask, scaling=N
     layer's sliding window, a cropped cache's offsets); the prefix columns get 0 (visible). Soft-capping as
     transformers' eager Gemma 2 does it, before the mask; the P-Tuning v2 prefix has no gate.
     """
-    from fastprefix.integrations._attention import KWARG
+    from fastprefix.integrations.context import KWARG
     from fastprefix.modules import PTuningV2Prefix
 
     pk, pv = PTuningV2Prefix.layer(kwargs[KWARG].prefixes, module._fastprefix_layer)  # [Hkv, L, D]
@@ -286,7 +286,7 @@ def test_windows_and_softcap_match_transformers_masks(family, monkeypatch):
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from fastprefix.integrations._attention import NAME
+    from fastprefix.integrations.context import NAME
 
     model, kind = _build(family)
     torch.manual_seed(0)
@@ -320,7 +320,8 @@ def test_the_mask_function_knows_transformers_patterns_by_structure():
     anything else (chunked attention, overlays, a look-alike function) is refused, not guessed."""
     from transformers import masking_utils as mu
 
-    from fastprefix.integrations._attention import fastprefix_mask, mask_pattern
+    from fastprefix.integrations.attention import fastprefix_mask
+    from fastprefix.integrations.masks import mask_pattern
 
     assert mask_pattern(mu.causal_mask_function) == (True, None)
     assert mask_pattern(mu.bidirectional_mask_function) == (False, None)

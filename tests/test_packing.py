@@ -13,7 +13,7 @@ import torch
 
 import fastprefix
 import invariant_models
-from fastprefix.integrations import _packing
+from fastprefix.integrations.packing import prompt_packing, token_slots
 from hf_models import METHODS, VOCAB, perturb
 
 LENGTHS = (5, 1, 7, 3)
@@ -278,7 +278,7 @@ def test_prompt_packed_equals_each_prompted_alone(method, signal):
                               use_cache=False) for s in seqs], dim=1)
     assert packed.shape[1] == sum(LENGTHS) + m * len(LENGTHS)
     torch.testing.assert_close(packed, alone, **TOL)
-    slots = _packing.token_slots(_packing.prompt_packing(kw), m)
+    slots = token_slots(prompt_packing(kw), m)
     assert slots[0, :2].tolist() == [m, m + 1] and slots[0, 5].item() == 2 * m + 5
     if signal == "both":
         cu = [0, *torch.tensor([n + m for n in LENGTHS]).cumsum(0).tolist()]

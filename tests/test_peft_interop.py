@@ -23,7 +23,7 @@ import torch
 
 import fastprefix
 from fastprefix import peft_io
-from fastprefix.integrations import _positions
+from fastprefix.integrations import positions as _positions
 from hf_models import PAD, VOCAB, batch, minilm_path, perturb, positions
 from hf_models import tiny as tiny32
 from invariant_models import tiny as tiny64

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import fastprefix
-from fastprefix.integrations import _attention
+from fastprefix.integrations import attention as _attention
+from fastprefix.integrations.gates import RUNNING, gate_tensor
 from hf_models import batch, perturb, positions, run, tiny
 
 EXACT = dict(atol=1e-10, rtol=1e-10)
@@ -216,7 +217,7 @@ def test_beam_search_or_a_foreign_cache_with_the_causal_pooled_gate_is_a_clear_e
     ids, mask = batch([6, 6], "left")
     with torch.no_grad():
         cache = model(input_ids=ids, use_cache=True).past_key_values
-        del cache.__dict__[_attention._RUNNING]  # as a cache filled without fastprefix would be
+        del cache.__dict__[RUNNING]  # as a cache filled without fastprefix would be
         with pytest.raises(ValueError, match="holds 6 earlier tokens but not their running gate statistics"):
             model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
     with pytest.raises(ValueError, match="reordered.*gate='token'"):
@@ -255,7 +256,7 @@ def test_output_attentions_are_the_maps_over_prefix_and_keys(kind, method, monke
 
     def spy(q, k, v, pk, pv, **kw):
         out = real(q, k, v, pk, pv, **kw)
-        calls.append((v, pv, _attention._gate_tensor(kw), out))
+        calls.append((v, pv, gate_tensor(kw), out))
         return out
 
     monkeypatch.setattr(_attention.ops, "gated_prefix_attention", spy)

@@ -189,7 +189,7 @@ def test_scaled_embedding_triton_path_matches_reference_path(method, monkeypatch
     """The embedding scale reaches the fused kernels (Triton's interpreter here): same outputs and gradients."""
     import importlib
 
-    kernels = importlib.import_module("fastprefix.kernels.prompt_embedding")
+    kernels = importlib.import_module("fastprefix.kernels.embedding.fused")
     calls = []
     real = getattr(kernels, f"{method}_embedding")
     monkeypatch.setattr(kernels, f"{method}_embedding", lambda *a, **k: calls.append(1) or real(*a, **k))

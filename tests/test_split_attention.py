@@ -13,10 +13,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastprefix import ops
-from fastprefix.kernels import attention_path, prefix_merge, vendor_attention
-from fastprefix.reference.attention import gated_prefix_attention as reference_attention
-from fastprefix.reference.prefix_merge import prefix_merge as naive_merge
-from numerics import ATTENTION_INPUTS, assert_flash_rule, gradcheck_attention
+from fastprefix.kernels.attention import dispatch, split, vendor
+from fastprefix.reference import split as reference_split
+from fastprefix.spec import gate3
+from numerics import (ATTENTION_INPUTS, assert_flash_rule, choose_path, gradcheck_attention, reference_attention,
+                      spec_of, split_attention, triton_attention)
 from test_attention_kernel import CASES, FLOOR, GRADCHECK_CASES, Case, make_inputs, run, upcast
 
 NAMES = ATTENTION_INPUTS
@@ -27,13 +28,13 @@ def split_calls(monkeypatch):
     """Force the split path and count its calls, so a silent fallback to the fused kernel cannot pass."""
     monkeypatch.setenv("FASTPREFIX_ATTENTION", "split")
     calls = []
-    real = prefix_merge.split_attention
-    monkeypatch.setattr(prefix_merge, "split_attention", lambda *a, **k: calls.append(k.get("op")) or real(*a, **k))
+    real = split.split_attention
+    monkeypatch.setattr(split, "split_attention", lambda *a, **k: calls.append(k.get("op")) or real(*a, **k))
     return calls
 
 
 def split_fn(*args, **kwargs):
-    return attention_path.gated_prefix_attention(*args, **kwargs)
+    return triton_attention(*args, **kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -90,9 +91,9 @@ def test_merge_kernel_matches_naive_twin():
     gate = torch.rand(B, Sq, L, generator=g, dtype=torch.float64) * 3
     lse_k = torch.randn(B, H, Sq, generator=g, dtype=torch.float64) * 4
     lse_k[0, 0, :3] = torch.tensor([-torch.inf, torch.inf, torch.nan])
-    out, lse2 = prefix_merge.merge_forward(q, pk, pv, gate, o_k, lse_k, 0.3)
+    out, lse2 = split.merge_forward(q, pk, pv, gate, o_k, lse_k, 0.3)
     ref_lse_k = lse_k.nan_to_num(nan=-torch.inf, posinf=-torch.inf)
-    out_ref, lse_ref = naive_merge(q, pk, pv, gate, o_k, ref_lse_k, 0.3)
+    out_ref, lse_ref = reference_split.merge_forward(q, pk, pv, gate3(gate), o_k, ref_lse_k, 0.3, with_lse=True)[:2]
     torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
     ln2 = torch.log(torch.tensor(2.0, dtype=torch.float64))
     torch.testing.assert_close(lse2 * ln2, lse_ref, rtol=1e-12, atol=1e-12)
@@ -124,10 +125,12 @@ def test_forward_builds_no_concatenation_and_no_prefix_scores(gate):
     t = {n: x.detach() for n, x in tensors.items()}
     g = t.get("gate")
     with _Allocations() as spy:
-        prefix_merge._forward(*(t[n] for n in NAMES), g, kwargs["key_padding_mask"], True, D ** -0.5, "cpu")
+        split._forward(*(t[n] for n in NAMES),
+                       spec_of(t["q"], t["k"], gate=g, key_padding_mask=kwargs["key_padding_mask"], causal=True,
+                               scale=D ** -0.5), "cpu")
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(tuple(x.shape)) or x, lambda x: x):
-        prefix_merge.split_attention(*(tensors[n] for n in NAMES), gate=tensors.get("gate"), **kwargs)
+        split_attention(*(tensors[n] for n in NAMES), gate=tensors.get("gate"), **kwargs)
     shapes = [s for _, s in spy.shapes] + saved
     assert spy.shapes and saved
     assert not [s for s in shapes if L + Sk in s], spy.shapes
@@ -166,7 +169,7 @@ def test_torch_compile_fullgraph(split_calls):
     case = Case(B=1, H=2, Hkv=1, Sq=5, Sk=6, L=3, D=16, gate="dense", causal=True, pad=True)
     tensors, kwargs = make_inputs(case, torch.float64)
     grad_out = torch.randn(case.B, case.H, case.Sq, case.D, dtype=torch.float64)
-    compiled = torch.compile(prefix_merge.split_attention, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(split_attention, backend="aot_eager", fullgraph=True)
     out, grads = run(compiled, tensors, kwargs, grad_out)
     out_ref, grads_ref = run(reference_attention, tensors, kwargs, grad_out)
     torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
@@ -194,26 +197,26 @@ def test_env_var_picks_the_path_per_call_on_cpu(value, path, monkeypatch):
     """Read at every call; on CPU (interpreter) the automatic rule keeps the fused kernel."""
     monkeypatch.setenv("FASTPREFIX_ATTENTION", value)
     q, k = torch.randn(1, 2, 3, 16), torch.randn(1, 1, 4, 16)
-    assert attention_path.choose_path(q, k)[:2] == (path, "cpu" if path == "split" else None)
+    assert choose_path(q, k)[:2] == (path, "cpu" if path == "split" else None)
 
 
 def test_bad_env_var_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("FASTPREFIX_ATTENTION", "fastest")
     q = torch.randn(1, 1, 2, 16)
     with pytest.raises(ValueError, match="FASTPREFIX_ATTENTION.*'fastest'"):
-        attention_path.choose_path(q, q)
+        choose_path(q, q)
 
 
 def test_ops_backend_triton_follows_the_env_var(monkeypatch):
-    """fastprefix.ops -> attention_path: split or fused by FASTPREFIX_ATTENTION, both exact in float64."""
-    from fastprefix.kernels import gated_prefix_attention as fused_module
+    """fastprefix.ops -> dispatch: split or fused by FASTPREFIX_ATTENTION, both exact in float64."""
+    from fastprefix.kernels.attention import fused as fused_module
 
     case = Case(B=2, H=2, Hkv=1, Sq=6, Sk=6, L=3, D=16, gate="fused", pad=True, causal=True)
     tensors, kwargs = make_inputs(case, torch.float64)
     t = {k: v.detach() for k, v in tensors.items()}
     extra = {k: v for k, v in t.items() if k not in NAMES}
     out_ref = reference_attention(*(t[n] for n in NAMES), **extra, **kwargs)
-    for value, module, name in (("split", prefix_merge, "split_attention"),
+    for value, module, name in (("split", split, "split_attention"),
                                 ("fused", fused_module, "gated_prefix_attention")):
         calls = []
         real = getattr(module, name)
@@ -238,17 +241,17 @@ def test_ops_backend_triton_follows_the_env_var(monkeypatch):
 ], ids=["cpu", "sm80-fp16", "sm90-bf16", "pad", "fp32", "sm75", "sm100", "D36", "D256", "mps"])
 def test_vendor_op_table(device, cap, dtype, D, mask, expected):
     for causal, Sq, Sk in ((False, 8, 8), (True, 3, 8)):  # causal and Sq < Sk never rule an op out
-        assert vendor_attention.choose_op(device, cap, dtype, D, mask, causal, Sq, Sk) == expected
+        assert vendor.choose_op(device, cap, dtype, D, mask, causal, Sq, Sk) == expected
 
 
 def test_default_rule_on_cuda_picks_split_for_half_precision(monkeypatch):
     monkeypatch.delenv("FASTPREFIX_ATTENTION", raising=False)
-    monkeypatch.setattr(prefix_merge, "_arch_of", lambda t: 80 if t.device.type == "cuda" else None)
+    monkeypatch.setattr(dispatch, "arch_of", lambda t: 80 if t.device.type == "cuda" else None)
     with FakeTensorMode():
         for dtype, path in ((torch.float16, "split"), (torch.bfloat16, "split"), (torch.float32, "fused")):
             q = torch.empty(2, 4, 8, 64, dtype=dtype, device="cuda")
             k = torch.empty(2, 2, 8, 64, dtype=dtype, device="cuda")
-            assert attention_path.choose_path(q, k, causal=True)[0] == path, dtype
+            assert choose_path(q, k, causal=True)[0] == path, dtype
 
 
 class _OpLog(TorchDispatchMode):
@@ -277,18 +280,18 @@ def test_cuda_flash_branch_op_calls_on_fake_tensors(causal):
         k = torch.empty(B, Hkv, Sk, D, dtype=torch.bfloat16, device="cuda")
         v = torch.empty(B, Hkv, Sk, D, dtype=torch.bfloat16, device="cuda")
         with _OpLog() as log:
-            o_k, lse_k, rng = vendor_attention.forward("flash", q, k, v, None, causal, scale)
+            o_k, lse_k, rng = vendor.forward("flash", q, k, v, None, causal, scale)
         (func, a), = log.calls
         assert func is torch.ops.aten._scaled_dot_product_flash_attention.default
         assert a["query"] is q and a["key"] is k and a["value"] is v  # [B, Hkv, Sk, D]: not expanded
         assert (a["dropout_p"], a["is_causal"], a["return_debug_mask"], a["scale"]) == (0.0, causal, False, scale)
         assert o_k.shape == (B, H, Sq, D) and o_k.dtype == torch.bfloat16
         assert lse_k.shape == (B, H, Sq) and lse_k.dtype == torch.float32
-        assert fake_rng_matches(rng, vendor_attention.rng_like("flash", q))
+        assert fake_rng_matches(rng, vendor.rng_like("flash", q))
 
         out, grad = torch.empty_like(o_k), torch.empty_like(o_k)
         with _OpLog() as log:
-            dq, dk, dv = vendor_attention.backward("flash", grad, q, k, v, out, lse_k, rng, None, causal, scale)
+            dq, dk, dv = vendor.backward("flash", grad, q, k, v, out, lse_k, rng, None, causal, scale)
         (func, a), = log.calls
         assert func is torch.ops.aten._scaled_dot_product_flash_attention_backward.default
         assert a["grad_out"] is grad and a["out"] is out and a["logsumexp"] is lse_k
@@ -312,7 +315,7 @@ def test_fake_kernels_match_the_vendor_meta_shapes():
         gate = torch.empty(B, Sq, L, dtype=torch.float16, device="cuda")
         out, lse, lse_k, seed, offset = torch.ops.fastprefix.split_attention_fwd(q, k, v, pk, pv, gate, None, True,
                                                                                  0.125, "flash")
-        _, real_lse_k, real_rng = vendor_attention.forward("flash", q, k, v, None, True, 0.125)
+        _, real_lse_k, real_rng = vendor.forward("flash", q, k, v, None, True, 0.125)
         assert out.shape == q.shape and out.transpose(1, 2).is_contiguous() and lse.shape == (B, H, Sq)
         assert lse_k.shape == real_lse_k.shape and lse_k.dtype == real_lse_k.dtype
         assert fake_rng_matches((seed, offset), real_rng)

@@ -17,10 +17,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fastprefix import ops
-from fastprefix.kernels import attention_path, prefix_merge, vendor_attention
-from fastprefix.kernels import gated_prefix_attention as fused_module
-from fastprefix.reference.attention import gated_prefix_attention as reference_attention
-from numerics import ATTENTION_INPUTS, assert_flash_rule, attention_leaves, gradcheck_attention, padding_mask
+from fastprefix.kernels.attention import dispatch, split, vendor
+from fastprefix.spec import effective_window
+from numerics import (ATTENTION_INPUTS, assert_flash_rule, attention_leaves, choose_path, fused_attention,
+                      gradcheck_attention, padding_mask, reference_attention, split_attention, triton_attention)
 from test_attention_kernel import FLOOR
 from test_split_attention import _OpLog
 
@@ -37,8 +37,8 @@ def split_calls(monkeypatch):
     """Force the split path and record its vendor op per call, so a silent fallback cannot pass."""
     monkeypatch.setenv("FASTPREFIX_ATTENTION", "split")
     calls = []
-    real = prefix_merge.split_attention
-    monkeypatch.setattr(prefix_merge, "split_attention", lambda *a, **k: calls.append(k.get("op")) or real(*a, **k))
+    real = split.split_attention
+    monkeypatch.setattr(split, "split_attention", lambda *a, **k: calls.append(k.get("op")) or real(*a, **k))
     return calls
 
 
@@ -133,7 +133,7 @@ def explicit_attention(q, k, v, prefix_k, prefix_v, *, gate=None, key_padding_ma
 
 
 def split_fn(*args, **kwargs):
-    return attention_path.gated_prefix_attention(*args, **kwargs)
+    return triton_attention(*args, **kwargs)
 
 
 # A covering set: every bias broadcast shape, with and without its gradient, windows on either side,
@@ -282,8 +282,8 @@ def test_float32_bias_on_float64_queries(split_calls):
 def test_bias_without_grad_costs_no_gradient_work(split_calls, monkeypatch):
     """A frozen bias: no bias-gradient recomputation, no gradient, the other gradients unchanged."""
     spent = []
-    real = vendor_attention._cpu_bias_grad
-    monkeypatch.setattr(vendor_attention, "_cpu_bias_grad", lambda *a: spent.append(1) or real(*a))
+    real = vendor._cpu_bias_grad
+    monkeypatch.setattr(vendor, "_cpu_bias_grad", lambda *a: spent.append(1) or real(*a))
     case = Case(bias="1Hqk", window=(2, 1), pad=True)
     tensors, kwargs = make_inputs(case, torch.float64)
     frozen = tensors["attn_bias"].detach()
@@ -317,7 +317,7 @@ def test_softcap_under_split_is_exactly_the_fused_result(extra, split_calls):
     grad_out = torch.randn(case.B, case.H, case.Sq, case.D)
     out, grads = run(split_fn, tensors, kwargs, grad_out)
     assert split_calls == []
-    out_fused, grads_fused = run(fused_module.gated_prefix_attention, tensors, kwargs, grad_out)
+    out_fused, grads_fused = run(fused_attention, tensors, kwargs, grad_out)
     assert torch.equal(out, out_fused)
     for name in grads:
         assert torch.equal(grads[name], grads_fused[name]), name
@@ -350,7 +350,7 @@ def test_torch_compile_fullgraph_with_bias_and_window(split_calls):
                 pad=True)
     tensors, kwargs = make_inputs(case, torch.float64)
     grad_out = torch.randn(case.B, case.H, case.Sq, case.D, dtype=torch.float64)
-    compiled = torch.compile(prefix_merge.split_attention, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(split_attention, backend="aot_eager", fullgraph=True)
     out, grads = run(compiled, tensors, kwargs, grad_out)
     out_ref, grads_ref = run(explicit_attention, tensors, kwargs, grad_out)
     torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
@@ -374,7 +374,7 @@ def test_torch_compile_fullgraph_with_bias_and_window(split_calls):
     ((0, 0), False, 1, 8, (0, -1)),     # one query: right of it there is nothing
 ], ids=["none", "unbounded", "too-wide", "left", "right", "causal-left", "causal-only", "one-query"])
 def test_effective_window(window, causal, Sq, Sk, expected):
-    assert vendor_attention.effective_window(window, causal, Sq, Sk) == expected
+    assert effective_window(window, causal, Sq, Sk) == expected
 
 
 @pytest.mark.parametrize("dtype, D, mask, bias, window, expected", [
@@ -392,13 +392,13 @@ def test_effective_window(window, causal, Sq, Sk, expected):
 def test_vendor_op_table_with_features(dtype, D, mask, bias, window, expected):
     for cap in (80, 90):
         for causal, Sq, Sk in ((False, 8, 8), (True, 3, 8)):
-            got = vendor_attention.choose_op("cuda", cap, dtype, D, mask, causal, Sq, Sk, bias_dtype=bias,
+            got = vendor.choose_op("cuda", cap, dtype, D, mask, causal, Sq, Sk, bias_dtype=bias,
                                              has_window=window)
             assert got == expected, (cap, causal)
-    assert vendor_attention.choose_op("cuda", 75, dtype, D, mask, False, 8, 8, bias_dtype=bias,
+    assert vendor.choose_op("cuda", 75, dtype, D, mask, False, 8, 8, bias_dtype=bias,
                                       has_window=window) is None
     # CPU takes every feature (any dtype, any bias dtype)
-    assert vendor_attention.choose_op("cpu", None, dtype, D, mask, False, 8, 8, bias_dtype=bias,
+    assert vendor.choose_op("cpu", None, dtype, D, mask, False, 8, 8, bias_dtype=bias,
                                       has_window=window) == "cpu"
 
 
@@ -423,14 +423,14 @@ def _fake_cuda_call(dtype=torch.float16, B=2, H=4, Hkv=2, Sq=8, Sk=8, D=64):
         "split-softcap", "split-softcap-bias", "fused-bias"])
 def test_choose_path_on_cuda(forced, features, expected, monkeypatch):
     monkeypatch.setenv("FASTPREFIX_ATTENTION", forced)
-    monkeypatch.setattr(prefix_merge, "_arch_of", lambda t: 80 if t.device.type == "cuda" else None)
+    monkeypatch.setattr(dispatch, "arch_of", lambda t: 80 if t.device.type == "cuda" else None)
     with FakeTensorMode():
         q, k = _fake_cuda_call()
         kwargs = dict(features)
         if "attn_bias" in kwargs:
             dtype = q.dtype if kwargs["attn_bias"] is True else kwargs["attn_bias"]
             kwargs["attn_bias"] = torch.empty(1, 4, 8, 8, dtype=dtype, device="cuda")
-        assert attention_path.choose_path(q, k, causal=True, **kwargs)[:2] == expected
+        assert choose_path(q, k, causal=True, **kwargs)[:2] == expected
 
 
 @pytest.mark.parametrize("features, expected", [
@@ -443,9 +443,9 @@ def test_choose_path_on_cpu_under_forced_split(features, expected, monkeypatch):
     kwargs = dict(features)
     if "attn_bias" in kwargs:
         kwargs["attn_bias"] = torch.randn(3, 4)
-    assert attention_path.choose_path(q, k, **kwargs)[:2] == expected
+    assert choose_path(q, k, **kwargs)[:2] == expected
     monkeypatch.setenv("FASTPREFIX_ATTENTION", "auto")
-    assert attention_path.choose_path(q, k, **kwargs)[:2] == ("fused", None)
+    assert choose_path(q, k, **kwargs)[:2] == ("fused", None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -465,7 +465,7 @@ def test_efficient_bias_buffer_layout_and_values(causal, Sq):
     bias[0, 1, 2, 3] = -torch.inf
     pad = torch.ones(B, Sk, dtype=torch.bool)
     pad[1, :4] = False
-    got, is_causal = vendor_attention._efficient_bias(q, Sk, pad, causal, (2, 1), bias)
+    got, is_causal = vendor._efficient_bias(q, Sk, pad, causal, (2, 1), bias)
     assert is_causal == (causal and Sq == Sk)
     assert got.shape == (B, H, Sq, Sk) and got.dtype == torch.float16 and got.stride(-1) == 1
     assert all(s % 16 == 0 for s in got.stride()[:3]), got.stride()
@@ -479,7 +479,7 @@ def test_efficient_bias_buffer_layout_and_values(causal, Sq):
     expected = torch.where(visible, bias.clamp(min=lowest), torch.tensor(lowest, dtype=torch.float16))
     assert torch.equal(got, expected)
     # nothing to mask or add: no bias at all
-    assert vendor_attention._efficient_bias(q, Sk, None, causal and Sq == Sk, None, None) == (None, causal and Sq == Sk)
+    assert vendor._efficient_bias(q, Sk, None, causal and Sq == Sk, None, None) == (None, causal and Sq == Sk)
 
 
 @pytest.mark.parametrize("causal, Sq, bias_grad, gqa", [(False, 5, True, False), (True, 5, False, True),
@@ -501,7 +501,7 @@ def test_cuda_efficient_branch_op_calls_on_fake_tensors(causal, Sq, bias_grad, g
         pad = torch.empty(B, Sk, dtype=torch.bool, device="cuda")
         window = (3, -1)
         with _OpLog() as log:
-            o_k, lse_k, rng = vendor_attention.forward("efficient", q, k, v, pad, causal, scale, attn_bias=bias,
+            o_k, lse_k, rng = vendor.forward("efficient", q, k, v, pad, causal, scale, attn_bias=bias,
                                                        window=window)
         calls = [a for f, a in log.calls if f is torch.ops.aten._scaled_dot_product_efficient_attention.default]
         assert len(calls) == 1
@@ -516,15 +516,15 @@ def test_cuda_efficient_branch_op_calls_on_fake_tensors(causal, Sq, bias_grad, g
         assert a["is_causal"] == (causal and Sq == Sk) and a["scale"] == scale
         assert o_k.shape == (B, H, Sq, D) and o_k.dtype == torch.bfloat16
         assert lse_k.shape == (B, H, 32) and lse_k.dtype == torch.float32
-        ref_lse = vendor_attention.lse_like("efficient", q)
+        ref_lse = vendor.lse_like("efficient", q)
         assert ref_lse.shape == lse_k.shape and ref_lse.dtype == lse_k.dtype
         assert all(x.shape == y.shape and x.dtype == y.dtype
-                   for x, y in zip(rng, vendor_attention.rng_like("efficient", q)))
+                   for x, y in zip(rng, vendor.rng_like("efficient", q)))
 
         out = torch.empty(B, Sq, H, D, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
         grad = torch.empty_like(out)
         with _OpLog() as log:
-            dq, dk, dv, dbias = vendor_attention.backward_all(
+            dq, dk, dv, dbias = vendor.backward_all(
                 "efficient", grad, q, k, v, out, lse_k, rng, pad, causal, scale, attn_bias=bias, window=window,
                 bias_grad=bias_grad)
         calls = [a for f, a in log.calls
@@ -540,7 +540,7 @@ def test_cuda_efficient_branch_op_calls_on_fake_tensors(causal, Sq, bias_grad, g
         assert a["is_causal"] == (causal and Sq == Sk) and a["scale"] == scale
         assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
         assert dq.dtype == dk.dtype == dv.dtype == torch.bfloat16
-        assert [x.stride() for x in (dq, dk, dv)] == [x.stride() for x in vendor_attention.grads_like("efficient", q,
+        assert [x.stride() for x in (dq, dk, dv)] == [x.stride() for x in vendor.grads_like("efficient", q,
                                                                                                        k, v)]
         if bias_grad:
             assert dbias.shape == bias.shape and dbias.dtype == bias.dtype
@@ -559,7 +559,7 @@ def test_fake_kernels_match_the_efficient_op():
         bias = torch.empty(B, 1, Sq, Sk, dtype=torch.float16, device="cuda")
         out, lse, lse_k, seed, offset = torch.ops.fastprefix.split_attention_fwd(
             q, k, v, pk, pv, gate, None, True, 0.125, "efficient", bias, 2, -1)
-        _, real_lse_k, real_rng = vendor_attention.forward("efficient", q, k, v, None, True, 0.125, attn_bias=bias,
+        _, real_lse_k, real_rng = vendor.forward("efficient", q, k, v, None, True, 0.125, attn_bias=bias,
                                                            window=(2, -1))
         assert out.shape == q.shape and out.transpose(1, 2).is_contiguous() and lse.shape == (B, H, Sq)
         assert lse_k.shape == real_lse_k.shape and lse_k.dtype == real_lse_k.dtype
@@ -569,7 +569,7 @@ def test_fake_kernels_match_the_efficient_op():
                                                          lse_k, seed, offset, True, 0.125, "efficient", bias, 2, -1,
                                                          True)
         assert [g.shape for g in grads] == [q.shape, k.shape, v.shape, pk.shape, pv.shape, gate.shape, bias.shape]
-        real = vendor_attention.backward_all("efficient", torch.empty_like(out), q, k, v, out, real_lse_k, real_rng,
+        real = vendor.backward_all("efficient", torch.empty_like(out), q, k, v, out, real_lse_k, real_rng,
                                              None, True, 0.125, attn_bias=bias, window=(2, -1), bias_grad=True)
         assert grads[6].dtype == real.dbias.dtype and grads[6].shape == real.dbias.shape
 

@@ -114,8 +114,8 @@ def _spy_on_kernels(monkeypatch):
     import importlib
 
     calls = []
-    for module, name in (("gated_prefix_attention", "gated_prefix_attention"), ("prefix_merge", "split_attention"),
-                         ("prompt_embedding", "adept_embedding"), ("prompt_embedding", "dept_embedding")):
+    for module, name in (("attention.fused", "gated_prefix_attention"), ("attention.split", "split_attention"),
+                         ("embedding.fused", "adept_embedding"), ("embedding.fused", "dept_embedding")):
         mod = importlib.import_module(f"fastprefix.kernels.{module}")
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))

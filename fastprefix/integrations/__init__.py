@@ -1,1 +1,1 @@
-"""Integrations with model libraries (🤗 transformers)."""
+"""Integrations with model libraries (🤗 transformers, TRL)."""

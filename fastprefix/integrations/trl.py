@@ -16,13 +16,13 @@ except ImportError as e:  # an optional dependency: say which
     raise ImportError("fastprefix.integrations.trl needs TRL: pip install trl") from e
 
 from ..config import PTuningV2Config
-from . import _packing
-from . import transformers as integration
+from .packing import prompt_packing, token_slots
+from .state import state_of, unwrap
 
 
 def _prompt_length(model):
     """m for a model with a prompt method applied, else 0 (prefix methods, other models)."""
-    state = integration.state_of(model, required=False)
+    state = state_of(model, required=False)
     if state is None or isinstance(state.config, PTuningV2Config):
         return 0
     return state.num_virtual_tokens
@@ -52,7 +52,7 @@ class SFTTrainer(trl.SFTTrainer):
     loss keeps only the completion tokens), and whatever TRL computes from the full logits (label smoothing,
     ``compute_loss_func``, the logits handed to ``compute_metrics``) gets the S input tokens' logits, aligned with
     TRL's labels. Padding-free batches (``padding_free=True``, packing with the ``"bfd"`` strategies) get the
-    prompt in front of every packed sequence (see ``fastprefix.integrations._packing``).
+    prompt in front of every packed sequence (see ``fastprefix.integrations.packing``).
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -60,9 +60,9 @@ class SFTTrainer(trl.SFTTrainer):
         if not m:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        packing = _packing.prompt_packing(inputs)  # None unless a padding-free batch
-        slots = None if packing is None else _packing.token_slots(packing, m)
-        handle = integration.unwrap(model).register_forward_hook(_input_token_logits(m, slots))
+        packing = prompt_packing(inputs)  # None unless a padding-free batch
+        slots = None if packing is None else token_slots(packing, m)
+        handle = unwrap(model).register_forward_hook(_input_token_logits(m, slots))
         try:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)

@@ -1,6 +1,6 @@
 """Reference prompt embeddings (PT, DePT, ADePT) in plain PyTorch.
 
-The numerical contract of ``fastprefix.kernels.prompt_embedding`` and the CPU path:
+The numerical contract of ``fastprefix.kernels.embedding.fused`` and the CPU path:
 
     ADePT: X' = X + ReLU((X @ A + a) * dropout_mask) @ B + b,   X = embed_scale * E[ids]
     DePT:  X' = X + scaling * (A[:S] @ B)

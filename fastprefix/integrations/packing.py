@@ -39,8 +39,10 @@ import functools
 
 import torch
 
+from .context import KWARG, ForwardContext
+from .masks import is_segment_ids, packed_overlay
+
 VARLEN = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # FlashAttention's packing kwargs
-_MEMO = "_fastprefix_packing"  # ForwardContext attribute: (signal tensors, Packing or None) of that forward
 IGNORE_INDEX = -100
 
 
@@ -132,12 +134,6 @@ class _UnpackedHidden:
 
 
 # ---------------------------------------------------------------------------------------------------- signals
-def _is_segment_ids(mask):
-    """The packed signal :func:`packed_mask` hands the layers: integer ``[B, T]`` sequence ids."""
-    return (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.dtype != torch.bool
-            and not mask.is_floating_point() and not mask.is_complex())
-
-
 def _by_position(position_ids, B, T):
     """transformers' rule on ``position_ids [B|1, T]``: ``[B, T]`` sequence ids, or None (one sequence a row)."""
     from transformers.masking_utils import find_packed_sequence_indices
@@ -205,7 +201,7 @@ def _cuts(ids):
 def of_call(ctx, attention_mask, kwargs, query, key):
     """The Packing of one attention call (built once per forward, kept on its context), or None."""
     B, Sq, Sk = query.shape[0], query.shape[2], key.shape[2]
-    segment_ids = attention_mask if _is_segment_ids(attention_mask) else None
+    segment_ids = attention_mask if is_segment_ids(attention_mask) else None
     varlen = any(kwargs.get(k) is not None for k in VARLEN)
     # a new sequence wherever positions restart (FlashAttention's and the mask functions' rule); not while
     # decoding (queries after cached keys) and not with a padding mask, as transformers decides
@@ -213,7 +209,7 @@ def of_call(ctx, attention_mask, kwargs, query, key):
     if segment_ids is None and not varlen and position_ids is None:
         return None
     signals = (segment_ids, kwargs.get("cu_seq_lens_q"), position_ids)
-    memo = ctx.__dict__.get(_MEMO)
+    memo = ctx.packing
     if memo is not None and all(a is b for a, b in zip(memo[0], signals)):
         return memo[1]
     if (segment_ids is not None or varlen) and Sq != Sk:
@@ -222,7 +218,7 @@ def of_call(ctx, attention_mask, kwargs, query, key):
     padding_mask = attention_mask if segment_ids is None else None
     ids = _segments(B, Sq, query.device, kwargs, padding_mask, segment_ids, position_ids)
     packing = None if ids is None else Packing(ids.to(query.device))
-    ctx.__dict__[_MEMO] = (signals, packing)
+    ctx.packing = (signals, packing)
     return packing
 
 
@@ -237,8 +233,6 @@ def padding_free(attention):
 
     @functools.wraps(attention)
     def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        from ._attention import KWARG, ForwardContext
-
         ctx = kwargs.get(KWARG)
         packing = of_call(ctx, attention_mask, kwargs, query, key) if isinstance(ctx, ForwardContext) else None
         if packing is None:
@@ -254,38 +248,6 @@ def padding_free(attention):
         return packing.pack(out), None if weights is None else packing.pack_weights(weights)
 
     return packed_attention
-
-
-def _closure(fn):
-    cells = getattr(fn, "__closure__", None) or ()
-    return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in cells)))
-
-
-def _made_by(fn, factory, *args):
-    """``fn`` is a closure made by ``factory`` (it has the code object of ``factory(*args)``), not a look-alike."""
-    return getattr(fn, "__code__", None) is factory(*args).__code__ and fn.__closure__ is not None
-
-
-def packed_overlay(mask_function):
-    """transformers' packed-sequence mask ``and_masks(packed_sequence_mask_function(ids),
-    remap_positions_for_packed_sequence(base, position_ids))`` -> ``(ids [B, T], base)``; anything else -> None.
-
-    Recognised by structure (the closures' code objects, as ``_attention.mask_pattern`` does): an unknown
-    structure is not taken for packing, and the mask function refuses it as any other unsupported mask.
-    """
-    from transformers import masking_utils as mu
-
-    if not _made_by(mask_function, mu.and_masks, mu.causal_mask_function):
-        return None
-    parts = tuple(_closure(mask_function).get("mask_functions", ()))
-    dummy = torch.zeros(1, 1, dtype=torch.long)
-    if len(parts) != 2 or not _made_by(parts[0], mu.packed_sequence_mask_function, dummy) \
-            or not _made_by(parts[1], mu.remap_positions_for_packed_sequence, mu.causal_mask_function, dummy):
-        return None
-    ids, base = _closure(parts[0]).get("packed_sequence_mask"), _closure(parts[1]).get("mask_function")
-    if not _is_segment_ids(ids) or not callable(base):
-        return None
-    return ids, base
 
 
 def packed_mask(mask_interface):

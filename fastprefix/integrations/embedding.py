@@ -20,6 +20,22 @@ import torch
 from torch import nn
 
 
+def input_embedding(model):
+    """The model's input-embedding module (an ``nn.Embedding``, possibly with its own forward: Gemma's scaled one).
+
+    The prompt methods take X from this module as the model does (see :class:`InputEmbedding`); the prompt has its
+    width.
+    """
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        emb = None
+    if not isinstance(emb, nn.Embedding):
+        raise ValueError(f"{type(model).__name__} has no nn.Embedding input table (get_input_embeddings() "
+                         f"returned {type(emb).__name__}); prompt methods need one")
+    return emb
+
+
 class InputEmbedding:
     """How to get ``X [B, S, d]`` for ``input_ids [B, S]`` from the model's input-embedding ``module``."""
 

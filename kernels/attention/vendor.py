@@ -1,10 +1,10 @@
 """The real keys' attention of the split path, through PyTorch's own fused attention ops.
 
-The split path (kernels/prefix_merge.py) hands the S x S part of the gated-prefix attention to the
-vendor: it needs, for the real keys alone, the output ``o_k`` and the row log-sum-exp ``lse_k`` (natural
-log), and later the backward of that attention called with ``w * dO`` and the *merged* output (and, when
-``attn_bias`` requires grad, the bias gradient). Which PyTorch op can do that depends on the call;
-:func:`choose_op` is the one place that decides it:
+What it computes: for the real keys alone (the prefix is split.py's), the attention output ``o_k`` and the row
+log-sum-exp ``lse_k`` (natural log), and later the backward of that attention called with ``w * dO`` and the
+*merged* output (and, when ``attn_bias`` requires grad, the bias gradient). Based on PyTorch's private SDPA ops
+(FlashAttention-2, the CUTLASS memory-efficient kernels, the fused CPU op), as read in their torch 2.13 sources.
+Which op can do that depends on the call; :func:`choose_op` is the one place that decides it:
 
 =============  ==========================================================  ===============================
 op             taken when                                                  what its source shows
@@ -54,9 +54,9 @@ its calls could not be checked on fake tensors. Their is_causal is top-left alig
   ``grad_out = w dO`` its ``dS = p_u (w dO . v_u - w delta)`` is the merged softmax's logit gradient.
 - ROCm builds report a different log-sum-exp layout: not taken there.
 
-Left out, each for a reason: padding alone on CUDA (it would need a materialised ``[B, 1, Sq, Sk]``
+Caveats. Left out, each for a reason: padding alone on CUDA (it would need a materialised ``[B, 1, Sq, Sk]``
 mask, where the fused kernel reads the ``[B, Sk]`` mask itself), ``softcap`` (no vendor op caps the
-logits: kernels/attention_path.py routes it to the fused kernel, never an approximation), cuDNN (its
+logits: dispatch.py routes it to the fused kernel, never an approximation), cuDNN (its
 GQA and causal alignment could not be confirmed in the source), capabilities outside 8.x / 9.x.
 
 FlashAttention-2 sources read: ``_scaled_dot_product_flash_attention_cuda`` transposes to ``[B, S, H, D]``
@@ -69,7 +69,7 @@ The CPU op returns no bias gradient. With the same ``grad_out = w dO`` it is ``d
 broadcast dims of p * (grad_out . v - delta')`` with ``p = exp(s - lse_k)`` on the visible keys
 (``s = scale q . k + bias``), computed in torch in the accumulator dtype only when the bias requires
 grad (one ``[B, H, Sq, Sk]`` score tensor). Its ``delta' = w * rowsum(dO * out)`` is taken exactly, from
-the prefix's share (kernels/prefix_merge.py) and the recomputed ``p``, not from the output rounded to
+the prefix's share (split.py) and the recomputed ``p``, not from the output rounded to
 fp16: that rounding made the fp16 bias gradient up to 6x the eager path's error. The CUDA op's
 ``grad_bias`` has FlashAttention's delta (from the fp16 output).
 
@@ -82,6 +82,8 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
+
+from ...spec import additive_mask, bias4, cpu_op_mask, cpu_op_mask_dtype, visible_keys
 
 CPU, FLASH, EFFICIENT = "cpu", "flash", "efficient"
 OPS = (CPU, FLASH, EFFICIENT)
@@ -97,23 +99,6 @@ _HAS_EFFICIENT_OP = (hasattr(_aten, "_scaled_dot_product_efficient_attention")
                      and hasattr(_aten, "_scaled_dot_product_efficient_attention_backward"))
 
 
-def effective_window(window, causal: bool, Sq: int, Sk: int) -> Optional[tuple]:
-    """``window = (left, right)`` reduced to what it hides beyond ``causal``: ``(left, right)`` with -1 for
-    a side that hides nothing, or None when no side hides a key (then FlashAttention stays eligible).
-
-    With ``t' = t + Sk - Sq`` in ``[Sk - Sq, Sk - 1]``: the left side hides a key iff some
-    ``u < t' - left``, i.e. ``left < Sk - 1``; the right side iff some ``u > t' + right``, i.e.
-    ``right < Sq - 1``, and never under ``causal`` (``u <= t'`` already)."""
-    if window is None:
-        return None
-    left, right = (int(w) for w in window)
-    if left < 0 or left >= Sk - 1:
-        left = -1
-    if right < 0 or right >= Sq - 1 or causal:
-        right = -1
-    return None if left == -1 and right == -1 else (left, right)
-
-
 def choose_op(device_type: str, capability: Optional[int], dtype: torch.dtype, D: int, has_mask: bool,
               causal: bool, Sq: int, Sk: int, *, bias_dtype: Optional[torch.dtype] = None,
               has_window: bool = False) -> Optional[str]:
@@ -125,7 +110,7 @@ def choose_op(device_type: str, capability: Optional[int], dtype: torch.dtype, D
         dtype: q's dtype; D: head dim; has_mask: a key padding mask is passed; causal: bottom-right
             causal mask; Sq, Sk: query and key lengths (``Sq <= Sk``, checked by ``fastprefix.ops``).
         bias_dtype: the ``attn_bias`` dtype, None without a bias.
-        has_window: a window that hides some key (:func:`effective_window` is not None).
+        has_window: a window that hides some key (``spec.window`` is not None: ``fastprefix.spec.effective_window``).
 
     Returns:
         ``"cpu"``, ``"flash"``, ``"efficient"`` or None (unsupported here: the caller runs the fused
@@ -146,83 +131,8 @@ def choose_op(device_type: str, capability: Optional[int], dtype: torch.dtype, D
 
 
 # --------------------------------------------------------------------------------------------
-# Masks
+# Masks (built from the parts of the call: fastprefix.spec)
 # --------------------------------------------------------------------------------------------
-
-
-def bias4(attn_bias):
-    """A bias broadcastable to ``[B, H, Sq, Sk]`` as a 4-dim view (None stays None)."""
-    if attn_bias is None:
-        return None
-    return attn_bias.reshape((1,) * (4 - attn_bias.dim()) + tuple(attn_bias.shape))
-
-
-def visible_keys(key_padding_mask, causal: bool, window, Sq: int, Sk: int, device):
-    """``[B|1, 1, Sq, Sk]`` bool, True = query t sees real key u (padding, bottom-right causal and
-    ``window``, an :func:`effective_window` pair); None when every key is visible."""
-    visible = None
-    if key_padding_mask is not None:
-        visible = key_padding_mask.unsqueeze(1).unsqueeze(1)  # [B, 1, 1, Sk] (views, no indexing: fake-safe)
-    left, right = window if window is not None else (-1, -1)
-    if causal or window is not None:
-        # key u vs query t at position t' = t + Sk - Sq, as diagonals of the [Sq, Sk] band: tril(d) keeps
-        # u - t <= d, triu(d) keeps u - t >= d (no index tensors: they also trace on fake CUDA tensors)
-        band = torch.ones(Sq, Sk, dtype=torch.bool, device=device)
-        if causal:
-            band = band.tril(Sk - Sq)  # u <= t'
-        if right >= 0:
-            band = band.tril(Sk - Sq + right)  # u <= t' + right
-        if left >= 0:
-            band = band.triu(Sk - Sq - left)  # u >= t' - left
-        visible = band.view(1, 1, Sq, Sk) if visible is None else visible & band
-    return visible
-
-
-def additive_mask(Sq: int, Sk: int, dtype, device, key_padding_mask=None, causal: bool = False, window=None,
-                  attn_bias=None, align: int = 1):
-    """The additive mask ``[Bm, Hm, Sq, Sk]`` over the real keys, or None when nothing masks or biases them.
-
-    ``attn_bias`` (4-dim, clamped below at the dtype's lowest finite value so that a -inf entry cannot
-    turn a row into NaN) where a key is visible, the lowest finite value where it is hidden (padding,
-    ``causal`` if asked to put it in the mask, ``window``). Not -inf: a query that sees no real key then
-    gets a log-sum-exp near that value, so the real keys' share of the merged softmax underflows to
-    exactly 0, forward and backward, and nothing is NaN. ``Bm``, ``Hm`` are 1 unless the bias or the
-    padding mask has those dims. Rows live in a buffer of ``ceil(Sk / align) * align`` columns (the
-    efficient op's stride alignment); the result is that buffer sliced to Sk.
-    """
-    bias = bias4(attn_bias)
-    visible = visible_keys(key_padding_mask, causal, window, Sq, Sk, device)
-    if bias is None and visible is None:
-        return None
-    Bm = max(bias.shape[0] if bias is not None else 1, visible.shape[0] if visible is not None else 1)
-    lowest = torch.finfo(dtype).min
-    # out-of-place ops only (where, clamp, pad): they also trace on fake CUDA tensors without a GPU
-    if bias is None:
-        mask = torch.zeros(Bm, 1, Sq, Sk, dtype=dtype, device=device)
-    else:
-        mask = bias.to(dtype).expand(Bm, bias.shape[1], Sq, Sk).clamp(min=lowest)  # a new tensor
-    if visible is not None:
-        mask = torch.where(visible, mask, lowest)
-    if Sk % align:
-        mask = torch.nn.functional.pad(mask, (0, align - Sk % align)).narrow(-1, 0, Sk)
-    return mask
-
-
-def _cpu_mask_for(Sq, Sk, q, key_padding_mask, causal, window, attn_bias):
-    """(mask or None, is_causal) for the CPU op. Its own causal mask is top-left aligned, the same as
-    ours only when Sq == Sk, and used only when nothing else needs a mask. The mask takes the bias's
-    dtype (q's or float32: the op reads either), q's without a bias."""
-    if key_padding_mask is None and attn_bias is None and window is None and (not causal or Sq == Sk):
-        return None, causal
-    return additive_mask(Sq, Sk, _cpu_mask_dtype(q, attn_bias), q.device, key_padding_mask, causal, window,
-                         attn_bias), False
-
-
-def _cpu_mask_dtype(q, attn_bias):
-    """The CPU op's mask dtype: the bias's promoted with q's (a float32 bias stays float32 on fp16 / bf16
-    queries, no rounding). Not a float32 mask on float64 queries: torch 2.13's CPU op reads such a
-    mask wrongly (errors of order 1 at Sk = 9), so it is widened to float64, which is exact."""
-    return q.dtype if attn_bias is None else torch.promote_types(attn_bias.dtype, q.dtype)
 
 
 def _efficient_bias(q, Sk, key_padding_mask, causal, window, attn_bias):
@@ -251,7 +161,7 @@ def forward(op: str, q, k, v, key_padding_mask, causal: bool, scale: float, *, a
     Args:
         op: from :func:`choose_op`. q ``[B, H, Sq, D]``; k, v ``[B, Hkv, Sk, D]`` (last dim contiguous);
         key_padding_mask ``[B, Sk]`` bool or None; causal bottom-right; scale; attn_bias None or
-        broadcastable to ``[B, H, Sq, Sk]``; window None or an :func:`effective_window` pair.
+        broadcastable to ``[B, H, Sq, Sk]``; window None or an effective pair (``fastprefix.spec.effective_window``).
 
     Returns:
         ``o_k`` ``[B, H, Sq, D]`` (whatever memory layout the op picks), ``lse_k`` ``[B, H, Sq]`` natural
@@ -260,7 +170,7 @@ def forward(op: str, q, k, v, key_padding_mask, causal: bool, scale: float, *, a
     """
     Sq, Sk = q.shape[2], k.shape[2]
     if op == CPU:
-        mask, is_causal = _cpu_mask_for(Sq, Sk, q, key_padding_mask, causal, window, attn_bias)
+        mask, is_causal = cpu_op_mask(q, Sk, key_padding_mask, causal, window, attn_bias)
         o_k, lse_k = _aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, attn_mask=mask,
                                                                        scale=scale)
         return o_k, lse_k, (q.new_empty((0,)), q.new_empty((0,)))  # two tensors: custom op outputs never alias
@@ -299,12 +209,12 @@ def backward_all(op: str, grad_out, q, k, v, out, lse_k, rng, key_padding_mask, 
 
     Returns:
         dq ``[B, H, Sq, D]``, dk, dv ``[B, Hkv, Sk, D]`` (GQA groups summed), and with ``bias_grad`` the
-        bias gradient in the shape of :func:`bias4` of ``attn_bias`` (summed over its broadcast dims) and its
+        bias gradient in the shape of ``fastprefix.spec.bias4(attn_bias)`` (summed over its broadcast dims) and its
         dtype; dbias None otherwise.
     """
     Sq, Sk = q.shape[2], k.shape[2]
     if op == CPU:
-        mask, is_causal = _cpu_mask_for(Sq, Sk, q, key_padding_mask, causal, window, attn_bias)
+        mask, is_causal = cpu_op_mask(q, Sk, key_padding_mask, causal, window, attn_bias)
         dq, dk, dv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out, q, k, v, out, lse_k, 0.0, is_causal, attn_mask=mask, scale=scale)
         dbias = None
@@ -354,7 +264,7 @@ def _cpu_bias_grad(grad_out, q, k, v, out, lse_k, key_padding_mask, causal, wind
     q5 = q.to(acc).unflatten(1, (Hkv, H // Hkv))  # [B, Hkv, G, Sq, D]: no K/V expansion for GQA
     g5 = grad_out.to(acc).unflatten(1, (Hkv, H // Hkv))
     s = torch.einsum("bkgsd,bkud->bkgsu", q5, k.to(acc)).flatten(1, 2) * scale  # [B, H, Sq, Sk]
-    s = s + bias.to(acc).clamp(min=torch.finfo(_cpu_mask_dtype(q, bias)).min)  # as the forward's mask holds it
+    s = s + bias.to(acc).clamp(min=torch.finfo(cpu_op_mask_dtype(q, bias)).min)  # as the forward's mask holds it
     p = torch.exp(s - lse_k.to(acc).unsqueeze(-1))
     visible = visible_keys(key_padding_mask, causal, window, Sq, Sk, q.device)
     if visible is not None:

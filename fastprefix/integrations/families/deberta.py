@@ -18,13 +18,13 @@ with the module's own ``disentangled_attention_bias`` (v1: ``disentangled_att_bi
 computed as DeBERTa computes it (a float32 square root, rounded to the attention's dtype). The key padding mask
 is the model's 2D input ``attention_mask``.
 
-The per-forward context (``_attention.ForwardContext``) cannot travel in keyword arguments here: DeBERTa's base
+The per-forward context (``context.ForwardContext``) cannot travel in keyword arguments here: DeBERTa's base
 model swallows ``**kwargs`` and its encoder calls the layers with fixed arguments. It travels like this:
 
-1. ``transformers._prefix_pre_hook`` puts the call's context into the base model's keyword arguments;
-2. :func:`_enter` (the next pre-hook on the base model) makes it, with the 2D padding mask, the current call of
-   this thread (a ``ContextVar`` stack) for the duration of the base model's forward; :func:`_exit` (a forward
-   hook that runs on errors too) takes it off again;
+1. ``hooks.prefix_pre_hook`` puts the call's context into the base model's keyword arguments;
+2. :func:`_enter` (the next pre-hook on the base model) gives it the 2D padding mask and makes it the current
+   call of this thread (``context.enter``) for the duration of the base model's forward; :func:`_exit` (a
+   forward hook that runs on errors too) takes it off again;
 3. :func:`_layer_pre_hook` (on each layer, outside the layer's gradient checkpoint, which wraps ``forward``)
    hands the current call to the layer inside its ``relative_pos`` argument (a :class:`_Carry`), which the
    layer passes untouched to its attention. A non-reentrant checkpoint keeps the call's arguments, so the
@@ -38,38 +38,28 @@ dropout is not applied on the prefix path (as everywhere in fastprefix).
 
 from __future__ import annotations
 
-import contextvars
 import functools
 
 import torch
 
-from .. import ops
-from ..modules import PTuningV2Prefix
-from . import _attention
+from ... import ops
+from ...modules import PTuningV2Prefix
+from ...reference.attention import attention_probs
+from ...spec import AttentionSpec
+from ..context import KWARG, ForwardContext, current, enter, leave
+from ..gates import gate_tensor, layer_gate
+from ..hooks import mark_layers, prefix_pre_hook
+from ..state import LAYER, STATE, hook, override
+from .base import Family
 
 MODEL_TYPES = ("deberta-v2", "deberta")
-_STATE = "_fastprefix_state"  # the attributes transformers.apply sets (see transformers.py)
-_LAYER = "_fastprefix_layer"
-_CALLS = contextvars.ContextVar("fastprefix_deberta_calls", default=())  # this thread's running base-model calls
-
-
-class _Call:
-    """One forward of a DeBERTa base model: its ForwardContext and its key padding mask ``[B, S]`` (None: all real)."""
-
-    def __init__(self, ctx, key_padding_mask):
-        self.ctx, self.key_padding_mask = ctx, key_padding_mask
 
 
 class _Carry:
-    """A layer call's ``relative_pos`` argument with that call's :class:`_Call` (see the module docstring, step 3)."""
+    """A layer call's ``relative_pos`` argument with that call's ForwardContext (see the module docstring, step 3)."""
 
-    def __init__(self, relative_pos, call):
-        self.relative_pos, self.call = relative_pos, call
-
-
-def is_deberta(model):
-    """Whether ``model`` is a DeBERTa (v1, v2 or v3) model, whose prefix path is this module's."""
-    return getattr(getattr(model, "config", None), "model_type", None) in MODEL_TYPES
+    def __init__(self, relative_pos, ctx):
+        self.relative_pos, self.ctx = relative_pos, ctx
 
 
 def _attention_classes():
@@ -81,67 +71,13 @@ def _attention_classes():
             "deberta": (v1.DebertaModel, v1.DisentangledSelfAttention)}
 
 
-def prefix_layers(model, shape):
-    """``[(layer, DisentangledSelfAttention)]`` for every layer of a DeBERTa model; ValueError if it can't be served."""
-    name, cfg = type(model).__name__, model.config
-    base_cls, attn_cls = _attention_classes()[cfg.model_type]
-    base = model.base_model
-    if not isinstance(base, base_cls):
-        raise ValueError(f"prefix methods on {name}: its base model is {type(base).__name__}, not the "
-                         f"{base_cls.__name__} whose attention fastprefix knows")
-    if getattr(cfg, "talking_head", False):
-        raise ValueError(f"prefix methods are not supported on {name} with talking heads (config.talking_head=True): "
-                         "they mix the heads' logits and probabilities, which attention over [prefix ; keys] per "
-                         "head cannot express; use a prompt method (PromptTuningConfig, DePTConfig, ADePTConfig)")
-    layers = base.encoder.layer
-    if len(layers) != shape.num_layers:
-        raise ValueError(f"{name} has {len(layers)} encoder layers, its config says num_hidden_layers="
-                         f"{shape.num_layers}")
-    found = []
-    for i, layer in enumerate(layers):
-        attn = getattr(getattr(layer, "attention", None), "self", None)
-        if type(attn) is not attn_cls:
-            raise ValueError(f"layer {i} of {name}: expected the {attn_cls.__name__} at layer.attention.self, "
-                             f"got {type(attn).__name__}")
-        if attn.attention_head_size != shape.head_dim or attn.num_attention_heads != shape.num_heads:
-            raise ValueError(f"layer {i} of {name}: {attn.num_attention_heads} heads of width "
-                             f"{attn.attention_head_size}, but the prefix would be sized for {shape.num_heads} of "
-                             f"width {shape.head_dim} (config.attention_head_size is not supported)")
-        found.append((layer, attn))
-    return found
-
-
-def install(state, base, layers):
-    """Route ``base``'s layers through the prefix (after ``transformers.apply`` hooked ``base``). ``remove`` undoes it.
-
-    Every hook is recorded in ``state.hooked`` as ``(module, fn)``, every attention module gets its instance
-    ``forward``; :func:`restore` takes the latter away.
-    """
-    base.register_forward_pre_hook(_enter, with_kwargs=True)
-    state.hooked.append((base, _enter))
-    base.register_forward_hook(_exit, with_kwargs=True, always_call=True)
-    state.hooked.append((base, _exit))
-    for i, (layer, attn) in enumerate(layers):
-        setattr(layer, _STATE, state)
-        setattr(layer, _LAYER, i)
-        layer.register_forward_pre_hook(_layer_pre_hook, with_kwargs=True)
-        state.hooked.append((layer, _layer_pre_hook))
-        attn.__dict__["forward"] = AttentionForward(attn)
-
-
-def restore(module):
-    """Take the instance ``forward`` :func:`install` gave ``module`` away (a no-op on other modules)."""
-    if isinstance(module.__dict__.get("forward"), AttentionForward):
-        del module.__dict__["forward"]
-
-
 # hooks: module-level functions that find their state on the module, so deepcopy/pickling stay consistent
 def _enter(base, args, kwargs):
     """Make this forward the thread's current DeBERTa call, with the 2D key padding mask of its input."""
-    if getattr(getattr(base, _STATE), "disabled", 0):  # fastprefix.disabled: the base model runs as it is
+    if getattr(getattr(base, STATE), "disabled", 0):  # fastprefix.disabled: the base model runs as it is
         return None
-    ctx = kwargs.get(_attention.KWARG)
-    if not isinstance(ctx, _attention.ForwardContext):
+    ctx = kwargs.get(KWARG)
+    if not isinstance(ctx, ForwardContext):
         raise RuntimeError(f"{type(base).__name__} got no fastprefix context from its forward pre-hook")
     mask = kwargs["attention_mask"] if "attention_mask" in kwargs else (args[1] if len(args) > 1 else None)
     if mask is not None:
@@ -151,35 +87,33 @@ def _enter(base, args, kwargs):
                              f"padding mask [batch, seq_len], got {got}; a 3D/4D attention pattern cannot be "
                              "applied to attention over [prefix ; keys]")
         mask = mask.to(torch.bool)
-    _CALLS.set(_CALLS.get() + (_Call(ctx, mask),))
+    ctx.key_padding_mask = mask
+    enter(ctx)
 
 
 def _exit(base, args, kwargs, output):
-    """Take this forward's call off the thread's stack (also when the forward raised)."""
-    calls = _CALLS.get()
-    if calls and calls[-1].ctx is kwargs.get(_attention.KWARG):
-        _CALLS.set(calls[:-1])
+    """Take this forward's call off the thread's calls (also when the forward raised)."""
+    leave(kwargs.get(KWARG))
 
 
 def _layer_pre_hook(layer, args, kwargs):
     """Hand the current call to the layer inside its ``relative_pos`` argument; APT: record the layer's input."""
-    state = getattr(layer, _STATE)
+    state = getattr(layer, STATE)
     if getattr(state, "disabled", 0):
         return None
-    calls = _CALLS.get()
-    if not calls or calls[-1].ctx.state is not state:
+    ctx = current(state)
+    if ctx is None:
         raise RuntimeError(f"{type(layer).__name__} with a fastprefix prefix method was called outside its model's "
                            "forward; call the model, not its layers")
-    call = calls[-1]
     hidden = args[0] if args else kwargs.get("hidden_states")
     if state.gated:
         if not isinstance(hidden, torch.Tensor):
             raise RuntimeError(f"APT: {type(layer).__name__} was called without hidden_states")
-        call.ctx.hidden[getattr(layer, _LAYER)] = hidden
+        ctx.hidden[getattr(layer, LAYER)] = hidden
     if len(args) > 3:  # (hidden_states, attention_mask, query_states, relative_pos, ...)
-        args = (*args[:3], _Carry(args[3], call), *args[4:])
+        args = (*args[:3], _Carry(args[3], ctx), *args[4:])
     else:
-        kwargs = {**kwargs, "relative_pos": _Carry(kwargs.get("relative_pos"), call)}
+        kwargs = {**kwargs, "relative_pos": _Carry(kwargs.get("relative_pos"), ctx)}
     return args, kwargs
 
 
@@ -191,7 +125,7 @@ class AttentionForward:
 
     def __call__(self, hidden_states, attention_mask, output_attentions=False, query_states=None, relative_pos=None,
                  rel_embeddings=None):
-        if not isinstance(relative_pos, _Carry) and getattr(getattr(self.module, _STATE, None), "disabled", 0):
+        if not isinstance(relative_pos, _Carry) and getattr(getattr(self.module, STATE, None), "disabled", 0):
             # fastprefix.disabled: DeBERTa's own attention (a recompute keeps the path its forward took: the carry)
             return type(self.module).forward(self.module, hidden_states, attention_mask, output_attentions,
                                              query_states, relative_pos, rel_embeddings)
@@ -246,9 +180,9 @@ def attention(module, hidden_states, output_attentions, query_states, relative_p
         raise NotImplementedError(
             f"{type(module).__name__} was called with query_states (DeBERTa's enhanced-mask-decoder steps, "
             "z_steps > 1), which fastprefix's prefix path does not support; set the base model's z_steps to 0")
-    call, relative_pos = relative_pos.call, relative_pos.relative_pos
-    ctx, mask = call.ctx, call.key_padding_mask
-    i = getattr(module, _LAYER)
+    ctx, relative_pos = relative_pos.ctx, relative_pos.relative_pos
+    mask = ctx.key_padding_mask
+    i = getattr(module, LAYER)
     B, S = hidden_states.shape[:2]
     if mask is not None and tuple(mask.shape) != (B, S):
         raise ValueError(f"attention_mask: expected [{B}, {S}] for the layer's input, got {list(mask.shape)}")
@@ -258,31 +192,67 @@ def attention(module, hidden_states, output_attentions, query_states, relative_p
     project = _projections_v1 if hasattr(module, "in_proj") else _projections_v2
     q, k, v, bias, scale = project(module, hidden_states, relative_pos, rel_embeddings, dtype)
     prefix_k, prefix_v = (x.to(dtype) for x in PTuningV2Prefix.layer(ctx.prefixes, i))
-    gate = _attention._gate(ctx, module, i, mask, False, k) if ctx.state.gated else {}
+    gate = layer_gate(ctx, module, i, mask, False, k) if ctx.state.gated else {}
     out = ops.gated_prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=mask, scale=scale,
                                      attn_bias=bias, backend=ctx.backend, **gate)
     context = out.permute(0, 2, 1, 3).reshape(B, S, -1)
     weights = None
     if output_attentions:
-        weights = attention_map(q, k, prefix_k, _attention._gate_tensor(gate), mask, scale, bias)
+        spec = AttentionSpec.build(q, k, key_padding_mask=mask, scale=scale, attn_bias=bias)
+        weights = attention_probs(q, k, prefix_k, spec, gate_tensor(gate))
     return context, weights
 
 
-def attention_map(q, k, prefix_k, gate, key_padding_mask, scale, bias):
-    """Each query's probabilities over ``[prefix ; keys]``, ``[B, H, Sq, L + Sk]`` (``output_attentions``).
+class DeBERTaFamily(Family):
+    """DeBERTa v1, v2 and v3 (see the module docstring)."""
 
-    The logits built explicitly: ``g * scale * q.Pk`` for the prefix, ``scale * q.k + bias`` (or -inf for padding)
-    for the keys; half precision softmaxes in float32. q, k: ``[B, H, S, D]``; prefix_k: ``[H, L, D]``; gate:
-    None or broadcastable to ``[B, Sq, L]``; bias: None or ``[B, H, Sq, Sk]``.
-    """
-    s_prefix = torch.matmul(q, prefix_k.transpose(-1, -2)) * scale
-    if gate is not None:
-        s_prefix = s_prefix * gate.reshape((1,) * (3 - gate.dim()) + tuple(gate.shape)).unsqueeze(1)
-    s_keys = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if bias is not None:
-        s_keys = s_keys + bias
-    if key_padding_mask is not None:
-        s_keys = s_keys.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
-    half = q.dtype in (torch.float16, torch.bfloat16)
-    return torch.softmax(torch.cat([s_prefix, s_keys], dim=-1), dim=-1,
-                         dtype=torch.float32 if half else None).to(q.dtype)
+    name = "DeBERTa"
+
+    def matches(self, model):
+        return getattr(getattr(model, "config", None), "model_type", None) in MODEL_TYPES
+
+    def prefix_layers(self, model, shape):
+        """``[(layer, DisentangledSelfAttention)]`` for every layer of a DeBERTa model; a ValueError if it can't be
+        served."""
+        name, cfg = type(model).__name__, model.config
+        base_cls, attn_cls = _attention_classes()[cfg.model_type]
+        base = model.base_model
+        if not isinstance(base, base_cls):
+            raise ValueError(f"prefix methods on {name}: its base model is {type(base).__name__}, not the "
+                             f"{base_cls.__name__} whose attention fastprefix knows")
+        if getattr(cfg, "talking_head", False):
+            raise ValueError(f"prefix methods are not supported on {name} with talking heads "
+                             "(config.talking_head=True): they mix the heads' logits and probabilities, which "
+                             "attention over [prefix ; keys] per head cannot express; use a prompt method "
+                             "(PromptTuningConfig, DePTConfig, ADePTConfig)")
+        layers = base.encoder.layer
+        if len(layers) != shape.num_layers:
+            raise ValueError(f"{name} has {len(layers)} encoder layers, its config says num_hidden_layers="
+                             f"{shape.num_layers}")
+        found = []
+        for i, layer in enumerate(layers):
+            attn = getattr(getattr(layer, "attention", None), "self", None)
+            if type(attn) is not attn_cls:
+                raise ValueError(f"layer {i} of {name}: expected the {attn_cls.__name__} at layer.attention.self, "
+                                 f"got {type(attn).__name__}")
+            if attn.attention_head_size != shape.head_dim or attn.num_attention_heads != shape.num_heads:
+                raise ValueError(f"layer {i} of {name}: {attn.num_attention_heads} heads of width "
+                                 f"{attn.attention_head_size}, but the prefix would be sized for {shape.num_heads} of "
+                                 f"width {shape.head_dim} (config.attention_head_size is not supported)")
+            found.append((layer, attn))
+        return found
+
+    def install(self, state, model, layers):
+        """The prefix pre-hook and the call stack on the base model, and on every layer the hook that hands the
+        call down and the attention ``forward`` that adds the prefix (see the module docstring)."""
+        base = model.base_model
+        hook(state, base, prefix_pre_hook)
+        hook(state, base, _enter)
+        hook(state, base, _exit, after=True, always=True)
+        mark_layers(state, layers, apt_hooks=False)  # no kwargs reach its layers: its own layer hooks
+        for i, (layer, attn) in enumerate(layers):
+            hook(state, layer, _layer_pre_hook, layer=i)
+            override(state, attn, "forward", AttentionForward(attn))
+
+
+FAMILY = DeBERTaFamily()

@@ -25,7 +25,9 @@ import inspect
 
 import torch
 
-from . import _arch, _inputs
+from .context import bind, cache_length
+from .embedding import input_embedding
+from .inputs import Rules
 
 
 def refusal(model):
@@ -68,7 +70,7 @@ class Shift:
         self.L = num_virtual_tokens
         self.model_name = type(model).__name__
         try:
-            rules = _inputs.Rules(model, _arch.input_embedding(model))
+            rules = Rules(model, input_embedding(model))
         except ValueError:  # no nn.Embedding input table: no position table to find either
             rules = None
         self.pad = None if rules is None else rules.pad_positions
@@ -76,13 +78,13 @@ class Shift:
 
     def __call__(self, base, args, kwargs):
         """The base model's call arguments (all as keywords) with the shifted ``position_ids``."""
-        kw = _inputs.bind(base, args, kwargs)
+        kw = bind(base, args, kwargs)
         ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
         x = ids if ids is not None else embeds
         if x is None:
             return kw
         B, S = x.shape[0], x.shape[1]
-        past = _inputs.cache_length(kw.get("past_key_values"), who="prefix_positions='shift' needs")
+        past = cache_length(kw.get("past_key_values"), who="prefix_positions='shift' needs")
         given = kw.get("position_ids")
         if given is not None:
             pos = given + self.L

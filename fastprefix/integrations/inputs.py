@@ -37,7 +37,10 @@ import warnings
 import torch
 from torch import nn
 
-from . import _packing
+from .context import cache_length, current
+from .masks import sliding_window
+from .packing import prompt_inputs, prompt_packing
+from .state import STATE
 
 IGNORE_INDEX = -100
 _TOKEN_INDEX_ARGS = ("start_positions", "end_positions")  # labels that index tokens (question answering)
@@ -70,8 +73,7 @@ class Rules:
         self.model_name = type(model).__name__
         self.pool_last = _pools_last_token(model)
         self.pad_token_id = getattr(model.config, "pad_token_id", None)
-        self.window = _sliding_window(model.config)
-        self.pending_pool = []  # the pooled slot of the call in progress (consumed by its own base-model forward)
+        self.window = sliding_window(model.config)
 
     def check_length(self, length, m, largest=None):
         """The prompted input must fit the position table: ``length`` slots (prompt and cache included), or
@@ -89,16 +91,6 @@ class Rules:
             raise ValueError(f"an input of {length - m} tokens + {m} prompt tokens needs {length} positions, but "
                              f"{self.model_name} numbers at most {limit} (its position table has {self.position_rows}"
                              f" rows, config.max_position_embeddings): truncate the input to {limit - m} tokens")
-
-
-def _sliding_window(config):
-    """The sliding window W of a model with sliding-window layers (Mistral, Qwen2, Gemma 2/3, ...), else None."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    window = getattr(cfg, "sliding_window", None)
-    kinds = set(getattr(cfg, "layer_types", None) or ())
-    if not isinstance(window, int) or isinstance(window, bool) or getattr(cfg, "use_sliding_window", True) is False:
-        return None
-    return window if not kinds or kinds - {"full_attention"} else None
 
 
 def _warn_left_padding_in_window(rules, mask, m):
@@ -127,22 +119,6 @@ def _pools_last_token(model):
         return False
 
 
-def bind(module, args, kwargs):
-    """All of a forward call's arguments as keywords (positional ones named from the signature)."""
-    if not args:
-        return dict(kwargs)
-    names = [p.name for p in inspect.signature(module.forward).parameters.values()
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(args) > len(names):
-        raise ValueError(f"{type(module).__name__}.forward got {len(args)} positional arguments; pass them by name")
-    out = dict(zip(names, args))
-    clash = set(out) & set(kwargs)
-    if clash:
-        raise ValueError(f"{type(module).__name__}.forward got multiple values for {sorted(clash)}")
-    out.update(kwargs)
-    return out
-
-
 def _prepend(x, m, value):
     """``[B, S, ...]`` -> ``[B, m+S, ...]`` with m slots of ``value`` in front."""
     head = torch.full((x.shape[0], m, *x.shape[2:]), value, dtype=x.dtype, device=x.device)
@@ -151,15 +127,6 @@ def _prepend(x, m, value):
 
 def _shift_positions(position_ids, m):
     return position_ids + m
-
-
-def cache_length(past, who="fastprefix prompt methods need"):
-    """Tokens already in ``past_key_values`` (0 without one); ``who`` starts the error for a legacy tuple."""
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    raise ValueError(f"{who} past_key_values as a transformers Cache (legacy tuples are not supported)")
 
 
 def _embed(state, kwargs):
@@ -205,14 +172,16 @@ def pool_hook(module, args, kwargs, output):
 
     The head scores every slot and pools slot -1 when it gets no ``input_ids`` (fastprefix passes
     ``inputs_embeds``): handing it the hidden state of the slot it would have pooled keeps right-padded rows
-    exact. Acts only inside a prompted top-level call (the pre-hook queued the slot), never on a direct call.
+    exact. Acts only inside a prompted top-level call (its context holds the slot, see
+    ``hooks.prompt_pre_hook``), once, never on a direct call.
     """
-    rules = module._fastprefix_state.inputs
-    if not rules.pending_pool:
+    ctx = current(getattr(module, STATE))
+    slot = None if ctx is None else ctx.pooled
+    if slot is None:
         return output
-    slot = rules.pending_pool.pop()
+    ctx.pooled = None  # the call's own base-model forward takes it
     hidden = output[0]
-    if slot is None or hidden.shape[0] != slot.shape[0]:
+    if hidden.shape[0] != slot.shape[0]:
         return output
     last = hidden[torch.arange(hidden.shape[0], device=hidden.device), slot.to(hidden.device)]
     hidden = torch.cat([hidden[:, :-1], last.unsqueeze(1)], dim=1)
@@ -227,8 +196,9 @@ def _flat(x, S):
     return None if x is None else x.reshape(-1, S)
 
 
-def model_inputs(state, kwargs):
-    """The top-level forward's keyword arguments, rewritten for a prompt of m tokens."""
+def model_inputs(state, kwargs, ctx):
+    """The top-level forward's keyword arguments, rewritten for a prompt of m tokens; ``ctx``: the call's
+    ForwardContext, which gets the slot a decoder classifier's head pools (``ctx.pooled``)."""
     m = state.num_virtual_tokens
     mask = kwargs.get("attention_mask")
     if state.encoder_decoder:
@@ -244,13 +214,12 @@ def model_inputs(state, kwargs):
 
     past = cache_length(kwargs.get("past_key_values"))
     if past == 0:
-        return _first_call(state, kwargs, m)
+        return _first_call(state, kwargs, m, ctx)
     return _decoding_step(state, kwargs, m, past)
 
 
-def _first_call(state, kwargs, m):
+def _first_call(state, kwargs, m, ctx):
     rules = state.inputs
-    rules.pending_pool.clear()
     ids = kwargs.get("input_ids")
     if ids is None:
         _embed(state, kwargs)  # raises for inputs_embeds
@@ -258,9 +227,9 @@ def _first_call(state, kwargs, m):
     if not isinstance(ids, torch.Tensor) or ids.dim() not in (2, 3):
         shape = list(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"input_ids must be [B, S] (or [B, C, S] for multiple choice), got {shape}")
-    packing = _packing.prompt_packing(kwargs)
+    packing = prompt_packing(kwargs)
     if packing is not None:  # a padding-free batch: the prompt goes in front of every packed sequence
-        return _packing.prompt_inputs(state, kwargs, packing)
+        return prompt_inputs(state, kwargs, packing)
     lead, S = ids.shape[:-1], ids.shape[-1]  # [B] or [B, C]: choices are flattened as the model does
     flat = ids.reshape(-1, S)
     mask = _flat(kwargs.get("attention_mask"), S)
@@ -294,7 +263,7 @@ def _first_call(state, kwargs, m):
         if isinstance(index, torch.Tensor) and not index.is_floating_point():
             kwargs[name] = index + m
     if rules.pool_last:
-        rules.pending_pool.append(_last_real_slot(flat, m, rules.pad_token_id))
+        ctx.pooled = _last_real_slot(flat, m, rules.pad_token_id)
     return kwargs
 
 

@@ -1,4 +1,7 @@
-"""What every launcher asks of the runtime: are we in Triton's interpreter, and how to allocate outputs."""
+"""What every launcher asks of the runtime: are we in Triton's interpreter, and how to allocate outputs.
+
+Imports no Triton: ``fastprefix.ops`` asks :func:`interpreting` also where Triton is not installed.
+"""
 
 import os
 

@@ -1,122 +1,53 @@
-"""Gated-prefix flash attention (P-Tuning v2 and APT) in Triton, forward and backward.
+"""Gated-prefix attention (P-Tuning v2 and APT) as one fused Triton kernel, forward and backward.
 
-Math (one query head, query row t; prefix rows j < L, real keys u < Sk):
+What it computes. For one query head, query row t, prefix rows j < L (always visible) and real keys u < Sk:
 
-    s[t, j]     = scale * (q_t . Pk_j)                  raw prefix score
-    logit[t, j] = cap(g[t, j] * s[t, j])                the gate scales the prefix key ...
-    logit[t, u] = cap(scale * (q_t . k_u)) + bias[t, u]  (-inf if masked)
-    p           = softmax over all L + Sk logits of row t
-    out_t       = sum_j p[t, j] g[t, j] Pv_j + sum_u p[t, u] v_u   ... and the prefix value
+    logit[t, j] = cap(g[t, j] * scale * (q_t . Pk_j))
+    logit[t, u] = cap(scale * (q_t . k_u)) + bias[t, u]     (-inf where padding, causality or the window hide u)
+    out_t       = sum_j p[t, j] g[t, j] Pv_j + sum_u p[t, u] v_u,   p = softmax over the L + Sk logits of row t
 
-g is 1 without a gate (P-Tuning v2) or a tensor broadcastable to [B, Sq, L] (APT). APT's gate
-inputs (hidden, W, b, lambda) are turned into that tensor once per call, g = lambda * sigmoid(
-hidden @ W + b), by torch: the GEMM in the inputs' dtype, sigmoid and scale in fp32 (fp64 for fp64
-inputs); autograd saves g and owns its chain rule. A zero gate gives logit 0
-(the prefix row keeps mass exp(0) and adds no value); that is the method's math.
+g is 1 (P-Tuning v2) or a gate broadcastable to [B, Sq, L] (APT; its gate inputs become that tensor once per
+call, :func:`gate_tensor`); a zero gate gives logit 0 (the prefix row keeps mass exp(0) and adds no value).
+cap(x) = c * tanh(x / c) with a softcap c, the identity otherwise. Backward, with s = scale q . Pk,
+e[t, j] = dO_t . Pv_j and delta_t = dO_t . out_t:
 
-Optional features (issue #12; each a constexpr flag, off by default, so the P-Tuning v2 / APT
-kernels compile exactly as without them):
+    dz[t, j] = p (g e - delta)       dz[t, u] = p (dO_t . v_u - delta)      (d loss / d logit)
+    dq_t  = scale (sum_j dz g Pk_j + sum_u dz k_u)      dk_u = scale sum_t dz q_t     dv_u = sum_t p dO_t
+    dPk_j = scale sum_t dz g q_t     dPv_j = sum_t p g dO_t     dg = dz s + p e     dbias[t, u] = dz[t, u]
 
-- HAS_SOFTCAP: cap(x) = c * tanh(x / c) (Gemma 2), on every logit, prefix ones after the gate;
-  the identity otherwise. In log2 units it is the same tanh with c * log2(e) (a runtime argument,
-  so every cap shares one compiled kernel). tanh is libdevice's when compiled; the interpreter
-  has none, so there it is built from exp and log (_tanh: Kahan's expm1, a few ulps).
-- HAS_BIAS: bias broadcastable to [B, H, Sq, Sk] (T5's position bias, DeBERTa's c2p/p2c),
-  added to the real keys' logits after the cap, read through four strides (0 on the
-  broadcast dims: a [1, H, Sq, Sk] or [B, 1, 1, Sk] bias is never expanded in memory), in
-  q's dtype or fp32, converted to the accumulator dtype. The prefix columns get no bias.
-- HAS_WINDOW: query t (position t' = t + Sk - Sq) sees real key u iff t' - left <= u <= t' + right,
-  both bounds runtime arguments (an unbounded side arrives as Sq + Sk); causal folds into
-  right = 0. A window that hides nothing beyond causal is dropped on the host, so the causal
-  path keeps its own code. The prefix is visible to every query. Tiles wholly outside every
-  window of a tile are skipped: the forward and dq kernels visit only the key tiles from
-  t'_min - left to t'_max + right, the dk/dv kernel only the query tiles that see its keys
-  (masked on the window's two edges, mask-free in between).
+Under the cap every dz but the bias's (the bias joins after the cap) is first multiplied by cap'(x) = 1 -
+tanh^2(x / c). The gate gradient is summed over the heads (one gate for all of them), the bias's over its
+broadcast dims.
 
-Forward (FlashAttention-2 style): one program per (query tile, batch * head), both folded into
-grid axis 0 (the tile index fastest, so neighbours share a head's K/V in L2; CUDA caps axes 1
-and 2 at 65,535, axis 0 at 2^31 - 1). It streams the prefix in its own tiles of BLOCK_L =
-max(16, next_pow2(L)) rows (capped per config), then the key tiles (BLOCK_N), with an online
-softmax in log2 units, and saves the row log-sum-exp (base 2). Neither [Pk ; K] nor the
-Sq x (L + Sk) score matrix is ever built; a shared prefix [Hkv, L, D] is read through a batch
-stride of 0. The output is written through strides: [B, H, Sq, D] memory by default, or
-[B, Sq, H, D] (out_layout="bshd", what transformers reshapes to next, saving it a copy).
+Based on FlashAttention-2 (Dao, 2023), forward and backward. The forward streams the prefix in its own tiles
+(BLOCK_L = max(16, next_pow2(L)), capped per config; a shared prefix [Hkv, L, D] is read through a batch stride
+of 0), then the key tiles (BLOCK_N), through an online softmax in log2 units, and saves the row log-sum-exp
+(base 2); neither [Pk ; K] nor the Sq x (L + Sk) scores ever exist in memory. The backward recomputes the
+probabilities from it in four kernels, each owning what it writes (deterministic: no atomics, bitwise
+reproducible): delta = dO . out; dq per query tile; dk, dv per key tile, summed over the heads of its GQA group,
+its query tiles split into the causal diagonal or the window's edges (masked), the interior (mask-free; padded
+keys' rows are zeroed once at the end) and the ragged tail; dPk, dPv, dg per (prefix tile, query split) into
+fp32 partials that torch sums in a fixed order. The bias gradient is the real keys' dz, written by the dq kernel
+(only when the bias requires grad) to a zero-filled [B, H, Sq, Sk] buffer. Programs of (tile, batch * head) are
+folded into grid axis 0 (tile fastest: neighbours share a head's K/V in L2; no 65,535 cap on B * H).
 
-Backward. With e[t, j] = dO_t . Pv_j and delta_t = dO_t . out_t = sum_i p[t, i] dP[t, i]:
+Caveats. Head dim D <= 128 (masked to a power of two); L >= 1; H % Hkv == 0; causal and the window are
+bottom-right aligned (query t sits at position t + Sk - Sq); no dropout, no varlen packing. fp16 / bf16 / fp32
+inputs accumulate in fp32 (fp32 dots in IEEE precision, never TF32), fp64 in fp64 (for gradcheck under the
+interpreter: on a GPU fp64 goes to the reference path). The bias joins after the cap, in q's dtype or fp32; the
+window and the softcap are runtime arguments (one compiled kernel each way); a window that hides no key comes
+here as none (``spec.window``), so the causal or mask-free code runs. Under TRITON_INTERPRET=1 bf16 operands are
+upcast to fp32 and tanh is built from exp and log (no libdevice there). The feature variants (bias, window, cap)
+run the default tiles with at most 2 pipeline stages, untuned: ``fitness --features`` reports register spills
+for several of them (the tables are checked spill-free for the kernels P-Tuning v2 and APT launch).
 
-    dP[t, j]  = dO_t . (g Pv_j) = g e                   dP[t, u] = dO_t . v_u
-    dz[t, j]  = p (g e - delta)                         dz[t, u] = p (dP[t, u] - delta)
-    dq_t     += scale * sum_j dz g Pk_j + scale * sum_u dz k_u
-    dPk_j    += scale * sum_t dz g q_t                  dk_u += scale * sum_t dz q_t
-    dPv_j    += sum_t p g dO_t                          dv_u += sum_t p dO_t
-    dg[t, j]  = dz * s + p * e                          (logit = g s and value = g Pv_j)
-              = p (s (g e - delta) + e)
-
-With a softcap, dz above is d loss / d logit; the chain through the cap multiplies it by
-cap'(x) = 1 - tanh^2(x / c) before it reaches q, k, Pk and the gate's dz * s term (p and the
-value terms are unchanged). The bias joins after the cap, so its gradient is dz[t, u] itself
-(the "dS" of the real keys): when the bias requires grad the dq kernel (BIAS_GRAD) writes it to a
-zero-initialised [B, H, Sq, Sk] buffer in the accumulator dtype (tiles the masks or the window
-skip stay zero), and torch sums it to the bias's shape (sum_to_size) and dtype; a bias without
-grad costs no gradient work.
-
-The gate gradient is summed over the query heads (the gate is shared by heads) and then
-reduced to the broadcast shape the caller passed (e.g. [B, 1, L] for the pooled gate).
-
-Four backward kernels, each owning what it writes, so the backward is deterministic (no
-atomics; bitwise reproducible run to run): delta per (64 query rows, batch * head), one read of
-dO and out (inside the dq kernel its out tile spilled registers at D=128 on sm_80); dq per
-(query tile, batch * head); dk, dv per (key tile, batch * kv
-head) looping over the heads of its GQA group, with the query tiles split into the causal
-diagonal (masked), the interior (no mask arithmetic, no padding-mask loads: padded keys' rows are
-zeroed once at the end) and the ragged tail; dPk, dPv and dg per (prefix tile, batch * kv head,
-query split). Workspace: delta [B, H, Sq], prefix-gradient partials [splits, B, Hkv, L, D] x 2
-and gate-gradient partials [B, Hkv, Sq, L], fp32, reduced by torch in a fixed order.
-
-Modelled cost at B=8, H=32, Hkv=8, S=2048, L=64, D=128, d=4096, bf16 (per layer; before = the
-previous revision, sm_80 configs; traffic to HBM or L2 as issued, FLOPs as executed):
-
-    item 1, APT gate, forward: was a fused h @ W per (query tile, head, prefix tile):
-        before 275 GFLOP and 10.7 GB (8.6 GB of hidden-state tiles + 2.1 GB of W tiles, 4,096
-        programs x 2 prefix tiles); after one [B*S, d] x [d, L] GEMM + sigmoid: 8.6 GFLOP and
-        0.29 GB (hidden 134 MB once, the fp32 [B, S, L] gate 4.2 MB written, read by 32 heads: 134 MB).
-    item 1/5, APT gate chain, backward: before an fp32 recompute of the gate and fp32 GEMMs
-        (two fp32 copies of [B, S, d], 268 MB each): 25.8 GFLOP fp32 (no tensor cores) and
-        2.0 GB; after autograd on the saved gate: 17.2 GFLOP bf16 (dW, d hidden) and 0.28 GB.
-    item 3, dk/dv: Q and dO re-read once per key tile: BLOCK_N 32 -> 64 halves it, 17.2 -> 8.6 GB
-        (non-causal; causal about half of each; sm_80 and sm_86; on sm_90 at D=128 every 64-key
-        tile spilled, so it keeps 32); FLOPs unchanged (1.1 TFLOP non-causal); the mask
-        arithmetic and the lse/delta load masks now run on the diagonal and tail tiles only
-        (<= 3 of 64 query tiles per key tile).
-    item 5, delta: four eager torch ops (two fp32 casts, a product, a sum) moved 1.88 GB through
-        4 launches and two 268 MB fp32 temporaries; the delta kernel reads dO and out once,
-        0.27 GB, and writes 2.1 MB. The "bshd" output saves transformers' 268 MB transpose copy.
-
-Interfaces: ``gated_prefix_attention`` (same keyword signature as the reference, plus
-``out_layout``) -> ``GatedPrefixAttentionFunction`` (autograd) -> the torch.library ops
-``fastprefix::gated_prefix_attention_fwd`` / ``_bwd`` (with fake kernels, so torch.compile keeps
-them as single graph nodes) -> the launchers -> the kernels. Launch configs are picked at call
-time from the device's compute capability and the dtype: sm_80, sm_86/89 and sm_90 tables, for
-16-bit and for fp32 inputs (the CPU interpreter gets one small config); kernels/fitness.py
-compiles every one of them for its target and checks for register spills and shared memory.
-Every launch sets enable_fp_fusion explicitly (FP_FUSION). Set FASTPREFIX_POISON_OUTPUTS=1 to
-allocate outputs filled with NaN (the tests do), so an element a kernel fails to write cannot
-pass unnoticed.
-
-Supported: any B, Sq >= 1, Sk >= 1, L >= 1 (prefix always visible), GQA (H % Hkv == 0),
-key padding masks [B, Sk] (True = real key), causal masks aligned bottom-right (query t sits
-at position Sk - Sq + t, so Sq < Sk is decoding with a KV cache), an additive attention bias,
-sliding / local windows (FlashAttention's window_size convention), logit soft-capping, head
-dim D <= 128 (masked to a power of two), fp16 / bf16 / fp32 inputs with fp32 accumulation, fp64 (accumulated in
-fp64; meant for gradcheck under the interpreter; on a GPU fp64 inputs run the reference path).
-Not supported: L = 0 (use plain attention), D > 128, dropout, top-left causal alignment,
-varlen packing. The feature paths run the default configs' tiles; kernels/fitness.py checks the
-feature-free kernels (the ones P-Tuning v2 and APT launch).
+Layers: kernels -> launchers (``_forward``, ``_backward``) -> torch.library ops
+``fastprefix::gated_prefix_attention_fwd`` / ``_bwd`` (with fake kernels: single opaque nodes for
+torch.compile) -> ``GatedPrefixAttentionFunction`` -> :func:`gated_prefix_attention`. Launch tables: configs.py.
 """
 
 from __future__ import annotations
 
-import re
 from typing import NamedTuple, Optional
 
 import torch
@@ -124,72 +55,17 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .. import reference
-from ._launch import acc_torch_dtype as _acc_torch_dtype
-from ._launch import arch_of as _arch_of
-from ._launch import gate_strides as _gate_strides
-from ._launch import prefix_strides as _prefix_strides
-from ._launch import prefix_tile as _prefix_tile
-from ._launch import reduce_prefix_partials
-from ._launch import rows_per_split as _rows_per_split
-from ._launch import split_float as _split
-from ._launch import unit_rows as _rows
-from ._runtime import interpreting, new_buffer
+from ...spec import AttentionSpec
+from ..common.jit import scaled
+from ..common.launch import (LOG2E, acc_dtype, arch_of, block_d, folded_grid, gate_strides, numerics, options,
+                             prefix_strides, prefix_tile, reduce_prefix_partials, rows_per_split, split_float,
+                             unit_rows)
+from ..common.runtime import interpreting, new_buffer
+from . import configs
 
-__all__ = ["gated_prefix_attention", "fitness_configs", "pick_config", "LaunchConfig"]
+__all__ = ["gated_prefix_attention", "gate_tensor", "GatedPrefixAttentionFunction", "fitness_configs"]
 
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
-
-
-# --------------------------------------------------------------------------------------------
-# Compile-time choices derived from the arguments (flash-linear-attention style heuristics)
-# --------------------------------------------------------------------------------------------
-
-
-def _acc_dtype(t: torch.Tensor):
-    """Accumulate in fp64 only for fp64 inputs (gradcheck); fp32 otherwise."""
-    return tl.float64 if t.dtype == torch.float64 else tl.float32
-
-
-def _dot_dtype(t: torch.Tensor):
-    """Operand dtype of tl.dot. The interpreter has no bf16 arithmetic: use fp32 there."""
-    if t.dtype == torch.float64:
-        return tl.float64
-    if t.dtype == torch.float16:
-        return tl.float16
-    if t.dtype == torch.bfloat16:
-        return tl.float32 if interpreting() else tl.bfloat16
-    return tl.float32
-
-
-def _precision(dot_dtype) -> str:
-    # fp32 tl.dot defaults to TF32 on GPU; fp32/fp64 inputs ask for IEEE products.
-    return "ieee" if dot_dtype in (tl.float32, tl.float64) else "tf32"
-
-
-_COMMON_HEURISTICS = {
-    "ACC": lambda a: _acc_dtype(a["Q"]),
-    "DOT": lambda a: _dot_dtype(a["Q"]),
-    "PREC": lambda a: _precision(_dot_dtype(a["Q"])),
-    "HAS_PAD": lambda a: a["KPM"] is not None,
-    "EVEN_D": lambda a: a["D"] == a["BLOCK_D"],
-    # compiled kernels take libdevice's tanh; the interpreter has none (see _tanh)
-    "LIBDEVICE": lambda a: not interpreting(),
-}
-
-
-# --------------------------------------------------------------------------------------------
-# Kernels
-# --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _scaled(x, hi, lo, ACC: tl.constexpr):
-    """x * c for a host constant c = hi + lo split into fp32 parts: scalar kernel arguments are
-    fp32, so fp64 accumulation (gradcheck) adds the low part to keep c exact."""
-    if ACC == tl.float64:
-        return x * hi + x * lo  # promoted to fp64
-    return x * hi
+# ------------------------------------------------------------------------------------------------- kernels
 
 
 @triton.jit
@@ -215,8 +91,8 @@ def _capped(s, cap_hi, cap_lo, icap_hi, icap_lo, ACC: tl.constexpr, LIBDEVICE: t
     """Soft-capping of logits in log2 units: (cap * tanh(s / cap), tanh(s / cap)) with cap = softcap * log2(e)
     = cap_hi + cap_lo and 1 / cap = icap_hi + icap_lo (the same tanh as in natural units); d capped / d s =
     1 - tanh^2."""
-    t = _tanh(_scaled(s, icap_hi, icap_lo, ACC), LIBDEVICE)
-    return _scaled(t, cap_hi, cap_lo, ACC), t
+    t = _tanh(scaled(s, icap_hi, icap_lo, ACC), LIBDEVICE)
+    return scaled(t, cap_hi, cap_lo, ACC), t
 
 
 @triton.jit
@@ -240,8 +116,6 @@ def _tile_of(pid, num_tiles):
     return pid % num_tiles, pid // num_tiles
 
 
-@triton.heuristics({**_COMMON_HEURISTICS, "HAS_GATE": lambda a: a["GATE"] is not None,
-                    "HAS_BIAS": lambda a: a["BIAS"] is not None})
 @triton.jit
 def _fwd_kernel(
     Q, K, V, PK, PV, GATE, KPM, BIAS, OUT, LSE,
@@ -261,6 +135,8 @@ def _fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
+    """out and the row log-sum-exp (base 2) for one (query tile, batch * head): the prefix tiles, then the
+    key tiles, through one online softmax."""
     pid_m, pid_bh = _tile_of(tl.program_id(0), num_m_tiles)
     b = pid_bh // H
     h = pid_bh % H
@@ -289,7 +165,7 @@ def _fwd_kernel(
         j_ok = offs_j < L
         pk = tl.load(pk_base + offs_j[:, None].to(tl.int64) * stride_pkn + offs_d[None, :],
                      mask=j_ok[:, None] & d_ok[None, :], other=0.0).to(DOT)
-        s = _scaled(tl.dot(q, tl.trans(pk), input_precision=PREC, out_dtype=ACC), qk_hi, qk_lo, ACC)
+        s = scaled(tl.dot(q, tl.trans(pk), input_precision=PREC, out_dtype=ACC), qk_hi, qk_lo, ACC)
         if HAS_GATE:
             g = tl.load(GATE + b.to(tl.int64) * stride_gb + offs_m[:, None].to(tl.int64) * stride_gm
                         + offs_j[None, :] * stride_gl, mask=m_ok[:, None] & j_ok[None, :], other=0.0).to(ACC)
@@ -323,7 +199,7 @@ def _fwd_kernel(
         u_ok = offs_u < Sk
         kt = tl.load(k_base + offs_u[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
                      mask=u_ok[:, None] & d_ok[None, :], other=0.0).to(DOT)
-        s = _scaled(tl.dot(q, tl.trans(kt), input_precision=PREC, out_dtype=ACC), qk_hi, qk_lo, ACC)
+        s = scaled(tl.dot(q, tl.trans(kt), input_precision=PREC, out_dtype=ACC), qk_hi, qk_lo, ACC)
         if HAS_SOFTCAP:
             s, _ = _capped(s, cap_hi, cap_lo, icap_hi, icap_lo, ACC, LIBDEVICE)
         if HAS_BIAS:  # broadcast dims have stride 0
@@ -356,7 +232,6 @@ def _fwd_kernel(
     tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, m_i + tl.log2(l_i), mask=m_ok)
 
 
-@triton.heuristics({"ACC": lambda a: _acc_dtype(a["DO"]), "EVEN_D": lambda a: a["D"] == a["BLOCK_D"]})
 @triton.jit
 def _bwd_delta_kernel(
     DO, OUT, DELTA,
@@ -381,8 +256,6 @@ def _bwd_delta_kernel(
     tl.store(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, tl.sum(do.to(ACC) * o.to(ACC), 1), mask=m_ok)
 
 
-@triton.heuristics({**_COMMON_HEURISTICS, "HAS_GATE": lambda a: a["GATE"] is not None,
-                    "HAS_BIAS": lambda a: a["BIAS"] is not None, "BIAS_GRAD": lambda a: a["DS"] is not None})
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, PK, PV, GATE, KPM, BIAS, DO, LSE, DELTA, DQ, DS,
@@ -436,7 +309,7 @@ def _bwd_dq_kernel(
                      other=0.0).to(DOT)
         pv = tl.load(pv_base + offs_j[:, None].to(tl.int64) * stride_pvn + offs_d[None, :], mask=jd_ok,
                      other=0.0).to(DOT)
-        s = _scaled(tl.dot(q, tl.trans(pk), input_precision=PREC, out_dtype=ACC), qk_hi, qk_lo, ACC)
+        s = scaled(tl.dot(q, tl.trans(pk), input_precision=PREC, out_dtype=ACC), qk_hi, qk_lo, ACC)
         e = tl.dot(do, tl.trans(pv), input_precision=PREC, out_dtype=ACC)
         if HAS_GATE:
             g = tl.load(GATE + b.to(tl.int64) * stride_gb + offs_m[:, None].to(tl.int64) * stride_gm
@@ -470,7 +343,7 @@ def _bwd_dq_kernel(
                      other=0.0).to(DOT)
         vt = tl.load(v_base + offs_u[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=ud_ok,
                      other=0.0).to(DOT)
-        s = _scaled(tl.dot(q, tl.trans(kt), input_precision=PREC, out_dtype=ACC), qk_hi, qk_lo, ACC)
+        s = scaled(tl.dot(q, tl.trans(kt), input_precision=PREC, out_dtype=ACC), qk_hi, qk_lo, ACC)
         if HAS_SOFTCAP:
             s, tanh = _capped(s, cap_hi, cap_lo, icap_hi, icap_lo, ACC, LIBDEVICE)
         if HAS_BIAS:
@@ -496,7 +369,7 @@ def _bwd_dq_kernel(
             dz = dz * (1.0 - tanh * tanh)
         dq = tl.dot(dz.to(DOT), kt, acc=dq, input_precision=PREC)
 
-    dq = _scaled(dq, sc_hi, sc_lo, ACC)
+    dq = scaled(dq, sc_hi, sc_lo, ACC)
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
              + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md_ok)
 
@@ -529,7 +402,7 @@ def _dkdv_tile(dk, dv, kt, vt, q_base, do_base, lse_base, delta_base, bias_base,
             do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0).to(DOT)
         lse = tl.load(lse_base + offs_m).to(ACC)
         delta = tl.load(delta_base + offs_m).to(ACC)
-    s_t = _scaled(tl.dot(kt, tl.trans(q), input_precision=PREC, out_dtype=ACC), qk_hi, qk_lo, ACC)  # [BN, BM]
+    s_t = scaled(tl.dot(kt, tl.trans(q), input_precision=PREC, out_dtype=ACC), qk_hi, qk_lo, ACC)  # [BN, BM]
     if HAS_SOFTCAP:
         s_t, tanh_t = _capped(s_t, cap_hi, cap_lo, icap_hi, icap_lo, ACC, LIBDEVICE)
     if HAS_BIAS:  # keys past Sk are never read (their rows are zeroed at the end)
@@ -553,7 +426,6 @@ def _dkdv_tile(dk, dv, kt, vt, q_base, do_base, lse_base, delta_base, bias_base,
     return dk, dv
 
 
-@triton.heuristics({**_COMMON_HEURISTICS, "HAS_BIAS": lambda a: a["BIAS"] is not None})
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, KPM, BIAS, DO, LSE, DELTA, DK, DV,
@@ -665,7 +537,7 @@ def _bwd_dkdv_kernel(
                                 IS_CAUSAL, HAS_WINDOW, True, HAS_BIAS, HAS_SOFTCAP, LIBDEVICE, EVEN_D, ACC, DOT, PREC)
 
     # Padded and out-of-range keys get exact zeros (their unmasked rows may hold inf or NaN).
-    dk = tl.where(key_ok[:, None], _scaled(dk, sc_hi, sc_lo, ACC), 0.0)
+    dk = tl.where(key_ok[:, None], scaled(dk, sc_hi, sc_lo, ACC), 0.0)
     dv = tl.where(key_ok[:, None], dv, 0.0)
     tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
              + offs_u[:, None].to(tl.int64) * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=ud_ok)
@@ -673,8 +545,6 @@ def _bwd_dkdv_kernel(
              + offs_u[:, None].to(tl.int64) * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=ud_ok)
 
 
-@triton.heuristics({**{k: v for k, v in _COMMON_HEURISTICS.items() if k != "HAS_PAD"},
-                    "HAS_GATE": lambda a: a["GATE"] is not None})
 @triton.jit
 def _bwd_prefix_kernel(
     Q, PK, PV, GATE, DO, LSE, DELTA, DPK, DPV, DG,
@@ -732,7 +602,7 @@ def _bwd_prefix_kernel(
             lse = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=m_ok, other=float("inf")).to(ACC)
             delta = tl.load(DELTA + bh.to(tl.int64) * Sq + offs_m, mask=m_ok, other=0.0).to(ACC)
             qpk = tl.dot(pk, tl.trans(q), input_precision=PREC, out_dtype=ACC)  # [BN, BM]
-            logit_t = _scaled(qpk, qk_hi, qk_lo, ACC)  # log2 units
+            logit_t = scaled(qpk, qk_hi, qk_lo, ACC)  # log2 units
             e_t = tl.dot(pv, tl.trans(do), input_precision=PREC, out_dtype=ACC)  # dO . Pv
             if HAS_GATE:
                 logit_t = logit_t * g_t
@@ -743,7 +613,7 @@ def _bwd_prefix_kernel(
                 dz_t = p_t * (g_t * e_t - delta[None, :])
                 if HAS_SOFTCAP:
                     dz_t = dz_t * (1.0 - tanh_t * tanh_t)  # d loss / d (g s), through the cap
-                dg_t += dz_t * _scaled(qpk, sc_hi, sc_lo, ACC) + p_t * e_t  # dz * s + p * e
+                dg_t += dz_t * scaled(qpk, sc_hi, sc_lo, ACC) + p_t * e_t  # dz * s + p * e
                 dpv = tl.dot((p_t * g_t).to(DOT), do, acc=dpv, input_precision=PREC)
                 dpk = tl.dot((dz_t * g_t).to(DOT), q, acc=dpk, input_precision=PREC)
             else:
@@ -756,144 +626,15 @@ def _bwd_prefix_kernel(
             dg_ptrs = DG + pid_bk.to(tl.int64) * Sq * L + offs_m[None, :].to(tl.int64) * L + offs_j[:, None]
             tl.store(dg_ptrs, dg_t.to(DG.dtype.element_ty), mask=valid)
 
-    dpk = _scaled(dpk, sc_hi, sc_lo, ACC)
+    dpk = scaled(dpk, sc_hi, sc_lo, ACC)
     part_id = pid_s.to(tl.int64) * (tl.num_programs(0) // num_l_tiles) + pid_bk
     part = part_id * L * D + offs_j[:, None].to(tl.int64) * D + offs_d[None, :]
     tl.store(DPK + part, dpk.to(DPK.dtype.element_ty), mask=jd_ok)
     tl.store(DPV + part, dpv.to(DPV.dtype.element_ty), mask=jd_ok)
 
 
-# --------------------------------------------------------------------------------------------
-# Launch configurations
-# --------------------------------------------------------------------------------------------
 
-
-class LaunchConfig(NamedTuple):
-    """Tiles and launch options of one kernel. block_l caps the prefix tile (the forward and dq
-    kernels use BLOCK_L = min(block_l, max(16, next_pow2(L))); the prefix-gradient kernel's prefix
-    tile is block_n, capped the same way); the dk/dv kernel has no prefix tile (block_l = 0)."""
-    block_m: int
-    block_n: int
-    block_l: int
-    num_warps: int
-    num_stages: int
-
-
-_C = LaunchConfig
-# Per GPU target, operand width, kernel and head-dim bucket. Targets: sm_80 (A100, 163 KB of shared
-# memory per block), sm_86 (also sm_89: 99 KB) and sm_90 (227 KB). Every entry is compiled ahead of
-# time for its target (fp16, bf16; fp32 for the fp32 table) by kernels/fitness.py, which checks it
-# for register spills and shared memory. "fwd" is the forward without a gate, "fwd_gate" with one
-# (the gate tile costs registers in the prefix loop only: it caps block_l, not the key tile; at
-# D=128 a 32-wide gated prefix tile spilled 8 B next to 64-wide key tiles, a 16-wide one does not).
-# dk/dv: the key tile (block_n = 64) sets how often Q and dO are re-read; the query tile only sets
-# registers, and with three query-range loops a 32-row tile spilled (32 B at D=64, 4 B at D=128).
-_CONFIGS_16BIT = {
-    80: {
-        "fwd": {64: _C(128, 64, 64, 8, 3), 128: _C(128, 64, 64, 8, 2)},
-        "fwd_gate": {64: _C(128, 64, 64, 8, 3), 128: _C(128, 64, 16, 8, 2)},
-        "bwd_dq": {64: _C(128, 64, 64, 8, 2), 128: _C(128, 32, 16, 8, 2)},
-        "bwd_dkdv": {64: _C(16, 64, 0, 4, 2), 128: _C(16, 64, 0, 8, 2)},
-        "bwd_prefix": {64: _C(32, 32, 32, 8, 2), 128: _C(32, 32, 32, 8, 2)},
-    },
-    86: {  # ptxas allocates differently for sm_86: at D=64, dq and dk/dv needed smaller tiles than on sm_80
-        "fwd": {64: _C(128, 64, 64, 8, 3), 128: _C(128, 64, 64, 8, 2)},
-        # 2 stages: with the fp32 gate tile a third stage needs 114,688 B, over sm_86/89's 99 KB
-        "fwd_gate": {64: _C(128, 64, 64, 8, 2), 128: _C(128, 64, 16, 8, 2)},
-        "bwd_dq": {64: _C(128, 32, 32, 8, 2), 128: _C(128, 32, 16, 8, 2)},
-        "bwd_dkdv": {64: _C(16, 64, 0, 8, 2), 128: _C(16, 64, 0, 8, 2)},
-        "bwd_prefix": {64: _C(32, 32, 32, 8, 2), 128: _C(32, 32, 32, 8, 2)},
-    },
-    90: {
-        "fwd": {64: _C(128, 64, 64, 8, 3), 128: _C(128, 64, 64, 8, 3)},
-        "fwd_gate": {64: _C(128, 64, 64, 8, 3), 128: _C(128, 64, 16, 8, 3)},
-        "bwd_dq": {64: _C(128, 64, 64, 8, 2), 128: _C(128, 32, 16, 8, 2)},
-        # at D=128 every 64-key tile spilled on sm_90 (40-600 B, also (64, 64) with 2 stages)
-        "bwd_dkdv": {64: _C(32, 64, 0, 8, 2), 128: _C(16, 32, 0, 4, 2)},
-        "bwd_prefix": {64: _C(32, 64, 64, 8, 2), 128: _C(32, 32, 32, 8, 2)},
-    },
-}
-# fp32 inputs: IEEE dots run on the FMA units with fp32 operands (twice the bytes of a 16-bit tile
-# in shared memory and registers), hence their own, narrower tiles (the 16-bit tables at fp32 spilled
-# ~36 KB and needed 164 KB of shared memory at D=128). The gated forward holds the gate tile beside the
-# FMA operands: 32x32 tiles spilled 450 B at D=128, 16x16 ones do not. 16 warps cap a thread at 64
-# registers (65,536 per SM): more warps do not help.
-_FP32_DKDV = {  # ptxas spilled 4-80 B on the other targets' dk/dv tiles, at 110-255 registers
-    80: {64: _C(32, 32, 0, 4, 1), 128: _C(32, 32, 0, 8, 1)},
-    86: {64: _C(16, 32, 0, 4, 1), 128: _C(16, 32, 0, 8, 1)},
-    90: {64: _C(32, 32, 0, 8, 1), 128: _C(32, 32, 0, 8, 1)},
-}
-_CONFIGS_FP32 = {
-    target: {
-        "fwd": {64: _C(64, 32, 32, 8, 2), 128: _C(32, 32, 32, 8, 1)},
-        "fwd_gate": {64: _C(32, 32, 16, 4, 2), 128: _C(16, 16, 16, 4, 1)},
-        "bwd_dq": {64: _C(32, 32, 32, 8, 1), 128: _C(32, 32, 32, 8, 1)},
-        "bwd_dkdv": _FP32_DKDV[target],
-        "bwd_prefix": {64: _C(32, 32, 32, 8, 1), 128: _C(16, 16, 16, 8, 1)},
-    }
-    for target in (80, 86, 90)
-}
-KINDS = ("fwd", "fwd_gate", "bwd_dq", "bwd_dkdv", "bwd_prefix")
-TARGETS = (80, 86, 90)
-# The interpreter runs programs one after another: few, moderately sized tiles are fastest, and
-# BLOCK_N = 32, BLOCK_L <= 16 still split the test shapes into several prefix and key tiles.
-_INTERPRETER_CONFIG = LaunchConfig(64, 32, 16, 4, 1)
-_DELTA_BLOCK_M = 64  # rows per program of the delta kernel (fixed: 64 x 128 fp32 products, 4 warps)
-# Explicit on every launch (Triton 3.10 flips the default to off): FMA contraction on, the numerics
-# every fitness figure and error bound of this file was measured with.
-FP_FUSION = True
-
-
-def _head_dim_bucket(block_d: int) -> int:
-    return 64 if block_d <= 64 else 128
-
-
-def target_of(arch: int) -> int:
-    """The table a compute capability uses: sm_90+ -> 90, sm_80 / sm_87 (163 KB) -> 80, anything
-    else (sm_86, sm_89 and older parts) -> 86, the table that fits 99 KB of shared memory."""
-    if arch >= 90:
-        return 90
-    return 80 if arch in (80, 87) else 86
-
-
-# With attn_bias / window / softcap on, the kernels hold the bias tile and the cap's tanh terms too: at the
-# default tables' 3 stages the sm_90 16-bit D=128 forward needs more shared memory than the GPU has. Two
-# stages keep every feature variant within the limits (fitness --features checks); untuned for speed.
-_FEATURE_MAX_STAGES = 2
-
-
-def pick_config(kind: str, block_d: int, arch: Optional[int], dtype: torch.dtype = torch.float16,
-                features: bool = False) -> LaunchConfig:
-    """Launch config of kernel `kind` (one of KINDS) for head-dim tile `block_d` on compute
-    capability `arch` (None: the interpreter) and input `dtype` (fp16/bf16, or fp32); ``features``: any
-    of attn_bias / window / softcap is on (fewer pipeline stages, see ``_FEATURE_MAX_STAGES``)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if arch is None:
-        return _INTERPRETER_CONFIG
-    table = _CONFIGS_16BIT if dtype in (torch.float16, torch.bfloat16) else _CONFIGS_FP32
-    cfg = table[target_of(arch)][kind][_head_dim_bucket(block_d)]
-    if features and cfg.num_stages > _FEATURE_MAX_STAGES:
-        cfg = cfg._replace(num_stages=_FEATURE_MAX_STAGES)
-    return cfg
-
-
-def _folded_grid(tiles: int, rows: int, *rest: int) -> tuple:
-    """(tiles * rows, *rest): grid axis 0 folds the tile index and batch * heads (decoded by
-    _tile_of); axes 1 and 2 (CUDA caps them at 65,535) only get the small `rest`."""
-    programs = tiles * rows
-    if programs >= 2 ** 31:
-        raise ValueError(f"{tiles} tiles x {rows} batch*heads = {programs} programs exceed the 2^31 - 1 grid limit")
-    return (programs, *rest)
-
-
-def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
-
-
-# --------------------------------------------------------------------------------------------
-# Launchers
-# --------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------- launchers
 
 
 def _new_output(q: torch.Tensor, out_bshd: bool) -> torch.Tensor:
@@ -905,16 +646,11 @@ def _new_output(q: torch.Tensor, out_bshd: bool) -> torch.Tensor:
     return new_buffer((B, H, Sq, D), q.dtype, q.device)
 
 
-def _bias4(attn_bias: torch.Tensor) -> torch.Tensor:
-    """attn_bias (at most 4 dims, broadcastable to [B, H, Sq, Sk]) as a 4-dim view with leading 1s."""
-    return attn_bias.reshape((1,) * (4 - attn_bias.dim()) + tuple(attn_bias.shape))
-
-
-def _bias_args(attn_bias, B, H, Sq, Sk) -> tuple:
+def _bias_args(spec: AttentionSpec, B, H, Sq, Sk) -> tuple:
     """(BIAS, its (batch, head, query, key) strides): stride 0 on the broadcast dims, no copy; (None, 0s)."""
-    if attn_bias is None:
+    if spec.attn_bias is None:
         return None, (0, 0, 0, 0)
-    full = _bias4(attn_bias).expand(B, H, Sq, Sk)
+    full = spec.attn_bias.expand(B, H, Sq, Sk)
     return full, tuple(full.stride())
 
 
@@ -927,148 +663,168 @@ class _Band(NamedTuple):
     right: int
 
 
-def _band(window_left: int, window_right: int, causal: bool, Sq: int, Sk: int) -> _Band:
-    """A window that hides nothing beyond ``causal`` is dropped, so the kernels keep their causal (or
-    mask-free) code; otherwise causal folds into right = 0 and an unbounded side (-1) becomes Sq + Sk,
-    a distance no query-key pair reaches."""
-    if causal:
-        if window_left == -1:
-            return _Band(True, False, 0, 0)
-        window_right = 0
-    elif window_left == -1 and window_right == -1:
-        return _Band(False, False, 0, 0)
+def _band(spec: AttentionSpec, Sq: int, Sk: int) -> _Band:
+    """``spec.window`` (already effective: None keeps the causal or mask-free code) as kernel arguments: causal
+    folds into right = 0, and an unbounded side (-1) becomes Sq + Sk, a distance no query-key pair reaches."""
+    if spec.window is None:
+        return _Band(spec.causal, False, 0, 0)
+    left, right = spec.window
+    if spec.causal:
+        right = 0
     never = Sq + Sk
-    return _Band(False, True, window_left if window_left >= 0 else never, window_right if window_right >= 0 else never)
+    return _Band(False, True, left if left >= 0 else never, right if right >= 0 else never)
 
 
 def _softcap_args(softcap: Optional[float]) -> tuple:
     """(HAS_SOFTCAP, (cap_hi, cap_lo, icap_hi, icap_lo)): the cap in the kernels' log2 units and its inverse,
-    each split for fp64 (see _scaled)."""
+    each split for fp64 (see jit.scaled)."""
     if softcap is None:
         return False, (0.0, 0.0, 0.0, 0.0)
-    return True, (*_split(softcap * LOG2E), *_split(1.0 / (softcap * LOG2E)))
+    return True, (*split_float(softcap * LOG2E), *split_float(1.0 / (softcap * LOG2E)))
 
 
-def _forward(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal: bool, scale: float, out_bshd: bool,
-             attn_bias=None, window_left: int = -1, window_right: int = -1, softcap: Optional[float] = None):
+def _flags(q: torch.Tensor, D: int) -> dict:
+    """The constexprs every kernel but the delta kernel takes from the inputs (each adds its own)."""
+    # compiled kernels take libdevice's tanh; the interpreter has none (see _tanh)
+    return dict(**numerics(q.dtype), EVEN_D=D == block_d(D), LIBDEVICE=not interpreting())
+
+
+def _forward(q, k, v, prefix_k, prefix_v, spec: AttentionSpec, out_bshd: bool):
+    """out [B, H, Sq, D] (in [B, Sq, H, D] memory with ``out_bshd``) and the row log-sum-exp [B, H, Sq] (base 2,
+    accumulator dtype). ``spec.gate``: None or the gate in the accumulator dtype (:func:`gate_tensor`)."""
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     L = prefix_k.shape[-2]
-    q, k, v, prefix_k, prefix_v = map(_rows, (q, k, v, prefix_k, prefix_v))
-    bias, bias_strides = _bias_args(attn_bias, B, H, Sq, Sk)
-    band = _band(window_left, window_right, causal, Sq, Sk)
-    has_softcap, cap = _softcap_args(softcap)
+    gate, kpm = spec.gate, spec.key_padding_mask
+    q, k, v, prefix_k, prefix_v = map(unit_rows, (q, k, v, prefix_k, prefix_v))
+    bias, bias_strides = _bias_args(spec, B, H, Sq, Sk)
+    band = _band(spec, Sq, Sk)
+    has_softcap, cap = _softcap_args(spec.softcap)
     out = _new_output(q, out_bshd)
-    lse = new_buffer((B, H, Sq), _acc_torch_dtype(q), q.device)
+    lse = new_buffer((B, H, Sq), acc_dtype(q.dtype), q.device)
     kpm_stride = 0
-    if key_padding_mask is not None:
-        key_padding_mask = _rows(key_padding_mask)
-        kpm_stride = key_padding_mask.stride(0)
+    if kpm is not None:
+        kpm = unit_rows(kpm)
+        kpm_stride = kpm.stride(0)
 
-    block_d = _block_d(D)
+    bd = block_d(D)
     features = bias is not None or band.has_window or has_softcap
-    cfg = pick_config("fwd_gate" if gate is not None else "fwd", block_d, _arch_of(q), q.dtype, features)
+    cfg = configs.pick_config("fwd_gate" if gate is not None else "fwd", bd, arch_of(q), q.dtype, features)
     num_m_tiles = triton.cdiv(Sq, cfg.block_m)
-    _fwd_kernel[_folded_grid(num_m_tiles, B * H)](
-        q, k, v, prefix_k, prefix_v, gate, key_padding_mask, bias, out, lse,
+    _fwd_kernel[folded_grid(num_m_tiles, B * H)](
+        q, k, v, prefix_k, prefix_v, gate, kpm, bias, out, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
-        *_gate_strides(gate, B, Sq, L), kpm_stride, *bias_strides, *out.stride()[:3],
-        H, H // Hkv, Sq, Sk, L, D, Sk - Sq, band.left, band.right, *_split(scale * LOG2E), *cap, num_m_tiles,
-        IS_CAUSAL=band.is_causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_L=_prefix_tile(L, cfg.block_l),
-        BLOCK_D=block_d, HAS_WINDOW=band.has_window, HAS_SOFTCAP=has_softcap,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
+        *prefix_strides(prefix_k), *prefix_strides(prefix_v),
+        *gate_strides(gate, B, Sq, L), kpm_stride, *bias_strides, *out.stride()[:3],
+        H, H // Hkv, Sq, Sk, L, D, Sk - Sq, band.left, band.right, *split_float(spec.scale * LOG2E), *cap,
+        num_m_tiles,
+        IS_CAUSAL=band.is_causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_L=prefix_tile(L, cfg.block_l),
+        BLOCK_D=bd, HAS_GATE=gate is not None, HAS_PAD=kpm is not None, HAS_BIAS=bias is not None,
+        HAS_WINDOW=band.has_window, HAS_SOFTCAP=has_softcap, **_flags(q, D), **options(cfg),
     )
     return out, lse
 
 
-def _backward(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse, causal: bool,
-              scale: float, attn_bias=None, bias_grad: bool = False, window_left: int = -1, window_right: int = -1,
-              softcap: Optional[float] = None):
+def _backward(do, q, k, v, prefix_k, prefix_v, out, lse, spec: AttentionSpec, bias_grad: bool = False):
     """Returns dq, dk, dv, dprefix_k, dprefix_v, the gate gradient [B, Sq, L] and, with bias_grad, the
     bias gradient before its broadcast sum, [B, H, Sq, Sk], both in the accumulator dtype (empty tensors
     without a gate / bias_grad)."""
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     L = prefix_k.shape[-2]
-    acc = _acc_torch_dtype(q)
-    bias, bias_strides = _bias_args(attn_bias, B, H, Sq, Sk)
-    band = _band(window_left, window_right, causal, Sq, Sk)
-    has_softcap, cap = _softcap_args(softcap)
+    gate, kpm = spec.gate, spec.key_padding_mask
+    acc = acc_dtype(q.dtype)
+    bias, bias_strides = _bias_args(spec, B, H, Sq, Sk)
+    band = _band(spec, Sq, Sk)
+    has_softcap, cap = _softcap_args(spec.softcap)
     # dS of the real keys; zeros where the kernel skips a tile (keys hidden by the mask or the window)
     ds = torch.zeros((B, H, Sq, Sk), dtype=acc, device=q.device) if bias_grad and bias is not None else None
-    do, q, k, v, prefix_k, prefix_v, out = map(_rows, (do, q, k, v, prefix_k, prefix_v, out))
+    do, q, k, v, prefix_k, prefix_v, out = map(unit_rows, (do, q, k, v, prefix_k, prefix_v, out))
+    flags = _flags(q, D)
+    bd = block_d(D)
     delta = new_buffer((B, H, Sq), acc, q.device)  # dO . out
-    tiles = triton.cdiv(Sq, _DELTA_BLOCK_M)
-    _bwd_delta_kernel[_folded_grid(tiles, B * H)](
+    cfg = configs.DELTA_CONFIG
+    tiles = triton.cdiv(Sq, cfg.block_m)
+    _bwd_delta_kernel[folded_grid(tiles, B * H)](
         do, out, delta, *do.stride()[:3], *out.stride()[:3], H, Sq, D, tiles,
-        BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=_block_d(D), num_warps=4, num_stages=1, enable_fp_fusion=FP_FUSION,
+        BLOCK_M=cfg.block_m, BLOCK_D=bd, EVEN_D=flags["EVEN_D"], ACC=flags["ACC"], **options(cfg),
     )
     kpm_stride = 0
-    if key_padding_mask is not None:
-        key_padding_mask = _rows(key_padding_mask)
-        kpm_stride = key_padding_mask.stride(0)
-    g_strides = _gate_strides(gate, B, Sq, L)
-    block_d = _block_d(D)
-    arch = _arch_of(q)
+    if kpm is not None:
+        kpm = unit_rows(kpm)
+        kpm_stride = kpm.stride(0)
+    g_strides = gate_strides(gate, B, Sq, L)
+    arch = arch_of(q)
     common = (H, H // Hkv)
-    scales = (*_split(scale * LOG2E), *_split(scale))
+    scales = (*split_float(spec.scale * LOG2E), *split_float(spec.scale))
+    has = dict(HAS_PAD=kpm is not None, HAS_BIAS=bias is not None, HAS_WINDOW=band.has_window,
+               HAS_SOFTCAP=has_softcap)
 
     features = bias is not None or band.has_window or has_softcap
     dq = new_buffer((B, H, Sq, D), q.dtype, q.device)
-    cfg = pick_config("bwd_dq", block_d, arch, q.dtype, features)
+    cfg = configs.pick_config("bwd_dq", bd, arch, q.dtype, features)
     tiles = triton.cdiv(Sq, cfg.block_m)
-    _bwd_dq_kernel[_folded_grid(tiles, B * H)](
-        q, k, v, prefix_k, prefix_v, gate, key_padding_mask, bias, do, lse, delta, dq, ds,
+    _bwd_dq_kernel[folded_grid(tiles, B * H)](
+        q, k, v, prefix_k, prefix_v, gate, kpm, bias, do, lse, delta, dq, ds,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *_prefix_strides(prefix_k), *_prefix_strides(prefix_v), *g_strides, kpm_stride, *bias_strides,
+        *prefix_strides(prefix_k), *prefix_strides(prefix_v), *g_strides, kpm_stride, *bias_strides,
         *do.stride()[:3], *dq.stride()[:3],
         *common, Sq, Sk, L, D, Sk - Sq, band.left, band.right, *scales, *cap, tiles,
-        IS_CAUSAL=band.is_causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_L=_prefix_tile(L, cfg.block_l),
-        BLOCK_D=block_d, HAS_WINDOW=band.has_window, HAS_SOFTCAP=has_softcap,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
+        IS_CAUSAL=band.is_causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_L=prefix_tile(L, cfg.block_l),
+        BLOCK_D=bd, HAS_GATE=gate is not None, BIAS_GRAD=ds is not None, **has, **flags, **options(cfg),
     )
 
     dk = new_buffer((B, Hkv, Sk, D), k.dtype, k.device)
     dv = new_buffer((B, Hkv, Sk, D), v.dtype, v.device)
-    cfg = pick_config("bwd_dkdv", block_d, arch, q.dtype, features)
+    cfg = configs.pick_config("bwd_dkdv", bd, arch, q.dtype, features)
     tiles = triton.cdiv(Sk, cfg.block_n)
-    _bwd_dkdv_kernel[_folded_grid(tiles, B * Hkv)](
-        q, k, v, key_padding_mask, bias, do, lse, delta, dk, dv,
+    _bwd_dkdv_kernel[folded_grid(tiles, B * Hkv)](
+        q, k, v, kpm, bias, do, lse, delta, dk, dv,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], kpm_stride, *bias_strides,
         *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         *common, Sq, Sk, D, Sk - Sq, band.left, band.right, *scales, *cap, tiles,
-        IS_CAUSAL=band.is_causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        HAS_WINDOW=band.has_window, HAS_SOFTCAP=has_softcap, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
+        IS_CAUSAL=band.is_causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, **has, **flags,
+        **options(cfg),
     )
 
     # Partials: prefix grads per batch row, gate grads per kv head; reduced below by torch.
-    cfg = pick_config("bwd_prefix", block_d, arch, q.dtype, features)
-    block_l = _prefix_tile(L, cfg.block_n)
+    cfg = configs.pick_config("bwd_prefix", bd, arch, q.dtype, features)
+    block_l = prefix_tile(L, cfg.block_n)
     tiles = triton.cdiv(L, block_l)
-    rows_per_split = _rows_per_split(Sq, cfg.block_m, tiles * B * Hkv, q)
-    splits = triton.cdiv(Sq, rows_per_split)
+    rows = rows_per_split(Sq, cfg.block_m, tiles * B * Hkv, q)
+    splits = triton.cdiv(Sq, rows)
     dpk = new_buffer((splits, B, Hkv, L, D), acc, q.device)
     dpv = new_buffer((splits, B, Hkv, L, D), acc, q.device)
     dg = new_buffer((B, Hkv, Sq, L), acc, q.device) if gate is not None else None
-    _bwd_prefix_kernel[_folded_grid(tiles, B * Hkv, splits)](
+    _bwd_prefix_kernel[folded_grid(tiles, B * Hkv, splits)](
         q, prefix_k, prefix_v, gate, do, lse, delta, dpk, dpv, dg,
-        *q.stride()[:3], *_prefix_strides(prefix_k), *_prefix_strides(prefix_v), *g_strides,
+        *q.stride()[:3], *prefix_strides(prefix_k), *prefix_strides(prefix_v), *g_strides,
         *do.stride()[:3],
-        *common, Sq, L, D, rows_per_split, *scales, *cap, tiles,
-        BLOCK_M=cfg.block_m, BLOCK_N=block_l, BLOCK_D=block_d, HAS_SOFTCAP=has_softcap, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, enable_fp_fusion=FP_FUSION,
+        *common, Sq, L, D, rows, *scales, *cap, tiles,
+        BLOCK_M=cfg.block_m, BLOCK_N=block_l, BLOCK_D=bd, HAS_GATE=gate is not None, HAS_SOFTCAP=has_softcap,
+        **flags, **options(cfg),
     )
     dbias = ds if ds is not None else q.new_empty((0,), dtype=acc)
     return (dq, dk, dv, *reduce_prefix_partials(dpk, dpv, dg, prefix_k, prefix_v, q, acc), dbias)
 
 
-# --------------------------------------------------------------------------------------------
-# torch.library ops (opaque to torch.compile) and the autograd.Function that chains them
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------- torch.library ops (opaque to torch.compile) and the autograd.Function
 
 Tensor = torch.Tensor
+
+
+def spec_from_args(scale: float, causal: bool, key_padding_mask, window_left: int, window_right: int, attn_bias,
+                   softcap: Optional[float], gate) -> AttentionSpec:
+    """The custom ops' primitive arguments back to the spec the launchers read (as they were unpacked from one:
+    nothing is re-normalised). The window travels as two ints, (-1, -1) for none."""
+    window = None if window_left == -1 and window_right == -1 else (window_left, window_right)
+    return AttentionSpec(scale=scale, causal=causal, key_padding_mask=key_padding_mask, window=window,
+                         attn_bias=attn_bias, gate=gate, softcap=softcap)
+
+
+def window_args(spec: AttentionSpec) -> tuple:
+    """``spec.window`` as the custom ops' two ints: (-1, -1) for none (an effective window is never that)."""
+    return spec.window if spec.window is not None else (-1, -1)
 
 
 @torch.library.custom_op("fastprefix::gated_prefix_attention_fwd", mutates_args=())
@@ -1076,8 +832,8 @@ def _fwd_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
             key_padding_mask: Optional[Tensor], causal: bool, scale: float,
             out_bshd: bool = False, attn_bias: Optional[Tensor] = None, window_left: int = -1,
             window_right: int = -1, softcap: Optional[float] = None) -> tuple[Tensor, Tensor]:
-    return _forward(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, out_bshd, attn_bias,
-                    window_left, window_right, softcap)
+    spec = spec_from_args(scale, causal, key_padding_mask, window_left, window_right, attn_bias, softcap, gate)
+    return _forward(q, k, v, prefix_k, prefix_v, spec, out_bshd)
 
 
 @_fwd_op.register_fake
@@ -1085,7 +841,7 @@ def _(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, out_bs
       window_left=-1, window_right=-1, softcap=None):
     B, H, Sq, D = q.shape
     out = q.new_empty((B, Sq, H, D)).transpose(1, 2) if out_bshd else q.new_empty((B, H, Sq, D))
-    return out, q.new_empty((B, H, Sq), dtype=_acc_torch_dtype(q))
+    return out, q.new_empty((B, H, Sq), dtype=acc_dtype(q.dtype))
 
 
 @torch.library.custom_op("fastprefix::gated_prefix_attention_bwd", mutates_args=())
@@ -1094,15 +850,15 @@ def _bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefi
             scale: float, attn_bias: Optional[Tensor] = None, bias_grad: bool = False, window_left: int = -1,
             window_right: int = -1, softcap: Optional[float] = None
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _backward(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse, causal, scale, attn_bias,
-                     bias_grad, window_left, window_right, softcap)
+    spec = spec_from_args(scale, causal, key_padding_mask, window_left, window_right, attn_bias, softcap, gate)
+    return _backward(do, q, k, v, prefix_k, prefix_v, out, lse, spec, bias_grad)
 
 
 @_bwd_op.register_fake
 def _(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse, causal, scale, attn_bias=None,
       bias_grad=False, window_left=-1, window_right=-1, softcap=None):
     B, H, Sq, _ = q.shape
-    acc = _acc_torch_dtype(q)
+    acc = acc_dtype(q.dtype)
     dg = q.new_empty((B, Sq, prefix_k.shape[-2]) if gate is not None else (0,), dtype=acc)
     with_bias = bias_grad and attn_bias is not None
     dbias = q.new_empty((B, H, Sq, k.shape[2]) if with_bias else (0,), dtype=acc)
@@ -1111,9 +867,9 @@ def _(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse, causal,
 
 
 class GatedPrefixAttentionFunction(torch.autograd.Function):
-    """Forward and backward of the gated-prefix attention through the Triton kernels. The gate is
-    a tensor here; the APT gate's own chain (sigmoid, GEMM) is autograd's, see the wrapper. The window
-    travels as two ints (-1 = unbounded), the softcap as None or a float."""
+    """Forward and backward of the fused kernels through the custom ops, on the spec's fields as primitives. The
+    gate is a tensor here (its APT chain, sigmoid and GEMM, is autograd's: :func:`gate_tensor`); the bias is the
+    spec's 4-dim view (autograd takes its gradient back to the caller's shape)."""
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, out_bshd, attn_bias,
@@ -1137,159 +893,65 @@ class GatedPrefixAttentionFunction(torch.autograd.Function):
             dgate = dg_full.sum_to_size(gate.shape).to(gate.dtype)  # e.g. [B, 1, L] for a pooled gate
         dbias = None
         if bias_grad:  # [B, H, Sq, Sk] summed over the bias's broadcast dims, in its dtype
-            dbias = ds.sum_to_size(_bias4(attn_bias).shape).reshape(attn_bias.shape).to(attn_bias.dtype)
+            dbias = ds.sum_to_size(attn_bias.shape).to(attn_bias.dtype)
         return dq, dk, dv, dpk, dpv, dgate, None, None, None, None, dbias, None, None, None
 
+
+# ------------------------------------------------------------------------------------------------- public
 
 OUT_LAYOUTS = ("bhsd", "bshd")
 
 
-def gate_tensor(q, gate=None, gate_hidden=None, gate_weight=None, gate_bias=None, layer_scale=None):
+def gate_tensor(q, spec: AttentionSpec):
     """The gate both Triton paths launch with: None, or a tensor broadcastable to [B, Sq, L] in the
     accumulator dtype of q (fp32 for fp16/bf16/fp32, fp64 for fp64), so every kernel compiles one
-    gate-pointer type (the one `make fitness` checks). Either `gate` as given (cast through autograd),
-    or APT's layer_scale * sigmoid(gate_hidden @ gate_weight + gate_bias) from gate_hidden
-    [B, Sq or 1, d], gate_weight [d, L], gate_bias [L], layer_scale (0-dim): one GEMM + sigmoid
-    per call ([B, Sq, L], or [B, 1, L] from a pooled hidden state), saved by autograd.
+    gate-pointer type (the one `make fitness` checks). Either ``spec.gate`` (cast through autograd), or
+    from ``spec.gate_inputs`` APT's layer_scale * sigmoid(hidden @ weight + bias), hidden [B, Sq or 1, d],
+    weight [d, L], bias [L], layer_scale (0-dim): one GEMM + sigmoid per call ([B, Sq, L], or [B, 1, L]
+    from a pooled hidden state), saved by autograd, shared by every head and tile.
 
     The GEMM (and its backward) runs in the inputs' dtype with fp32 accumulation; the sigmoid and
     scale run in the accumulator dtype, so dL/dgate (fp32 from the kernel) reaches layer_scale, a
     sum over B * Sq * L terms, without a 16-bit rounding: with an fp16 gate its error was up to 17x
     the reference's.
     """
-    acc = _acc_torch_dtype(q)
-    if gate is not None and gate_hidden is not None:
+    acc = acc_dtype(q.dtype)
+    if spec.gate is not None and spec.gate_inputs is not None:
         raise ValueError("pass either gate or the fused gate inputs (gate_hidden, ...), not both")
-    if gate_hidden is None:
-        return None if gate is None else gate.to(acc)
-    if gate_weight is None:
+    if spec.gate_inputs is None:
+        return None if spec.gate is None else spec.gate.to(acc)
+    hidden, weight, bias, layer_scale = spec.gate_inputs
+    if weight is None:
         raise ValueError("gate_hidden needs gate_weight")
-    if gate_bias is None:
-        gate_bias = gate_weight.new_zeros(gate_weight.shape[-1])
-    logits = torch.addmm(gate_bias, gate_hidden.flatten(0, -2), gate_weight).view(*gate_hidden.shape[:-1], -1)
+    if bias is None:
+        bias = weight.new_zeros(weight.shape[-1])
+    logits = torch.addmm(bias, hidden.flatten(0, -2), weight).view(*hidden.shape[:-1], -1)
     gate = torch.sigmoid(logits.to(acc))
     return gate if layer_scale is None else layer_scale.to(acc) * gate
 
 
-def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidden=None, gate_weight=None,
-                           gate_bias=None, layer_scale=None, key_padding_mask=None, causal=False, scale=None,
-                           attn_bias=None, window=None, softcap=None, out_layout="bhsd"):
-    """Gated-prefix attention on the Triton kernels; same contract as the reference.
+def gated_prefix_attention(q, k, v, prefix_k, prefix_v, spec: AttentionSpec, out_layout="bhsd"):
+    """Gated-prefix attention on the fused kernels; the reference's contract.
 
-    q [B, H, Sq, D]; k, v [B, Hkv, Sk, D]; prefix_k, prefix_v [Hkv, L, D] (shared) or
-    [B, Hkv, L, D]; gate broadcastable to [B, Sq, L], or the APT inputs gate_hidden
-    [B, Sq or 1, d], gate_weight [d, L], gate_bias [L], layer_scale (0-dim), from which the gate
-    layer_scale * sigmoid(gate_hidden @ gate_weight + gate_bias) is computed once per call (GEMM in
-    the inputs' dtype, the rest in fp32 / fp64); key_padding_mask [B, Sk] bool, True = real
-    key; attn_bias broadcastable to [B, H, Sq, Sk] (q's dtype or fp32), added to the real keys' logits
-    after the cap; window (left, right), -1 = unbounded (query t at position t' = t + Sk - Sq sees real
-    key u iff t' - left <= u <= t' + right; the prefix always); softcap: every logit x becomes
-    softcap * tanh(x / softcap). Returns [B, H, Sq, D] in q's dtype; with out_layout="bshd" that tensor
-    is a view of [B, Sq, H, D] memory (so out.transpose(1, 2) is contiguous). Inputs are expected to be
-    validated by fastprefix.ops; only the kernel's own limits are checked here. fp64 inputs on a GPU run
-    the reference path (fp64 is for gradcheck; the kernels' fp64 tiles are tuned for the interpreter only).
+    q [B, H, Sq, D]; k, v [B, Hkv, Sk, D]; prefix_k, prefix_v [Hkv, L, D] (shared) or [B, Hkv, L, D]; ``spec``
+    the call's :class:`fastprefix.spec.AttentionSpec` (gate or APT gate inputs, padding mask, causal, window,
+    bias, softcap, scale). Returns [B, H, Sq, D] in q's dtype; with out_layout="bshd" that tensor is a view of
+    [B, Sq, H, D] memory (so out.transpose(1, 2) is contiguous). Inputs are expected to be validated by
+    fastprefix.ops (which also sends fp64 on a GPU to the reference); only the kernel's own limits are checked.
     """
     D = q.shape[-1]
     if D > 128:
         raise ValueError(f"triton gated_prefix_attention supports head dim <= 128, got {D}")
     if out_layout not in OUT_LAYOUTS:
         raise ValueError(f"out_layout must be one of {OUT_LAYOUTS}, got {out_layout!r}")
-    gate = gate_tensor(q, gate, gate_hidden, gate_weight, gate_bias, layer_scale)
-    if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
-        key_padding_mask = key_padding_mask != 0
-    if scale is None:
-        scale = D ** -0.5
-    window_left, window_right = (-1, -1) if window is None else (int(window[0]), int(window[1]))
-    softcap = None if softcap is None else float(softcap)
-    if q.device.type == "cuda" and q.dtype == torch.float64:
-        out = reference.gated_prefix_attention(q, k, v, prefix_k, prefix_v, gate=gate,
-                                               key_padding_mask=key_padding_mask, causal=bool(causal), scale=scale,
-                                               attn_bias=attn_bias, window=window, softcap=softcap)
-        return out.transpose(1, 2).contiguous().transpose(1, 2) if out_layout == "bshd" else out
-    return GatedPrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, bool(causal),
-                                              float(scale), out_layout == "bshd", attn_bias, window_left,
-                                              window_right, softcap)
-
-
-# --------------------------------------------------------------------------------------------
-# Ahead-of-time fitness (see kernels/fitness.py)
-# --------------------------------------------------------------------------------------------
-
-FITNESS_DTYPES = ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32"))
-# fitness-table name of each kind's kernel (all optional features on)
-FITNESS_KERNELS = {"fwd": "fwd gate=none", "fwd_gate": "fwd gate=tensor", "bwd_dq": "bwd_dq gate",
-                   "bwd_dkdv": "bwd_dkdv", "bwd_prefix": "bwd_prefix gate"}
+    gate = gate_tensor(q, spec)
+    return GatedPrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, gate, spec.key_padding_mask, spec.causal,
+                                              spec.scale, out_layout == "bshd", spec.attn_bias, *window_args(spec),
+                                              spec.softcap)
 
 
 def fitness_configs(features: bool = False):
-    """Every launch config the launchers can pick on sm_80, sm_86 and sm_90 for fp16, bf16 and fp32
-    at D in {64, 128}, with the P-Tuning v2 / APT features on (causal, padding, a gate where one exists)
-    and the widest prefix tile the config allows; the issue #12 features (attn_bias, window, softcap)
-    off, as the common path launches them. ``features=True`` (``fitness --features``): the same configs
-    with every issue #12 feature on instead (a bias with its gradient, a window, the cap; named
-    "...+features"), which share the default tiles."""
-    from .fitness import signature_of
-
-    floats = ("qk_hi", "qk_lo", "sc_hi", "sc_lo", "cap_hi", "cap_lo", "icap_hi", "icap_lo")
-    off = dict(HAS_WINDOW=features, HAS_SOFTCAP=features, LIBDEVICE=True)  # + the BIAS / DS pointers below
-
-    def spec(fn, ptrs, cx):
-        # as launched on contiguous tensors: unit last-dim stride of the gate, 16-divisible row
-        # strides and head dim (D in {64, 128}); lengths and the other strides stay generic.
-        names = set(fn.arg_names)
-        cx = {n: value for n, value in cx.items() if n in names}  # each kernel takes its own flags
-        ones = {"stride_gl"} & names
-        div16 = {n for n in names if re.fullmatch(r"stride_(q|k|v|pk|pv|do|dq|dk|dv|o)[bhmn]", n)} | {"D"}
-        return signature_of(fn, ptrs, cx, floats, ones, div16)
-
-    for arch in TARGETS:
-        for torch_dtype, name in FITNESS_DTYPES:
-            dot = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[name]
-            ptr, f32 = "*" + name, "*fp32"
-            flags = dict(off, ACC=tl.float32, DOT=dot, PREC=_precision(dot), EVEN_D=True)
-            bias = dict(BIAS=ptr, DS=f32) if features else {}  # pointers; None (constexpr) without features
-            for D in (64, 128):
-                tag = f"sm{arch} {name} D{D}"
-                for kind in KINDS:
-                    cfg = pick_config(kind, D, arch, torch_dtype, features)
-                    cx = dict(flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=D)
-                    if kind in ("fwd", "fwd_gate"):
-                        fn = _fwd_kernel.fn
-                        cx.update(IS_CAUSAL=True, HAS_PAD=True, HAS_GATE=kind == "fwd_gate", BLOCK_L=cfg.block_l,
-                                  HAS_BIAS=features)
-                        if kind == "fwd":
-                            cx["GATE"] = None
-                        ptrs = {n: ptr for n in ("Q", "K", "V", "PK", "PV", "GATE", "OUT")}
-                        ptrs.update(KPM="*i1", LSE=f32)
-                    elif kind == "bwd_dq":
-                        fn = _bwd_dq_kernel.fn
-                        cx.update(IS_CAUSAL=True, HAS_PAD=True, HAS_GATE=True, BLOCK_L=cfg.block_l,
-                                  HAS_BIAS=features, BIAS_GRAD=features)
-                        ptrs = {n: ptr for n in ("Q", "K", "V", "PK", "PV", "GATE", "DO", "DQ")}
-                        ptrs.update(KPM="*i1", LSE=f32, DELTA=f32)
-                    elif kind == "bwd_dkdv":
-                        fn = _bwd_dkdv_kernel.fn
-                        cx.update(IS_CAUSAL=True, HAS_PAD=True, HAS_BIAS=features)
-                        ptrs = {n: ptr for n in ("Q", "K", "V", "DO", "DK", "DV")}
-                        ptrs.update(KPM="*i1", LSE=f32, DELTA=f32)
-                    else:
-                        fn = _bwd_prefix_kernel.fn
-                        cx.update(HAS_GATE=True)
-                        ptrs = {n: ptr for n in ("Q", "PK", "PV", "GATE", "DO")}
-                        ptrs.update(LSE=f32, DELTA=f32, DPK=f32, DPV=f32, DG=f32)
-                    if kind != "fwd":
-                        ptrs["GATE"] = f32  # gate_tensor hands every kernel the gate in the accumulator dtype
-                    if features:  # the host folds causal into the window
-                        ptrs.update(bias)
-                        cx["IS_CAUSAL"] = False
-                    else:
-                        cx.update(BIAS=None, DS=None)
-                    sig, cx, attrs = spec(fn, ptrs, cx)
-                    yield (f"attn.{FITNESS_KERNELS[kind]}{'+features' if features else ''} {tag}", fn, sig, cx,
-                           cfg.num_warps, cfg.num_stages, arch, attrs)
-                if features:
-                    continue  # the delta kernel has no features
-                fn = _bwd_delta_kernel.fn
-                cx = dict(BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=D, EVEN_D=True, ACC=tl.float32)
-                sig, cx, attrs = spec(fn, dict(DO=ptr, OUT=ptr, DELTA=f32), cx)
-                yield f"attn.bwd_delta {tag}", fn, sig, cx, 4, 1, arch, attrs
+    """This module's launch configs for kernels/fitness.py (``configs.fused_fitness_configs`` on these kernels)."""
+    kernels = dict(fwd=_fwd_kernel, bwd_delta=_bwd_delta_kernel, bwd_dq=_bwd_dq_kernel, bwd_dkdv=_bwd_dkdv_kernel,
+                   bwd_prefix=_bwd_prefix_kernel)
+    return configs.fused_fitness_configs(kernels, features)

@@ -1,0 +1,109 @@
+"""APT's gate at one prefix site, from what the call's context recorded: :func:`layer_gate`.
+
+The gate's input is the hidden states entering the site's layer, recorded in the call's
+``context.ForwardContext`` by a pre-hook (``hooks.apt_layer_pre_hook``, DeBERTa's own layer hook). With
+``gate="pooled"`` on causal attention each position pools the real tokens up to it; while decoding with a KV cache
+the earlier tokens' running sums ride on the cache (:class:`Running`, under the attribute :data:`RUNNING`), checked
+against the cache at every step. Each site's mean gate is recorded for the probe (``fastprefix.gate_report``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from ..spec import gate3
+
+RUNNING = "_fastprefix_pooled_gate"  # attribute on a KV cache: site -> Running (APT's causal pooled gate)
+
+
+class Running:
+    """APT's causal pooled gate while decoding: the earlier tokens' gate-logit sum and count, kept on the cache.
+
+    seen: the number of cache positions covered; total ``[B, L]``: sum of ``h W`` over the real ones (no
+    bias); count ``[B]``: how many were real; last_key ``[B, Hkv, D]``: the layer's key at position
+    ``seen - 1``, which tells a reordered or rewritten cache (beam search, assisted decoding) apart.
+    """
+
+    def __init__(self, seen, total, count, last_key):
+        self.seen, self.total, self.count, self.last_key = seen, total, count, last_key
+
+
+def layer_gate(ctx, module, i, query_mask, causal, key):
+    """The gate keyword arguments of site ``i``'s attention module ``module`` (APT), in the dtype of ``key``.
+
+    From the hidden states the call's context recorded for the site (``ctx.hidden``); ``query_mask``: the queries'
+    padding mask ``[B, Sq]`` (None: all real). Records the site's mean gate (:meth:`ForwardContext.record_gate`)
+    and, for the causal pooled gate on a KV cache, the running statistics on the cache (:class:`Running`).
+    """
+    hidden = ctx.hidden.get(i) if module.training else ctx.hidden.pop(i, None)  # kept for a checkpoint recompute
+    if hidden is None:
+        raise RuntimeError(f"APT: no hidden states were recorded for layer {i}; the layer's forward pre-hook "
+                           "did not run (call the model, not its attention modules)")
+    hidden = hidden.to(key.dtype)
+    apt = ctx.state.module
+    pooled_causal = apt.config.gate == "pooled" and causal
+    cache = ctx.caches.get(i)
+    seen = tokens_seen(cache, module, key) if pooled_causal else None
+    past = past_totals(cache, i, key, seen, hidden.shape[1]) if pooled_causal else None
+    gate = apt.gate_kwargs(i, hidden, query_mask, causal=causal, past=past)
+    if pooled_causal and cache is not None:
+        total, count = apt.pooled_totals(i, hidden, query_mask, past=past)
+        cache.__dict__.setdefault(RUNNING, {})[i] = Running(seen, total, count, key[:, :, -1].clone())
+    if ctx.state.record_gates and i not in ctx.gate_stats:  # a checkpoint recompute does not record again
+        ctx.record_gate(i, mean_gate(apt, i, hidden, query_mask, causal, past))
+    return gate
+
+
+def tokens_seen(cache, module, key):
+    """How many tokens the layer's KV cache has taken, this call's included: its keys, or more where a
+    sliding-window cache (``DynamicSlidingWindowLayer``) dropped the oldest (its ``get_seq_length`` counts them)."""
+    idx = getattr(module, "layer_idx", None)
+    if cache is not None and isinstance(idx, int) and callable(getattr(cache, "get_seq_length", None)):
+        n = int(cache.get_seq_length(idx))
+        if n >= key.shape[2]:
+            return n
+    return key.shape[2]
+
+
+def past_totals(cache, i, key, seen, Sq):
+    """``(total [B, L], count [B])`` of the ``seen - Sq`` tokens before this call's ``Sq`` (None at position 0)."""
+    past = seen - Sq
+    if past == 0:
+        return None
+    run = getattr(cache, RUNNING, {}).get(i) if cache is not None else None
+    if run is None:
+        raise ValueError(
+            f"APT's causal pooled gate at layer {i}: the KV cache holds {past} earlier tokens but not their running "
+            "gate statistics, which fastprefix keeps on the cache this model filled from position 0. Continue "
+            "with the cache this fastprefix model returned (as generate does)")
+    # the newest earlier key (a sliding-window cache keeps it: it keeps the W - 1 latest)
+    newest = key[:, :, key.shape[2] - Sq - 1] if key.shape[2] > Sq else run.last_key
+    if run.seen != past or run.total.shape[0] != key.shape[0] or not torch.equal(newest, run.last_key):
+        raise ValueError(
+            f"APT's causal pooled gate at layer {i}: the KV cache was reordered, cropped or rewritten since the last "
+            f"call (it covered {run.seen} tokens of batch {run.total.shape[0]}, now {past} tokens of batch "
+            f"{key.shape[0]}), so the running mean of the gate no longer matches it. Beam search and assisted "
+            "decoding are not supported with gate='pooled'; use greedy or sampled decoding, or gate='token'")
+    return run.total, run.count
+
+
+@torch.no_grad()
+def mean_gate(apt, i, hidden, query_mask, causal, past):
+    """APT probe: the mean gate alpha (before lambda) per prefix token over the real query tokens, ``[L]`` float32."""
+    dt = hidden.dtype
+    alpha = ops.apt_gate(hidden.detach(), apt.gate_weight[i].detach().to(dt), apt.gate_bias[i].detach().to(dt),
+                         torch.ones((), dtype=dt, device=hidden.device), mode=apt.config.gate,
+                         key_padding_mask=query_mask, causal=causal, past=past)
+    if alpha.shape[1] > 1 and query_mask is not None:
+        w = query_mask.to(alpha.dtype).unsqueeze(-1)
+        return ((alpha * w).sum(dim=(0, 1)) / w.sum().clamp_min(1)).float()
+    return alpha.mean(dim=(0, 1)).float()
+
+
+def gate_tensor(gate):
+    """The gate as a 3-dim tensor ``[B|1, Sq|1, L]`` from :func:`layer_gate`'s keyword arguments (or any call's of
+    :func:`fastprefix.gated_prefix_attention`), None without a gate: what ``output_attentions`` maps are built with."""
+    if gate.get("gate_hidden") is not None:
+        return gate3(ops.apt_gate(gate["gate_hidden"], gate["gate_weight"], gate["gate_bias"], gate["layer_scale"]))
+    return None if gate.get("gate") is None else gate3(gate["gate"])

@@ -1,0 +1,153 @@
+"""The forward hooks that start each call of a fastprefix model, and the helpers that put them on a model.
+
+Prefix methods (P-Tuning v2, APT): :func:`prefix_pre_hook`, on the module whose call holds the layers (the base
+model, or what the model's forward calls: see ``families``), computes every layer's prefix once per call into a
+fresh ``context.ForwardContext`` that travels down the call's keyword arguments; for APT,
+:func:`apt_layer_pre_hook` on each layer records the hidden states entering it (and its KV cache) in that context,
+from which the attention computes the gate (``gates``). A checkpointed layer recomputes from its own forward's
+context. Switching the model's attention implementation away from ``"fastprefix"`` is refused
+(:class:`AttentionGuard`).
+
+Prompt methods (PT, DePT, ADePT): :func:`prompt_pre_hook` on the model rewrites the call's inputs (``inputs``);
+for a decoder classifier it makes the call's context, with the slot its head pools, the thread's current call
+until :func:`prompt_exit_hook`. :func:`encoder_pre_hook` prompts an encoder called on its own (``generate`` on
+T5). Inside ``fastprefix.disabled`` every hook leaves the call alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .context import KWARG, NAME, ForwardContext, bind, current, enter, layer_cache, leave
+from .inputs import encoder_inputs, model_inputs, pool_hook
+from .state import LAYER, STATE, hook, mark, override
+
+
+# hooks: module-level functions that find their state on the module, so deepcopy/pickling stay consistent
+def _reentrant(layer):
+    fn = getattr(layer, "_gradient_checkpointing_func", None)
+    return bool(getattr(layer, "gradient_checkpointing", False) and getattr(fn, "keywords", {}).get("use_reentrant"))
+
+
+def check_attention_implementation(state):
+    """The attention modules must still dispatch to "fastprefix" (e.g. not after ``set_attn_implementation``)."""
+    for module, _ in state.hooked:
+        impl = getattr(getattr(module, "config", None), "_attn_implementation", NAME)
+        if getattr(module, LAYER, None) is not None and impl != NAME:
+            raise ValueError(
+                f"{type(module).__name__} now runs the {impl!r} attention, which would silently drop the "
+                f"{state.config.method} prefix: its attention implementation was changed after fastprefix.apply. "
+                f"Call fastprefix.remove(model) first to use another attention, or set it back to {NAME!r}")
+
+
+def prefix_pre_hook(module, args, kwargs):
+    """Compute every layer's prefix for this call and hand it down in the call's keyword arguments."""
+    state = getattr(module, STATE)
+    if state.disabled:  # fastprefix.disabled: the base model runs as it is
+        return None
+    check_attention_implementation(state)
+    if module.training and any(_reentrant(layer) for layer in state.layers):
+        # the reentrant recompute backpropagates into the shared prefix once per layer and frees its graph
+        raise ValueError("prefix methods need non-reentrant gradient checkpointing (the transformers default); "
+                         "enable it with gradient_checkpointing_kwargs={'use_reentrant': False}")
+    output_attentions = kwargs.get("output_attentions")
+    if output_attentions is None:
+        output_attentions = getattr(module.config, "output_attentions", False)
+    ctx = ForwardContext(state, state.module(), output_attentions)
+    if state.shift is not None:  # prefix_positions="shift": real tokens numbered after the prefix (see positions)
+        return (), {**state.shift(module, args, kwargs), KWARG: ctx}
+    return args, {**kwargs, KWARG: ctx}
+
+
+def apt_layer_pre_hook(module, args, kwargs):
+    """APT: record the hidden states entering the layer (and the KV cache it was given) in the call's context."""
+    if getattr(module, STATE).disabled:
+        return None
+    ctx = kwargs.get(KWARG)
+    if not isinstance(ctx, ForwardContext):
+        raise RuntimeError(f"APT: {type(module).__name__} was called without the fastprefix context; call the model, "
+                           "not its layers")
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor):
+        raise RuntimeError(f"APT: {type(module).__name__} was called without hidden_states")
+    i = getattr(module, LAYER)
+    ctx.hidden[i] = hidden
+    # a checkpointed layer runs without its cache (transformers drops it), so the gate keeps no running state
+    if ctx.state.config.gate == "pooled" and not (module.training and getattr(module, "gradient_checkpointing", False)):
+        ctx.caches[i] = layer_cache(module, args, kwargs)
+
+
+def prompt_pre_hook(module, args, kwargs):
+    """Rewrite the call's inputs for the prompt; a decoder classifier's call becomes the thread's current one."""
+    state = getattr(module, STATE)
+    if state.disabled:  # fastprefix.disabled: no prompt, and no pooled slot for the pool hook to use
+        return None
+    ctx = ForwardContext(state)
+    kwargs = model_inputs(state, bind(module, args, kwargs), ctx)
+    if state.inputs.pool_last:
+        enter(ctx)  # until prompt_exit_hook: inputs.pool_hook finds the slot there
+    return (), kwargs
+
+
+def prompt_exit_hook(module, args, kwargs, output):
+    """Take the call :func:`prompt_pre_hook` entered off the thread's calls (also when the forward raised)."""
+    ctx = current(getattr(module, STATE))
+    if ctx is not None:
+        leave(ctx)
+
+
+def encoder_pre_hook(module, args, kwargs):
+    state = getattr(module, STATE)
+    if state.disabled:
+        return None
+    return (), encoder_inputs(state, bind(module, args, kwargs))
+
+
+class AttentionGuard:
+    """``set_attn_implementation`` of a model with a prefix method applied: switching away from the
+    ``"fastprefix"`` attention would silently drop the prefix, so it is a ValueError naming ``fastprefix.remove``.
+    Stored on the instance (pickles and deep-copies with it); ``remove`` takes it away."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, attn_implementation, *args, **kwargs):
+        def names(value):
+            return [n for v in value.values() for n in names(v)] if isinstance(value, dict) else [value]
+
+        others = [n for n in names(attn_implementation) if n != NAME]
+        if others:
+            raise ValueError(
+                f"set_attn_implementation({attn_implementation!r}) on a {type(self.model).__name__} with fastprefix "
+                f"applied would drop its prefix: the prefix methods need the {NAME!r} attention. Call "
+                "fastprefix.remove(model) first, then set the attention implementation")
+        return type(self.model).set_attn_implementation(self.model, attn_implementation, *args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ installing
+def mark_layers(state, layers, *, apt_hooks=True):
+    """Number the prefix sites: each attention module gets the State and its site index; for APT (``apt_hooks``)
+    each layer gets :func:`apt_layer_pre_hook`."""
+    state.layers = [layer for layer, _ in layers]
+    for i, (layer, attn) in enumerate(layers):
+        mark(state, attn, i)
+        if state.gated and apt_hooks:
+            hook(state, layer, apt_layer_pre_hook, layer=i)
+
+
+def guard_attention(state, model):
+    """Put an :class:`AttentionGuard` on the model and on every ``PreTrainedModel`` inside it."""
+    for sub in model.modules():
+        if callable(getattr(type(sub), "set_attn_implementation", None)):
+            override(state, sub, "set_attn_implementation", AttentionGuard(sub))
+
+
+def install_prompt(state, model):
+    """The prompt methods' hooks: the inputs of each call (and of an encoder called alone), and a decoder
+    classifier's pooling of the last real token."""
+    hook(state, model, prompt_pre_hook)
+    if state.encoder_decoder:
+        hook(state, model.get_encoder(), encoder_pre_hook)
+    if state.inputs.pool_last:  # decoder classifier: pool the last real token of the prompted sequence
+        hook(state, model.base_model, pool_hook, after=True)
+        hook(state, model, prompt_exit_hook, after=True, always=True)
