@@ -19,9 +19,9 @@ $(STAMP): setup.py constraints.txt
 
 test: $(STAMP)
 	# Triton's interpreter runs the real kernels on CPU (set before any @triton.jit is defined)
-	TRITON_INTERPRET=1 $(BIN)/pytest tests -n 2 --dist loadfile -q -p no:cacheprovider
+	TRITON_INTERPRET=1 $(BIN)/pytest tests -n 2 --dist loadfile -q -p no:cacheprovider --durations=15
 	# the transformers tests that reach the Triton backend again, on the split attention path
-	TRITON_INTERPRET=1 FASTPREFIX_ATTENTION=split $(BIN)/pytest tests/test_transformers.py -k triton -n 2 -q \
+	TRITON_INTERPRET=1 FASTPREFIX_ATTENTION=split $(BIN)/pytest tests/integrations/test_transformers.py -k triton -n 2 -q \
 		-p no:cacheprovider
 
 bench: $(STAMP)
@@ -69,7 +69,7 @@ gpu-versions: gpu-install
 	cd tests && $(GPU_ENV) $(GPU_PYTHON) -m fastprefix.benchmarks.gpu
 
 gpu-test: gpu-versions
-	cd tests && $(GPU_ENV) timeout 300 $(GPU_PYTHON) -m pytest test_gpu_kernels.py test_gpu_transformers.py \
+	cd tests && $(GPU_ENV) timeout 300 $(GPU_PYTHON) -m pytest gpu/test_gpu_kernels.py gpu/test_gpu_transformers.py \
 		-m cuda -q -p no:cacheprovider -rs --durations=15
 
 gpu-bench: gpu-versions

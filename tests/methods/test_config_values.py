@@ -10,7 +10,7 @@ import fastprefix
 from fastprefix.adapters import CONFIG_NAME
 from fastprefix.config import CONFIGS
 from fastprefix.integrations import transformers as integration
-from hf_models import batch, perturb, run, tiny
+from helpers.models import batch, perturb, run, tiny
 
 FLOAT_FIELDS = [(cls, f.name) for cls in CONFIGS.values() for f in dataclasses.fields(cls)
                 if isinstance(getattr(cls(), f.name), float)]

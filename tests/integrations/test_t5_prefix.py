@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fastprefix
-from hf_models import PAD, VOCAB, batch
+from helpers.models import PAD, VOCAB, batch
 
 EXACT = dict(atol=1e-10, rtol=0)
 REF = "t5_prefix_reference"

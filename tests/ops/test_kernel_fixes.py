@@ -15,7 +15,7 @@ from fastprefix.kernels.common import launch
 from fastprefix.kernels.embedding import fused as embedding
 from fastprefix.reference.attention import apt_gate
 from fastprefix.spec import AttentionSpec
-from numerics import fused_attention, reference_attention
+from helpers.numerics import fused_attention, reference_attention
 
 F64 = torch.float64
 

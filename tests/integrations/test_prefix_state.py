@@ -13,7 +13,7 @@ import torch
 import fastprefix
 from fastprefix.integrations import attention as _attention
 from fastprefix.integrations.gates import RUNNING, gate_tensor
-from hf_models import batch, perturb, positions, run, tiny
+from helpers.models import batch, perturb, positions, run, tiny
 
 EXACT = dict(atol=1e-10, rtol=1e-10)
 # prefix dropout on, so a recompute that drew a new mask would show
@@ -85,11 +85,11 @@ def test_torch_save_of_an_applied_model_loads_in_a_fresh_process(tmp_path):
     with torch.no_grad():
         want = run(model, "llama", ids, mask)
     torch.save({"model": model, "ids": ids, "mask": mask, "want": want}, tmp_path / "model.pt")
-    code = ("import sys, torch; sys.path.insert(0, sys.argv[2]); from hf_models import run\n"
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[2]); from helpers.models import run\n"
             "d = torch.load(sys.argv[1], weights_only=False)\n"
             "with torch.no_grad(): got = run(d['model'], 'llama', d['ids'], d['mask'])\n"
             "assert torch.equal(got, d['want']), (got - d['want']).abs().max()\n")
-    tests = os.path.dirname(os.path.abspath(__file__))
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.pt"), tests], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -9,7 +9,7 @@ import torch
 import fastprefix
 from fastprefix.adapters import CONFIG_NAME, WEIGHTS_NAME
 from fastprefix.integrations import transformers as integration
-from hf_models import METHODS, PROMPT_METHODS, applied, batch, minilm_path, perturb, run, tiny
+from helpers.models import METHODS, PROMPT_METHODS, applied, batch, minilm_path, perturb, run, tiny
 
 EXACT = dict(atol=1e-10, rtol=0)
 

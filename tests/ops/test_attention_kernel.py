@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fastprefix.kernels.attention import configs
-from numerics import assert_flash_rule, attention_leaves, gradcheck_attention, padding_mask, reference_attention
-from numerics import fused_attention as triton_attention
+from helpers.numerics import assert_flash_rule, attention_leaves, gradcheck_attention, padding_mask, reference_attention
+from helpers.numerics import fused_attention as triton_attention
 
 # floor, relative to the largest magnitude of the float64 reference tensor
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import fastprefix
-from hf_models import METHODS, VOCAB, perturb
-from invariant_models import tiny
+from helpers.models import METHODS, VOCAB, perturb
+from helpers.families import tiny
 
 ALL = ("pt", "dept", "adept", "adept-merged", "ptv2", "ptv2-proj", "apt", "apt-pooled")
 

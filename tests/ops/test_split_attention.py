@@ -1,7 +1,7 @@
 """The split attention path (vendor attention for the real keys + the Triton prefix merge) against the
 reference, under Triton's interpreter with PyTorch's fused CPU attention as the vendor op.
 
-The same case sweep and FlashAttention error rule as tests/test_attention_kernel.py (error vs float64 <=
+The same case sweep and FlashAttention error rule as tests/ops/test_attention_kernel.py (error vs float64 <=
 2 x the PyTorch same-dtype error + a floor), float64 gradcheck through the Triton kernels, the dispatch
 rule, and the CUDA branch's op calls checked on fake CUDA tensors (FakeTensorMode: shapes, dtypes and
 arguments through the ops' meta kernels; no GPU).
@@ -16,7 +16,7 @@ from fastprefix import ops
 from fastprefix.kernels.attention import dispatch, split, vendor
 from fastprefix.reference import split as reference_split
 from fastprefix.spec import gate3
-from numerics import (ATTENTION_INPUTS, assert_flash_rule, choose_path, gradcheck_attention, reference_attention,
+from helpers.numerics import (ATTENTION_INPUTS, assert_flash_rule, choose_path, gradcheck_attention, reference_attention,
                       spec_of, split_attention, triton_attention)
 from test_attention_kernel import CASES, FLOOR, GRADCHECK_CASES, Case, make_inputs, run, upcast
 
@@ -321,5 +321,5 @@ def test_fake_kernels_match_the_vendor_meta_shapes():
         assert fake_rng_matches((seed, offset), real_rng)
         grads = torch.ops.fastprefix.split_attention_bwd(torch.empty_like(out), q, k, v, pk, pv, gate, None, out, lse,
                                                          lse_k, seed, offset, True, 0.125, "flash")
-        # the 7th output is the attn_bias gradient, empty without one (tests/test_split_features.py)
+        # the 7th output is the attn_bias gradient, empty without one (tests/ops/test_split_features.py)
         assert [g.shape for g in grads] == [q.shape, k.shape, v.shape, pk.shape, pv.shape, gate.shape, (0,)]

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import fastprefix
-from numerics import assert_flash_rule, gradcheck_attention, padding_mask, reference_attention
-from numerics import fused_attention as triton_attention
+from helpers.numerics import assert_flash_rule, gradcheck_attention, padding_mask, reference_attention
+from helpers.numerics import fused_attention as triton_attention
 
 FLOOR32 = 1e-5  # relative to the largest magnitude of the float64 result, as in test_attention_kernel.py
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import fastprefix
-from hf_models import PAD, PROMPT_METHODS, applied, batch, positions
-from numerics import assert_flash_rule
+from helpers.models import PAD, PROMPT_METHODS, applied, batch, positions
+from helpers.numerics import assert_flash_rule
 
 pytestmark = pytest.mark.cuda
 

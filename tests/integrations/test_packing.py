@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import fastprefix
-import invariant_models
+from helpers import families as invariant_models
 from fastprefix.integrations.packing import prompt_packing, token_slots
-from hf_models import METHODS, VOCAB, perturb
+from helpers.models import METHODS, VOCAB, perturb
 
 LENGTHS = (5, 1, 7, 3)
 TOL = dict(rtol=0, atol=1e-10)

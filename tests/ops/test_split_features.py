@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from fastprefix import ops
 from fastprefix.kernels.attention import dispatch, split, vendor
 from fastprefix.spec import effective_window
-from numerics import (ATTENTION_INPUTS, assert_flash_rule, attention_leaves, choose_path, fused_attention,
+from helpers.numerics import (ATTENTION_INPUTS, assert_flash_rule, attention_leaves, choose_path, fused_attention,
                       gradcheck_attention, padding_mask, reference_attention, split_attention, triton_attention)
 from test_attention_kernel import FLOOR
 from test_split_attention import _OpLog

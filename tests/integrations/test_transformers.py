@@ -10,7 +10,7 @@ from torch import nn
 
 import fastprefix
 from fastprefix.integrations import transformers as integration
-from hf_models import (DECODERS, ENCODERS, METHODS, PAD, PREFIX_METHODS, PROMPT_METHODS, applied, batch,
+from helpers.models import (DECODERS, ENCODERS, METHODS, PAD, PREFIX_METHODS, PROMPT_METHODS, applied, batch,
                        minilm_path, perturb, positions, run, tiny)
 
 EXACT = dict(atol=1e-10, rtol=0)
@@ -247,7 +247,7 @@ def test_unsupported_attention_dispatch_names_what_is_missing():
             fastprefix.apply(model, METHODS["apt"]())
     finally:
         type(model)._supports_attention_backend = old
-    # sliding-window layers (Qwen2 here) are supported: tests/test_invariants.py holds them to the invariants
+    # sliding-window layers (Qwen2 here) are supported: tests/integrations/test_invariants.py holds them to the invariants
     qwen = tf.Qwen2ForCausalLM(tf.Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                               num_key_value_heads=2, intermediate_size=40, vocab_size=50,
                                               use_sliding_window=True, sliding_window=4, max_window_layers=0))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fastprefix
-from hf_models import METHODS, applied, batch, run, tiny
+from helpers.models import METHODS, applied, batch, run, tiny
 
 EXACT = dict(atol=1e-10, rtol=0)
 DDP_METHODS = ("apt", "adept")

@@ -11,7 +11,7 @@ from fastprefix import adapters
 from fastprefix.adapters import CONFIG_NAME, WEIGHTS_NAME
 from fastprefix.integrations import transformers as integration
 from fastprefix.integrations.families import model_shape
-from hf_models import METHODS, PAD, VOCAB, applied, batch, run, tiny
+from helpers.models import METHODS, PAD, VOCAB, applied, batch, run, tiny
 
 
 def _qwen2_shaped_like_tiny_llama():
@@ -286,7 +286,7 @@ def test_every_trainable_parameter_gets_a_gradient(method, kind="bert"):
 
 
 def test_save_adapter_takes_the_tensors_from_a_given_full_state_dict(tmp_path):
-    """The FSDP2 path (tests/test_scale.py) on one process: tensors from the gathered state dict, checked."""
+    """The FSDP2 path (tests/integrations/test_scale.py) on one process: tensors from the gathered state dict, checked."""
     model = applied("bert", "apt")
     full = {k: v.clone() for k, v in model.state_dict().items()}
     full["fastprefix.layer_scale"] = full["fastprefix.layer_scale"] + 1.0  # tell the two sources apart

@@ -20,7 +20,7 @@ import torch
 from fastprefix.benchmarks import __main__ as cli
 from fastprefix.benchmarks import compare, measure, report, stats, suite
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 COMMITTED = ROOT / "benchmarks" / "results" / "minilm.json"
 

@@ -1,7 +1,7 @@
 """The Triton kernels compiled on a CUDA GPU (``make gpu-test``): accuracy, determinism, large shapes.
 
 Marked ``cuda``: skipped without a GPU, or under ``TRITON_INTERPRET=1`` (these tests are about compiled code;
-the interpreter versions are tests/test_attention_kernel.py and tests/test_embedding_kernel.py).
+the interpreter versions are tests/ops/test_attention_kernel.py and tests/ops/test_embedding_kernel.py).
 
 - Every attention path (the fused kernel, and the split path forced with ``path="split"``)
   and both embedding kernels in fp16, bf16 and fp32, under FlashAttention's rule: the error of every output
@@ -24,7 +24,7 @@ import torch
 
 import fastprefix
 from fastprefix.benchmarks.gpu import path_taken, split_path_available
-from numerics import assert_flash_rule
+from helpers.numerics import assert_flash_rule
 
 pytestmark = pytest.mark.cuda
 

@@ -24,9 +24,9 @@ import torch
 import fastprefix
 from fastprefix import peft_io
 from fastprefix.integrations import positions as _positions
-from hf_models import PAD, VOCAB, batch, minilm_path, perturb, positions
-from hf_models import tiny as tiny32
-from invariant_models import tiny as tiny64
+from helpers.models import PAD, VOCAB, batch, minilm_path, perturb, positions
+from helpers.models import tiny as tiny32
+from helpers.families import tiny as tiny64
 
 FLOAT32 = dict(atol=1e-5, rtol=0)
 EXACT = dict(atol=1e-10, rtol=0)

@@ -11,7 +11,7 @@ import torch
 import fastprefix.kernels.embedding.fused as pe
 from fastprefix.fold import fold_adept_offsets
 from fastprefix.reference import embedding as ref
-from numerics import assert_flash_rule
+from helpers.numerics import assert_flash_rule
 
 FLOAT_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
 

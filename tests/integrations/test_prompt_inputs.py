@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fastprefix
-from hf_models import PAD, VOCAB, batch, perturb, positions
+from helpers.models import PAD, VOCAB, batch, perturb, positions
 
 EXACT = dict(atol=1e-10, rtol=0)
 PROMPT = {
@@ -434,7 +434,7 @@ def test_prompt_methods_train_under_autocast_on_an_fp32_base(kind, method):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_left_padding_under_a_sliding_window_is_said_not_silent(side):
     # the prompt sits in front of the left padding, which a sliding window counts: padded rows differ from the
-    # rows alone once a row is longer than the window (tests/test_invariants.py pins that), so it warns
+    # rows alone once a row is longer than the window (tests/integrations/test_invariants.py pins that), so it warns
     import warnings
 
     import transformers as tf

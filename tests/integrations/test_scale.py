@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastprefix
-from hf_models import METHODS, batch, perturb, run, tiny
+from helpers.models import METHODS, batch, perturb, run, tiny
 
 # every method once, encoders and decoders alternating (both kinds for APT's two gates)
 AMP_CASES = [("pt", "llama"), ("dept", "bert"), ("adept", "llama"), ("ptv2", "bert"), ("apt", "llama"),

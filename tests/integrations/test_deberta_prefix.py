@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import fastprefix
-from hf_models import PAD, VOCAB, perturb
-from hf_models import batch as _batch
+from helpers.models import PAD, VOCAB, perturb
+from helpers.models import batch as _batch
 
 EXACT = dict(atol=1e-10, rtol=0)
 LENGTHS = (7, 4, 1)  # a right-padded batch of three, one sequence a single token

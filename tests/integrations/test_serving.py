@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import fastprefix
-from hf_models import METHODS, batch, perturb
-from invariant_models import tiny
+from helpers.models import METHODS, batch, perturb
+from helpers.families import tiny
 
 FAMILIES = ("llama", "gpt2", "gemma")
 PROMPTS = ("pt", "dept", "adept", "adept-merged")

@@ -1,4 +1,4 @@
-"""Tiny random float64 models of every family the invariants matrix walks (``tests/test_invariants.py``).
+"""Tiny random float64 models of every family the invariants matrix walks (``tests/integrations/test_invariants.py``).
 
 Each family is its real 🤗 class with a config shrunk to hidden 32-48, 2 layers and, where the family has it,
 grouped-query attention, so the matrix exercises the family's own embedding, positions, attention and cache
@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from hf_models import PAD, VOCAB  # one vocabulary and pad id for every test model
+from helpers.models import PAD, VOCAB  # one vocabulary and pad id for every test model
 
 _COMMON = dict(vocab_size=VOCAB, pad_token_id=PAD)
 _DECODER = dict(_COMMON, num_hidden_layers=2, intermediate_size=40, max_position_embeddings=64, bos_token_id=1,

@@ -31,10 +31,10 @@ import pytest
 import torch
 
 import fastprefix
-from hf_models import METHODS, PREFIX_METHODS, PROMPT_METHODS, perturb
-from hf_models import batch as _batch
-from hf_models import positions as _positions
-from invariant_models import DECODERS, ENCODER_DECODERS, ENCODERS, FAMILIES, PAD, VOCAB, WINDOWED, tiny
+from helpers.models import METHODS, PREFIX_METHODS, PROMPT_METHODS, perturb
+from helpers.models import batch as _batch
+from helpers.models import positions as _positions
+from helpers.families import DECODERS, ENCODER_DECODERS, ENCODERS, FAMILIES, PAD, VOCAB, WINDOWED, tiny
 
 EXACT = dict(atol=1e-10, rtol=0)
 # Gemma 2 has only transformers' eager attention, whose softmax runs in float32 even on float64 inputs: its own
