@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test bench bench-ops fitness clean gpu gpu-test gpu-bench gpu-install gpu-versions
+.PHONY: test lint bench bench-ops fitness clean gpu gpu-test gpu-bench gpu-install gpu-versions
 
 $(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,12 +17,18 @@ $(STAMP): setup.py constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,bench]"
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) lint
 	# Triton's interpreter runs the real kernels on CPU (set before any @triton.jit is defined)
 	TRITON_INTERPRET=1 $(BIN)/pytest tests -n 2 --dist loadfile -q -p no:cacheprovider --durations=15
 	# the transformers tests that reach the Triton backend again, on the split attention path
 	TRITON_INTERPRET=1 FASTPREFIX_ATTENTION=split $(BIN)/pytest tests/integrations/test_transformers.py -k triton -n 2 -q \
 		-p no:cacheprovider
+
+lint: $(STAMP)
+	# the floor plan (.importlinter) on the installed layout, where kernels/ and benchmarks/ sit inside fastprefix
+	rm -rf build/lint && mkdir -p build/lint && cp -r fastprefix build/lint/ && cp -r kernels build/lint/fastprefix/kernels \
+		&& cp -r benchmarks build/lint/fastprefix/benchmarks
+	cd build/lint && ../../$(BIN)/lint-imports ../../.importlinter
 
 bench: $(STAMP)
 	$(BIN)/fastprefix-bench

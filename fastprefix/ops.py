@@ -198,6 +198,22 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
     return reference.gated_prefix_attention(q, k, v, prefix_k, prefix_v, spec)
 
 
+def attention_path(q, k, *, key_padding_mask=None, causal=False, attn_bias=None, window=None, softcap=None,
+                   path=None):
+    """The path the Triton backend takes for :func:`gated_prefix_attention` on these inputs: ``"fused"`` or
+    ``"split"``, by the dispatch rule in ``fastprefix.kernels.attention.dispatch`` (the gate does not change it).
+
+    ``path`` as in :func:`gated_prefix_attention` (None: ``FASTPREFIX_ATTENTION``, else ``"auto"``). q ``[B, H, Sq, D]``,
+    k ``[B, Hkv, Sk, D]`` on a CUDA device (or any device under ``TRITON_INTERPRET=1``).
+    """
+    if path is not None and path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS} or None (FASTPREFIX_ATTENTION, else 'auto'), got {path!r}")
+    spec = AttentionSpec.build(q, k, key_padding_mask=key_padding_mask, causal=causal, attn_bias=attn_bias,
+                               window=window, softcap=softcap)
+    kernels = _kernels(_attention_kernels, q.device)
+    return kernels.choose_path(q, k, spec, default_path() if path is None else path)[0]
+
+
 def apt_gate(hidden, weight, bias, layer_scale, *, mode="token", key_padding_mask=None, causal=False, past=None):
     """APT gate ``layer_scale * sigmoid(hidden @ weight + bias)``.
 
