@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test lint bench bench-ops fitness clean gpu gpu-test gpu-bench gpu-install gpu-versions
+.PHONY: test test-oldest lint bench bench-ops fitness clean gpu gpu-test gpu-bench gpu-install gpu-versions
 
 $(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,24 @@ test: $(STAMP) lint
 	# the transformers tests that reach the Triton backend again, on the split attention path
 	TRITON_INTERPRET=1 FASTPREFIX_ATTENTION=split $(BIN)/pytest tests/integrations/test_transformers.py -k triton -n 2 -q \
 		-p no:cacheprovider
+
+# The oldest stack setup.py allows (transformers 5.17, triton 3.6, as on the GPU machine) beside the CPU torch wheel:
+# a second venv, the model-level suites and the kernel interpreter suites (.ci/run runs it after make test).
+OLDEST := .venv-oldest
+OLDEST_STAMP := $(OLDEST)/.installed
+OLDEST_TESTS := tests/integrations tests/adapters tests/ops/test_attention_kernel.py tests/ops/test_attention_features.py \
+	tests/ops/test_split_attention.py tests/ops/test_split_features.py tests/ops/test_embedding_kernel.py \
+	tests/ops/test_kernel_fixes.py tests/ops/test_reference.py
+
+$(OLDEST_STAMP): setup.py constraints-oldest.txt
+	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install -q $(TORCH)
+	$(OLDEST)/bin/python -m pip install -q -c constraints-oldest.txt -e ".[test]"
+	touch $(OLDEST_STAMP)
+
+test-oldest: $(OLDEST_STAMP)
+	TRITON_INTERPRET=1 $(OLDEST)/bin/pytest $(OLDEST_TESTS) -n 2 --dist loadfile -q -p no:cacheprovider \
+		-W "ignore:Conversion of an array with ndim:DeprecationWarning"
 
 lint: $(STAMP)
 	# the floor plan (.importlinter) on the installed layout, where kernels/ and benchmarks/ sit inside fastprefix
@@ -43,7 +61,7 @@ fitness: $(STAMP)
 	$(BIN)/python -P -m fastprefix.kernels.fitness
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(OLDEST) build *.egg-info
 
 # ---------------------------------------------------------------- on a CUDA machine (README: "On a GPU")
 # The machine's own python3 with its torch, triton, transformers, peft and pytest: no .venv, no network.
@@ -61,15 +79,19 @@ gpu:
 
 gpu-install:
 	# fastprefix alone (editable, no dependencies, no build isolation, no index: nothing is downloaded). The tree
-	# itself is not importable as is (setup.py maps kernels/ and benchmarks/ into the package), so install; where
-	# pip can't (old setuptools, a locked system python), build that mapping from symlinks and run from the tree.
+	# itself is not importable as is (setup.py maps kernels/ and benchmarks/ into the package), so install, then
+	# check the mapped subpackage imports (a pip below 23.1 "succeeds" through `setup.py develop`, which ignores
+	# package_dir); where pip can't or the check fails, build that mapping from symlinks and run from the tree.
 	@if PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore PIP_NO_INDEX=1 \
-		$(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation -e . ; then rm -rf $(GPU_SHIM); \
-	else echo "pip could not install fastprefix: running it from the tree via $(GPU_SHIM)"; \
+		$(GPU_PYTHON) -m pip install -q --no-deps --no-build-isolation -e . && \
+		(cd tests && $(GPU_PYTHON) -c "import fastprefix.kernels.attention.dispatch, fastprefix.benchmarks.gpu"); \
+	then rm -rf $(GPU_SHIM); \
+	else echo "pip could not install fastprefix importably: running it from the tree via $(GPU_SHIM)"; \
 		rm -rf $(GPU_SHIM) && mkdir -p $(GPU_SHIM)/fastprefix && \
 		for f in $(CURDIR)/fastprefix/*; do ln -s $$f $(GPU_SHIM)/fastprefix/; done && \
 		ln -s $(CURDIR)/kernels $(GPU_SHIM)/fastprefix/kernels && \
-		ln -s $(CURDIR)/benchmarks $(GPU_SHIM)/fastprefix/benchmarks; fi
+		ln -s $(CURDIR)/benchmarks $(GPU_SHIM)/fastprefix/benchmarks && \
+		(cd tests && PYTHONPATH=$(GPU_SHIM) $(GPU_PYTHON) -c "import fastprefix.kernels.attention.dispatch"); fi
 
 gpu-versions: gpu-install
 	cd tests && $(GPU_ENV) $(GPU_PYTHON) -m fastprefix.benchmarks.gpu

@@ -7,6 +7,7 @@ import io
 import json
 import platform
 import re
+import sys
 
 import torch
 
@@ -106,8 +107,14 @@ def markdown(result):
 
 
 def chart(result, target):
-    """Two panels: attention forward+backward speed over the floor per shape; end-to-end speed over the floor."""
-    import matplotlib
+    """Two panels: attention forward+backward speed over the floor per shape; end-to-end speed over the floor.
+
+    Returns False (drawing nothing) where matplotlib is not installed: the GPU machine's own Python may lack it,
+    and the run's numbers are in the Markdown and JSON files either way."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -140,6 +147,7 @@ def chart(result, target):
     fig.tight_layout()
     fig.savefig(target, format="png")
     plt.close(fig)
+    return True
 
 
 def gpu_tag(name):
@@ -157,6 +165,7 @@ def write(result, out, tag, png=False):
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{tag}.md").write_text(text)
     (out / f"{tag}.json").write_text(blob)
-    if png:
-        chart(result, out / f"{tag}.png")
+    if png and not chart(result, out / f"{tag}.png"):
+        print(f"note: matplotlib is not installed, so no {tag}.png (pip install matplotlib to draw it); "
+              f"{tag}.md and {tag}.json hold every number", file=sys.stderr)
     return text

@@ -30,7 +30,7 @@ from .context import KWARG, NAME, ForwardContext
 from .gates import gate_tensor, layer_gate
 from .masks import layer_window, mask_pattern
 from .packing import packed_mask, padding_free
-from .state import LAYER, STATE
+from .state import CAUSAL, LAYER, STATE
 
 
 @packed_mask  # packed sequences: transformers' overlay becomes the [B, T] sequence ids (see packing)
@@ -97,7 +97,8 @@ def fastprefix_attention(module, query, key, value, attention_mask, scaling=None
         query, key, value = query.to(dt), key.to(dt), value.to(dt)
     dt = query.dtype
     prefix_k, prefix_v = (x.to(dt) for x in PTuningV2Prefix.layer(ctx.prefixes, i))
-    causal = bool(kwargs.get("is_causal", module.is_causal))
+    causal = getattr(module, CAUSAL, None)  # the family's word where it knows better than the module (T5)
+    causal = bool(kwargs.get("is_causal", module.is_causal)) if causal is None else causal
     window = layer_window(kwargs.get("sliding_window"), causal)
     softcap = kwargs.get("softcap")  # Gemma 2's attn_logit_softcapping: caps the prefix logits too
     query_mask = None if attention_mask is None else attention_mask[:, -query.shape[2]:]

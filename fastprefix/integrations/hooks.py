@@ -125,12 +125,13 @@ class AttentionGuard:
 
 
 # ------------------------------------------------------------------------------------------------ installing
-def mark_layers(state, layers, *, apt_hooks=True):
-    """Number the prefix sites: each attention module gets the State and its site index; for APT (``apt_hooks``)
-    each layer gets :func:`apt_layer_pre_hook`."""
+def mark_layers(state, layers, *, apt_hooks=True, causal=None):
+    """Number the prefix sites: each attention module gets the State and its site index (and ``causal[i]``, the
+    family's word on site i's causality, where given); for APT (``apt_hooks``) each layer gets
+    :func:`apt_layer_pre_hook`."""
     state.layers = [layer for layer, _ in layers]
     for i, (layer, attn) in enumerate(layers):
-        mark(state, attn, i)
+        mark(state, attn, i, None if causal is None else causal[i])
         if state.gated and apt_hooks:
             hook(state, layer, apt_layer_pre_hook, layer=i)
 

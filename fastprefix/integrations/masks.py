@@ -81,22 +81,32 @@ def is_segment_ids(mask):
 
 
 def packed_overlay(mask_function):
-    """transformers' packed-sequence mask ``and_masks(packed_sequence_mask_function(ids),
-    remap_positions_for_packed_sequence(base, position_ids))`` -> ``(ids [B, T], base)``; anything else -> None.
+    """transformers' packed-sequence mask -> ``(ids [B, T], base)``; anything else -> None.
 
-    Recognised by structure (the closures' code objects, as :func:`mask_pattern`): an unknown structure is not
-    taken for packing, and the mask function refuses it as any other unsupported mask.
+    Two structures: ``and_masks(packed_sequence_mask_function(ids), remap_positions_for_packed_sequence(base,
+    position_ids))`` (recent transformers: the base sees each sequence's own positions) and ``and_masks(base,
+    packed_sequence_mask_function(ids))`` (transformers 5.17: the base sees the row's positions, which within one
+    sequence differ by the same amounts, so causality and windows are the same). Recognised by structure (the
+    closures' code objects, as :func:`mask_pattern`): an unknown structure is not taken for packing, and the mask
+    function refuses it as any other unsupported mask.
     """
     from transformers import masking_utils as mu
 
     if not _made_by(mask_function, mu.and_masks, mu.causal_mask_function):
         return None
     parts = tuple(_closure(mask_function).get("mask_functions", ()))
-    dummy = torch.zeros(1, 1, dtype=torch.long)
-    if len(parts) != 2 or not _made_by(parts[0], mu.packed_sequence_mask_function, dummy) \
-            or not _made_by(parts[1], mu.remap_positions_for_packed_sequence, mu.causal_mask_function, dummy):
+    if len(parts) != 2:
         return None
-    ids, base = _closure(parts[0]).get("packed_sequence_mask"), _closure(parts[1]).get("mask_function")
+    dummy = torch.zeros(1, 1, dtype=torch.long)
+    packed = mu.packed_sequence_mask_function
+    remap = getattr(mu, "remap_positions_for_packed_sequence", None)
+    if _made_by(parts[0], packed, dummy) and remap is not None \
+            and _made_by(parts[1], remap, mu.causal_mask_function, dummy):
+        ids, base = _closure(parts[0]).get("packed_sequence_mask"), _closure(parts[1]).get("mask_function")
+    elif _made_by(parts[1], packed, dummy):
+        ids, base = _closure(parts[1]).get("packed_sequence_mask"), parts[0]
+    else:
+        return None
     if not is_segment_ids(ids) or not callable(base):
         return None
     return ids, base

@@ -18,6 +18,9 @@ from ..modules import AdaptiveDecomposedPrompt, AdaptivePrefix, DecomposedPrompt
 ATTR = "fastprefix"  # the submodule holding the trainable state
 STATE = "_fastprefix_state"  # plain attribute: the State, on the model and on every hooked module
 LAYER = "_fastprefix_layer"  # plain attribute: the layer index, on hooked layers and attention modules
+# plain attribute: whether a prefix site's attention is causal, where its family knows it better than the module's
+# own is_causal (transformers 5.17 builds UMT5's decoder self-attention with is_causal=False and masks it causally)
+CAUSAL = "_fastprefix_causal"
 FOLDED = "folded_embedding"  # ADePT merge(): buffer name on the method module
 
 
@@ -134,12 +137,14 @@ class State:
 
 
 # ------------------------------------------------------------------------ what fastprefix puts on modules
-def mark(state, module, layer=None):
-    """Give ``module`` the State (and its layer index), without a hook: an attention module the
-    ``"fastprefix"`` attention finds them on."""
+def mark(state, module, layer=None, causal=None):
+    """Give ``module`` the State (and its layer index, and its family's word on its causality), without a hook: an
+    attention module the ``"fastprefix"`` attention finds them on."""
     setattr(module, STATE, state)
     if layer is not None:
         setattr(module, LAYER, layer)
+    if causal is not None:
+        setattr(module, CAUSAL, bool(causal))
     state.hooked.append((module, None))
 
 
@@ -184,7 +189,7 @@ def release(state):
     for module, fn in state.hooked:
         if fn is not None:
             remove_hook(module, fn)
-        for attr in (STATE, LAYER):
+        for attr in (STATE, LAYER, CAUSAL):
             module.__dict__.pop(attr, None)
     for module, name, value in state.overrides:
         if module.__dict__.get(name) is value:

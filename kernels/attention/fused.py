@@ -181,7 +181,7 @@ def _fwd_kernel(
             p = p * g  # the gate also scales the prefix value
         pv = tl.load(pv_base + offs_j[:, None].to(tl.int64) * stride_pvn + offs_d[None, :],
                      mask=j_ok[:, None] & d_ok[None, :], other=0.0).to(DOT)
-        acc = tl.dot(p.to(DOT), pv, acc=acc * alpha[:, None], input_precision=PREC)
+        acc = tl.dot(p.to(DOT), pv, acc=acc * alpha[:, None], input_precision=PREC, out_dtype=ACC)
         m_i = m_new
 
     # Real key tiles. After the prefix every row max is finite, so masked tiles are harmless.
@@ -222,7 +222,7 @@ def _fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         vt = tl.load(v_base + offs_u[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
                      mask=u_ok[:, None] & d_ok[None, :], other=0.0).to(DOT)
-        acc = tl.dot(p.to(DOT), vt, acc=acc * alpha[:, None], input_precision=PREC)
+        acc = tl.dot(p.to(DOT), vt, acc=acc * alpha[:, None], input_precision=PREC, out_dtype=ACC)
         m_i = m_new
 
     out = acc / l_i[:, None]
@@ -324,7 +324,7 @@ def _bwd_dq_kernel(
             dz = dz * (1.0 - tanh * tanh)  # d cap(x) / dx
         if HAS_GATE:
             dz = dz * g  # d logit / d q carries the gate
-        dq = tl.dot(dz.to(DOT), pk, acc=dq, input_precision=PREC)
+        dq = tl.dot(dz.to(DOT), pk, acc=dq, input_precision=PREC, out_dtype=ACC)
 
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
@@ -367,7 +367,7 @@ def _bwd_dq_kernel(
                      dz.to(DS.dtype.element_ty), mask=m_ok[:, None] & u_ok[None, :])
         if HAS_SOFTCAP:
             dz = dz * (1.0 - tanh * tanh)
-        dq = tl.dot(dz.to(DOT), kt, acc=dq, input_precision=PREC)
+        dq = tl.dot(dz.to(DOT), kt, acc=dq, input_precision=PREC, out_dtype=ACC)
 
     dq = scaled(dq, sc_hi, sc_lo, ACC)
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
@@ -417,12 +417,12 @@ def _dkdv_tile(dk, dv, kt, vt, q_base, do_base, lse_base, delta_base, bias_base,
         p_t = tl.where(offs_u[:, None] <= causal_offset + offs_m[None, :], p_t, 0.0)
     if WINDOW_MASK:
         p_t = tl.where(_in_window(offs_u[:, None], causal_offset + offs_m[None, :], win_left, win_right), p_t, 0.0)
-    dv = tl.dot(p_t.to(DOT), do, acc=dv, input_precision=PREC)
+    dv = tl.dot(p_t.to(DOT), do, acc=dv, input_precision=PREC, out_dtype=ACC)
     dp_t = tl.dot(vt, tl.trans(do), input_precision=PREC, out_dtype=ACC)
     dz_t = p_t * (dp_t - delta[None, :])
     if HAS_SOFTCAP:
         dz_t = dz_t * (1.0 - tanh_t * tanh_t)
-    dk = tl.dot(dz_t.to(DOT), q, acc=dk, input_precision=PREC)
+    dk = tl.dot(dz_t.to(DOT), q, acc=dk, input_precision=PREC, out_dtype=ACC)
     return dk, dv
 
 
@@ -614,14 +614,14 @@ def _bwd_prefix_kernel(
                 if HAS_SOFTCAP:
                     dz_t = dz_t * (1.0 - tanh_t * tanh_t)  # d loss / d (g s), through the cap
                 dg_t += dz_t * scaled(qpk, sc_hi, sc_lo, ACC) + p_t * e_t  # dz * s + p * e
-                dpv = tl.dot((p_t * g_t).to(DOT), do, acc=dpv, input_precision=PREC)
-                dpk = tl.dot((dz_t * g_t).to(DOT), q, acc=dpk, input_precision=PREC)
+                dpv = tl.dot((p_t * g_t).to(DOT), do, acc=dpv, input_precision=PREC, out_dtype=ACC)
+                dpk = tl.dot((dz_t * g_t).to(DOT), q, acc=dpk, input_precision=PREC, out_dtype=ACC)
             else:
                 dz_t = p_t * (e_t - delta[None, :])
                 if HAS_SOFTCAP:
                     dz_t = dz_t * (1.0 - tanh_t * tanh_t)
-                dpv = tl.dot(p_t.to(DOT), do, acc=dpv, input_precision=PREC)
-                dpk = tl.dot(dz_t.to(DOT), q, acc=dpk, input_precision=PREC)
+                dpv = tl.dot(p_t.to(DOT), do, acc=dpv, input_precision=PREC, out_dtype=ACC)
+                dpk = tl.dot(dz_t.to(DOT), q, acc=dpk, input_precision=PREC, out_dtype=ACC)
         if HAS_GATE:
             dg_ptrs = DG + pid_bk.to(tl.int64) * Sq * L + offs_m[None, :].to(tl.int64) * L + offs_j[:, None]
             tl.store(dg_ptrs, dg_t.to(DG.dtype.element_ty), mask=valid)

@@ -123,7 +123,7 @@ def _merge_fwd_kernel(
             p = p * g  # the gate also scales the prefix value
         pv = tl.load(pv_base + j64 * stride_pvn + (offs_l[:, None] * stride_pvn + offs_d[None, :]), mask=jd_ok,
                      other=0.0).to(DOT)
-        acc = tl.dot(p.to(DOT), pv, acc=acc * alpha[:, None], input_precision=PREC)
+        acc = tl.dot(p.to(DOT), pv, acc=acc * alpha[:, None], input_precision=PREC, out_dtype=ACC)
         m_i = m_new
 
     # Merge with the real keys. A NaN or +inf lse_k (an empty row, as FlashAttention reports it) is no mass.
@@ -212,7 +212,7 @@ def _merge_bwd_dq_kernel(
                 ds = dz * g  # d loss / d s, s = scale q . Pk
             else:
                 ds = tl.where(ml_ok, tl.exp2(z - lse[:, None]), 0.0) * (e - delta[:, None])
-            dq = tl.dot(ds.to(DOT), pk, acc=dq, input_precision=PREC)
+            dq = tl.dot(ds.to(DOT), pk, acc=dq, input_precision=PREC, out_dtype=ACC)
         dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + m64 * stride_dqm + (offs_mm[:, None] * stride_dqm
                                                                            + offs_d[None, :])
         dq = tl.load(dq_ptrs, mask=md_ok, other=0.0).to(ACC) + scaled(dq, sc_hi, sc_lo, ACC)
@@ -284,8 +284,8 @@ def _merge_bwd_prefix_kernel(
                 else:
                     p_t = tl.where(lm_ok, tl.exp2(z_t - lse[None, :]), 0.0)
                     ds_t = p_t * (e_t - delta[None, :])
-                dpv = tl.dot(p_t.to(DOT), do, acc=dpv, input_precision=PREC)
-                dpk = tl.dot(ds_t.to(DOT), q, acc=dpk, input_precision=PREC)
+                dpv = tl.dot(p_t.to(DOT), do, acc=dpv, input_precision=PREC, out_dtype=ACC)
+                dpk = tl.dot(ds_t.to(DOT), q, acc=dpk, input_precision=PREC, out_dtype=ACC)
         dpk = scaled(dpk, sc_hi, sc_lo, ACC)
         offs = part + j64 * D + (offs_l[:, None] * D + offs_d[None, :])
         tl.store(DPK + offs, dpk.to(DPK.dtype.element_ty), mask=jd_ok)

@@ -64,7 +64,7 @@ __all__ = ["adept_embedding", "dept_embedding", "ADePTEmbeddingFunction", "DePTE
 
 @triton.jit
 def _dot(a, b, acc, DOT: tl.constexpr, PREC: tl.constexpr):
-    return tl.dot(a.to(DOT), b.to(DOT), acc, input_precision=PREC)
+    return tl.dot(a.to(DOT), b.to(DOT), acc, input_precision=PREC, out_dtype=acc.dtype)
 
 
 @triton.jit

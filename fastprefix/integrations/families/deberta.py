@@ -39,6 +39,7 @@ dropout is not applied on the prefix path (as everywhere in fastprefix).
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
@@ -96,16 +97,38 @@ def _exit(base, args, kwargs, output):
     leave(kwargs.get(KWARG))
 
 
+# transformers 5.17 checkpoints a layer's __call__ (later versions its forward), so under gradient checkpointing
+# _layer_pre_hook runs again in the backward's recompute, when no call is current. The recompute gets the same
+# hidden_states tensor, which remembers its call here: id -> (weak reference to the tensor, its ForwardContext)
+_RECOMPUTE = {}
+
+
+def _remember(hidden, ctx):
+    key = id(hidden)
+    if key not in _RECOMPUTE:
+        weakref.finalize(hidden, _RECOMPUTE.pop, key, None)
+    _RECOMPUTE[key] = (weakref.ref(hidden), ctx)
+
+
+def _remembered(hidden):
+    ref, ctx = _RECOMPUTE.get(id(hidden), (None, None))
+    return ctx if ref is not None and ref() is hidden else None
+
+
 def _layer_pre_hook(layer, args, kwargs):
     """Hand the current call to the layer inside its ``relative_pos`` argument; APT: record the layer's input."""
     state = getattr(layer, STATE)
     if getattr(state, "disabled", 0):
         return None
+    hidden = args[0] if args else kwargs.get("hidden_states")
     ctx = current(state)
+    if ctx is None and isinstance(hidden, torch.Tensor):
+        ctx = _remembered(hidden)  # a checkpoint's recompute of this layer (transformers 5.17)
     if ctx is None:
         raise RuntimeError(f"{type(layer).__name__} with a fastprefix prefix method was called outside its model's "
                            "forward; call the model, not its layers")
-    hidden = args[0] if args else kwargs.get("hidden_states")
+    if layer.training and getattr(layer, "gradient_checkpointing", False) and isinstance(hidden, torch.Tensor):
+        _remember(hidden, ctx)
     if state.gated:
         if not isinstance(hidden, torch.Tensor):
             raise RuntimeError(f"APT: {type(layer).__name__} was called without hidden_states")

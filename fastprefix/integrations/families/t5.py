@@ -125,12 +125,14 @@ class T5Family(Family):
         return sites
 
     def install(self, state, model, layers):
-        """Hook each stack (generate runs the encoder alone) with the prefix pre-hook, number the self-attentions,
-        and give the cross-attentions the State without a site index: the "fastprefix" attention runs them as
+        """Hook each stack (generate runs the encoder alone) with the prefix pre-hook, number the self-attentions
+        (causal in the decoder), and give the cross-attentions the State without a site index: the "fastprefix" attention runs them as
         :meth:`plain_attention`."""
         for stack in stacks(model):
             hook(state, stack, prefix_pre_hook)
-        mark_layers(state, layers)
+        # the decoder's self-attention is causal: said here, not read from the module (transformers 5.17's UMT5
+        # builds it with is_causal=False and leaves causality to its mask)
+        mark_layers(state, layers, causal=[bool(stack.is_decoder) for stack in stacks(model) for _ in stack.block])
         for attn in cross_attentions(model):
             mark(state, attn)
 
