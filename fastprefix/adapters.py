@@ -100,6 +100,9 @@ def write_files(directory, files):
     Every file is staged first (:func:`_stage`); nothing is replaced unless all were staged, and then
     :func:`_commit` moves them into place in the given order, so a failed write leaves the previous set.
     """
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"{directory!r} is an existing file, not a folder: an adapter is a folder of two files "
+                         f"({WEIGHTS_NAME}, {CONFIG_NAME}); pass a folder path (it is created if needed)")
     os.makedirs(directory, exist_ok=True)
     staged = {}
     try:
@@ -202,6 +205,9 @@ def read_adapter_json(directory, what):
 
 def _read_meta(directory):
     meta = read_adapter_json(directory, "a fastprefix adapter")
+    if isinstance(meta, dict) and "peft_type" in meta and meta.get("format") != FORMAT:
+        raise ValueError(f"{directory!r} holds a PEFT adapter ({meta.get('peft_type')}), not a fastprefix one: load it "
+                         "with fastprefix.from_peft(model, directory)")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{CONFIG_NAME} in {directory!r} is not a fastprefix adapter config (format != {FORMAT!r})")
     for key, kind in (("config", dict), ("tensors", dict), ("base_model", dict), ("trainable", list)):

@@ -11,10 +11,47 @@ which validates again.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import json
 import math
 from dataclasses import dataclass
 from typing import ClassVar
+
+
+class ConfigFieldError(TypeError, ValueError):
+    """A config given a field it does not have (a TypeError, as for any unknown keyword, and a ValueError, as for
+    every other bad config input)."""
+
+
+# what a field name from PEFT or from habit means here (None: no such setting, and the message says why)
+_ALIASES = {
+    "r": "rank", "num_tokens": "num_virtual_tokens", "num_prefix_tokens": "num_virtual_tokens",
+    "prefix_length": "num_virtual_tokens", "prompt_length": "num_virtual_tokens",
+    "encoder_hidden_size": "projection_hidden", "prompt_tuning_init": "prompt_init", "alpha": "lora_alpha",
+    "lora_dropout": "dropout",
+    "task_type": None,
+}
+_NO_SUCH = {"task_type": "fastprefix finds the task head from the model itself (apply(..., trainable=...) overrides)"}
+
+
+def _check_fields(cls, given):
+    """ConfigFieldError for every name in ``given`` that is not a field of ``cls``, naming the valid fields and the
+    closest one."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [n for n in given if n not in names]
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        alias = _ALIASES.get(name, "")
+        if name in _NO_SUCH:
+            hints.append(f"{name!r}: {_NO_SUCH[name]}")
+            continue
+        guess = alias if alias in names else max(names, key=lambda n: difflib.SequenceMatcher(None, name, n).ratio())
+        hints.append(f"{name!r}: did you mean {guess!r}?")
+    raise ConfigFieldError(f"unknown {cls.__name__} fields {unknown} ({'; '.join(hints)}); its fields are "
+                           f"{', '.join(names)}")
 
 
 def _positive_int(cfg, name):
@@ -50,8 +87,17 @@ def _choice(cfg, name, choices):
 
 
 def _value(cls):
-    """``@dataclass(frozen=True)`` whose assignment error says why and what to do instead."""
+    """``@dataclass(frozen=True)`` whose assignment error says why and what to do instead, and whose unknown
+    keyword arguments name the valid fields and the closest one."""
     cls = dataclass(frozen=True)(cls)
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def checked_init(self, *args, **kwargs):
+        _check_fields(type(self), kwargs)
+        init(self, *args, **kwargs)
+
+    cls.__init__ = checked_init
 
     def refuse(self, name, *value):
         raise dataclasses.FrozenInstanceError(
@@ -90,12 +136,7 @@ class _Config:
         method = data.pop("method", None)
         if method not in CONFIGS:
             raise ValueError(f"unknown method {method!r}; expected one of {sorted(CONFIGS)}")
-        cls = CONFIGS[method]
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
-        return cls(**data)
+        return CONFIGS[method](**data)
 
     @staticmethod
     def from_json(text):

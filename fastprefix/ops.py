@@ -53,6 +53,16 @@ def _choose(backend, device):
     return backend
 
 
+def _layout_hint(q, k, prefix_k):
+    """A sentence for shapes that look like ``[B, S, H, D]`` (transformers' layout before its transpose), else ''."""
+    looks_bshd = q.shape[1] == k.shape[1] and (q.shape[2] > k.shape[2] or (
+        isinstance(prefix_k, torch.Tensor) and prefix_k.dim() in (3, 4) and prefix_k.shape[-3] == k.shape[2]))
+    if not looks_bshd:
+        return ""
+    return (f". q {list(q.shape)} and k {list(k.shape)} look like [B, S, H, D]: the op takes [B, H, S, D] "
+            "(heads before the sequence), so pass q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)")
+
+
 def _check_attention(q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight, gate_bias, layer_scale,
                      key_padding_mask, causal, scale):
     check.named("q", q, [("B", None), ("H", None), ("Sq", None), ("D", None)])
@@ -65,7 +75,8 @@ def _check_attention(q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight
     if Sq == 0 or Sk == 0 or D == 0 or B == 0:
         raise ValueError(f"q and k must be non-empty, got q {list(q.shape)} and k {list(k.shape)}")
     if Sq > Sk:
-        raise ValueError(f"q has Sq={Sq} queries but k has only Sk={Sk} keys; need Sq <= Sk")
+        raise ValueError(f"q has Sq={Sq} queries but k has only Sk={Sk} keys; need Sq <= Sk"
+                         + _layout_hint(q, k, prefix_k))
     check.named("v", v, [("B", B), ("Hkv", Hkv), ("Sk", Sk), ("D", D)], like=q)
     if not isinstance(prefix_k, torch.Tensor) or prefix_k.dim() not in (3, 4):
         raise ValueError(
@@ -73,6 +84,8 @@ def _check_attention(q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight
             f"got {list(prefix_k.shape) if isinstance(prefix_k, torch.Tensor) else type(prefix_k).__name__}"
         )
     lead = [("Hkv", Hkv)] if prefix_k.dim() == 3 else [("B", B), ("Hkv", Hkv)]
+    if prefix_k.shape[-3] != Hkv and prefix_k.shape[-3] == Sk:
+        raise ValueError(f"prefix_k has {prefix_k.shape[-3]} heads but k has Hkv={Hkv}" + _layout_hint(q, k, prefix_k))
     check.named("prefix_k", prefix_k, lead + [("L", None), ("D", D)], like=q)
     L = prefix_k.shape[-2]
     if L == 0:

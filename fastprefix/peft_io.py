@@ -23,7 +23,7 @@ import torch
 import safetensors
 import safetensors.torch
 
-from .adapters import CONFIG_NAME, read_adapter_json, write_files  # PEFT's file has fastprefix's name
+from .adapters import CONFIG_NAME, FORMAT, read_adapter_json, write_files  # PEFT's file has fastprefix's name
 from .config import ADePTConfig, APTConfig, DePTConfig, PromptTuningConfig, PTuningV2Config
 from .integrations import transformers as integration
 from .integrations.families import model_shape
@@ -42,6 +42,9 @@ def _read_config(path):
     if not isinstance(cfg, dict):
         raise ValueError(f"{CONFIG_NAME} in {path!r} is not a JSON object")
     kind = cfg.get("peft_type")
+    if kind is None and cfg.get("format") == FORMAT:
+        raise ValueError(f"{path!r} holds a fastprefix adapter, not a PEFT one: load it with "
+                         "fastprefix.load_adapter(model, directory)")
     if kind == "P_TUNING":
         raise ValueError(f"the PEFT adapter in {path!r} is P_TUNING (a prompt encoder MLP/LSTM over the virtual "
                          f"tokens), which is no fastprefix method; from_peft loads {PREFIX} and {PROMPT} adapters")

@@ -26,7 +26,7 @@ from .. import ops
 from ..modules import PTuningV2Prefix
 from ..reference.attention import attention_probs
 from ..spec import AttentionSpec
-from .context import KWARG, NAME, ForwardContext
+from .context import KWARG, MIXED_DISABLED, NAME, ForwardContext
 from .gates import gate_tensor, layer_gate
 from .masks import layer_window, mask_pattern
 from .packing import packed_mask, padding_free
@@ -81,7 +81,9 @@ def fastprefix_attention(module, query, key, value, attention_mask, scaling=None
     ctx = kwargs.get(KWARG)
     if not isinstance(ctx, ForwardContext):
         raise RuntimeError(f"{type(module).__name__} got no fastprefix context: call the model, not its layers or "
-                           f"attention modules (the base model's forward pre-hook passes it down as {KWARG!r})")
+                           f"attention modules (the base model's forward pre-hook passes it down as {KWARG!r}); or, "
+                           f"if this is a backward: the forward ran inside fastprefix.disabled(model) and this "
+                           f"recompute outside it: {MIXED_DISABLED}")
     if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.dtype != torch.bool):
         raise ValueError(f"the 'fastprefix' attention expects the 2D boolean key padding mask its mask function "
                          f"builds, got {attention_mask.dtype} {list(attention_mask.shape)}; do not pass 4D masks")

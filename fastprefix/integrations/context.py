@@ -29,6 +29,12 @@ _CACHE_ARGS = ("past_key_values", "layer_past", "past_key_value")  # the names a
 _CALLS = contextvars.ContextVar("fastprefix_calls", default=())  # this thread's running calls (ForwardContexts)
 
 
+# why a checkpointed recompute can't cross a `fastprefix.disabled` block (the attention's and the hooks' errors say it)
+MIXED_DISABLED = ("under gradient checkpointing, a backward recomputes each layer in the state fastprefix is in at "
+                  "that time: run the backward inside `with fastprefix.disabled(model):` exactly when its forward "
+                  "ran inside it")
+
+
 class ForwardContext:
     """What one forward of a fastprefix model hands its layers (lives as long as that call and its graph).
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .context import KWARG, NAME, ForwardContext, bind, current, enter, layer_cache, leave
+from .context import KWARG, MIXED_DISABLED, NAME, ForwardContext, bind, current, enter, layer_cache, leave
 from .inputs import encoder_inputs, model_inputs, pool_hook
 from .state import LAYER, STATE, hook, mark, override
 
@@ -125,13 +125,24 @@ class AttentionGuard:
 
 
 # ------------------------------------------------------------------------------------------------ installing
-def mark_layers(state, layers, *, apt_hooks=True, causal=None):
+def site_pre_hook(module, args, kwargs):
+    """On each prefix site's attention module: a call that carries a fastprefix context while ``fastprefix.disabled``
+    is on is the checkpointed recompute of a forward run with fastprefix on, which the base model's attention
+    (switched back by ``disabled``) would silently compute without the prefix: refuse it."""
+    if getattr(module, STATE).disabled and isinstance(kwargs.get(KWARG), ForwardContext):
+        raise RuntimeError(f"{type(module).__name__} is recomputing a forward that ran with fastprefix on, inside "
+                           f"fastprefix.disabled(model), where the prefix would be dropped: {MIXED_DISABLED}")
+
+
+def mark_layers(state, layers, *, apt_hooks=True, causal=None, site_hooks=True):
     """Number the prefix sites: each attention module gets the State and its site index (and ``causal[i]``, the
-    family's word on site i's causality, where given); for APT (``apt_hooks``) each layer gets
-    :func:`apt_layer_pre_hook`."""
+    family's word on site i's causality, where given) and, with ``site_hooks``, :func:`site_pre_hook`; for APT
+    (``apt_hooks``) each layer gets :func:`apt_layer_pre_hook`."""
     state.layers = [layer for layer, _ in layers]
     for i, (layer, attn) in enumerate(layers):
         mark(state, attn, i, None if causal is None else causal[i])
+        if site_hooks:
+            hook(state, attn, site_pre_hook)
         if state.gated and apt_hooks:
             hook(state, layer, apt_layer_pre_hook, layer=i)
 

@@ -39,7 +39,7 @@ from ..config import ADePTConfig, APTConfig, DePTConfig, PromptTuningConfig, PTu
 from ..modules import AdaptiveDecomposedPrompt, AdaptivePrefix, DecomposedPrompt, PromptTuning, PTuningV2Prefix
 from .context import NAME
 from .embedding import InputEmbedding, input_embedding, outer_scale
-from .families import family_of, model_shape
+from .families import family_of, model_shape, task_heads
 from .hooks import guard_attention, install_prompt
 from .inputs import Rules
 from .positions import Shift
@@ -77,7 +77,45 @@ def _switch_attention(state, model):
     model.config._attn_implementation_internal = NAME
 
 
-def apply(model, config, *, backend=None, trainable=(), generator=None):
+def _refuses_inputs_embeds(model):
+    """Why ``model``'s forward can't take the prompted ``inputs_embeds`` (a phrase), or None if it can.
+
+    Read from the head's forward: encoder-decoder heads that raise for ``inputs_embeds`` (BART's and T5's
+    ``*ForSequenceClassification``) or build their decoder input from ``input_ids`` (``T5ForQuestionAnswering``)."""
+    if "inputs_embeds" not in inspect.signature(model.forward).parameters:
+        return "takes no inputs_embeds"
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return None
+    if "input embeddings is currently not supported" in source:
+        return "refuses inputs_embeds (its forward raises for them)"
+    if getattr(model.config, "is_encoder_decoder", False) and "_shift_right(input_ids)" in source \
+            and "decoder_input_ids is None and decoder_inputs_embeds is None" in source:
+        return "builds its decoder input from input_ids, which it then does not get"
+    return None
+
+
+def _check_config(config):
+    """A fastprefix config instance, or a ValueError that says what to pass instead."""
+    if isinstance(config, (PromptTuningConfig, PTuningV2Config)):  # every method's config is one of them
+        return
+    kinds = ", ".join(c.__name__ for c, _ in _MODULES)
+    if isinstance(config, type) and issubclass(config, (PromptTuningConfig, PTuningV2Config)):
+        raise ValueError(f"config is the class {config.__name__}, not a config: instantiate it, e.g. "
+                         f"fastprefix.{config.__name__}(num_virtual_tokens=16)")
+    if isinstance(config, dict):
+        raise ValueError("config is a dict: build the config from it with fastprefix.config_from_dict(d) (its "
+                         f"'method' key names one of {sorted(m.method for m, _ in _MODULES)}), or pass one of {kinds}")
+    if type(config).__module__.split(".")[0] == "peft":
+        raise ValueError(f"config is a PEFT {type(config).__name__}: fastprefix.from_peft(model, folder) loads an "
+                         f"adapter PEFT saved; to train with fastprefix pass one of its configs ({kinds}), e.g. "
+                         "PTuningV2Config(num_virtual_tokens=...) for PEFT's PREFIX_TUNING or "
+                         "PromptTuningConfig(num_virtual_tokens=...) for PROMPT_TUNING")
+    raise ValueError(f"config must be a fastprefix config ({kinds}), got {type(config).__name__}")
+
+
+def apply(model, config, *, backend=None, trainable=None, generator=None):
     """Freeze ``model``, attach ``config``'s method as ``model.fastprefix`` and route the model through it.
 
     Args:
@@ -86,15 +124,18 @@ def apply(model, config, *, backend=None, trainable=(), generator=None):
             prompt methods need an ``nn.Embedding`` input table (also T5).
         config: a ``PromptTuningConfig``, ``PTuningV2Config``, ``APTConfig``, ``DePTConfig`` or ``ADePTConfig``.
         backend: ``None`` (Triton for CUDA tensors), ``"torch"`` or ``"triton"``; see :func:`use_backend`.
-        trainable: names of base-model submodules to keep trainable (e.g. ``("classifier",)`` for a fresh
-            classification head); saved with the adapter.
+        trainable: names of base-model submodules to keep trainable, saved with the adapter. Default (None): the
+            task head of a ``*ForSequenceClassification``, ``*ForTokenClassification``, ``*ForQuestionAnswering`` or
+            ``*ForMultipleChoice`` model (the modules outside its base model: ``classifier``, ``score``,
+            ``qa_outputs``, ...; freshly initialised, so frozen it would train against a random head), as PEFT's
+            task types keep them (``modules_to_save``); nothing for other models. ``()`` opts out; a string is one
+            name.
         generator: ``torch.Generator`` for the vocabulary init of the prompt (``prompt_init="vocab"``).
 
     Returns:
         ``model`` (modified in place). The module is created on the model's device, in float32.
     """
-    if not isinstance(config, (PromptTuningConfig, PTuningV2Config)):  # every method's config is one of them
-        raise ValueError(f"config must be a fastprefix config, got {type(config).__name__}")
+    _check_config(config)
     if state_of(model, required=False) is not None or hasattr(model, ATTR):
         raise ValueError(f"fastprefix is already applied to this {type(model).__name__}; "
                          "call fastprefix.remove(model) first")
@@ -109,8 +150,15 @@ def apply(model, config, *, backend=None, trainable=(), generator=None):
     # prompt methods: a model that scales its embeddings only when it embeds ids itself (probed; refused if unknown)
     enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
     outer = None if is_prefix else outer_scale(model, embedding, enc_dec)
-    if not is_prefix and "inputs_embeds" not in inspect.signature(model.forward).parameters:
-        raise ValueError(f"{type(model).__name__}.forward takes no inputs_embeds; prompt methods need it")
+    if not is_prefix:
+        why = _refuses_inputs_embeds(model)
+        if why:
+            raise ValueError(f"prompt methods (PT, DePT, ADePT) give the model its input as inputs_embeds, and "
+                             f"{type(model).__name__} {why}; use another head of the same model (e.g. "
+                             "*ForConditionalGeneration, or the encoder with a head of your own) or a prefix method "
+                             "(PTuningV2Config, APTConfig) where it serves this model")
+    trainable = task_heads(model) if trainable is None else (trainable,) if isinstance(trainable, str) else \
+        tuple(trainable)
     names = dict(model.named_modules())
     for name in trainable:
         if name not in names or name == "":

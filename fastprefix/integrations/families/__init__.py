@@ -18,7 +18,10 @@ from .base import Family
 
 FAMILIES = (t5.FAMILY, deberta.FAMILY, generic.FAMILY)  # the first that matches; the generic one matches any
 
-__all__ = ["FAMILIES", "Family", "ModelShape", "family_of", "model_shape"]
+__all__ = ["FAMILIES", "Family", "ModelShape", "family_of", "model_shape", "task_heads"]
+
+# the task heads whose modules transformers initialises fresh (PEFT's task types keep them trainable: modules_to_save)
+TASK_HEADS = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
 
 
 @dataclass
@@ -81,3 +84,16 @@ def model_shape(model):
     width = emb.weight.shape[1] if isinstance(emb, nn.Embedding) else None
     return ModelShape(str(getattr(cfg, "model_type", type(model).__name__)), hidden, layers, heads, kv, head_dim, vocab,
                       width, prefix_sites=family_of(model).prefix_sites(model))
+
+
+def task_heads(model):
+    """The names of a task model's head modules: its direct children outside the base model that hold parameters
+    (BERT's ``classifier``, Llama's ``score``, ``qa_outputs``, DeBERTa's ``pooler`` and ``classifier``, DistilBERT's
+    ``pre_classifier`` and ``classifier``, BART's ``classification_head``): what the head's output comes from and
+    what a fresh task model initialises at random. ``()`` for any other model (a base model, a language model head,
+    which is pretrained and often tied to the embeddings)."""
+    base = getattr(model, "base_model", model)
+    if not type(model).__name__.endswith(TASK_HEADS) or base is model:
+        return ()
+    return tuple(name for name, child in model.named_children()
+                 if child is not base and next(child.parameters(), None) is not None)

@@ -272,7 +272,7 @@ class DeBERTaFamily(Family):
         hook(state, base, prefix_pre_hook)
         hook(state, base, _enter)
         hook(state, base, _exit, after=True, always=True)
-        mark_layers(state, layers, apt_hooks=False)  # no kwargs reach its layers: its own layer hooks
+        mark_layers(state, layers, apt_hooks=False, site_hooks=False)  # no kwargs reach its layers: its own hooks
         for i, (layer, attn) in enumerate(layers):
             hook(state, layer, _layer_pre_hook, layer=i)
             override(state, attn, "forward", AttentionForward(attn))

@@ -37,6 +37,10 @@ def _unsupported_attention(model):
     chunk = getattr(cfg, "attention_chunk_size", None)
     if chunk is not None:
         reasons.append(f"it attends within chunks (config.attention_chunk_size={chunk})")
+    if getattr(cfg, "use_bidirectional_attention", False) is True:
+        # Gemma 3's bidirectional variant: transformers builds its mask from an or_masks overlay (bidirectional
+        # within a window, or over image tokens), a pattern the fused attention does not express
+        reasons.append("it attends bidirectionally through a mask overlay (config.use_bidirectional_attention=True)")
     return reasons
 
 
