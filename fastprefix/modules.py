@@ -28,7 +28,28 @@ def _expect(config, cls):
         raise ValueError(f"expected a {cls.__name__}, got {type(config).__name__}")
 
 
-class _Prompt(nn.Module):
+class _Float32State(nn.Module):
+    """A method's trainable state keeps its precision when the model is cast down: ``model.half()`` or
+    ``model.to(torch.bfloat16)`` after ``fastprefix.apply`` casts the frozen base model and leaves these parameters
+    float32, as they were created, so their gradients and optimizer updates stay float32 (small updates are not
+    rounded away; under ``torch.autocast`` the same holds). Every forward casts them to the dtype it computes in
+    (:meth:`cast_params`, the prefix's ``.to``). Device moves and casts up (``double()``) apply as usual; buffers
+    (ADePT's folded table) follow the model."""
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: p.dtype for name, p in self.named_parameters() if p.is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, p in self.named_parameters():
+            was = kept.get(name)
+            if was is not None and p.dtype != was and p.dtype.is_floating_point \
+                    and torch.finfo(p.dtype).bits < torch.finfo(was).bits:
+                p.data = p.data.to(was)
+                if p.grad is not None:
+                    p.grad.data = p.grad.data.to(was)
+        return self
+
+
+class _Prompt(_Float32State):
     """A prompt ``[m, d]`` prepended to the input embeddings."""
 
     def __init__(self, config, hidden_size):
@@ -119,7 +140,7 @@ class AdaptiveDecomposedPrompt(_Prompt):
                                    backend=backend)
 
 
-class PTuningV2Prefix(nn.Module):
+class PTuningV2Prefix(_Float32State):
     """P-Tuning v2: learned prefix keys/values for every layer.
 
     The prefix of all layers is one ``[L, 2*N*Hkv*D]`` table (or the output of the projection MLP when

@@ -140,6 +140,13 @@ def apply(model, config, *, backend=None, trainable=None, generator=None):
         raise ValueError(f"fastprefix is already applied to this {type(model).__name__}; "
                          "call fastprefix.remove(model) first")
     ops.check_backend(backend)  # validate the name early
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise ValueError(f"{type(model).__name__} has parameters on the meta device ({meta[0]}, ... {len(meta)} in all: "
+                         "built under init_empty_weights or device='meta'): fastprefix initialises its adapter from "
+                         "the model (its device, the vocabulary for prompt_init='vocab'), and a later to_empty() would "
+                         "leave the adapter uninitialised. Materialise the model first (to_empty(device=...) and load "
+                         "its weights, or from_pretrained), then apply")
     shape = model_shape(model)
     family = family_of(model)
     is_prefix = isinstance(config, _PREFIX)
