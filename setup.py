@@ -18,6 +18,23 @@ setup(
     description="Triton kernels that make APT, P-Tuning v2, DePT and ADePT prefix/prompt tuning fast",
     long_description=(here / "README.md").read_text(),
     long_description_content_type="text/markdown",
+    author="The fastprefix authors",
+    license="MIT",
+    license_files=["LICENSE"],
+    keywords=["prefix tuning", "prompt tuning", "P-Tuning v2", "APT", "DePT", "ADePT", "PEFT", "Triton",
+              "transformers", "attention"],
+    classifiers=[
+        "Development Status :: 4 - Beta",
+        "Intended Audience :: Science/Research",
+        "Intended Audience :: Developers",
+        "License :: OSI Approved :: MIT License",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     python_requires=">=3.10",
     # kernels/ is the subpackage fastprefix.kernels; a top-level `kernels` would shadow Hugging Face's package
     # benchmarks/ likewise installs as fastprefix.benchmarks (the `fastprefix-bench` command)
