@@ -11,7 +11,10 @@ model sees the prompted sequence exactly as it would have built it from ids:
   given and the model numbers positions from ``input_ids`` with padding (RoBERTa, XLM-R, ...: pads get
   ``padding_idx``, real tokens count from ``padding_idx + 1``), the positions it would have computed for
   the prompted ids are passed (with ``inputs_embeds`` it would number every slot, pads included);
-- ``labels`` of token-level losses (integer, shaped like ``input_ids``): m ``-100`` in front. Sequence
+- ``labels`` of token-level losses (integer, shaped like ``input_ids``): m ``-100`` in front. The prompt adds
+  no scored target: a language model's loss scores each slot on the next token, so the last prompt slot would
+  score the first real token, which the model alone never scores (nothing precedes it); its label becomes
+  ``-100`` too, and the loss scores exactly the tokens the base model scores, padded or packed. Sequence
   labels ``[B]`` and an encoder-decoder's decoder labels are left alone; ``start_positions`` /
   ``end_positions`` (question answering) index tokens, so they move up by m;
 - ``*ForMultipleChoice`` inputs ``[B, C, S]``: the choices are flattened as the model does, each prompted;
@@ -39,10 +42,9 @@ from torch import nn
 
 from .context import cache_length, current
 from .masks import sliding_window
-from .packing import prompt_inputs, prompt_packing
+from .packing import IGNORE_INDEX, prompt_inputs, prompt_packing
 from .state import STATE
 
-IGNORE_INDEX = -100
 _TOKEN_INDEX_ARGS = ("start_positions", "end_positions")  # labels that index tokens (question answering)
 
 
@@ -53,6 +55,7 @@ class Rules:
     position_rows: rows of an absolute position table (``position_embeddings``, GPT-2's ``wpe``), else None.
     pool_last: a decoder ``*ForSequenceClassification`` that pools the last non-pad token of ``input_ids``.
     pad_token_id: the id that rule counts as padding.
+    next_token_loss: a decoder language model whose loss scores slot t on label t + 1 (``*ForCausalLM``).
     """
 
     def __init__(self, model, embedding):
@@ -72,6 +75,7 @@ class Rules:
                                      and isinstance(pad, int) and not isinstance(pad, bool)) else None
         self.model_name = type(model).__name__
         self.pool_last = _pools_last_token(model)
+        self.next_token_loss = _scores_next_token(model)
         self.pad_token_id = getattr(model.config, "pad_token_id", None)
         self.window = sliding_window(model.config)
 
@@ -117,6 +121,22 @@ def _pools_last_token(model):
         return "last_non_pad_token" in inspect.getsource(type(model).forward)
     except (OSError, TypeError):
         return False
+
+
+def _scores_next_token(model):
+    """A decoder-only language model, whose loss shifts the labels: slot t is scored on the token at t + 1."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return False
+    return getattr(model, "loss_type", None) == "ForCausalLM" or \
+        type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def first_token_unscored(labels, first):
+    """``labels [N, T]`` (a new tensor, changed in place) with the label at column ``first[i]`` of row i set to
+    ``-100`` (rows with ``first[i] < 0`` left alone): the prompt adds no scored target (see the module docstring)."""
+    rows = (first >= 0).nonzero().squeeze(1)
+    labels[rows, first[rows]] = IGNORE_INDEX
+    return labels
 
 
 def _prepend(x, m, value):
@@ -257,7 +277,12 @@ def _first_call(state, kwargs, m, ctx):
     rules.check_length(m + S, m, largest)
     labels = kwargs.get("labels")
     if isinstance(labels, torch.Tensor) and not labels.is_floating_point() and labels.shape == ids.shape:
-        kwargs["labels"] = grown(labels, IGNORE_INDEX)
+        labels = grown(labels, IGNORE_INDEX)
+        if rules.next_token_loss:  # each row's first real token stays unscored, as the model alone leaves it
+            real = torch.ones_like(flat, dtype=torch.bool) if mask is None else mask.bool()
+            first = torch.where(real.any(-1), m + real.long().argmax(-1), -1)
+            labels = first_token_unscored(labels.reshape(-1, m + S), first).view(*lead, m + S)
+        kwargs["labels"] = labels
     for name in _TOKEN_INDEX_ARGS:
         index = kwargs.get(name)
         if isinstance(index, torch.Tensor) and not index.is_floating_point():

@@ -43,7 +43,7 @@ from .context import KWARG, ForwardContext
 from .masks import is_segment_ids, packed_overlay
 
 VARLEN = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # FlashAttention's packing kwargs
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label a loss skips
 
 
 class Packing:
@@ -332,7 +332,12 @@ def prompt_inputs(state, kwargs, packing):
     rules.check_length(T + k * m, m, largest)  # without position ids the model numbers the whole row
     labels = kwargs.get("labels")
     if isinstance(labels, torch.Tensor) and not labels.is_floating_point() and labels.shape == ids.shape:
-        kwargs["labels"] = grown(labels, torch.full((n, m), IGNORE_INDEX, device=ids.device))
+        labels = grown(labels, torch.full((n, m), IGNORE_INDEX, device=ids.device))
+        if rules.next_token_loss:  # every sequence's first token stays unscored, as alone (see inputs)
+            starts = (torch.arange(n, device=ids.device) * (m + S) + m)[packing.lengths > 0]
+            flat = labels.reshape(-1)
+            flat[keep.cumsum(0)[starts] - 1] = IGNORE_INDEX
+        kwargs["labels"] = labels
     if kwargs.get("token_type_ids") is not None:
         kwargs["token_type_ids"] = grown(kwargs["token_type_ids"], torch.zeros(n, m, device=ids.device))
     if kwargs.get("seq_idx") is not None:  # the prompt belongs to its sequence
