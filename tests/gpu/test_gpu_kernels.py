@@ -24,15 +24,16 @@ import torch
 
 import fastprefix
 from fastprefix.benchmarks.gpu import path_taken, split_path_available
-from helpers.numerics import assert_flash_rule
+from helpers import cases
+from helpers.cases import ids
+from helpers.numerics import ATTENTION_INPUTS as NAMES
+from helpers.numerics import FLOOR, assert_flash_rule
 
 pytestmark = pytest.mark.cuda
 
 ON_CPU = os.environ.get("FASTPREFIX_GPU_TEST_DEVICE") == "cpu"
 DEVICE = torch.device("cpu" if ON_CPU else "cuda")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# floor of the rule, relative to the largest magnitude of the float64 reference tensor
-FLOOR = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 
 
 @pytest.fixture(scope="module")
@@ -52,29 +53,14 @@ def need_free_gib(gib):
 # ------------------------------------------------------------------------------------ attention cases
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    B: int
-    H: int
-    Hkv: int
-    Sq: int
-    Sk: int
-    L: int
-    D: int
-    gate: str = "none"  # none | pooled [B,1,L] | dense [B,Sq,L] | fused (APT's hidden/weight/bias/scale)
-    pad: bool = False
-    causal: bool = False
-    shared: bool = True  # prefix [Hkv,L,D] shared by the batch, else [B,Hkv,L,D]
+# tests/helpers/cases.py's Case, drawn on the device (float32 draws cast to the dtype, APT's hidden width 48)
+Case = cases.maker("gpu")
 
-    @property
-    def id(self):
-        return (f"B{self.B}-H{self.H}kv{self.Hkv}-Sq{self.Sq}-Sk{self.Sk}-L{self.L}-D{self.D}-gate-{self.gate}"
-                + "-pad" * self.pad + "-causal" * self.causal + ("" if self.shared else "-per-example"))
 
-    def small(self):
-        """The same features at interpreter size (``FASTPREFIX_GPU_TEST_DEVICE=cpu``)."""
-        return dataclasses.replace(self, B=min(self.B, 2), Sq=min(self.Sq, 9), Sk=min(self.Sk, 19) if
-                                   self.Sq < self.Sk else min(self.Sk, 9), L=min(self.L, 5))
+def small(case):
+    """The same features at interpreter size (``FASTPREFIX_GPU_TEST_DEVICE=cpu``)."""
+    return dataclasses.replace(case, B=min(case.B, 2), Sq=min(case.Sq, 9), Sk=min(case.Sk, 19) if
+                               case.Sq < case.Sk else min(case.Sk, 9), L=min(case.L, 5))
 
 
 # few distinct kernel configurations (compile time), every feature at least once
@@ -89,33 +75,7 @@ CASES = [
 def make_inputs(case, dtype, seed=0):
     """Leaves in ``dtype`` (drawn on the device: the large cases hold billions of elements) and the call's
     keyword arguments. The references upcast these very values."""
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
-
-    def rn(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g, device=DEVICE) * std).to(dtype)
-
-    B, H, Hkv, Sq, Sk, L, D = case.B, case.H, case.Hkv, case.Sq, case.Sk, case.L, case.D
-    pshape = (Hkv, L, D) if case.shared else (B, Hkv, L, D)
-    leaves = dict(q=rn(B, H, Sq, D), k=rn(B, Hkv, Sk, D), v=rn(B, Hkv, Sk, D), prefix_k=rn(*pshape),
-                  prefix_v=rn(*pshape))
-    if case.gate in ("pooled", "dense"):
-        shape = (B, 1, L) if case.gate == "pooled" else (B, Sq, L)
-        leaves["gate"] = torch.rand(*shape, generator=g, device=DEVICE).to(dtype)
-    elif case.gate == "fused":
-        d = 48
-        leaves.update(gate_hidden=rn(B, Sq, d), gate_weight=rn(d, L, std=d ** -0.5), gate_bias=rn(L),
-                      layer_scale=torch.tensor(0.8, dtype=dtype, device=DEVICE))
-    kwargs = dict(causal=case.causal)
-    if case.pad:
-        mask = torch.rand(B, Sk, generator=g, device=DEVICE) > 0.3
-        mask[0, -1] = False
-        if B > 1:  # a row whose real keys are all padding: only the prefix is visible (row 0 keeps real keys)
-            mask[-1] = False
-        kwargs["key_padding_mask"] = mask
-    return leaves, kwargs
-
-
-NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
+    return cases.make_inputs(case, dtype, seed, device=DEVICE)
 
 
 def attend(leaves, kwargs, grad_out, backend, path=None):
@@ -148,10 +108,10 @@ def _path_or_skip(path, split_ok, leaves, kwargs):
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 @pytest.mark.parametrize("path", ["fused", "split"])
 def test_attention_matches_float64_reference(path, case, dtype, split_ok):
-    case = case.small() if ON_CPU else case
+    case = small(case) if ON_CPU else case
     leaves, kwargs = make_inputs(case, dtype)
     _path_or_skip(path, split_ok, leaves, kwargs)
     grad_out = torch.randn(case.B, case.H, case.Sq, case.D, device=DEVICE).to(dtype)
@@ -164,7 +124,7 @@ def test_attention_matches_float64_reference(path, case, dtype, split_ok):
 @pytest.mark.parametrize("path", ["fused", "split"])
 def test_attention_backward_is_bitwise_deterministic(path, split_ok):
     case = Case(2, 8, 2, 257, 257, 64, 64, gate="fused", causal=True, shared=False)
-    case = case.small() if ON_CPU else case
+    case = small(case) if ON_CPU else case
     leaves, kwargs = make_inputs(case, torch.bfloat16)
     _path_or_skip(path, split_ok, leaves, kwargs)
     grad_out = torch.randn(case.B, case.H, case.Sq, case.D, device=DEVICE, dtype=torch.bfloat16)

@@ -1,7 +1,10 @@
-"""Numerical comparison helpers shared by the tests, and the attention paths called with the keyword arguments of
-``fastprefix.gated_prefix_attention`` (the paths themselves take an :class:`fastprefix.spec.AttentionSpec`)."""
+"""Numerical comparison helpers shared by the tests (the error rule and its floors, gradcheck, running a call
+forward and backward), the attention paths called with the keyword arguments of ``fastprefix.gated_prefix_attention``
+(the paths themselves take an :class:`fastprefix.spec.AttentionSpec`), and an op-call recorder. The attention
+inputs are built by tests/helpers/cases.py."""
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastprefix.kernels.attention import dispatch, fused, split
 from fastprefix.reference import attention as reference
@@ -23,36 +26,24 @@ def assert_flash_rule(out, out_ref_same_dtype, out_ref_f64, *, floor, name="outp
     return err, ref_err
 
 
+# floor of the rule, relative to the largest magnitude of the float64 reference tensor
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
 ATTENTION_INPUTS = ("q", "k", "v", "prefix_k", "prefix_v")  # the positional arguments of the attention ops
 
 
-def attention_leaves(case, dtype, g):
-    """``(randn, tensors)``: a leaf maker drawing from ``g`` and ``case``'s q, k, v, prefix_k, prefix_v.
-
-    ``randn(*shape, std=1.0)`` draws float64 normals from ``g``, scales them, casts to ``dtype`` and makes a
-    leaf that requires grad. q ``[B, H, Sq, D]``, k/v ``[B, Hkv, Sk, D]``, prefix_k/v ``[Hkv, L, D]`` when
-    ``case.shared`` else ``[B, Hkv, L, D]``; drawn in that order, so later draws from ``g`` continue after them.
-    """
-    def randn(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype).requires_grad_()
-
-    B, H, Hkv, Sq, Sk, L, D = case.B, case.H, case.Hkv, case.Sq, case.Sk, case.L, case.D
-    prefix_shape = (Hkv, L, D) if case.shared else (B, Hkv, L, D)
-    return randn, dict(q=randn(B, H, Sq, D), k=randn(B, Hkv, Sk, D), v=randn(B, Hkv, Sk, D),
-                       prefix_k=randn(*prefix_shape), prefix_v=randn(*prefix_shape))
+def run(fn, tensors, kwargs, grad_out):
+    """``(out, grads)``: ``fn(q, k, v, prefix_k, prefix_v, **other tensors, **kwargs)`` and the gradient of every
+    tensor of ``tensors`` (a dict of leaves holding the :data:`ATTENTION_INPUTS`) under ``grad_out``."""
+    others = {k: v for k, v in tensors.items() if k not in ATTENTION_INPUTS}
+    out = fn(*(tensors[n] for n in ATTENTION_INPUTS), **others, **kwargs)
+    grads = torch.autograd.grad(out, list(tensors.values()), grad_out)
+    return out, dict(zip(tensors, grads))
 
 
-def padding_mask(B, Sk, g):
-    """``[B, Sk]`` bool key mask (True: a real key), about 30% padding drawn from ``g``.
-
-    Row 0's last key is always padding, and with ``B > 1`` the last row is all padding: only the prefix
-    is visible to it (the fully-masked-row case naive kernels turn into NaN).
-    """
-    mask = torch.rand(B, Sk, generator=g) > 0.3
-    mask[0, -1] = False
-    if B > 1:
-        mask[-1] = False
-    return mask
+def upcast(tensors):
+    """float64 leaves holding the values of ``tensors`` (for the float64 reference)."""
+    return {k: v.detach().double().requires_grad_() for k, v in tensors.items()}
 
 
 def gradcheck_attention(attention, tensors, kwargs, fast_mode):
@@ -84,6 +75,14 @@ def reference_attention(q, k, v, prefix_k, prefix_v, **kwargs):
     return reference.gated_prefix_attention(q, k, v, prefix_k, prefix_v, spec_of(q, k, **kwargs))
 
 
+def explicit_attention(q, k, v, prefix_k, prefix_v, **kwargs):
+    """The explicit formulation (``fastprefix.reference.attention.explicit_attention``): softmax over the
+    ``[prefix ; keys]`` logits built whole, the float64 twin the kernels and paths are checked against (itself
+    checked against tests/ops/test_reference.py's naive loops)."""
+    spec = spec_of(q, k, **kwargs)
+    return reference.explicit_attention(q, k, v, prefix_k, prefix_v, spec, reference.gate_of(spec))
+
+
 def fused_attention(q, k, v, prefix_k, prefix_v, out_layout="bhsd", **kwargs):
     """The fused Triton kernel (``fastprefix.kernels.attention.fused.gated_prefix_attention``)."""
     return fused.gated_prefix_attention(q, k, v, prefix_k, prefix_v, spec_of(q, k, **kwargs), out_layout)
@@ -104,3 +103,22 @@ def triton_attention(q, k, v, prefix_k, prefix_v, path=None, **kwargs):
 def choose_path(q, k, path=None, **kwargs):
     """``dispatch.choose_path`` for this call, ``path`` resolved as in :func:`triton_attention`."""
     return dispatch.choose_path(q, k, spec_of(q, k, **kwargs), default_path() if path is None else path)
+
+
+# ------------------------------------------------------------------------------------------- op recorder
+
+
+class OpLog(TorchDispatchMode):
+    """Every op call with its arguments bound to the schema's names (defaults filled in): ``calls`` holds
+    ``(op, {name: value})`` pairs."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        bound = {a.name: args[i] if i < len(args) else kwargs.get(a.name, a.default_value)
+                 for i, a in enumerate(func._schema.arguments)}
+        self.calls.append((func, bound))
+        return func(*args, **kwargs)

@@ -1,54 +1,31 @@
 """Issue #12's attention features: ``attn_bias``, ``window`` and ``softcap`` of ``gated_prefix_attention``.
 
-Every path is checked against :func:`explicit_attention`, a plain float64 re-implementation of the contract:
-the logits of ``[gated prefix ; keys]`` concatenated, the cap on all of them, the bias on the key columns, the
-padding / causal / window masks on the key columns, one softmax. The reference path must match it to 1e-10 in
-float64 (output and every gradient, the bias's included); the fused Triton kernel (Triton's interpreter) follows
-FlashAttention's rule in float32 (error vs float64 <= 2 x the PyTorch path's float32 error + a small floor) and
-passes float64 ``gradcheck``. Kernel outputs are NaN-poisoned (FASTPREFIX_POISON_OUTPUTS=1).
+Every path is checked against the package's explicit twin of the contract in float64
+(``fastprefix.reference.attention.explicit_attention``, called through tests/helpers/numerics.py, itself checked
+against the naive loops of tests/ops/test_reference.py): the logits of ``[gated prefix ; keys]`` concatenated, the
+cap on all of them, the bias on the key columns, the padding / causal / window masks on the key columns, one
+softmax. The reference path must match it to 1e-10 in float64 (output and every gradient, the bias's included; a
+call with a bias or a softcap takes the twin itself, a window alone the SDPA paths); the fused Triton kernel
+(Triton's interpreter) follows FlashAttention's rule in float32 (error vs float64 <= 2 x the PyTorch path's float32
+error + a small floor) and passes float64 ``gradcheck``. Kernel outputs are NaN-poisoned
+(FASTPREFIX_POISON_OUTPUTS=1). The cases are tests/helpers/cases.py's ``Case`` of the ``"features"`` family.
 """
 
 import re
-from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 import torch
 
 import fastprefix
-from helpers.numerics import assert_flash_rule, gradcheck_attention, padding_mask, reference_attention
+from helpers import cases
+from helpers.cases import ids, make_inputs
+from helpers.numerics import (FLOOR, assert_flash_rule, explicit_attention, gradcheck_attention, reference_attention,
+                              run, upcast)
 from helpers.numerics import fused_attention as triton_attention
 
-FLOOR32 = 1e-5  # relative to the largest magnitude of the float64 result, as in test_attention_kernel.py
+FLOOR32 = FLOOR[torch.float32]  # relative to the largest magnitude of the float64 result
 
-
-@dataclass(frozen=True)
-class Case:
-    B: int = 1
-    H: int = 2
-    Hkv: int = 2
-    Sq: int = 7
-    Sk: int = 7
-    L: int = 3
-    D: int = 16
-    bias: str = "none"  # none | full [B,H,Sq,Sk] | heads [1,H,Sq,Sk] | keys [B,1,1,Sk]
-    bias_grad: bool = True
-    window: Optional[tuple] = None
-    softcap: Optional[float] = None
-    gate: str = "none"  # none | dense [B,Sq,L] | pooled [B,1,L] | fused (APT's gate inputs)
-    pad: bool = False
-    causal: bool = False
-
-    @property
-    def id(self) -> str:
-        parts = [f"B{self.B}", f"H{self.H}kv{self.Hkv}", f"Sq{self.Sq}", f"Sk{self.Sk}", f"L{self.L}", f"D{self.D}",
-                 f"bias-{self.bias}" + ("" if self.bias_grad or self.bias == "none" else "-frozen"),
-                 f"gate-{self.gate}"]
-        if self.window is not None:
-            parts.append(f"window{self.window[0]}_{self.window[1]}")
-        if self.softcap is not None:
-            parts.append(f"cap{self.softcap:g}")
-        return "-".join(parts + ["pad"] * self.pad + ["causal"] * self.causal)
+Case = cases.maker("features")  # the bias named in the ids (full | heads | keys | none)
 
 
 # A covering set: every bias shape, window and the cap several times, with GQA, padding, causal, the gates,
@@ -71,87 +48,6 @@ CASES = [
 ]
 
 
-def make_inputs(case: Case, dtype, seed=0):
-    """(leaf tensors, keyword arguments): the tensors all require grad, except a frozen bias."""
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, std=1.0, grad=True):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype).requires_grad_(grad)
-
-    B, H, Hkv, Sq, Sk, L, D = case.B, case.H, case.Hkv, case.Sq, case.Sk, case.L, case.D
-    # scaled so that the logits reach the cap's bend (|x| ~ softcap) and the bias matters
-    tensors = dict(q=randn(B, H, Sq, D, std=2.0), k=randn(B, Hkv, Sk, D, std=2.0), v=randn(B, Hkv, Sk, D),
-                   prefix_k=randn(Hkv, L, D, std=2.0), prefix_v=randn(Hkv, L, D))
-    kwargs = dict(causal=case.causal, window=case.window, softcap=case.softcap)
-    bias_shape = {"full": (B, H, Sq, Sk), "heads": (1, H, Sq, Sk), "keys": (B, 1, 1, Sk)}.get(case.bias)
-    if bias_shape is not None:
-        bias = randn(*bias_shape, std=2.0, grad=case.bias_grad)
-        if case.bias_grad:
-            tensors["attn_bias"] = bias
-        else:
-            kwargs["attn_bias"] = bias
-    if case.gate in ("dense", "pooled"):
-        shape = (B, Sq, L) if case.gate == "dense" else (B, 1, L)
-        tensors["gate"] = torch.rand(*shape, generator=g, dtype=torch.float64).mul(2).to(dtype).requires_grad_()
-    elif case.gate == "fused":
-        d = 12
-        tensors.update(gate_hidden=randn(B, Sq, d), gate_weight=randn(d, L, std=0.5), gate_bias=randn(L),
-                       layer_scale=torch.tensor(0.8, dtype=dtype).requires_grad_())
-    if case.pad:
-        kwargs["key_padding_mask"] = padding_mask(B, Sk, g)
-    return tensors, kwargs
-
-
-def explicit_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidden=None, gate_weight=None,
-                       gate_bias=None, layer_scale=None, key_padding_mask=None, causal=False, scale=None,
-                       attn_bias=None, window=None, softcap=None):
-    """The contract written out: softmax over ``[cap(g s_prefix) ; cap(s_keys) + bias (masked)]``."""
-    B, H, Sq, D = q.shape
-    Hkv, Sk, L = k.shape[1], k.shape[2], prefix_k.shape[-2]
-    scale = D ** -0.5 if scale is None else scale
-    if gate_hidden is not None:
-        gate = layer_scale * torch.sigmoid(gate_hidden @ gate_weight + gate_bias)
-    g = torch.ones(B, Sq, L, dtype=q.dtype) if gate is None else gate.expand(B, Sq, L)
-    g = g[:, None]  # [B, 1, Sq, L]: every head
-    group = H // Hkv
-    pk = prefix_k.expand(B, Hkv, L, D).repeat_interleave(group, 1)
-    pv = prefix_v.expand(B, Hkv, L, D).repeat_interleave(group, 1)
-    kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    cap = (lambda x: x) if softcap is None else (lambda x: softcap * torch.tanh(x / softcap))
-    prefix_logits = cap(g * scale * (q @ pk.transpose(-1, -2)))
-    key_logits = cap(scale * (q @ kk.transpose(-1, -2)))
-    if attn_bias is not None:
-        key_logits = key_logits + attn_bias
-    t = torch.arange(Sq)[:, None] + (Sk - Sq)
-    u = torch.arange(Sk)[None, :]
-    visible = torch.ones(B, 1, Sq, Sk, dtype=torch.bool)
-    if key_padding_mask is not None:
-        visible &= key_padding_mask[:, None, None, :]
-    if causal:
-        visible &= u <= t
-    if window is not None:
-        left, right = window
-        if left >= 0:
-            visible &= u >= t - left
-        if right >= 0:
-            visible &= u <= t + right
-    key_logits = key_logits.masked_fill(~visible, float("-inf"))
-    p = torch.softmax(torch.cat([prefix_logits, key_logits], dim=-1), dim=-1)
-    # the prefix value of row j for query t is g[t, j] Pv_j
-    return (p[..., :L] * g) @ pv + p[..., L:] @ vv
-
-
-def run(fn, tensors, kwargs, grad_out):
-    names = ("q", "k", "v", "prefix_k", "prefix_v")
-    out = fn(*(tensors[n] for n in names), **{k: v for k, v in tensors.items() if k not in names}, **kwargs)
-    grads = torch.autograd.grad(out, list(tensors.values()), grad_out)
-    return out, dict(zip(tensors, grads))
-
-
-def upcast(tensors):
-    return {k: v.detach().double().requires_grad_() for k, v in tensors.items()}
-
-
 def upcast_kwargs(kwargs):
     return {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kwargs.items()}
 
@@ -164,7 +60,7 @@ def _assert_close(x, ref, tol, name):
     assert err <= bound, f"{name}: max error {err:.3e} > {bound:.1e}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 def test_reference_path_matches_explicit_float64(case):
     """fastprefix.gated_prefix_attention(backend="torch") = the contract, output and gradients, to 1e-10."""
     tensors, kwargs = make_inputs(case, torch.float64)
@@ -177,7 +73,7 @@ def test_reference_path_matches_explicit_float64(case):
         _assert_close(grads[name], grads_x[name], 1e-10, f"{case.id} d{name}")
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 def test_triton_float32_follows_the_flash_rule(case):
     """The fused kernel in float32, forward and backward (the bias's gradient included), vs float64."""
     tensors, kwargs = make_inputs(case, torch.float32)
@@ -201,8 +97,7 @@ GRADCHECK_CASES = [  # (case, fast_mode): fast mode checks random projections of
 ]
 
 
-@pytest.mark.parametrize("case,fast_mode", GRADCHECK_CASES,
-                         ids=[c.id + ("-fast" if fast else "-full") for c, fast in GRADCHECK_CASES])
+@pytest.mark.parametrize("case,fast_mode", GRADCHECK_CASES, ids=ids(GRADCHECK_CASES))
 def test_triton_gradcheck_float64(case, fast_mode):
     tensors, kwargs = make_inputs(case, torch.float64)
     assert "attn_bias" in tensors

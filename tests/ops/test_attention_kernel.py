@@ -2,91 +2,17 @@
 
 FlashAttention's rule for every output and gradient: error vs a float64 reference <= 2 x the error of
 the PyTorch reference in the same dtype + a small floor. Kernel outputs are NaN-poisoned before launch
-(FASTPREFIX_POISON_OUTPUTS=1), so any element a kernel fails to write shows up as non-finite.
+(FASTPREFIX_POISON_OUTPUTS=1), so any element a kernel fails to write shows up as non-finite. The case sweep
+(``CASES``, ``GRADCHECK_CASES``) lives in tests/helpers/cases.py: tests/ops/test_split_attention.py runs it too.
 """
-
-from dataclasses import dataclass
 
 import pytest
 import torch
 
 from fastprefix.kernels.attention import configs
-from helpers.numerics import assert_flash_rule, attention_leaves, gradcheck_attention, padding_mask, reference_attention
+from helpers.cases import CASES, GRADCHECK_CASES, Case, ids, make_inputs
+from helpers.numerics import FLOOR, assert_flash_rule, gradcheck_attention, reference_attention, run, upcast
 from helpers.numerics import fused_attention as triton_attention
-
-# floor, relative to the largest magnitude of the float64 reference tensor
-FLOOR = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
-
-
-@dataclass(frozen=True)
-class Case:
-    B: int = 1
-    H: int = 2
-    Hkv: int = 2
-    Sq: int = 7
-    Sk: int = 7
-    L: int = 5
-    D: int = 16
-    gate: str = "none"  # none | dense [B,Sq,L] | pooled [B,1,L] | fused | fused_pooled (hidden [B,1,d])
-    gate_value: str = "random"  # random | zero | large
-    pad: bool = False
-    causal: bool = False
-    shared: bool = True  # prefix [Hkv,L,D] shared by the batch, else [B,Hkv,L,D]
-
-    @property
-    def id(self) -> str:
-        parts = [f"B{self.B}", f"H{self.H}kv{self.Hkv}", f"Sq{self.Sq}", f"Sk{self.Sk}", f"L{self.L}", f"D{self.D}",
-                 f"gate-{self.gate}" + ("" if self.gate_value == "random" else f"-{self.gate_value}"),
-                 "shared" if self.shared else "per-example"]
-        parts += ["pad"] * self.pad + ["causal"] * self.causal
-        return "-".join(parts)
-
-
-# A covering set rather than the cross product: every feature appears several times, big S and D
-# only where needed (the interpreter is slow).
-CASES = [
-    Case(B=2, H=4, Hkv=2, Sq=65, Sk=65, L=5, D=64, pad=True, causal=True),
-    Case(B=1, H=2, Hkv=2, Sq=7, Sk=7, L=1, D=16, gate="dense", shared=False),
-    Case(B=2, H=4, Hkv=1, Sq=130, Sk=130, L=64, D=40, gate="pooled", pad=True),
-    Case(B=1, H=2, Hkv=1, Sq=1, Sk=65, L=5, D=128, gate="fused", pad=True, causal=True, shared=False),
-    Case(B=2, H=2, Hkv=2, Sq=65, Sk=65, L=64, D=128, gate="dense", causal=True),
-    Case(B=2, H=3, Hkv=1, Sq=7, Sk=130, L=5, D=32, gate="fused_pooled", causal=True, pad=True),
-    Case(B=2, H=4, Hkv=2, Sq=65, Sk=65, L=5, D=40, gate="fused", pad=True, shared=False),
-    Case(B=1, H=2, Hkv=1, Sq=7, Sk=7, L=5, D=16, gate="dense", gate_value="zero", causal=True),
-    Case(B=1, H=2, Hkv=2, Sq=65, Sk=65, L=5, D=64, gate="dense", gate_value="large", pad=True),
-    Case(B=1, H=1, Hkv=1, Sq=1, Sk=1, L=1, D=16),
-]
-
-
-def make_inputs(case: Case, dtype, seed=0):
-    """Leaf tensors (all requiring grad) and the keyword arguments of the attention call."""
-    g = torch.Generator().manual_seed(seed)
-    randn, tensors = attention_leaves(case, dtype, g)
-    B, H, Sq, Sk, L = case.B, case.H, case.Sq, case.Sk, case.L
-    kwargs = dict(causal=case.causal)
-    if case.gate in ("dense", "pooled"):
-        shape = (B, Sq, L) if case.gate == "dense" else (B, 1, L)
-        gate = torch.rand(*shape, generator=g, dtype=torch.float64)
-        gate = {"random": gate, "zero": gate * 0, "large": 20 + 10 * gate}[case.gate_value]
-        tensors["gate"] = gate.to(dtype).requires_grad_()
-    elif case.gate in ("fused", "fused_pooled"):
-        d = 24
-        tensors.update(gate_hidden=randn(B, Sq if case.gate == "fused" else 1, d), gate_weight=randn(d, L, std=0.5),
-                       gate_bias=randn(L), layer_scale=torch.tensor(0.8, dtype=dtype).requires_grad_())
-    if case.pad:
-        kwargs["key_padding_mask"] = padding_mask(B, Sk, g)
-    return tensors, kwargs
-
-
-def run(fn, tensors, kwargs, grad_out):
-    names = ("q", "k", "v", "prefix_k", "prefix_v")
-    out = fn(*(tensors[n] for n in names), **{k: v for k, v in tensors.items() if k not in names}, **kwargs)
-    grads = torch.autograd.grad(out, list(tensors.values()), grad_out)
-    return out, dict(zip(tensors, grads))
-
-
-def upcast(tensors):
-    return {k: v.detach().double().requires_grad_() for k, v in tensors.items()}
 
 
 def check_against_reference(case, dtype):
@@ -106,7 +32,7 @@ def check_against_reference(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 def test_matches_reference(case, dtype):
     check_against_reference(case, dtype)
 
@@ -117,18 +43,7 @@ def test_bf16_forward_backward():
                             torch.bfloat16)
 
 
-GRADCHECK_CASES = [  # (case, fast_mode): fast mode checks random projections of the full Jacobian
-    (Case(B=1, H=1, Hkv=1, Sq=2, Sk=2, L=1, D=2, gate="dense", causal=True), False),
-    (Case(B=2, H=2, Hkv=1, Sq=3, Sk=5, L=2, D=4, gate="none", pad=True, causal=True), True),
-    (Case(B=2, H=2, Hkv=2, Sq=3, Sk=3, L=3, D=4, gate="dense", causal=True, shared=False), True),
-    (Case(B=2, H=2, Hkv=1, Sq=3, Sk=4, L=2, D=4, gate="pooled", pad=True), True),
-    (Case(B=1, H=2, Hkv=1, Sq=3, Sk=4, L=2, D=4, gate="fused", causal=True), True),
-    (Case(B=2, H=2, Hkv=1, Sq=2, Sk=3, L=2, D=4, gate="fused_pooled", pad=True), True),
-]
-
-
-@pytest.mark.parametrize("case,fast_mode", GRADCHECK_CASES,
-                         ids=[c.id + ("-fast" if fast else "-full") for c, fast in GRADCHECK_CASES])
+@pytest.mark.parametrize("case,fast_mode", GRADCHECK_CASES, ids=ids(GRADCHECK_CASES))
 def test_gradcheck_float64(case, fast_mode):
     tensors, kwargs = make_inputs(case, torch.float64)
     assert gradcheck_attention(triton_attention, tensors, kwargs, fast_mode)

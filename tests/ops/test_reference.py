@@ -1,7 +1,11 @@
 """The reference path against deliberately naive float64 implementations written here.
 
 The naive versions build ``[g * Pk ; K]`` and ``[g * Pv ; V]`` explicitly, per batch row, per head and per
-query, with an explicit softmax: nothing shared with the code under test but torch's basic arithmetic.
+query, with an explicit softmax: nothing shared with the code under test but torch's basic arithmetic. They are
+the independent check of the package's explicit twin (``fastprefix.reference.attention.explicit_attention``,
+called through tests/helpers/numerics.py), which the other op tests (tests/ops/test_attention_features.py,
+tests/ops/test_split_features.py) use as their float64 oracle: it is checked here on every attention case, once
+as called and once with a bias, a window and a softcap added.
 """
 
 import math
@@ -10,6 +14,7 @@ import pytest
 import torch
 
 import fastprefix
+from helpers.numerics import explicit_attention
 
 F64 = torch.float64
 
@@ -17,7 +22,7 @@ F64 = torch.float64
 # ---------------------------------------------------------------- naive implementations
 
 
-def naive_attention(q, k, v, pk, pv, gate, kpm, causal, scale):
+def naive_attention(q, k, v, pk, pv, gate, kpm, causal, scale, attn_bias=None, window=None, softcap=None):
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     L = pk.shape[-2]
@@ -32,8 +37,15 @@ def naive_attention(q, k, v, pk, pv, gate, kpm, causal, scale):
                 keys = torch.cat([g[:, None] * pkb, k[b, hk]])  # the explicit concatenation
                 vals = torch.cat([g[:, None] * pvb, v[b, hk]])
                 logits = scale * (keys @ q[b, h, t])
+                if softcap is not None:
+                    logits = softcap * torch.tanh(logits / softcap)
+                if attn_bias is not None:
+                    logits[L:] += attn_bias.expand(B, H, Sq, Sk)[b, h, t]
+                left, right = window if window is not None else (-1, -1)
+                pos = t + Sk - Sq  # the query's position among the keys (bottom-right aligned)
                 for u in range(Sk):
-                    hidden = (kpm is not None and not kpm[b, u]) or (causal and u > t + Sk - Sq)
+                    hidden = (kpm is not None and not kpm[b, u]) or (causal and u > pos)
+                    hidden = hidden or (left >= 0 and u < pos - left) or (right >= 0 and u > pos + right)
                     if hidden:
                         logits[L + u] = -math.inf
                 p = torch.exp(logits - logits.max())
@@ -124,6 +136,14 @@ def test_attention_matches_naive(case):
     want = naive_attention(x["q"], x["k"], x["v"], x["prefix_k"], x["prefix_v"], gate, kpm, causal, D ** -0.5)
     assert out.shape == (B, H, Sq, D)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    # the explicit twin, as called and with the features added (a bias drawn from its own generator)
+    call = dict(**extra, key_padding_mask=kpm, causal=causal)
+    torch.testing.assert_close(explicit_attention(**x, **call), want, rtol=1e-12, atol=1e-12)
+    features = dict(attn_bias=torch.randn(1, H, Sq, Sk, generator=torch.Generator().manual_seed(4), dtype=F64),
+                    window=(2, 1), softcap=2.0)
+    want = naive_attention(x["q"], x["k"], x["v"], x["prefix_k"], x["prefix_v"], gate, kpm, causal, D ** -0.5,
+                           **features)
+    torch.testing.assert_close(explicit_attention(**x, **call, **features), want, rtol=1e-12, atol=1e-12)
 
 
 def test_zero_gate_is_a_prefix_with_zero_keys_and_values():

@@ -1,10 +1,10 @@
 """The split attention path (vendor attention for the real keys + the Triton prefix merge) against the
 reference, under Triton's interpreter with PyTorch's fused CPU attention as the vendor op.
 
-The same case sweep and FlashAttention error rule as tests/ops/test_attention_kernel.py (error vs float64 <=
-2 x the PyTorch same-dtype error + a floor), float64 gradcheck through the Triton kernels, the dispatch
-rule, and the CUDA branch's op calls checked on fake CUDA tensors (FakeTensorMode: shapes, dtypes and
-arguments through the ops' meta kernels; no GPU).
+The same case sweep (tests/helpers/cases.py) and FlashAttention error rule as tests/ops/test_attention_kernel.py
+(error vs float64 <= 2 x the PyTorch same-dtype error + a floor), float64 gradcheck through the Triton kernels,
+the dispatch rule, and the CUDA branch's op calls checked on fake CUDA tensors (FakeTensorMode: shapes, dtypes
+and arguments through the ops' meta kernels; no GPU). ``split_calls`` comes from tests/ops/conftest.py.
 """
 
 import pytest
@@ -16,21 +16,11 @@ from fastprefix import ops
 from fastprefix.kernels.attention import dispatch, split, vendor
 from fastprefix.reference import split as reference_split
 from fastprefix.spec import gate3
-from helpers.numerics import (ATTENTION_INPUTS, assert_flash_rule, choose_path, gradcheck_attention, reference_attention,
-                      spec_of, split_attention, triton_attention)
-from test_attention_kernel import CASES, FLOOR, GRADCHECK_CASES, Case, make_inputs, run, upcast
+from helpers.cases import CASES, GRADCHECK_CASES, Case, ids, make_inputs
+from helpers.numerics import (ATTENTION_INPUTS, FLOOR, OpLog, assert_flash_rule, choose_path, gradcheck_attention,
+                              reference_attention, run, spec_of, split_attention, triton_attention, upcast)
 
 NAMES = ATTENTION_INPUTS
-
-
-@pytest.fixture
-def split_calls(monkeypatch):
-    """Force the split path and count its calls, so a silent fallback to the fused kernel cannot pass."""
-    monkeypatch.setenv("FASTPREFIX_ATTENTION", "split")
-    calls = []
-    real = split.split_attention
-    monkeypatch.setattr(split, "split_attention", lambda *a, **k: calls.append(k.get("op")) or real(*a, **k))
-    return calls
 
 
 def split_fn(*args, **kwargs):
@@ -38,7 +28,7 @@ def split_fn(*args, **kwargs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 def test_matches_reference(case, dtype, split_calls):
     tensors, kwargs = make_inputs(case, dtype)
     grad_out = torch.randn(case.B, case.H, case.Sq, case.D, dtype=torch.float64).to(dtype)
@@ -74,8 +64,7 @@ GRADCHECK = [(c, fast) for c, fast in GRADCHECK_CASES if not c.gate.startswith("
     (Case(B=1, H=2, Hkv=1, Sq=5, Sk=6, L=70, D=8, gate="dense", causal=True), True)]
 
 
-@pytest.mark.parametrize("case,fast_mode", GRADCHECK,
-                         ids=[c.id + ("-fast" if fast else "-full") for c, fast in GRADCHECK])
+@pytest.mark.parametrize("case,fast_mode", GRADCHECK, ids=ids(GRADCHECK))
 def test_gradcheck_float64(case, fast_mode, split_calls):
     tensors, kwargs = make_inputs(case, torch.float64)
     assert gradcheck_attention(split_fn, tensors, kwargs, fast_mode)
@@ -254,21 +243,6 @@ def test_default_rule_on_cuda_picks_split_for_half_precision(monkeypatch):
             assert choose_path(q, k, causal=True)[0] == path, dtype
 
 
-class _OpLog(TorchDispatchMode):
-    """Every op call with its arguments bound to the schema's names (defaults filled in)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        bound = {a.name: args[i] if i < len(args) else kwargs.get(a.name, a.default_value)
-                 for i, a in enumerate(func._schema.arguments)}
-        self.calls.append((func, bound))
-        return func(*args, **kwargs)
-
-
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_cuda_flash_branch_op_calls_on_fake_tensors(causal):
     """What the CUDA branch asks of FlashAttention-2: GQA K/V not expanded, Sq < Sk, is_causal as given
@@ -279,7 +253,7 @@ def test_cuda_flash_branch_op_calls_on_fake_tensors(causal):
         q = torch.empty(B, H, Sq, D, dtype=torch.bfloat16, device="cuda")
         k = torch.empty(B, Hkv, Sk, D, dtype=torch.bfloat16, device="cuda")
         v = torch.empty(B, Hkv, Sk, D, dtype=torch.bfloat16, device="cuda")
-        with _OpLog() as log:
+        with OpLog() as log:
             o_k, lse_k, rng = vendor.forward("flash", q, k, v, None, causal, scale)
         (func, a), = log.calls
         assert func is torch.ops.aten._scaled_dot_product_flash_attention.default
@@ -290,7 +264,7 @@ def test_cuda_flash_branch_op_calls_on_fake_tensors(causal):
         assert fake_rng_matches(rng, vendor.rng_like("flash", q))
 
         out, grad = torch.empty_like(o_k), torch.empty_like(o_k)
-        with _OpLog() as log:
+        with OpLog() as log:
             dq, dk, dv = vendor.backward("flash", grad, q, k, v, out, lse_k, rng, None, causal, scale)
         (func, a), = log.calls
         assert func is torch.ops.aten._scaled_dot_product_flash_attention_backward.default

@@ -2,134 +2,33 @@
 
 Under ``FASTPREFIX_ATTENTION=split`` on CPU the real keys go through PyTorch's fused CPU attention with one
 additive mask (bias + window + padding + causal) and the bias gradient is recomputed exactly; softcap
-falls back to the fused kernel. Checked against an explicit float64 reference written here from the
-contract (concatenated ``[prefix ; keys]`` logits, plain softmax), the float32 / float16 error rule
-(error vs float64 <= 2 x the PyTorch reference's same-dtype error + a floor), and float64 gradcheck.
-The CUDA branch (the memory-efficient op) is checked on fake CUDA tensors (FakeTensorMode: the ops'
-arguments, shapes, dtypes and strides through their meta kernels) and, with a GPU, by the ``cuda`` tests.
+falls back to the fused kernel. Checked against the package's explicit float64 twin of the contract
+(``fastprefix.reference.attention.explicit_attention``: concatenated ``[prefix ; keys]`` logits, plain softmax;
+called through tests/helpers/numerics.py and itself checked by tests/ops/test_reference.py's naive loops), the
+float32 / float16 error rule (error vs float64 <= 2 x the PyTorch reference's same-dtype error + a floor), and
+float64 gradcheck. The CUDA branch (the memory-efficient op) is checked on fake CUDA tensors (FakeTensorMode: the
+ops' arguments, shapes, dtypes and strides through their meta kernels) and, with a GPU, by the ``cuda`` tests.
+The cases are tests/helpers/cases.py's ``Case`` of the ``"split"`` family; ``split_calls`` comes from
+tests/ops/conftest.py.
 """
-
-from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fastprefix import ops
-from fastprefix.kernels.attention import dispatch, split, vendor
-from fastprefix.spec import effective_window
-from helpers.numerics import (ATTENTION_INPUTS, assert_flash_rule, attention_leaves, choose_path, fused_attention,
-                      gradcheck_attention, padding_mask, reference_attention, split_attention, triton_attention)
-from test_attention_kernel import FLOOR
-from test_split_attention import _OpLog
+from fastprefix.kernels.attention import dispatch, vendor
+from fastprefix.spec import effective_window, visible_keys
+from helpers import cases
+from helpers.cases import ids, make_inputs
+from helpers.numerics import (ATTENTION_INPUTS, FLOOR, OpLog, assert_flash_rule, choose_path, explicit_attention,
+                              fused_attention, gradcheck_attention, reference_attention, run, spec_of, split_attention,
+                              triton_attention, upcast)
 
 NAMES = ATTENTION_INPUTS
 
-
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setenv("FASTPREFIX_POISON_OUTPUTS", "1")
-
-
-@pytest.fixture
-def split_calls(monkeypatch):
-    """Force the split path and record its vendor op per call, so a silent fallback cannot pass."""
-    monkeypatch.setenv("FASTPREFIX_ATTENTION", "split")
-    calls = []
-    real = split.split_attention
-    monkeypatch.setattr(split, "split_attention", lambda *a, **k: calls.append(k.get("op")) or real(*a, **k))
-    return calls
-
-
-@dataclass(frozen=True)
-class Case:
-    B: int = 2
-    H: int = 2
-    Hkv: int = 1
-    Sq: int = 6
-    Sk: int = 9
-    L: int = 3
-    D: int = 16
-    gate: str = "none"  # none | dense [B, Sq, L] | pooled [B, 1, L]
-    pad: bool = False
-    causal: bool = False
-    bias: Optional[str] = None  # the bias's dims: B, H, q (Sq), k (Sk) or 1, e.g. "1Hqk" (T5), "qk", "B11k"
-    bias_grad: bool = True
-    window: Optional[tuple] = None
-    shared: bool = True
-
-    @property
-    def id(self) -> str:
-        parts = [f"B{self.B}", f"H{self.H}kv{self.Hkv}", f"Sq{self.Sq}", f"Sk{self.Sk}", f"L{self.L}", f"D{self.D}",
-                 f"gate-{self.gate}"]
-        if self.bias:
-            parts.append(f"bias-{self.bias}" + ("-grad" if self.bias_grad else "-nograd"))
-        if self.window:
-            parts.append("win{}_{}".format(*self.window))
-        parts += ["pad"] * self.pad + ["causal"] * self.causal + ["per-example"] * (not self.shared)
-        return "-".join(parts)
-
-
-def make_inputs(case: Case, dtype, seed=0, bias_dtype=None):
-    """(leaf tensors requiring grad, other keyword arguments). A bias without grad goes in the kwargs."""
-    g = torch.Generator().manual_seed(seed)
-    randn, tensors = attention_leaves(case, dtype, g)
-    B, H, Sq, Sk, L = case.B, case.H, case.Sq, case.Sk, case.L
-    kwargs = dict(causal=case.causal)
-    if case.gate != "none":
-        shape = (B, Sq, L) if case.gate == "dense" else (B, 1, L)
-        tensors["gate"] = torch.rand(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
-    if case.bias:
-        sizes = dict(B=B, H=H, q=Sq, k=Sk, **{"1": 1})
-        bias = torch.randn(*(sizes[c] for c in case.bias), generator=g, dtype=torch.float64) * 2
-        bias = bias.to(bias_dtype or dtype)
-        if case.bias_grad:
-            tensors["attn_bias"] = bias.requires_grad_()
-        else:
-            kwargs["attn_bias"] = bias
-    if case.pad:
-        kwargs["key_padding_mask"] = padding_mask(B, Sk, g)
-    if case.window is not None:
-        kwargs["window"] = case.window
-    return tensors, kwargs
-
-
-def run(fn, tensors, kwargs, grad_out):
-    out = fn(*(tensors[n] for n in NAMES), **{k: v for k, v in tensors.items() if k not in NAMES}, **kwargs)
-    grads = torch.autograd.grad(out, list(tensors.values()), grad_out)
-    return out, dict(zip(tensors, grads))
-
-
-def upcast(tensors):
-    return {k: v.detach().double().requires_grad_() for k, v in tensors.items()}
-
-
-def explicit_attention(q, k, v, prefix_k, prefix_v, *, gate=None, key_padding_mask=None, causal=False, scale=None,
-                       attn_bias=None, window=None, softcap=None):
-    """The contract, written out: logits of ``[prefix ; keys]``, the cap, the bias on the keys, the masks
-    (padding, bottom-right causal, the window on the keys only), one softmax, the gated prefix values."""
-    B, H, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    group = H // Hkv
-    scale = D ** -0.5 if scale is None else scale
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    pk, pv = (p if p.dim() == 4 else p.unsqueeze(0) for p in (prefix_k, prefix_v))
-    pk, pv = pk.repeat_interleave(group, 1), pv.repeat_interleave(group, 1)
-    g = None if gate is None else gate.reshape((1,) * (3 - gate.dim()) + tuple(gate.shape)).unsqueeze(1)
-    s_prefix = scale * q @ pk.transpose(-1, -2)
-    if g is not None:
-        s_prefix = s_prefix * g
-    s_keys = scale * q @ k.transpose(-1, -2)
-    if softcap is not None:
-        s_prefix, s_keys = (softcap * torch.tanh(s / softcap) for s in (s_prefix, s_keys))
-    if attn_bias is not None:
-        s_keys = s_keys + attn_bias
-    visible = explicit_visible(key_padding_mask, causal, window, B, Sq, Sk)
-    p = torch.softmax(torch.cat([s_prefix, s_keys.masked_fill(~visible, float("-inf"))], dim=-1), dim=-1)
-    L = pk.shape[-2]
-    p_prefix = p[..., :L] if g is None else p[..., :L] * g
-    return p_prefix @ pv + p[..., L:] @ v
+# the bias's dims in the ids (e.g. "1Hqk"); this file's default shape: GQA, Sq < Sk
+Case = cases.maker("split", B=2, H=2, Hkv=1, Sq=6, Sk=9, L=3)
 
 
 def split_fn(*args, **kwargs):
@@ -156,7 +55,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 def test_float64_matches_explicit_reference(case, split_calls):
     tensors, kwargs = make_inputs(case, torch.float64)
     grad_out = torch.randn(case.B, case.H, case.Sq, case.D, dtype=torch.float64)
@@ -189,29 +88,13 @@ def sdpa_over_concatenation(q, k, v, prefix_k, prefix_v, *, gate=None, key_paddi
     key_mask = torch.zeros(B, H, Sq, Sk, dtype=dtype, device=q.device)
     if attn_bias is not None:
         key_mask = key_mask + attn_bias.detach()
-    visible = explicit_visible(key_padding_mask, causal, window, B, Sq, Sk, q.device)
-    mask = torch.cat([torch.zeros(B, H, Sq, L, dtype=dtype, device=q.device),
-                      key_mask.masked_fill(~visible, float("-inf"))], dim=-1)
+    spec = spec_of(q, k, key_padding_mask=key_padding_mask, causal=causal, window=window)
+    visible = visible_keys(spec.key_padding_mask, spec.causal, spec.window, Sq, Sk, q.device)
+    if visible is not None:
+        key_mask = key_mask.masked_fill(~visible, float("-inf"))
+    mask = torch.cat([torch.zeros(B, H, Sq, L, dtype=dtype, device=q.device), key_mask], dim=-1)
     return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
                                                             enable_gqa=H != Hkv)
-
-
-def explicit_visible(key_padding_mask, causal, window, B, Sq, Sk, device="cpu"):
-    """``[B, 1, Sq, Sk]``: real key u visible to query t (padding, bottom-right causal, the window)."""
-    t = torch.arange(Sq, device=device)[:, None] + (Sk - Sq)
-    u = torch.arange(Sk, device=device)[None, :]
-    visible = torch.ones(B, 1, Sq, Sk, dtype=torch.bool, device=device)
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :]
-    if causal:
-        visible = visible & (u <= t)
-    if window is not None:
-        left, right = window
-        if left >= 0:
-            visible = visible & (u >= t - left)
-        if right >= 0:
-            visible = visible & (u <= t + right)
-    return visible
 
 
 # gates shared by the queries, so that PyTorch's fused attention over the concatenation is the same-dtype path
@@ -224,7 +107,7 @@ LOW_PRECISION = [
 
 @pytest.mark.parametrize("dtype, bias_dtype", [(torch.float32, None), (torch.float16, None),
                                                (torch.float16, torch.float32)], ids=["fp32", "fp16", "fp16-fp32-bias"])
-@pytest.mark.parametrize("case", LOW_PRECISION, ids=[c.id for c in LOW_PRECISION])
+@pytest.mark.parametrize("case", LOW_PRECISION, ids=ids(LOW_PRECISION))
 def test_low_precision_error_rule(case, dtype, bias_dtype, split_calls):
     """The error rule against PyTorch's own attention in the same dtype: its fused attention over the
     concatenation (a FlashAttention-style backward, as the split path's vendor op) for the output and every
@@ -256,7 +139,7 @@ GRADCHECK = [  # fast mode (random projections of the Jacobian); the float64 tes
 ]
 
 
-@pytest.mark.parametrize("case,fast_mode", GRADCHECK, ids=[c.id + ("-fast" if f else "-full") for c, f in GRADCHECK])
+@pytest.mark.parametrize("case,fast_mode", GRADCHECK, ids=ids(GRADCHECK))
 def test_gradcheck_float64(case, fast_mode, split_calls):
     tensors, kwargs = make_inputs(case, torch.float64)
     assert gradcheck_attention(split_fn, tensors, kwargs, fast_mode)
@@ -500,7 +383,7 @@ def test_cuda_efficient_branch_op_calls_on_fake_tensors(causal, Sq, bias_grad, g
         bias = torch.empty(1, H, Sq, Sk, dtype=torch.bfloat16, device="cuda")
         pad = torch.empty(B, Sk, dtype=torch.bool, device="cuda")
         window = (3, -1)
-        with _OpLog() as log:
+        with OpLog() as log:
             o_k, lse_k, rng = vendor.forward("efficient", q, k, v, pad, causal, scale, attn_bias=bias,
                                                        window=window)
         calls = [a for f, a in log.calls if f is torch.ops.aten._scaled_dot_product_efficient_attention.default]
@@ -523,7 +406,7 @@ def test_cuda_efficient_branch_op_calls_on_fake_tensors(causal, Sq, bias_grad, g
 
         out = torch.empty(B, Sq, H, D, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
         grad = torch.empty_like(out)
-        with _OpLog() as log:
+        with OpLog() as log:
             dq, dk, dv, dbias = vendor.backward_all(
                 "efficient", grad, q, k, v, out, lse_k, rng, pad, causal, scale, attn_bias=bias, window=window,
                 bias_grad=bias_grad)
@@ -588,7 +471,7 @@ GPU_CASES = [
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("case", GPU_CASES, ids=[c.id for c in GPU_CASES])
+@pytest.mark.parametrize("case", GPU_CASES, ids=ids(GPU_CASES))
 def test_gpu_efficient_branch(case, dtype, split_calls):
     """The memory-efficient branch against PyTorch's own attention in the same dtype, as on CPU: SDPA over the
     concatenation (its fused CUDA kernels) for the output and every gradient but the bias's, the eager
