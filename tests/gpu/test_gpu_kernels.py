@@ -87,14 +87,21 @@ def attend(leaves, kwargs, grad_out, backend, path=None):
     return out.detach(), dict(zip(leaves, grads))
 
 
-def check_rule(case_id, dtype, got, ref, ref64):
+def check_rule(case_id, dtype, got, ref, ref64, path=None):
+    """FlashAttention's rule for the output and every gradient. The split path's dq is the vendor's dq of the real
+    keys, which the vendor op returns rounded to the dtype, plus the prefix's share added by the merge kernel and
+    rounded again: one rounding more than a single kernel (or the PyTorch path's one fused SDPA) makes, which the
+    PyTorch path's error cannot account for. Its floor holds that half ulp of the largest |dq| on top."""
     out, grads = got
     out_ref, grads_ref = ref
     out_64, grads_64 = ref64
     pairs = [("out", out, out_ref, out_64)] + [(f"d{n}", grads[n], grads_ref[n], grads_64[n]) for n in grads]
     for name, x, x_ref, x_64 in pairs:
         assert x.shape == x_64.shape and x.dtype == dtype, (name, x.shape, x.dtype)
-        floor = FLOOR[dtype] * max(1.0, x_64.abs().max().item())
+        largest = max(1.0, x_64.abs().max().item())
+        floor = FLOOR[dtype] * largest
+        if path == "split" and name == "dq":
+            floor += torch.finfo(dtype).eps / 2 * x_64.abs().max().item()
         assert_flash_rule(x, x_ref, x_64, floor=floor, name=f"{case_id} {name}")
 
 
@@ -118,7 +125,7 @@ def test_attention_matches_float64_reference(path, case, dtype, split_ok):
     got = attend(leaves, kwargs, grad_out, "triton", path)
     ref = attend(leaves, kwargs, grad_out, "torch")
     ref64 = attend({k: v.double() for k, v in leaves.items()}, kwargs, grad_out.double(), "torch")
-    check_rule(case.id, dtype, got, ref, ref64)
+    check_rule(case.id, dtype, got, ref, ref64, path)
 
 
 @pytest.mark.parametrize("path", ["fused", "split"])
