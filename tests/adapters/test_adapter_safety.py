@@ -11,18 +11,12 @@ from fastprefix import adapters
 from fastprefix.adapters import CONFIG_NAME, WEIGHTS_NAME
 from fastprefix.integrations import transformers as integration
 from fastprefix.integrations.families import model_shape
-from helpers.models import METHODS, PAD, VOCAB, applied, batch, run, tiny
+from helpers.models import METHODS, applied, batch, run, tiny
 
 
 def _qwen2_shaped_like_tiny_llama():
     """A Qwen2 with exactly the tiny Llama's sizes: the shape fingerprint alone can't tell them apart."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    return tf.Qwen2ForCausalLM(tf.Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                              num_key_value_heads=2, intermediate_size=40, max_position_embeddings=64,
-                                              vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=1,
-                                              eos_token_id=None)).double().eval()
+    return tiny("qwen2", hidden_size=32, num_attention_heads=4)
 
 
 def _snapshot(model):
@@ -92,11 +86,8 @@ def test_another_config_class_of_the_same_family_is_refused(tmp_path):
 
 
 def test_a_model_of_the_same_family_and_another_shape_is_refused(tmp_path):
-    import transformers as tf
-
     fastprefix.save_adapter(applied("bert", "apt"), tmp_path)
-    wider = tf.BertModel(tf.BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                       intermediate_size=40, vocab_size=VOCAB, pad_token_id=PAD)).double().eval()
+    wider = tiny("bert", hidden_size=48, max_position_embeddings=512)  # BertConfig's own position table
     _refused(wider, tmp_path, "different shape \\(hidden_size: adapter 32 vs model 48, head_dim: adapter 8 vs model 12")
 
 

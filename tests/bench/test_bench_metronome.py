@@ -11,19 +11,16 @@ import time
 
 import pytest
 import torch
-import transformers as tf
 from torch import nn
 
 from fastprefix.benchmarks import backbones, measure, suite
 from fastprefix.benchmarks.metronome import Metronome, blocks, tick_points
+from helpers.models import tiny
 
 
 def _tiny_bert(layers=3, vocab_size=64):
-    torch.manual_seed(0)
-    cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=40,
-                        vocab_size=vocab_size, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    return tf.BertModel(cfg).eval()
+    return tiny("bert", dtype=torch.float32, dropout=0.0, num_hidden_layers=layers, vocab_size=vocab_size,
+                max_position_embeddings=32)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import torch
 
 from fastprefix.benchmarks import __main__ as cli
 from fastprefix.benchmarks import compare, measure, report, stats, suite
+from helpers.models import tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -495,13 +496,9 @@ def test_readme_command_rewrites_only_the_block(tmp_path):
 
 
 def test_tiny_run_end_to_end(tmp_path):
-    import transformers as tf
-
-    torch.manual_seed(0)
     model_dir = tmp_path / "tiny-bert"
     # vocabulary > 2000: the rows draw token ids from [1000, 2000)
-    tf.BertModel(tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
-                               vocab_size=2048, max_position_embeddings=64)).save_pretrained(model_dir)
+    tiny("bert", dtype=torch.float32, vocab_size=2048).save_pretrained(model_dir)
     threads = torch.get_num_threads()
     try:
         with contextlib.redirect_stdout(io.StringIO()):

@@ -13,23 +13,21 @@ import torch
 
 from fastprefix.benchmarks import backbones, measure, suite
 from fastprefix.benchmarks import contenders as C
+from helpers.models import tiny
 
 CPU = torch.device("cpu")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def tiny_backbone(kind, dtype):
-    """A frozen 2-layer backbone; vocabulary > 2000 because the rows draw token ids from [1000, 2000)."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
-                  max_position_embeddings=64, vocab_size=2048)
+    """A frozen 2-layer base model (BERT without dropout; Llama: GQA, 4 query heads on 2 key/value heads, its
+    config's default special tokens), in training mode; vocabulary > 2000 because the rows draw token ids from
+    [1000, 2000)."""
     if kind == "bert":
-        config = tf.BertConfig(**common, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    else:  # GQA: 4 query heads on 2 key/value heads
-        config = tf.LlamaConfig(**common, num_key_value_heads=2)
-    model = tf.AutoModel.from_config(config, attn_implementation="sdpa", dtype=dtype)
+        model = tiny("bert", dtype=dtype, dropout=0.0, vocab_size=2048)
+    else:
+        model = tiny("llama", head="base", dtype=dtype, vocab_size=2048, pad_token_id=None, eos_token_id=2)
+    model.train()
     for p in model.parameters():
         p.requires_grad_(False)
     return model

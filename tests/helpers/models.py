@@ -1,46 +1,76 @@
-"""Tiny 🤗 models and method configs shared by the transformers-integration tests."""
+"""Tiny 🤗 models and the method configs shared by the model-level tests.
 
+:func:`tiny` is the one way a test builds a 🤗 model: a family of :data:`helpers.families.FAMILIES` with its
+head, dtype, seed and any config overrides.
+"""
+
+import copy
 import os
+import warnings
 
 import torch
 
 import fastprefix
+from helpers.families import FAMILIES, PAD, VOCAB, WINDOW  # noqa: F401  (one vocabulary and pad id for every test)
 
-VOCAB = 97
-PAD = 0
+# head -> the class name's suffix after the family's prefix ("lm": the family's language-model head)
+HEADS = {"base": "Model", "seq": "ForSequenceClassification", "qa": "ForQuestionAnswering",
+         "tok": "ForTokenClassification", "mlm": "ForMaskedLM", "mc": "ForMultipleChoice", "encoder": "EncoderModel"}
+DEFAULT_HEAD = {"decoder": "lm", "encoder": "base", "seq2seq": "lm"}
 
 
-def tiny(kind, dtype=torch.float64, seed=0):
-    """A tiny randomly initialised model of ``kind`` in eval mode (deterministic for ``seed``)."""
+def tiny(family, *, head=None, dtype=torch.float64, seed=0, dropout=None, **config_overrides):
+    """A tiny randomly initialised ``family`` model (:data:`helpers.families.FAMILIES`) in eval mode.
+
+    Args:
+        head: ``"lm"`` (``*ForCausalLM``, ``*ForConditionalGeneration``), ``"base"`` (``*Model``), ``"seq"``,
+            ``"qa"``, ``"tok"``, ``"mlm"``, ``"mc"``, ``"encoder"`` (T5's encoder); None: the family's own
+            (``"lm"`` for decoders and encoder-decoders, ``"base"`` for encoders).
+        dtype: the model is built in float32, then cast.
+        seed: the global generator is seeded with it before the build and left where the build leaves it, so
+            that what a test draws next (a method's init) is the same every run.
+        dropout: every dropout probability of the family's config (None: the family's defaults).
+        config_overrides: config values replacing or adding to the family's.
+
+    Built once per distinct call (and default device: ``with torch.device("meta")`` builds there) and deep-copied:
+    the same weights, and the same generator state after it.
+    """
+    key = (family, head, dtype, seed, dropout, repr(sorted(config_overrides.items())), torch.get_default_device())
+    if key not in _BUILT:
+        _BUILT[key] = _build(FAMILIES[family], head, dtype, seed, dropout, config_overrides)
+    model, rng = _BUILT[key]
+    torch.manual_seed(seed)
+    torch.set_rng_state(rng)
+    return copy.deepcopy(model)
+
+
+_BUILT = {}  # the models tiny built: (model, the generator's state after the build)
+
+
+def _build(fam, head, dtype, seed, dropout, overrides):
     import transformers as tf
 
-    torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, pad_token_id=PAD)
-    if kind == "bert":
-        model = tf.BertModel(tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                           intermediate_size=40, max_position_embeddings=64, **common))
-    elif kind == "roberta":
-        model = tf.RobertaModel(tf.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                 intermediate_size=40, max_position_embeddings=70, **common))
-    elif kind == "llama":  # GQA: 4 query heads on 2 key/value heads
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                   num_key_value_heads=2, intermediate_size=40,
-                                                   max_position_embeddings=64, bos_token_id=1, eos_token_id=None,
-                                                   **common))
-    elif kind == "qwen2":  # GQA 6 -> 2, head_dim 8, q/k/v biases
-        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
-                                                   num_key_value_heads=2, intermediate_size=40,
-                                                   max_position_embeddings=64, bos_token_id=1, eos_token_id=None,
-                                                   **common))
-    elif kind == "t5":
-        model = tf.T5ForConditionalGeneration(tf.T5Config(d_model=32, d_kv=8, d_ff=40, num_layers=2, num_heads=4,
-                                                          decoder_start_token_id=PAD, eos_token_id=None,
-                                                          tie_word_embeddings=False, **common))
+    values = copy.deepcopy(fam.config)
+    if dropout is not None:
+        assert fam.dropout, f"no dropout fields listed for {fam.prefix}"
+        values.update(dict.fromkeys(fam.dropout, dropout))
+    values.update(overrides)
+    head = head or DEFAULT_HEAD[fam.kind]
+    if head in fam.classes:
+        name = fam.classes[head]
+    elif head == "lm":
+        name = fam.prefix + ("ForCausalLM" if fam.kind == "decoder" else "ForConditionalGeneration")
     else:
-        raise KeyError(kind)
-    return model.to(dtype).eval()
+        name = fam.prefix + HEADS[head]
+    config = getattr(tf, fam.classes.get("config", fam.prefix + "Config"))(**values)
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():  # tiny configs trip transformers' special-token range warnings
+        warnings.simplefilter("ignore")
+        model = getattr(tf, name)(config).to(dtype).eval()
+    return model, torch.get_rng_state()
 
 
+# the decoders and encoders tests/integrations/test_transformers.py walks
 DECODERS = ("llama", "qwen2")
 ENCODERS = ("bert", "roberta")
 
@@ -68,7 +98,7 @@ def perturb(model, scale=0.5, seed=1):
 
 
 def applied(kind, method, dtype=torch.float64, scale=0.5, **kw):
-    model = tiny(kind, dtype)
+    model = tiny(kind, dtype=dtype)
     fastprefix.apply(model, METHODS[method](), **kw)
     return perturb(model, scale)
 
@@ -94,13 +124,14 @@ def positions(mask):
 def run(model, kind, ids, mask=None, labels=None):
     """The model's main output: last hidden state (encoders) or logits (decoders, T5 with decoder labels)."""
     kw = dict(input_ids=ids, attention_mask=mask)
-    if kind in DECODERS and mask is not None:
+    decoder = FAMILIES[kind].kind == "decoder"
+    if decoder and mask is not None:
         kw["position_ids"] = positions(mask)
-    if kind == "t5":
+    if FAMILIES[kind].kind == "seq2seq":
         kw["labels"] = labels if labels is not None else torch.arange(3, 7).repeat(ids.shape[0], 1)
         return model(**kw).logits
     out = model(**kw)
-    return out.logits if kind in DECODERS else out.last_hidden_state
+    return out.logits if decoder else out.last_hidden_state
 
 
 def minilm_path():

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import fastprefix
-from helpers.models import METHODS, VOCAB, perturb
-from helpers.families import tiny
+from helpers.models import METHODS, VOCAB, perturb, tiny
 
 ALL = ("pt", "dept", "adept", "adept-merged", "ptv2", "ptv2-proj", "apt", "apt-pooled")
 
@@ -24,8 +23,9 @@ def _printed(fn, *args):
 
 def _pair(method, family="llama", **kw):
     """(base, applied): the same weights, the method's parameters moved off their init."""
-    base = tiny(family)
+    base = tiny(family, dropout=0.0)
     model = copy.deepcopy(base)
+    torch.manual_seed(0)  # the method's init draws from the global generator: the same module every call
     fastprefix.apply(model, METHODS[method.replace("-merged", "")](), **kw)
     perturb(model)
     if method.endswith("-merged"):
@@ -46,7 +46,7 @@ def test_printed_line_is_peft_s(method):
     table on this GQA model, as PEFT sizes it)."""
     import peft
 
-    base = tiny("llama")
+    base = tiny("llama", dropout=0.0)
     ours = fastprefix.apply(copy.deepcopy(base), METHODS[method]())
     m = ours.fastprefix.num_virtual_tokens
     cfg = (peft.PromptTuningConfig if method == "pt" else peft.PrefixTuningConfig)(task_type="CAUSAL_LM",
@@ -65,7 +65,7 @@ def test_counts_by_hand():
     _, model = _pair("adept", family="gpt2", trainable=("transformer.ln_f",))
     d, m, r = 32, 3, 5
     method = m * d + 2 * r * d + r + d
-    gpt2 = tiny("gpt2")
+    gpt2 = tiny("gpt2", dropout=0.0)
     assert gpt2.lm_head.weight is gpt2.transformer.wte.weight
     # every module's own parameters, less the second count of the tied [V, d] table
     base = sum(p.numel() for mod in gpt2.modules() for p in mod.parameters(recurse=False)) - VOCAB * d
@@ -160,7 +160,7 @@ def test_remove_inside_disabled():
 
 def test_disabled_needs_an_applied_model():
     with pytest.raises(ValueError, match="fastprefix is not applied"):
-        with fastprefix.disabled(tiny("llama")):
+        with fastprefix.disabled(tiny("llama", dropout=0.0)):
             pass
 
 

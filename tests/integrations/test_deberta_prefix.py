@@ -3,13 +3,13 @@
 Every model is a tiny random float64 DeBERTa with relative attention (c2p and p2c). The reference is written
 here from the module weights: DeBERTa's logits (content + c2p + p2c over its scale ``sqrt(D * f)``, positions
 log-bucketed), the layer's prefix put in front of the keys with zero relative scores for the prefix columns (as
-the original P-Tuning v2 DeBERTa code pads them), APT's gate on the prefix logits and values. With an empty
-prefix the reference reproduces the unmodified model, which is checked first.
+the original P-Tuning v2 DeBERTa code pads them), APT's gate on the prefix logits and values; the softmax over
+``[prefix ; keys]`` is the package's explicit twin (``fastprefix.reference.attention``) with the relative scores
+as its ``attn_bias``. With an empty prefix the reference reproduces the unmodified model, which is checked first.
 """
 
 import copy
 import dataclasses
-import functools
 import io
 import math
 import warnings
@@ -18,21 +18,24 @@ import pytest
 import torch
 
 import fastprefix
-from helpers.models import PAD, VOCAB, perturb
+from fastprefix.reference.attention import attention_probs, explicit_attention
+from fastprefix.spec import AttentionSpec, gate3
+from helpers.models import perturb, tiny
 from helpers.models import batch as _batch
 
 EXACT = dict(atol=1e-10, rtol=0)
 LENGTHS = (7, 4, 1)  # a right-padded batch of three, one sequence a single token
-_COMMON = dict(vocab_size=VOCAB, pad_token_id=PAD, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-               intermediate_size=40, max_position_embeddings=64, hidden_dropout_prob=0.0,
-               attention_probs_dropout_prob=0.0, relative_attention=True, initializer_range=0.3)
-KINDS = {
+# the tiny DeBERTa families (helpers.families: relative attention, c2p and p2c) with large initial weights, no
+# dropout and a 2-label classifier head
+_COMMON = dict(dropout=0.0, initializer_range=0.3, num_labels=2)
+KINDS = {  # kind -> (the tiny family, its config overrides)
     # DeBERTa-v3: position projections shared with q/k, log buckets, LayerNorm'd relative embeddings
-    "v3": dict(share_att_key=True, position_buckets=8, norm_rel_ebd="layer_norm", pos_att_type="p2c|c2p"),
+    "v3": ("deberta-v2", dict(share_att_key=True, position_buckets=8, norm_rel_ebd="layer_norm",
+                              pos_att_type="p2c|c2p")),
     # DeBERTa-v2 (xlarge): own position projections, no buckets, a convolution beside layer 0
-    "v2": dict(share_att_key=False, position_buckets=-1, pos_att_type="c2p|p2c", conv_kernel_size=3),
+    "v2": ("deberta-v2", dict(share_att_key=False, position_buckets=-1, pos_att_type="c2p|p2c", conv_kernel_size=3)),
     # DeBERTa v1: fused in_proj with q/v biases, q pre-scaled
-    "v1": dict(pos_att_type="c2p|p2c"),
+    "v1": ("deberta", dict(pos_att_type="c2p|p2c")),
 }
 METHODS = {
     "ptv2": lambda: fastprefix.PTuningV2Config(num_virtual_tokens=5),
@@ -45,27 +48,14 @@ CELLS = [pytest.param(kind, method, id=f"{kind}-{method}") for kind in KINDS for
 # ---------------------------------------------------------------------------------------------------- models
 
 
-@functools.lru_cache(maxsize=None)
-def _base(kind, classifier):
-    import transformers as tf
-
-    torch.manual_seed(0)
-    if kind == "v1":
-        cfg = tf.DebertaConfig(**_COMMON, **KINDS[kind], num_labels=2)
-        cls = tf.DebertaForSequenceClassification if classifier else tf.DebertaModel
-    else:
-        cfg = tf.DebertaV2Config(**_COMMON, **KINDS[kind], num_labels=2)
-        cls = tf.DebertaV2ForSequenceClassification if classifier else tf.DebertaV2Model
-    return cls(cfg).to(torch.float64).eval()
-
-
-def tiny(kind, classifier=False):
+def deberta(kind, classifier=False):
     """A fresh copy of ``kind``'s tiny float64 DeBERTa in eval mode (the same weights every call)."""
-    return copy.deepcopy(_base(kind, classifier))
+    family, overrides = KINDS[kind]
+    return tiny(family, head="seq" if classifier else "base", **_COMMON, **overrides)
 
 
 def applied(kind, method, backend="torch", config=None, classifier=False):
-    model = tiny(kind, classifier)
+    model = deberta(kind, classifier)
     torch.manual_seed(0)
     fastprefix.apply(model, config or METHODS[method](), backend=backend)
     model.fastprefix.double()
@@ -100,7 +90,8 @@ def _heads(x, H):
 
 
 def _deberta_logits(model, attn, h):
-    """``(q, k, v [B, H, S, D], logits [B, H, S, S], s)``: DeBERTa's content + c2p + p2c logits, over ``s``."""
+    """``(q, k, v [B, H, S, D], rel [B, H, S, S], s)``: DeBERTa's c2p + p2c relative logits, and its scale ``s``
+    (the logits are ``(q.k + rel) / s``)."""
     cfg, enc = model.config, model.base_model.encoder
     H, S = attn.num_attention_heads, h.shape[1]
     types = cfg.pos_att_type
@@ -134,12 +125,12 @@ def _deberta_logits(model, attn, h):
         rel = _bucket(t[:, None] - t[None, :], buckets, max_rel)
     idx = (rel + span).clamp(0, 2 * span - 1)  # [S, S]: the embedding row of (query t, key u)
     s = float(torch.tensor(D * (1 + len(types)), dtype=torch.float32).sqrt())  # DeBERTa's float32 square root
-    logits = q @ k.transpose(-1, -2)
+    rel = torch.zeros(q.shape[0], H, S, S, dtype=q.dtype)
     if "c2p" in types:  # query t's content against the position of key u relative to t
-        logits = logits + torch.einsum("bhtd,htud->bhtu", q, pos_k()[:, idx])
+        rel = rel + torch.einsum("bhtd,htud->bhtu", q, pos_k()[:, idx])
     if "p2c" in types:  # key u's content against the same relative position, seen from the key
-        logits = logits + torch.einsum("bhud,htud->bhtu", k, pos_q()[:, idx])
-    return q, k, v, logits / s, s
+        rel = rel + torch.einsum("bhud,htud->bhtu", k, pos_q()[:, idx])
+    return q, k, v, rel, s
 
 
 def _gate(apt, i, h, mask):
@@ -150,18 +141,16 @@ def _gate(apt, i, h, mask):
     return apt.layer_scale[i] * torch.sigmoid(h @ apt.gate_weight[i] + apt.gate_bias[i])
 
 
-def _prefix_attention(q, k, v, logits, s, mask, pk, pv, gate):
-    """Softmax over ``[prefix ; keys]``: prefix logits ``g * q.Pk / s`` (no relative term), keys DeBERTa's logits.
+def _prefix_attention(q, k, v, rel, s, mask, pk, pv, gate):
+    """Softmax over ``[prefix ; keys]``: prefix logits ``g * q.Pk / s`` (no relative term), keys DeBERTa's logits
+    ``(q.k + rel) / s`` (``rel / s`` is the call's ``attn_bias``), padding hidden: the package's explicit twin
+    (:func:`fastprefix.reference.attention.attention_probs`) with that spec.
 
     Returns ``(out [B, H, S, D], probabilities [B, H, S, L + S])``.
     """
-    g = 1.0 if gate is None else gate[:, None]  # [B, 1, S|1, L]
-    s_prefix = torch.einsum("bhtd,hjd->bhtj", q, pk) / s * g
-    s_keys = logits.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
-    p = torch.softmax(torch.cat([s_prefix, s_keys], dim=-1), dim=-1)
-    L = pk.shape[1]
-    out = torch.einsum("bhtj,hjd->bhtd", p[..., :L] * g, pv) + p[..., L:] @ v
-    return out, p
+    spec = AttentionSpec.build(q, k, key_padding_mask=mask, scale=1 / s, attn_bias=rel / s)
+    g = None if gate is None else gate3(gate)  # [B, S|1, L]
+    return explicit_attention(q, k, v, pk, pv, spec, g), attention_probs(q, k, pk, spec, g)
 
 
 def reference(model, method_module, ids, mask, output_attentions=False):
@@ -174,14 +163,14 @@ def reference(model, method_module, ids, mask, output_attentions=False):
     for i, attn in enumerate(_attentions(ref)):
         def forward(hidden_states, attention_mask, output_attentions=False, query_states=None, relative_pos=None,
                     rel_embeddings=None, attn=attn, i=i):
-            q, k, v, logits, s = _deberta_logits(ref, attn, hidden_states)
+            q, k, v, rel, s = _deberta_logits(ref, attn, hidden_states)
             H, D = q.shape[1], q.shape[-1]
             if prefixes is None:
                 pk = pv = q.new_zeros(H, 0, D)
             else:
                 pk, pv = prefixes[2 * i], prefixes[2 * i + 1]
             gate = _gate(method_module, i, hidden_states, mask) if hasattr(method_module, "gate_weight") else None
-            out, p = _prefix_attention(q, k, v, logits, s, mask, pk, pv, gate)
+            out, p = _prefix_attention(q, k, v, rel, s, mask, pk, pv, gate)
             return out.transpose(1, 2).reshape(hidden_states.shape[0], hidden_states.shape[1], -1), p
 
         attn.forward = forward
@@ -199,7 +188,7 @@ def _loss(out):
 @pytest.mark.parametrize("kind", KINDS)
 def test_reference_with_empty_prefix_is_the_model(kind):
     """The reference itself: with no prefix it is the model's own attention (real query rows)."""
-    model = tiny(kind)
+    model = deberta(kind)
     ids, mask = _batch(LENGTHS)
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -215,7 +204,7 @@ def test_equals_reference(kind, method):
     ids, mask = _batch(LENGTHS)
     params = dict(model.fastprefix.named_parameters())
     got = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    want = reference(tiny(kind), model.fastprefix, ids, mask).last_hidden_state
+    want = reference(deberta(kind), model.fastprefix, ids, mask).last_hidden_state
     torch.testing.assert_close(got, want, **EXACT)
     grads = torch.autograd.grad(_loss(got), list(params.values()))
     want_grads = torch.autograd.grad(_loss(want), list(params.values()))
@@ -224,7 +213,7 @@ def test_equals_reference(kind, method):
         torch.testing.assert_close(g, w, **EXACT, msg=lambda e: f"{name}: {e}")
     got = got.detach()
     with torch.no_grad():
-        base = tiny(kind)(input_ids=ids, attention_mask=mask).last_hidden_state
+        base = deberta(kind)(input_ids=ids, attention_mask=mask).last_hidden_state
     assert not torch.allclose(got[mask.bool()], base[mask.bool()], atol=1e-3), "degenerate: the prefix changed nothing"
 
 
@@ -245,7 +234,7 @@ def test_output_attentions_map_prefix_and_keys(kind):
     ids, mask = _batch(LENGTHS)
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
-    want = reference(tiny(kind), model.fastprefix, ids, mask, output_attentions=True).attentions
+    want = reference(deberta(kind), model.fastprefix, ids, mask, output_attentions=True).attentions
     L, (B, S) = model.fastprefix.num_virtual_tokens, ids.shape
     assert len(got) == len(want) == 2
     for i, (g, w) in enumerate(zip(got, want)):
@@ -255,7 +244,7 @@ def test_output_attentions_map_prefix_and_keys(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_remove_bitexact(kind):
-    model = tiny(kind)
+    model = deberta(kind)
     params = {n: p.detach().clone() for n, p in model.state_dict().items()}
     ids, mask = _batch(LENGTHS)
     with torch.no_grad():
@@ -285,14 +274,14 @@ def test_remove_bitexact(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_saveload_bitexact(kind, tmp_path):
-    model = tiny(kind)
+    model = deberta(kind)
     fastprefix.apply(model, METHODS["apt"]())
     perturb(model)
     ids, mask = _batch(LENGTHS)
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).last_hidden_state
     fastprefix.save_adapter(model, tmp_path)
-    fresh = fastprefix.load_adapter(tiny(kind), tmp_path)
+    fresh = fastprefix.load_adapter(deberta(kind), tmp_path)
     with torch.no_grad():
         got = fresh(input_ids=ids, attention_mask=mask).last_hidden_state
     assert torch.equal(got, want), f"outputs after load differ by {(got - want).abs().max():.3g}"
@@ -309,7 +298,7 @@ def test_saveload_bitexact(kind, tmp_path):
 @pytest.mark.parametrize("method", ["ptv2", "apt"])
 def test_training_reduces_loss(method):
     """Sequence classification, only the method's parameters trainable: the loss goes down."""
-    model = tiny("v3", classifier=True)
+    model = deberta("v3", classifier=True)
     torch.manual_seed(0)
     fastprefix.apply(model, METHODS[method]())
     model.fastprefix.double()
@@ -385,9 +374,7 @@ def test_checkpointing_eq_plain(kind, method):
 
 
 def test_talking_heads_refused():
-    import transformers as tf
-
-    model = tf.DebertaModel(tf.DebertaConfig(**_COMMON, pos_att_type="c2p|p2c", talking_head=True))
+    model = tiny("deberta", talking_head=True, **_COMMON)
     with pytest.raises(ValueError, match="DebertaModel.*talking"):
         fastprefix.apply(model, METHODS["ptv2"]())
     assert not hasattr(model, "fastprefix")
@@ -402,7 +389,7 @@ def test_3d_attention_mask_refused():
         model(input_ids=ids, attention_mask=mask3)
     with torch.no_grad():  # the failed call left no state behind: the next one is right
         got = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    want = reference(tiny("v3"), model.fastprefix, ids, mask).last_hidden_state
+    want = reference(deberta("v3"), model.fastprefix, ids, mask).last_hidden_state
     torch.testing.assert_close(got, want, **EXACT)
 
 

@@ -4,13 +4,12 @@ and moving devices apply to it as to any module; a meta-device model is refused 
 
 import pytest
 import torch
-import transformers as tf
 
 import fastprefix
-from helpers.models import VOCAB
+from helpers.models import VOCAB, tiny
 
-LLAMA = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
-             vocab_size=VOCAB)
+# float32, LlamaConfig's own position table and special tokens
+LLAMA = dict(dtype=torch.float32, max_position_embeddings=2048, pad_token_id=None, eos_token_id=2)
 CONFIGS = {"apt": lambda: fastprefix.APTConfig(num_virtual_tokens=3),
            "adept": lambda: fastprefix.ADePTConfig(num_virtual_tokens=3, rank=4),
            "dept": lambda: fastprefix.DePTConfig(num_virtual_tokens=3, rank=4, max_length=16)}
@@ -19,7 +18,7 @@ CONFIGS = {"apt": lambda: fastprefix.APTConfig(num_virtual_tokens=3),
 @pytest.mark.parametrize("cast", ["bfloat16", "half"])
 @pytest.mark.parametrize("method", CONFIGS)
 def test_casting_the_model_down_keeps_the_adapter_float32(method, cast):
-    model = fastprefix.apply(tf.LlamaForCausalLM(tf.LlamaConfig(**LLAMA)), CONFIGS[method]())
+    model = fastprefix.apply(tiny("llama", **LLAMA).train(), CONFIGS[method]())
     dtype = getattr(torch, "float16" if cast == "half" else cast)
     model = model.half() if cast == "half" else model.to(dtype)
     assert model.model.embed_tokens.weight.dtype == dtype  # the frozen base model is cast
@@ -33,7 +32,7 @@ def test_casting_the_model_down_keeps_the_adapter_float32(method, cast):
 
 
 def test_casting_up_and_moving_apply_as_to_any_module():
-    model = fastprefix.apply(tf.LlamaForCausalLM(tf.LlamaConfig(**LLAMA)), CONFIGS["apt"]())
+    model = fastprefix.apply(tiny("llama", **LLAMA), CONFIGS["apt"]())
     model.double()
     assert {p.dtype for p in model.fastprefix.parameters()} == {torch.float64}
     model.to("meta")  # a device move (meta: no memory) is not a cast: it applies
@@ -42,7 +41,7 @@ def test_casting_up_and_moving_apply_as_to_any_module():
 
 def test_a_meta_device_model_is_refused_at_apply():
     with torch.device("meta"):
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(**LLAMA))
+        model = tiny("llama", **LLAMA)
     with pytest.raises(ValueError, match="meta device.*Materialise the model first"):
         fastprefix.apply(model, CONFIGS["apt"]())
     assert not hasattr(model, "fastprefix")

@@ -1,4 +1,4 @@
-"""The invariants matrix (``test_invariants.py``) on the Triton kernels: a decoder (Llama), an encoder (BERT) and
+"""The invariants matrix (:mod:`helpers.invariants`) on the Triton kernels: a decoder (Llama), an encoder (BERT) and
 the sliding-window layers and soft-capping of Gemma 2 and windowed Mistral.
 
 Each cell's subject (the padded batch, ``generate``, the checkpointed run) takes the kernels, under the
@@ -9,7 +9,7 @@ so that the suite's workers can run it beside the bulk.
 
 import pytest
 
-from test_invariants import check
+from helpers.invariants import check
 
 # the interpreter takes about a second per prefix-method forward, so the slice is chosen: the prompt kernels and
 # APT's token gate under each property a decoder has, the ungated prefix, the causal and the full pooled gate

@@ -16,91 +16,55 @@ attention against transformers' own masks, cached generation included.
 """
 
 import re
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 import fastprefix
-from helpers.models import METHODS, PAD, VOCAB, batch, perturb, positions
+from helpers.families import FAMILIES as TINY_FAMILIES
+from helpers.models import METHODS, PAD, WINDOW, batch, perturb, positions, tiny
 
 EXACT = dict(atol=1e-10, rtol=0)
 # Gemma 2's and Bloom's own attention softmaxes in float32 even on float64 inputs, so a prompt method, which
 # leaves the attention to the model, moves by float32 rounding when the number of keys changes (padding)
 FLOAT32_SOFTMAX = dict(atol=2 ** -20, rtol=0)
 FLOAT32_SOFTMAX_FAMILIES = ("gemma2", "bloom")
-W = 4  # every sliding window: shorter than the inputs, so that windows matter
-DEC = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
-           max_position_embeddings=64)
-ENC = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
-           max_position_embeddings=70)
-TOKENS = dict(vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
-GEMMA = dict(DEC, head_dim=8, query_pre_attn_scalar=8, sliding_window=W)
-
-
-def _families():
-    """family -> (README label, builder, kind); kind "decoder", "encoder" or "seq2seq" decides the inputs."""
-    import transformers as tf
-
-    return {
-        "llama": ("Llama", lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**DEC, **TOKENS)), "decoder"),
-        "mistral": ("Mistral (`sliding_window=None`)",
-                    lambda: tf.MistralForCausalLM(tf.MistralConfig(**DEC, sliding_window=None, **TOKENS)), "decoder"),
-        "mistral-window": ("Mistral (`sliding_window` set)",
-                           lambda: tf.MistralForCausalLM(tf.MistralConfig(**DEC, sliding_window=W, **TOKENS)),
-                           "decoder"),
-        "qwen2": ("Qwen2", lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**DEC, **TOKENS)), "decoder"),
-        "qwen2-sliding": ("Qwen2 (`use_sliding_window`: a full and a sliding layer)",
-                          lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**DEC, use_sliding_window=True, sliding_window=W,
-                                                                     max_window_layers=1, **TOKENS)), "decoder"),
-        "qwen3": ("Qwen3", lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**DEC, head_dim=8, **TOKENS)), "decoder"),
-        "phi3": ("Phi-3", lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**DEC, **TOKENS)), "decoder"),
-        "phi3-window": ("Phi-3 (`sliding_window` set)",
-                        lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**DEC, sliding_window=W, **TOKENS)), "decoder"),
-        "gemma": ("Gemma", lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**DEC, head_dim=8, **TOKENS)), "decoder"),
-        "gemma2": ("Gemma 2 (sliding and full layers, soft-capping)",
-                   lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**GEMMA, attn_logit_softcapping=2.0, **TOKENS)),
-                   "decoder"),
-        "gemma3": ("Gemma 3 (sliding and full layers)",
-                   lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
-                       **GEMMA, layer_types=["sliding_attention", "full_attention"], **TOKENS)), "decoder"),
-        "gpt2": ("GPT-2", lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                                                   **TOKENS)), "decoder"),
-        "opt": ("OPT", lambda: tf.OPTForCausalLM(tf.OPTConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=40, max_position_embeddings=64,
-            word_embed_proj_dim=32, **TOKENS)), "decoder"),
-        "falcon": ("Falcon", lambda: tf.FalconForCausalLM(tf.FalconConfig(hidden_size=32, num_hidden_layers=2,
-                                                                          num_attention_heads=4, **TOKENS)),
-                   "decoder"),
-        "gpt-neox": ("GPT-NeoX", lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
-            max_position_embeddings=64, **TOKENS)), "decoder"),
-        "bloom": ("Bloom", lambda: tf.BloomForCausalLM(tf.BloomConfig(hidden_size=32, n_layer=2, n_head=4, **TOKENS)),
-                  "decoder"),
-        "stablelm": ("StableLM", lambda: tf.StableLmForCausalLM(tf.StableLmConfig(**DEC, **TOKENS)), "decoder"),
-        "granite": ("Granite", lambda: tf.GraniteForCausalLM(tf.GraniteConfig(**DEC, **TOKENS)), "decoder"),
-        "olmo": ("OLMo", lambda: tf.OlmoForCausalLM(tf.OlmoConfig(**DEC, **TOKENS)), "decoder"),
-        "bert": ("BERT", lambda: tf.BertModel(tf.BertConfig(**ENC, **TOKENS)), "encoder"),
-        "roberta": ("RoBERTa", lambda: tf.RobertaModel(tf.RobertaConfig(**ENC, **TOKENS)), "encoder"),
-        "xlm-roberta": ("XLM-RoBERTa", lambda: tf.XLMRobertaModel(tf.XLMRobertaConfig(**ENC, **TOKENS)), "encoder"),
-        "electra": ("ELECTRA", lambda: tf.ElectraModel(tf.ElectraConfig(**ENC, embedding_size=32, **TOKENS)),
-                    "encoder"),
-        "modernbert": ("ModernBERT (local and global layers)", lambda: tf.ModernBertModel(tf.ModernBertConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
-            max_position_embeddings=64, local_attention=W, cls_token_id=1, sep_token_id=2, **TOKENS)), "encoder"),
-        "distilbert": ("DistilBERT", lambda: tf.DistilBertModel(tf.DistilBertConfig(
-            dim=32, n_layers=2, n_heads=4, hidden_dim=40, max_position_embeddings=64, **TOKENS)), "encoder"),
-        "deberta-v2": ("DeBERTa-v2", lambda: tf.DebertaV2Model(tf.DebertaV2Config(
-            **ENC, relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"],
-            position_biased_input=False, norm_rel_ebd="layer_norm", share_att_key=True, **TOKENS)), "encoder"),
-        "t5": ("T5", lambda: tf.T5ForConditionalGeneration(tf.T5Config(d_model=32, d_kv=8, d_ff=40, num_layers=2,
-                                                                       num_heads=4, decoder_start_token_id=PAD,
-                                                                       **TOKENS)), "seq2seq"),
-    }
-
-
-FAMILIES = list(_families())
+W = WINDOW  # every sliding window: shorter than the inputs, so that windows matter
+TOKENS = dict(bos_token_id=1, eos_token_id=2)  # every model here
+D32 = dict(hidden_size=32, num_attention_heads=4)
+# family -> (README label, the tiny family (helpers.families), its config overrides besides TOKENS)
+REACH = {
+    "llama": ("Llama", "llama", {}),
+    "mistral": ("Mistral (`sliding_window=None`)", "mistral", {}),
+    "mistral-window": ("Mistral (`sliding_window` set)", "mistral", dict(sliding_window=W)),
+    "qwen2": ("Qwen2", "qwen2", D32),
+    "qwen2-sliding": ("Qwen2 (`use_sliding_window`: a full and a sliding layer)", "qwen2",
+                      dict(D32, use_sliding_window=True, sliding_window=W, max_window_layers=1)),
+    "qwen3": ("Qwen3", "qwen3", {}),
+    "phi3": ("Phi-3", "phi3", {}),
+    "phi3-window": ("Phi-3 (`sliding_window` set)", "phi3", dict(sliding_window=W)),
+    "gemma": ("Gemma", "gemma", {}),
+    "gemma2": ("Gemma 2 (sliding and full layers, soft-capping)", "gemma2", {}),
+    "gemma3": ("Gemma 3 (sliding and full layers)", "gemma3", {}),
+    "gpt2": ("GPT-2", "gpt2", dict(n_inner=None)),
+    "opt": ("OPT", "opt", {}),
+    "falcon": ("Falcon", "falcon", {}),
+    "gpt-neox": ("GPT-NeoX", "gpt-neox", {}),
+    "bloom": ("Bloom", "bloom", {}),
+    "stablelm": ("StableLM", "stablelm", {}),
+    "granite": ("Granite", "granite", {}),
+    "olmo": ("OLMo", "olmo", {}),
+    "bert": ("BERT", "bert", dict(max_position_embeddings=70)),
+    "roberta": ("RoBERTa", "roberta", {}),
+    "xlm-roberta": ("XLM-RoBERTa", "xlm-roberta", {}),
+    "electra": ("ELECTRA", "electra", dict(embedding_size=32, max_position_embeddings=70)),
+    "modernbert": ("ModernBERT (local and global layers)", "modernbert", {}),
+    "distilbert": ("DistilBERT", "distilbert", {}),
+    "deberta-v2": ("DeBERTa-v2", "deberta-v3", dict(max_position_embeddings=70)),
+    "t5": ("T5", "t5", dict(tie_word_embeddings=True)),
+}
+FAMILIES = list(REACH)
 METHOD_IDS = ("pt", "dept", "adept", "ptv2", "apt")
 METHOD_NAMES = ("PT", "DePT", "ADePT", "P-Tuning v2", "APT")
 PROMPT, PREFIX = ("pt", "dept", "adept"), ("ptv2", "apt")
@@ -129,11 +93,9 @@ def _tolerance(family, method):
 
 
 def _build(family):
-    _, build, kind = _families()[family]
-    torch.manual_seed(0)
-    with warnings.catch_warnings():  # tiny configs trip transformers' special-token range warnings
-        warnings.simplefilter("ignore")
-        return build().double().eval(), kind
+    """``(model, kind)``: the family's tiny float64 model and its kind, "decoder", "encoder" or "seq2seq"."""
+    _, name, overrides = REACH[family]
+    return tiny(name, **TOKENS, **overrides), TINY_FAMILIES[name].kind
 
 
 def _run(model, kind, ids, mask):
@@ -221,7 +183,7 @@ def reach_table():
     """The README's table of this file's cells (markdown, one row per family)."""
     head = ["| family | " + " | ".join(METHOD_NAMES) + " |", "|---|" + ":-:|" * len(METHOD_NAMES)]
     rows = []
-    for family, (label, _, _) in _families().items():
+    for family, (label, _, _) in REACH.items():
         cells, said = [], set()
         for method in METHOD_IDS:
             if (family, method) in REFUSED:
@@ -255,24 +217,22 @@ def _eager_prefix_attention(module, query, key, value, attention_mask, scaling=N
     """The reference: eager attention over ``[prefix ; keys]`` with the mask transformers built for the layer.
 
     ``attention_mask`` is transformers' own 4D additive mask (its eager mask function: padding, causality, the
-    layer's sliding window, a cropped cache's offsets); the prefix columns get 0 (visible). Soft-capping as
-    transformers' eager Gemma 2 does it, before the mask; the P-Tuning v2 prefix has no gate.
+    layer's sliding window, a cropped cache's offsets), added to the real keys' logits as the call's ``attn_bias``;
+    the prefix columns get none (visible). Soft-capping before the mask, as transformers' eager Gemma 2 does it.
+    The attention itself is the package's explicit twin (:func:`fastprefix.reference.attention.attention_probs`);
+    the P-Tuning v2 prefix has no gate.
     """
     from fastprefix.integrations.context import KWARG
     from fastprefix.modules import PTuningV2Prefix
+    from fastprefix.reference.attention import attention_probs, explicit_attention
+    from fastprefix.spec import AttentionSpec
 
     pk, pv = PTuningV2Prefix.layer(kwargs[KWARG].prefixes, module._fastprefix_layer)  # [Hkv, L, D]
-    B, H, Sq, _ = query.shape
-    rep = H // key.shape[1]
-    k = torch.cat([pk.to(key.dtype).expand(B, -1, -1, -1), key], dim=2).repeat_interleave(rep, dim=1)
-    v = torch.cat([pv.to(value.dtype).expand(B, -1, -1, -1), value], dim=2).repeat_interleave(rep, dim=1)
-    s = query @ k.transpose(-1, -2) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
-    if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap
-    if attention_mask is not None:
-        s = s + torch.nn.functional.pad(attention_mask, (pk.shape[1], 0))  # the prefix columns: 0
-    p = torch.softmax(s, dim=-1)
-    return (p @ v).transpose(1, 2).contiguous(), p
+    pk, pv = pk.to(key.dtype), pv.to(value.dtype)
+    spec = AttentionSpec.build(query, key, scale=scaling, attn_bias=attention_mask, softcap=softcap)
+    p = attention_probs(query, key, pk, spec)
+    out = explicit_attention(query, key, value, pk, pv, spec)
+    return out.transpose(1, 2).contiguous(), p
 
 
 WINDOWED = WINDOWED_DECODERS + ("modernbert",)

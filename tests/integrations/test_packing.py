@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import fastprefix
-from helpers import families as invariant_models
 from fastprefix.integrations.packing import prompt_packing, token_slots
-from helpers.models import METHODS, VOCAB, perturb
+from helpers.models import METHODS, VOCAB, perturb, tiny
 
 LENGTHS = (5, 1, 7, 3)
 TOL = dict(rtol=0, atol=1e-10)
@@ -57,7 +56,7 @@ def output(model, family, **kw):
 
 def applied(family, method, backend=None):
     """``family``'s tiny model with ``method`` applied, the same weights every call."""
-    model = invariant_models.tiny(family)
+    model = tiny(family, dropout=0.0)
     torch.manual_seed(0)
     fastprefix.apply(model, METHODS[method](), backend=backend)
     model.fastprefix.double()  # created in float32: in float64 its gradients compare to 1e-10
@@ -127,11 +126,7 @@ def test_several_packed_rows():
 @pytest.mark.parametrize("signal", ["position_ids", "cu_seq_lens"])
 def test_sliding_window_applies_within_each_packed_sequence(signal):
     """Mistral with a 3-token window (shorter than the sequences): the window runs inside each sequence."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    model = tf.MistralForCausalLM(tf.MistralConfig(**invariant_models._GQA, **invariant_models._DECODER,
-                                                   sliding_window=3)).to(torch.float64).eval()
+    model = tiny("mistral", sliding_window=3)
     fastprefix.apply(model, METHODS["apt"]())
     model.fastprefix.double()
     perturb(model)
@@ -306,10 +301,7 @@ def test_prompt_packed_loss_is_each_sequences():
 
 
 def test_prompt_packed_refusals():
-    model = invariant_models.tiny("llama")
-    import transformers as tf
-
-    cls = tf.LlamaForSequenceClassification(model.config).to(torch.float64).eval()
+    cls = tiny("llama", head="seq")
     fastprefix.apply(cls, METHODS["pt"]())
     with pytest.raises(ValueError, match="last token.*packed row"):
         cls(**packed_kwargs(sequences(), "position_ids"))

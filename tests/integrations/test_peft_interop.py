@@ -24,9 +24,7 @@ import torch
 import fastprefix
 from fastprefix import peft_io
 from fastprefix.integrations import positions as _positions
-from helpers.models import PAD, VOCAB, batch, minilm_path, perturb, positions
-from helpers.models import tiny as tiny32
-from helpers.families import tiny as tiny64
+from helpers.models import PAD, VOCAB, batch, minilm_path, perturb, positions, tiny
 
 FLOAT32 = dict(atol=1e-5, rtol=0)
 EXACT = dict(atol=1e-10, rtol=0)
@@ -62,7 +60,7 @@ def _minilm_batch():
 
 BASES = {  # name -> (fresh base model, PEFT task type, inputs of a padded batch, main output)
     "minilm": (_minilm, "FEATURE_EXTRACTION", _minilm_batch, lambda out: out.last_hidden_state),
-    "llama": (lambda: tiny32("llama", torch.float32), "CAUSAL_LM",
+    "llama": (lambda: tiny("llama", dtype=torch.float32), "CAUSAL_LM",
               lambda: dict(zip(("input_ids", "attention_mask"), batch([6, 3], side="left"))), lambda out: out.logits),
 }
 ADAPTERS = {
@@ -162,11 +160,8 @@ def test_gqa_prefix_layout_is_pefts(tmp_path):
 
 
 def test_classifier_head_travels_as_modules_to_save(tmp_path):
-    import transformers as tf
-
     def make():
-        torch.manual_seed(0)
-        return tf.BertForSequenceClassification(tiny32("bert", torch.float32).config).eval()
+        return tiny("bert", head="seq", dtype=torch.float32)
 
     src = _peft_adapter(make(), "SEQ_CLS", "prefix", tmp_path / "peft")
     reference = _peft_model(make(), src)
@@ -194,7 +189,9 @@ SHIFT_FAMILIES = {"bert": "FEATURE_EXTRACTION", "roberta": "FEATURE_EXTRACTION",
 
 def _shifted(family, config=None):
     config = config or fastprefix.PTuningV2Config(num_virtual_tokens=L, prefix_positions="shift")
-    return perturb(fastprefix.apply(tiny64(family), config))
+    model = tiny(family, dropout=0.0)
+    torch.manual_seed(0)  # the method's init draws from the global generator: the same module every call
+    return perturb(fastprefix.apply(model, config))
 
 
 def _main(out):
@@ -205,7 +202,7 @@ def _main(out):
 @pytest.mark.parametrize("family", list(SHIFT_FAMILIES))
 def test_shift_equals_peft_float64(tmp_path, family, side):
     model = _shifted(family)
-    reference = _peft_model(tiny64(family), fastprefix.to_peft(model, tmp_path / "a"))
+    reference = _peft_model(tiny(family, dropout=0.0), fastprefix.to_peft(model, tmp_path / "a"))
     ids, mask = batch([6, 3], side=side)
     calls = [dict(attention_mask=mask)]
     if family in ("gpt2", "llama"):
@@ -221,7 +218,7 @@ def test_shift_is_the_none_model_with_shifted_position_ids(family):
     """The explicit reference: "none" with the positions a cached prefix implies, written out here."""
     ids, mask = batch([6, 3], side="left" if family != "bert" else "right")
     shifted = _shifted(family)
-    plain = fastprefix.apply(tiny64(family), fastprefix.PTuningV2Config(num_virtual_tokens=L))
+    plain = fastprefix.apply(tiny(family, dropout=0.0), fastprefix.PTuningV2Config(num_virtual_tokens=L))
     plain.fastprefix.load_state_dict(shifted.fastprefix.state_dict())
     S = ids.shape[1]
     if family == "roberta":  # pads keep padding_idx, real tokens count from padding_idx + 1 after the prefix
@@ -243,7 +240,7 @@ def test_shift_with_apt_and_projection():
                    fastprefix.PTuningV2Config(num_virtual_tokens=L, prefix_projection=True, projection_hidden=16,
                                               prefix_positions="shift")):
         shifted = _shifted("llama", config)
-        plain = fastprefix.apply(tiny64("llama"), dataclasses.replace(config, prefix_positions="none"))
+        plain = fastprefix.apply(tiny("llama", dropout=0.0), dataclasses.replace(config, prefix_positions="none"))
         plain.fastprefix.load_state_dict(shifted.fastprefix.state_dict())
         with torch.no_grad():
             got = shifted(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
@@ -290,7 +287,7 @@ def test_shift_generate_equals_uncached_forward_and_peft(tmp_path, family):
             want = model(input_ids=cur, attention_mask=cur_mask, position_ids=positions(cur_mask),
                          use_cache=False).logits[:, -1]
         torch.testing.assert_close(logits, want, **EXACT, msg=lambda e: f"step {step}: {e}")
-    reference = _peft_model(tiny64(family), fastprefix.to_peft(model, tmp_path / "a"))
+    reference = _peft_model(tiny(family, dropout=0.0), fastprefix.to_peft(model, tmp_path / "a"))
     peft_seqs, peft_seen = _generate(reference, reference.get_base_model(), input_ids=ids, attention_mask=mask)
     assert torch.equal(peft_seqs, seqs)
     for step, (logits, want) in enumerate(zip(seen, peft_seen, strict=True)):
@@ -315,18 +312,19 @@ def test_shift_saves_and_loads_with_the_adapter(tmp_path):
     fastprefix.save_adapter(model, tmp_path)
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
     assert meta["config"]["prefix_positions"] == "shift"
-    fresh = fastprefix.load_adapter(tiny64("bert"), tmp_path)
+    fresh = fastprefix.load_adapter(tiny("bert", dropout=0.0), tmp_path)
     assert fresh.fastprefix.config.prefix_positions == "shift"
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids, attention_mask=mask).last_hidden_state,
                            model(input_ids=ids, attention_mask=mask).last_hidden_state)
     # an adapter saved before the field existed loads as "none"
-    old = fastprefix.apply(tiny64("bert"), fastprefix.PTuningV2Config(num_virtual_tokens=L))
+    old = fastprefix.apply(tiny("bert", dropout=0.0), fastprefix.PTuningV2Config(num_virtual_tokens=L))
     fastprefix.save_adapter(old, tmp_path / "old")
     meta = json.loads((tmp_path / "old" / "adapter_config.json").read_text())
     del meta["config"]["prefix_positions"]
     (tmp_path / "old" / "adapter_config.json").write_text(json.dumps(meta))
-    assert fastprefix.load_adapter(tiny64("bert"), tmp_path / "old").fastprefix.config.prefix_positions == "none"
+    fresh = fastprefix.load_adapter(tiny("bert", dropout=0.0), tmp_path / "old")
+    assert fresh.fastprefix.config.prefix_positions == "none"
 
 
 @pytest.mark.parametrize("family, rows", [("bert", 64), ("roberta", 70), ("gpt2", 64)])
@@ -343,17 +341,15 @@ def test_shift_past_the_position_table_is_refused_at_the_forward(family, rows):
 
 
 def test_shift_refused_on_relative_positions():
-    import transformers as tf
-
-    deberta = tf.DebertaV2Model(tf.DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                   intermediate_size=40, vocab_size=VOCAB, relative_attention=True,
-                                                   position_biased_input=False)).eval()
-    assert "relative" in _positions.refusal(deberta) and "relative" in _positions.refusal(tiny64("t5"))
-    for model in (deberta, tiny64("t5")):
+    deberta = tiny("deberta-v2", position_biased_input=False)  # relative positions only
+    t5 = tiny("t5", dropout=0.0)
+    assert "relative" in _positions.refusal(deberta) and "relative" in _positions.refusal(t5)
+    for model in (deberta, t5):
         with pytest.raises(ValueError, match=type(model).__name__):
             fastprefix.apply(model, fastprefix.PTuningV2Config(num_virtual_tokens=L, prefix_positions="shift"))
         assert not hasattr(model, "fastprefix")
-    assert _positions.refusal(tiny64("llama")) is None and _positions.refusal(tiny64("roberta")) is None
+    assert _positions.refusal(tiny("llama", dropout=0.0)) is None
+    assert _positions.refusal(tiny("roberta", dropout=0.0)) is None
 
 
 def _saved(tmp_path, kind="prefix"):
@@ -444,7 +440,7 @@ TO_PEFT_REFUSED = {
 @pytest.mark.parametrize("case", list(TO_PEFT_REFUSED) + ["adept-merged"])
 def test_to_peft_refuses_what_peft_cannot_hold(tmp_path, case):
     make, match = TO_PEFT_REFUSED["adept" if case == "adept-merged" else case]
-    model = fastprefix.apply(tiny64("llama"), make())
+    model = fastprefix.apply(tiny("llama", dropout=0.0), make())
     if case == "adept-merged":
         fastprefix.merge(model)
     with pytest.raises(ValueError, match=match):

@@ -28,7 +28,7 @@ KINDS = ("llama", "bert")  # a decoder (GQA, causal) and an encoder
 
 
 def _applied(kind, method, dtype=torch.float64, **kw):
-    model = tiny(kind, dtype)
+    model = tiny(kind, dtype=dtype)
     fastprefix.apply(model, CONFIGS[method](), **kw)
     return perturb(model)
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fastprefix
-from helpers.models import PAD, VOCAB, batch, perturb, positions
+from helpers.models import PAD, VOCAB, batch, minilm_path, perturb, positions, tiny
 
 EXACT = dict(atol=1e-10, rtol=0)
 PROMPT = {
@@ -32,48 +32,16 @@ def _close(got, ref, what):
     assert err <= 1e-10, f"{what}: relative error {err:.3e}"
 
 
-# tiny models; every one deterministic for its seed and in float64
-def _decoder_common():
-    return dict(vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=1, eos_token_id=None)
+# config changes from the tiny families (helpers.families): windows and caps that never bind here (Gemma 2/3 at
+# transformers' own defaults, windows of 64), GPT-2's MLP at its default width
+CONFIGS = {"gemma2": dict(sliding_window=64, query_pre_attn_scalar=256, attn_logit_softcapping=50.0),
+           "gemma3": dict(sliding_window=64, query_pre_attn_scalar=256, layer_types=None),
+           "gpt2": dict(n_inner=None)}
 
 
-def build(kind, head="lm", seed=0, **extra):
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
-                 max_position_embeddings=64)
-    enc = dict(small, vocab_size=VOCAB, pad_token_id=PAD)
-    configs = {
-        "llama": lambda: tf.LlamaConfig(**small, num_key_value_heads=2, **_decoder_common()),
-        "qwen2": lambda: tf.Qwen2Config(**dict(small, hidden_size=48, num_attention_heads=6), num_key_value_heads=2,
-                                        **_decoder_common()),
-        "mistral": lambda: tf.MistralConfig(**small, num_key_value_heads=2, sliding_window=None, **_decoder_common()),
-        "gemma": lambda: tf.GemmaConfig(**small, num_key_value_heads=2, head_dim=8, **_decoder_common()),
-        "gemma2": lambda: tf.Gemma2Config(**small, num_key_value_heads=2, head_dim=8, sliding_window=64,
-                                          **_decoder_common()),
-        "gemma3": lambda: tf.Gemma3TextConfig(**small, num_key_value_heads=2, head_dim=8, sliding_window=64,
-                                              **_decoder_common()),
-        "biogpt": lambda: tf.BioGptConfig(**small, scale_embedding=True, **_decoder_common()),
-        "gpt2": lambda: tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **_decoder_common()),
-        "bert": lambda: tf.BertConfig(**enc),
-        "electra": lambda: tf.ElectraConfig(**enc, embedding_size=16),
-        "roberta": lambda: tf.RobertaConfig(**dict(enc, max_position_embeddings=70)),
-        "xlm-roberta": lambda: tf.XLMRobertaConfig(**dict(enc, max_position_embeddings=70)),
-    }
-    config = configs[kind]()
-    for k, v in extra.items():
-        setattr(config, k, v)
-    family = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral", "gemma": "Gemma", "gemma2": "Gemma2",
-              "gemma3": "Gemma3", "biogpt": "BioGpt", "gpt2": "GPT2", "bert": "Bert",
-              "electra": "Electra", "roberta": "Roberta", "xlm-roberta": "XLMRoberta"}[kind]
-    suffix = {"lm": "ForCausalLM", "base": "Model", "seq": "ForSequenceClassification", "qa": "ForQuestionAnswering",
-              "tok": "ForTokenClassification", "mlm": "ForMaskedLM", "mc": "ForMultipleChoice"}[head]
-    if (kind, head) == ("gpt2", "lm"):
-        suffix = "LMHeadModel"
-    if (kind, head) == ("gemma3", "base"):
-        suffix = "TextModel"
-    return getattr(tf, family + suffix)(config).double().eval()
+def build(kind, head="lm", **config):
+    """``kind``'s tiny float64 model (:func:`helpers.models.tiny`) with ``head``, as this file configures it."""
+    return tiny(kind, head=head, **CONFIGS.get(kind, {}), **config)
 
 
 def applied(kind, method, head="lm", scale=0.5, **kw):
@@ -125,13 +93,7 @@ def test_prompt_input_is_the_embedding_modules_output(kind, method):
 def test_encoder_that_scales_only_the_ids_it_embeds(method):
     """Pegasus' encoder multiplies ``embed_tokens(input_ids)`` by ``embed_scale`` but takes ``inputs_embeds`` as
     given: fastprefix finds the scale by running the encoder both ways at apply."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    model = tf.PegasusForConditionalGeneration(tf.PegasusConfig(
-        vocab_size=VOCAB, pad_token_id=PAD, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=40, decoder_ffn_dim=40, max_position_embeddings=64,
-        scale_embedding=True, decoder_start_token_id=PAD, eos_token_id=None)).double().eval()
+    model = tiny("pegasus")
     fastprefix.apply(model, PROMPT[method]())
     module = perturb(model).fastprefix
     ids, mask = batch([6, 4], "right")
@@ -385,8 +347,6 @@ def test_input_plus_prompt_longer_than_the_position_table_is_a_clear_error(kind,
 def test_real_minilm_512_tokens_plus_prompt_is_a_clear_error():
     from transformers import AutoModel
 
-    from hf_models import minilm_path
-
     model = AutoModel.from_pretrained(minilm_path())
     fastprefix.apply(model, fastprefix.PromptTuningConfig(num_virtual_tokens=8))
     with pytest.raises(ValueError, match=r"512.*\b8\b.*520.*512"):
@@ -434,15 +394,12 @@ def test_prompt_methods_train_under_autocast_on_an_fp32_base(kind, method):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_left_padding_under_a_sliding_window_is_said_not_silent(side):
     # the prompt sits in front of the left padding, which a sliding window counts: padded rows differ from the
-    # rows alone once a row is longer than the window (tests/integrations/test_invariants.py pins that), so it warns
+    # rows alone once a row is longer than the window (tests/integrations/test_invariants_padding.py pins that),
+    # so it warns
     import warnings
 
-    import transformers as tf
-
-    torch.manual_seed(0)
-    model = tf.MistralForCausalLM(tf.MistralConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                                   num_key_value_heads=2, intermediate_size=40, vocab_size=VOCAB,
-                                                   pad_token_id=PAD, sliding_window=4)).double().eval()
+    # one layer; the position table and eos id at MistralConfig's defaults
+    model = tiny("mistral", num_hidden_layers=1, sliding_window=4, max_position_embeddings=4096 * 32, eos_token_id=2)
     fastprefix.apply(model, fastprefix.PromptTuningConfig(num_virtual_tokens=2, prompt_init="normal"))
     ids, mask = batch((6, 3), side)
     with warnings.catch_warnings(record=True) as seen, torch.no_grad():

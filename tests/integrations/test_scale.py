@@ -16,7 +16,7 @@ def test_bf16_base_under_autocast_trains_a_float32_adapter(method, kind):
     """The adapter stays float32 on a bf16 base: float32 finite gradients and the exact float32 SGD update,
     including the small steps a bf16 parameter would round away. (Perturbed first: at init DePT's and ADePT's
     zero up-projections give their down-projections exactly zero gradients.)"""
-    model = perturb(fastprefix.apply(tiny(kind, torch.bfloat16), METHODS[method]()), scale=0.1).train()
+    model = perturb(fastprefix.apply(tiny(kind, dtype=torch.bfloat16), METHODS[method]()), scale=0.1).train()
     params = dict(model.fastprefix.named_parameters())
     assert all(p.dtype == torch.float32 for p in params.values())
     before = {n: p.detach().clone() for n, p in params.items()}
@@ -42,10 +42,7 @@ def test_bf16_base_under_autocast_trains_a_float32_adapter(method, kind):
 
 
 def _classifier(method):
-    import transformers as tf
-
-    torch.manual_seed(0)
-    model = tf.BertForSequenceClassification(tiny("bert", torch.float32).config)
+    model = tiny("bert", head="seq", dtype=torch.float32)
     return fastprefix.apply(model, METHODS[method](), trainable=("classifier",))
 
 
@@ -106,7 +103,7 @@ def _fsdp_worker(rank, port, out_dir):
         half = slice(2 * rank, 2 * rank + 2)
         for method in FSDP_METHODS:
             # eval mode: no dropout, so the ranks' halves add up to the whole batch's step
-            model = perturb(fastprefix.apply(tiny("bert", torch.float32), METHODS[method]()), scale=0.1)
+            model = perturb(fastprefix.apply(tiny("bert", dtype=torch.float32), METHODS[method]()), scale=0.1)
             # the README's recipe: each layer sharded, the method module its own group kept gathered for the
             # whole forward (the prefix is a view of its table; APT's gate is read inside the attention)
             for layer in model.encoder.layer:
@@ -138,7 +135,7 @@ def test_fsdp2_two_processes_match_one_process_and_save_a_full_adapter(tmp_path)
     mp.spawn(_fsdp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     ids, mask = batch([6, 2, 5, 3])
     for method in FSDP_METHODS:
-        model = perturb(fastprefix.apply(tiny("bert", torch.float32), METHODS[method]()), scale=0.1)
+        model = perturb(fastprefix.apply(tiny("bert", dtype=torch.float32), METHODS[method]()), scale=0.1)
         loss = _loss(model(input_ids=ids, attention_mask=mask).last_hidden_state)
         loss.backward()
         ranks = [torch.load(tmp_path / f"{method}-{r}.pt") for r in range(2)]
@@ -148,7 +145,7 @@ def test_fsdp2_two_processes_match_one_process_and_save_a_full_adapter(tmp_path)
             assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name]), name
             torch.testing.assert_close(ranks[0]["grads"][name], p.grad, atol=1e-6, rtol=1e-6, msg=name)
         torch.optim.SGD(model.fastprefix.parameters(), lr=0.5).step()
-        reloaded = fastprefix.load_adapter(tiny("bert", torch.float32), tmp_path / method)
+        reloaded = fastprefix.load_adapter(tiny("bert", dtype=torch.float32), tmp_path / method)
         for name, want in model.fastprefix.state_dict().items():
             torch.testing.assert_close(reloaded.fastprefix.state_dict()[name], want, atol=1e-6, rtol=1e-6, msg=name)
         with torch.no_grad():

@@ -6,9 +6,9 @@ per-token loss sum the Trainer's `num_items_in_batch` (labels[..., 1:] != -100) 
 
 import pytest
 import torch
-import transformers as tf
 
 import fastprefix
+from helpers.models import tiny
 
 VOCAB, PAD = 61, 0
 LENGTHS = (5, 3, 4)
@@ -22,10 +22,8 @@ METHODS = {
 
 
 def _model(method):
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            intermediate_size=40, vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=1, eos_token_id=None)
-    model = fastprefix.apply(tf.LlamaForCausalLM(config).double().eval(), METHODS[method]())
+    # the tiny Llama over this vocabulary, with LlamaConfig's own position table
+    model = fastprefix.apply(tiny("llama", vocab_size=VOCAB, max_position_embeddings=2048), METHODS[method]())
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.fastprefix.parameters():

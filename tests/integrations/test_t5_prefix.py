@@ -3,7 +3,8 @@
 The reference is the base model (a deep copy, fastprefix never applied) with its attention swapped for
 :func:`_reference_attention`, written here from METHODS.md: T5's eager attention with each self-attention's
 prefix concatenated in front of its keys (``[g * Pk ; K]``, ``[g * Pv ; V]``), the position bias and the
-padding mask padded with zero columns for the prefix, and the cross-attention left alone. Site ``s`` (encoder
+padding mask on the real keys only (the ``attn_bias`` of the package's explicit twin,
+``fastprefix.reference.attention``, which computes it), and the cross-attention left alone. Site ``s`` (encoder
 blocks, then decoder blocks) takes slots ``2s``/``2s + 1`` of the prefix table and APT's gate ``s``, computed
 from the hidden states entering its block.
 """
@@ -16,7 +17,9 @@ import pytest
 import torch
 
 import fastprefix
-from helpers.models import PAD, VOCAB, batch
+from fastprefix.reference.attention import attention_probs, explicit_attention
+from fastprefix.spec import AttentionSpec, gate3
+from helpers.models import PAD, batch, tiny
 
 EXACT = dict(atol=1e-10, rtol=0)
 REF = "t5_prefix_reference"
@@ -29,29 +32,17 @@ METHODS = {
 DECODER_IDS = torch.tensor([[PAD, 5, 9, 17, 4]])
 
 
-def _config(cls, decoder_layers):
-    # 3 heads of width 8 (inner 24 != d_model 32), 2 encoder and 3 decoder blocks: 5 prefix sites
-    return cls(d_model=32, d_kv=8, d_ff=40, num_layers=2, num_decoder_layers=decoder_layers, num_heads=3,
-               dropout_rate=0.0,
-               relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=PAD,
-               eos_token_id=None, tie_word_embeddings=False, vocab_size=VOCAB, pad_token_id=PAD)
+# 3 heads of width 8 (inner 24 != d_model 32), 2 encoder and 3 decoder blocks: 5 prefix sites; 8 position buckets
+T5 = dict(num_heads=3, dropout=0.0, relative_attention_num_buckets=8, relative_attention_max_distance=16)
+KINDS = {"t5": ("t5", "lm"), "t5-model": ("t5", "base"), "t5-encoder": ("t5", "encoder"), "mt5": ("mt5", "lm"),
+         "umt5": ("umt5", "lm")}  # kind -> (the tiny family, its head); UMT5: a position bias in every layer
 
 
 def _build(kind, decoder_layers=3):
     """``decoder_layers``: transformers' ``generate`` sizes T5's cache by the encoder's layer count, so it fails
     (with or without fastprefix) when the decoder has more layers: the generate test uses 1."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cls, config = {
-        "t5": (tf.T5ForConditionalGeneration, tf.T5Config),
-        "t5-model": (tf.T5Model, tf.T5Config),
-        "t5-encoder": (tf.T5EncoderModel, tf.T5Config),
-        "mt5": (tf.MT5ForConditionalGeneration, tf.MT5Config),
-        "umt5": (tf.UMT5ForConditionalGeneration, tf.UMT5Config),  # a position bias in every layer
-    }[kind]
-    model = cls(_config(config, decoder_layers))
-    return model.to(torch.float64).eval()
+    family, head = KINDS[kind]
+    return tiny(family, head=head, num_decoder_layers=decoder_layers, **T5)
 
 
 def _sites(model):
@@ -134,24 +125,25 @@ class _Reference:
 
 def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_bias=None,
                          **kwargs):
-    """T5's eager attention; at a prefix site over ``[g * Pk ; K]`` with zero bias and mask for the prefix."""
+    """T5's eager attention; at a prefix site over ``[g * Pk ; K]`` with zero bias and mask for the prefix.
+
+    The position bias and T5's additive mask are the call's ``attn_bias`` on the real keys; the attention is the
+    package's explicit twin (:func:`fastprefix.reference.attention.attention_probs`), the cross-attention with an
+    empty prefix.
+    """
     ref = module._reference
-    scores = query @ key.transpose(-1, -2) * scaling + position_bias
-    if attention_mask is not None:
-        scores = scores + attention_mask
     s = ref.sites.get(module)
-    if s is None:
-        p = torch.softmax(scores, dim=-1)
-        return (p @ value).transpose(1, 2).contiguous(), p
-    pk, pv = ref.prefix(s)
-    g = ref.gate(s)
-    prefix_scores = query @ pk.transpose(-1, -2) * scaling  # no position bias, never masked
-    if g is not None:
-        prefix_scores = prefix_scores * g[:, None]
-    p = torch.softmax(torch.cat([prefix_scores, scores], dim=-1), dim=-1)
-    to_prefix = p[..., :L] if g is None else p[..., :L] * g[:, None]
-    out = to_prefix @ pv + p[..., L:] @ value
-    return out.transpose(1, 2).contiguous(), p
+    if s is None:  # the cross-attention: plain
+        pk = pv = query.new_zeros(query.shape[1], 0, query.shape[-1])
+        g = None
+    else:
+        pk, pv = ref.prefix(s)
+        g = ref.gate(s)
+    bias = position_bias if attention_mask is None else position_bias + attention_mask
+    spec = AttentionSpec.build(query, key, scale=scaling, attn_bias=bias)
+    g = None if g is None else gate3(g)
+    out = explicit_attention(query, key, value, pk, pv, spec, g)
+    return out.transpose(1, 2).contiguous(), attention_probs(query, key, pk, spec, g)
 
 
 def _outputs(out):
@@ -384,11 +376,7 @@ def test_triton_path_equals_the_reference_path(method, monkeypatch):
 
 
 def test_unsupported_encoder_decoders_and_features_are_clear_errors():
-    import transformers as tf
-
-    bart = tf.BartForConditionalGeneration(tf.BartConfig(
-        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=40, decoder_ffn_dim=40, vocab_size=VOCAB, max_position_embeddings=64))
+    bart = tiny("bart")
     with pytest.raises(ValueError, match=r"encoder-decoder BartForConditionalGeneration \(bart\).*T5, mT5, UMT5"):
         fastprefix.apply(bart, METHODS["ptv2"]())
     assert not hasattr(bart, "fastprefix") and all(not m._forward_pre_hooks for m in bart.modules())

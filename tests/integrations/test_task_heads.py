@@ -7,27 +7,33 @@ import io
 
 import pytest
 import torch
-import transformers as tf
 
 import fastprefix
-from helpers.models import VOCAB
+from helpers.models import tiny
 
-BERT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=40, vocab_size=VOCAB)
-LLAMA = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, intermediate_size=40,
-             vocab_size=VOCAB, pad_token_id=0)
-MODELS = {
-    "bert-seq-cls": (lambda: tf.BertForSequenceClassification(tf.BertConfig(**BERT)), ("classifier",)),
-    "bert-token-cls": (lambda: tf.BertForTokenClassification(tf.BertConfig(**BERT)), ("classifier",)),
-    "bert-qa": (lambda: tf.BertForQuestionAnswering(tf.BertConfig(**BERT)), ("qa_outputs",)),
-    "bert-choice": (lambda: tf.BertForMultipleChoice(tf.BertConfig(**BERT)), ("classifier",)),
-    "distilbert-seq-cls": (lambda: tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
-        dim=32, n_layers=1, n_heads=4, hidden_dim=40, vocab_size=VOCAB)), ("pre_classifier", "classifier")),
-    "deberta-seq-cls": (lambda: tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(**BERT)),
-                        ("pooler", "classifier")),
-    "llama-seq-cls": (lambda: tf.LlamaForSequenceClassification(tf.LlamaConfig(**LLAMA)), ("score",)),
-    "bert-base": (lambda: tf.BertModel(tf.BertConfig(**BERT)), ()),
-    "llama-lm": (lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**LLAMA)), ()),  # its lm_head is pretrained (tied)
+# one layer, float32, the configs' own position tables (and DeBERTa without relative attention)
+BERT = dict(num_hidden_layers=1, max_position_embeddings=512)
+LLAMA = dict(num_hidden_layers=1, max_position_embeddings=2048, eos_token_id=2)
+MODELS = {  # name -> (the tiny family, its head, config overrides, the task heads)
+    "bert-seq-cls": ("bert", "seq", BERT, ("classifier",)),
+    "bert-token-cls": ("bert", "tok", BERT, ("classifier",)),
+    "bert-qa": ("bert", "qa", BERT, ("qa_outputs",)),
+    "bert-choice": ("bert", "mc", BERT, ("classifier",)),
+    "distilbert-seq-cls": ("distilbert", "seq", dict(n_layers=1, max_position_embeddings=512),
+                           ("pre_classifier", "classifier")),
+    "deberta-seq-cls": ("deberta-v2", "seq", dict(BERT, relative_attention=False), ("pooler", "classifier")),
+    "llama-seq-cls": ("llama", "seq", LLAMA, ("score",)),
+    "bert-base": ("bert", "base", BERT, ()),
+    "llama-lm": ("llama", "lm", LLAMA, ()),  # its lm_head is pretrained (tied)
 }
+
+
+def _model(name, seed=0):
+    """``(a fresh float32 model, its task heads)``."""
+    family, head, overrides, heads = MODELS[name]
+    return tiny(family, head=head, dtype=torch.float32, seed=seed, **overrides), heads
+
+
 CONFIGS = {"apt": lambda: fastprefix.APTConfig(num_virtual_tokens=3),
            "pt": lambda: fastprefix.PromptTuningConfig(num_virtual_tokens=3)}
 
@@ -35,8 +41,8 @@ CONFIGS = {"apt": lambda: fastprefix.APTConfig(num_virtual_tokens=3),
 @pytest.mark.parametrize("method", CONFIGS)
 @pytest.mark.parametrize("name", MODELS)
 def test_the_task_head_is_trainable_by_default(name, method):
-    make, heads = MODELS[name]
-    model = fastprefix.apply(make(), CONFIGS[method]())
+    model, heads = _model(name)
+    model = fastprefix.apply(model, CONFIGS[method]())
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = {n for n, _ in model.named_parameters() if n.split(".")[0] in heads + ("fastprefix",)}
     assert trainable == expected
@@ -44,24 +50,20 @@ def test_the_task_head_is_trainable_by_default(name, method):
 
 
 def test_trainable_empty_opts_out_and_a_string_is_one_name():
-    make, _ = MODELS["bert-seq-cls"]
-    frozen = fastprefix.apply(make(), CONFIGS["apt"](), trainable=())
+    frozen = fastprefix.apply(_model("bert-seq-cls")[0], CONFIGS["apt"](), trainable=())
     assert {n.split(".")[0] for n, p in frozen.named_parameters() if p.requires_grad} == {"fastprefix"}
-    one = fastprefix.apply(make(), CONFIGS["apt"](), trainable="classifier")
+    one = fastprefix.apply(_model("bert-seq-cls")[0], CONFIGS["apt"](), trainable="classifier")
     assert one._fastprefix_state.trainable == ("classifier",)
     with pytest.raises(ValueError, match="does not have: 'classifer'"):
-        fastprefix.apply(make(), CONFIGS["apt"](), trainable="classifer")
+        fastprefix.apply(_model("bert-seq-cls")[0], CONFIGS["apt"](), trainable="classifer")
 
 
 def test_the_head_is_saved_loaded_and_counted(tmp_path):
-    make, _ = MODELS["bert-seq-cls"]
-    torch.manual_seed(0)
-    model = fastprefix.apply(make(), CONFIGS["apt"]())
+    model = fastprefix.apply(_model("bert-seq-cls")[0], CONFIGS["apt"]())
     with torch.no_grad():
         model.classifier.weight.add_(1.0)  # "trained"
     fastprefix.save_adapter(model, tmp_path / "a")
-    torch.manual_seed(1)
-    loaded = fastprefix.load_adapter(make(), tmp_path / "a")
+    loaded = fastprefix.load_adapter(_model("bert-seq-cls", seed=1)[0], tmp_path / "a")  # another random head
     assert torch.equal(loaded.classifier.weight, model.classifier.weight)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -18,6 +18,7 @@ from datasets import Dataset
 
 import fastprefix
 from fastprefix.integrations.trl import SFTTrainer
+from helpers.models import tiny
 
 WORDS = "the a cat dog bird sat ran flew on under over mat rug tree big small red blue".split()
 PROMPTS = ["the cat sat on the", "a dog ran under a", "the bird flew over the", "a small cat sat on a"]
@@ -54,13 +55,9 @@ def _tokenizer():
 
 
 def _model(method):
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=len(WORDS) + 3, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=40, max_position_embeddings=64, pad_token_id=0,
-                         bos_token_id=None, eos_token_id=1)
-    return fastprefix.apply(tf.LlamaForCausalLM(cfg).to(torch.float64), METHODS[method]())
+    """The tiny Llama over this tokenizer's vocabulary (<pad> 0, <eos> 1, no <bos>), in training mode."""
+    model = tiny("llama", vocab_size=len(WORDS) + 3, bos_token_id=None, eos_token_id=1).train()
+    return fastprefix.apply(model, METHODS[method]())
 
 
 def _trainer(method, tmp_path, steps=STEPS, loss=None, **config):
