@@ -1,2 +1,3 @@
-"""Shared test helpers: cases (attention and embedding inputs), models (tiny 🤗 models and method configs),
-numerics (error rules, gradcheck, spec adapters). Test modules import these, never each other."""
+"""Shared test helpers, which test modules import (never each other): cases (attention inputs: one Case builder),
+families (the tiny model families table), models (tiny(family), method configs, batches), invariants (the
+invariants matrix machinery), numerics (error rules, gradcheck, spec adapters)."""
