@@ -5,9 +5,11 @@ Three sections, each row timed with CUDA events, steps interleaved across the ro
 (:mod:`.stats`: median, IQR, min-max per row, the exact 95% interval of each ratio's median):
 
 1. **Attention**, forward and forward+backward, on Llama-3-8B-like heads (H=32, Hkv=8, D=128, causal,
-   S in {512, 2048, 8192} with 16k tokens per call, L in {16, 64}) and BERT-large-like heads (H=16, D=64,
-   S in {128, 512}, a padded batch, L in {16, 64}). Rows: fastprefix fused and split (forced with
-   ``path=``) for no gate, a pooled gate ``[B, 1, L]`` and the fused token gate; SDPA over
+   S in {512, 2048, 8192} with 16k tokens per call, L in {16, 64}; at S=2048, L=64 also a right-padded batch and
+   the batch packed into one row, ``cu_seqlens``) and BERT-large-like heads (H=16, D=64, S in {128, 512}, a padded
+   batch, L in {16, 64}). Rows: fastprefix fused, split and concat (forced with ``path=``) for no gate, a pooled
+   gate ``[B, 1, L]`` (one row for the packed row) and the fused token gate (not on the concat path: a gate per
+   query does not fold into the prefix); SDPA over
    ``cat([prefix.expand(B), K])`` with the mask transformers builds for it (K/V heads repeated, as
    transformers does when it passes a mask); the ``flash_attn`` package over the same concatenation when it
    is importable (unpadded shapes); FlexAttention over it with a block mask, ``torch.compile``-d once, at
@@ -27,7 +29,11 @@ Three sections, each row timed with CUDA events, steps interleaved across the ro
 Every row that fails records its error and the suite goes on; the result files
 (``benchmarks/results/<gpu-name>.{md,json,png}``, rendered by :mod:`.gpu_report`) are rewritten after every
 group, and once more in a ``finally`` (also on SIGTERM), so one failure, the time budget running out or a
-``timeout`` never loses what was measured.
+``timeout`` never loses what was measured. With them goes the **dispatch table**
+``benchmarks/results/<gpu-name>-dispatch.json`` (``fastprefix.kernels.attention.table.measured``): for each shape
+class of the attention rows (dtype, causal, dense / padded / packed, gate, head-dim bucket, GQA) the fastest
+fastprefix path, forward + backward, and every timed path's time over it. Committed, it is what the ``"auto"``
+rule reads on a GPU of that compute capability (``fastprefix.kernels.attention.dispatch``).
 
 ``--smoke``: the same code paths on CPU with tiny shapes, the kernels in Triton's interpreter, the
 inductor compile left out; it checks that the suite runs, prints the report and writes no file (CI runs
@@ -48,6 +54,8 @@ import torch
 import torch.nn.functional as F
 
 import fastprefix
+from fastprefix.kernels.attention import table as dispatch_table
+from fastprefix.spec import AttentionSpec
 
 from . import backbones, measure, stats, suite
 from . import contenders as C
@@ -73,11 +81,13 @@ class AttentionShape:
     causal: bool
     padded: bool
     flex: bool = False  # add the FlexAttention row
+    packed: bool = False  # the B sequences of S tokens packed into one row [1, B * S] (cu_seqlens)
 
     @property
     def id(self):
         return (f"{self.family} B{self.B} H{self.H}/{self.Hkv} S{self.S} L{self.L} D{self.D}"
-                + (" causal" if self.causal else "") + (" padded" if self.padded else ""))
+                + (" causal" if self.causal else "") + (" padded" if self.padded else "")
+                + (" packed" if self.packed else ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +114,9 @@ def full_plan():
         for L in (16, 64):
             shapes.append(AttentionShape("llama", TOKENS // S, 32, 8, S, L, 128, 4096, True, False,
                                          flex=(S == 2048 and L == 64)))
+    # the layouts the varlen paths serve: a right-padded batch and the batch packed into one row
+    shapes.append(AttentionShape("llama", TOKENS // 2048, 32, 8, 2048, 64, 128, 4096, True, True))
+    shapes.append(AttentionShape("llama", TOKENS // 2048, 32, 8, 2048, 64, 128, 4096, True, False, packed=True))
     for S in (128, 512):
         for L in (16, 64):
             shapes.append(AttentionShape("bert", TOKENS // S, 16, 16, S, L, 64, 1024, False, True))
@@ -116,7 +129,9 @@ def full_plan():
 
 def smoke_plan():
     shapes = (AttentionShape("llama", 1, 2, 1, 8, 3, 16, 8, True, False, flex=True),
-              AttentionShape("bert", 2, 1, 1, 8, 3, 16, 8, False, True))
+              AttentionShape("bert", 2, 1, 1, 8, 3, 16, 8, False, True),
+              AttentionShape("llama", 2, 2, 1, 8, 3, 16, 8, True, True),
+              AttentionShape("llama", 2, 2, 1, 8, 3, 16, 8, True, False, packed=True))
     return Plan(attention=shapes, embedding=dict(B=2, S=8, d=32, r=4, V=64, m=3),
                 e2e=(("llama-tiny", "llama-tiny", 16, 2), ("bert-tiny", "bert-tiny", 16, 2)),
                 warmup=0, repeats=1, e2e_warmup=0, e2e_repeats=1, prefix_len=4, adept_rank=4,
@@ -249,13 +264,14 @@ def clean(rows):
 # ------------------------------------------------------------------------------------------- attention
 
 
-def path_taken(path, q, k, key_padding_mask, causal):
+def path_taken(path, q, k, key_padding_mask, causal, **call):
     """The path the Triton backend takes for this call with ``path=path``, as it decides it.
 
-    ``"fused"`` or ``"split"``. Asks the dispatch rule itself (``fastprefix.ops.attention_path``), so the answer is
-    never a guess.
+    ``"fused"``, ``"split"`` or ``"concat"``. Asks the dispatch rule itself (``fastprefix.ops.attention_path``), so
+    the answer is never a guess. ``call``: the call's ``prefix_k``, gate (``gate`` or ``gate_hidden``) and
+    ``cu_seqlens``, which the concat path and the packed layout depend on.
     """
-    return fastprefix.ops.attention_path(q, k, key_padding_mask=key_padding_mask, causal=causal, path=path)
+    return fastprefix.ops.attention_path(q, k, key_padding_mask=key_padding_mask, causal=causal, path=path, **call)
 
 
 def attention_flops(s: AttentionShape, floor=False):
@@ -265,22 +281,35 @@ def attention_flops(s: AttentionShape, floor=False):
 
 
 def _attention_inputs(s: AttentionShape, dtype, device):
+    """``(tensors, keep, cu_seqlens)``: a packed shape's q, k, v and token gate inputs are one row ``[1, B * S]``
+    cut by ``cu_seqlens`` into B sequences of S (its pooled gate one ``[1, 1, L]`` row); a padded shape's rows keep
+    a random length in ``[S/2, S]`` (row 0 full), right-padded."""
     g = torch.Generator(device=device).manual_seed(0)
 
     def r(*shape, std=1.0):
         return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * std).to(dtype)
 
-    x = dict(q=r(s.B, s.H, s.S, s.D), k=r(s.B, s.Hkv, s.S, s.D), v=r(s.B, s.Hkv, s.S, s.D),
+    rows, S = (1, s.B * s.S) if s.packed else (s.B, s.S)
+    x = dict(q=r(rows, s.H, S, s.D), k=r(rows, s.Hkv, S, s.D), v=r(rows, s.Hkv, S, s.D),
              prefix_k=r(s.Hkv, s.L, s.D), prefix_v=r(s.Hkv, s.L, s.D),
-             pooled=torch.rand(s.B, 1, s.L, generator=g, device=device).to(dtype),
-             gate_hidden=r(s.B, s.S, s.d_model), gate_weight=r(s.d_model, s.L, std=s.d_model ** -0.5),
+             pooled=torch.rand(rows, 1, s.L, generator=g, device=device).to(dtype),
+             gate_hidden=r(rows, S, s.d_model), gate_weight=r(s.d_model, s.L, std=s.d_model ** -0.5),
              gate_bias=r(s.L), layer_scale=torch.ones((), device=device, dtype=dtype))
-    keep = None
+    keep = cu_seqlens = None
     if s.padded:  # every row keeps a random length in [S/2, S]; row 0 is full
         lengths = torch.randint(s.S // 2, s.S + 1, (s.B,), generator=g, device=device)
         lengths[0] = s.S
         keep = torch.arange(s.S, device=device)[None, :] < lengths[:, None]
-    return x, keep
+    if s.packed:
+        cu_seqlens = torch.arange(0, s.B * s.S + 1, s.S, device=device, dtype=torch.int32)
+    return x, keep, cu_seqlens
+
+
+def _row_class(q, k, keep, causal, cu_seqlens, gate_kwargs):
+    """The dispatch table's class key of a fastprefix row (``fastprefix.kernels.attention.table``)."""
+    spec = AttentionSpec.build(q, k, key_padding_mask=keep, causal=causal, cu_seqlens=cu_seqlens,
+                               gate=gate_kwargs.get("gate"), gate_hidden=gate_kwargs.get("gate_hidden"))
+    return dispatch_table.shape_class(q, k, spec).key
 
 
 def _repeat_kv(t, n):
@@ -290,7 +319,7 @@ def _repeat_kv(t, n):
 def attention_rows(s: AttentionShape, dtype, device, split_ok, flex_fn):
     """The rows of one shape: ``{contender, mode, step, leaves, flops}``; skipped rows carry ``skipped``."""
 
-    x, keep = _attention_inputs(s, dtype, device)
+    x, keep, cu = _attention_inputs(s, dtype, device)
     q, k, v, pk, pv = x["q"], x["k"], x["v"], x["prefix_k"], x["prefix_v"]
     B, group = s.B, s.H // s.Hkv
     base = [q, k, v, pk, pv]
@@ -300,20 +329,30 @@ def attention_rows(s: AttentionShape, dtype, device, split_ok, flex_fn):
         "token gate (fused)": ({n: x[n] for n in ("gate_hidden", "gate_weight", "gate_bias", "layer_scale")},
                                [x[n] for n in ("gate_hidden", "gate_weight", "gate_bias", "layer_scale")]),
     }
-    # the mask transformers builds for [prefix ; K]: the prefix always visible, bottom-right causal, padding
+    # the mask transformers builds for [prefix ; K]: the prefix always visible, bottom-right causal, padding, and
+    # for a packed row each token's own sequence
+    rows_i = torch.arange(s.S * (B if s.packed else 1), device=device)[:, None]
+    cols = torch.arange(s.L + rows_i.shape[0], device=device)[None, :]
+    visible = (cols < s.L) | (cols - s.L <= rows_i) if s.causal else torch.ones_like(cols, dtype=torch.bool)
+    if s.packed:
+        visible = visible & ((cols < s.L) | ((cols - s.L) // s.S == rows_i // s.S))
+    cat_mask = None if visible.all() else visible
+    floor_mask = None
     if s.padded:
         full_keep = torch.cat([keep.new_ones(B, s.L), keep], dim=1)
-        cat_mask = full_keep[:, None, None, :]
+        cat_mask = full_keep[:, None, None, :] & (visible if cat_mask is not None else True)
         floor_mask = keep[:, None, None, :]
-    else:
-        rows_i = torch.arange(s.S, device=device)[:, None]
-        cols = torch.arange(s.L + s.S, device=device)[None, :]
-        cat_mask = (cols < s.L) | (cols - s.L <= rows_i) if s.causal else None
-        floor_mask = None
+        if s.causal:
+            floor_mask = floor_mask & (cols[:, s.L:] - s.L <= rows_i)
+    dense = None
+    if s.packed:  # the floor's B sequences as a dense batch (the same work as the packed row)
+        dense = [t.view(t.shape[1], B, s.S, s.D).transpose(0, 1).contiguous().requires_grad_(t.requires_grad)
+                 for t in (q, k, v)]
 
     def cat_kv():
-        return (torch.cat([pk.unsqueeze(0).expand(B, -1, -1, -1), k], dim=2),
-                torch.cat([pv.unsqueeze(0).expand(B, -1, -1, -1), v], dim=2))
+        rows = q.shape[0]
+        return (torch.cat([pk.unsqueeze(0).expand(rows, -1, -1, -1), k], dim=2),
+                torch.cat([pv.unsqueeze(0).expand(rows, -1, -1, -1), v], dim=2))
 
     def sdpa_cat():
         kk, vv = cat_kv()
@@ -321,53 +360,59 @@ def attention_rows(s: AttentionShape, dtype, device, split_ok, flex_fn):
         return F.scaled_dot_product_attention(q, _repeat_kv(kk, group), _repeat_kv(vv, group), attn_mask=cat_mask)
 
     def floor():
+        if dense is not None:
+            return F.scaled_dot_product_attention(*dense, is_causal=s.causal, enable_gqa=group > 1)
         if floor_mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=s.causal, enable_gqa=group > 1)
         return F.scaled_dot_product_attention(q, _repeat_kv(k, group), _repeat_kv(v, group), attn_mask=floor_mask)
 
     contenders = []
-    for path in ("fused", "split"):
+    for path in ("fused", "split", "concat"):
         for gname, (kw, extra) in gates.items():
+            if path == "concat" and gname.startswith("token"):
+                continue  # a gate per query does not fold into the prefix: the concat path falls back for it
             name = f"fastprefix {path}, {gname}"
             skipped = None
-            if path == "split":
+            call = dict(prefix_k=pk, gate=kw.get("gate"), gate_hidden=kw.get("gate_hidden"), cu_seqlens=cu)
+            if path != "fused":
                 if not split_ok:
                     skipped = f"{ENV_PATH} has no effect in this fastprefix (no split path)"
-                elif path_taken("split", q, k, keep, s.causal) != "split":
-                    skipped = "the split path does not cover this call (it falls back to the fused kernel)"
+                elif path_taken(path, q, k, keep, s.causal, **call) != path:
+                    skipped = f"the {path} path does not cover this call (it falls back to another path)"
 
             def fn(kw=kw, path=path):
                 return fastprefix.gated_prefix_attention(q, k, v, pk, pv, key_padding_mask=keep, causal=s.causal,
-                                                         backend="triton", path=path, **kw)
-            contenders.append((name, fn, base + extra, skipped, False))
-    contenders.append(("SDPA on cat([prefix; K]) (as PEFT)", sdpa_cat, base, None, False))
+                                                         cu_seqlens=cu, backend="triton", path=path, **kw)
+            contenders.append((name, fn, base + extra, skipped, False,
+                               dict(path=path, **{"class": _row_class(q, k, keep, s.causal, cu, kw)})))
+    contenders.append(("SDPA on cat([prefix; K]) (as PEFT)", sdpa_cat, base, None, False, {}))
     try:
         from flash_attn import flash_attn_func
     except ImportError:
         flash_attn_func = None
-    if flash_attn_func is None or s.padded:
+    if flash_attn_func is None or s.padded or s.packed:
         why = ("flash_attn is not installed" if flash_attn_func is None
-               else "a padded batch needs flash_attn's varlen API")
-        contenders.append(("flash_attn on cat([prefix; K])", None, base, why, False))
+               else f"a {'padded batch' if s.padded else 'packed row'} needs flash_attn's varlen API")
+        contenders.append(("flash_attn on cat([prefix; K])", None, base, why, False, {}))
     else:
         def fa():  # flash_attn: [B, S, H, D], GQA native, causal bottom-right aligned
             kk, vv = cat_kv()
             return flash_attn_func(q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
                                    causal=s.causal).transpose(1, 2)
-        contenders.append(("flash_attn on cat([prefix; K])", fa, base, None, False))
+        contenders.append(("flash_attn on cat([prefix; K])", fa, base, None, False, {}))
     if s.flex:
         contenders.append(("FlexAttention on cat([prefix; K]), block mask", _flex_row(s, x, keep, flex_fn, device),
-                           base, None, False))
-    contenders.append(("floor: SDPA over the S real keys", floor, [q, k, v], None, True))
+                           base, None, False, {}))
+    contenders.append(("floor: SDPA over the S real keys", floor, dense or [q, k, v], None, True, {}))
 
     rows = []
     flops = attention_flops(s)
     floor_flops = attention_flops(s, floor=True)
     do = torch.randn_like(q)
-    for name, fn, leaves, skipped, is_floor in contenders:
+    for name, fn, leaves, skipped, is_floor, extra in contenders:
         for mode in ("forward", "forward+backward"):
             row = dict(shape=s.id, family=s.family, contender=name, mode=mode, floor=is_floor,
-                       flops=(floor_flops if is_floor else flops) * (1 if mode == "forward" else 3.5))
+                       flops=(floor_flops if is_floor else flops) * (1 if mode == "forward" else 3.5), **extra)
             why = skipped
             if name.startswith("FlexAttention") and mode != "forward" and device.type == "cpu":
                 why = "FlexAttention has no backward on CPU (smoke run)"
@@ -389,7 +434,8 @@ def _attention_step(fn, leaves, mode, do):
     def step():
         for t in leaves:
             t.requires_grad_(True)
-        fn().backward(do)
+        out = fn()
+        out.backward(do.view(out.shape) if do.shape != out.shape else do)
     return step, leaves
 
 
@@ -654,6 +700,11 @@ def run(args, out_dir):
         result["wall_seconds"] = round(time.monotonic() - started, 1)
         if time.monotonic() > deadline:
             result["stopped"] = "time budget spent; later groups were skipped"
+        # the fastest exact path per shape class, what the "auto" rule reads on this GPU once committed
+        result["dispatch"] = dispatch_table.measured(result["attention"], info.get("gpu", "cpu"),
+                                                     info.get("capability", ""), result["date"], info)
+        if out is not None and result["dispatch"]["classes"]:
+            dispatch_table.write(result["dispatch"], out, tag)
         return write(result, out, tag, png=png)
 
     text = None
@@ -675,7 +726,8 @@ def run(args, out_dir):
         text = save(png=True)
     print(text)
     if out is not None:
-        print(f"wrote {out / tag}.{{md,json,png}} in {result['wall_seconds']:.0f} s")
+        print(f"wrote {out / tag}.{{md,json,png}} and {out / tag}{dispatch_table.SUFFIX} in "
+              f"{result['wall_seconds']:.0f} s")
     return result
 
 

@@ -82,6 +82,14 @@ def markdown(result):
             lines.append(f"| {r['shape']} | {r['contender']} | {r['mode']} | {_t(r)} | {tf} | {_vs(r, 'floor')} | "
                          f"{_mib(r)} | {_status(r)} |")
         lines.append("")
+    table = (result.get("dispatch") or {}).get("classes") or {}
+    if table:
+        lines += ["## Dispatch table (forward+backward; what the auto rule reads on this GPU once committed)", "",
+                  "| shape class | fastest path | time over the fastest, per path | shapes |", "|---|---|---|---|"]
+        for key, entry in sorted(table.items()):
+            rel = ", ".join(f"{p} {r:.2f}" for p, r in sorted(entry["relative"].items(), key=lambda t: t[1]))
+            lines.append(f"| {key} | {entry['path']} | {rel} | {'; '.join(entry['shapes'])} |")
+        lines.append("")
     emb = result.get("embedding") or []
     if emb:
         lines += ["## Embedding kernels", "", "| shape | contender | mode | ms | x torch ops | peak MiB | note |",

@@ -12,9 +12,12 @@ import math
 
 import torch
 
+from typing import NamedTuple
+
 from . import _validate as check
 from . import reference
 from .kernels.common.runtime import interpreting
+from .sequences import check_cu_seqlens
 from .spec import PATHS, AttentionSpec, default_path
 
 try:  # the Triton kernels are optional: without Triton the reference path runs everywhere
@@ -151,9 +154,30 @@ def _check_attention_features(q, k, attn_bias, window, softcap):
             raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
 
 
+def _check_packed(q, k, cu_seqlens, key_padding_mask, attn_bias):
+    """A packed call: ``cu_seqlens`` int32 ``[n + 1]`` over one row (``B == 1``) whose queries are its keys."""
+    if cu_seqlens is None:
+        return
+    B, _, Sq, _ = q.shape
+    Sk = k.shape[2]
+    if B != 1 or Sq != Sk:
+        raise ValueError(f"cu_seqlens describes sequences packed into one row: q must be [1, H, T, D] and k "
+                         f"[1, Hkv, T, D] (its queries are its keys), got q {list(q.shape)} and k {list(k.shape)}")
+    if key_padding_mask is not None:
+        raise ValueError("a packed row (cu_seqlens) has no padding: pass either cu_seqlens or key_padding_mask")
+    if attn_bias is not None:
+        raise ValueError("attn_bias over a packed row (cu_seqlens) is not supported: pad the batch instead")
+    check_cu_seqlens(cu_seqlens, Sq, q.device)
+
+
+def _check_path(path):
+    if path is not None and path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS} or None (FASTPREFIX_ATTENTION, else 'auto'), got {path!r}")
+
+
 def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidden=None, gate_weight=None,
                            gate_bias=None, layer_scale=None, key_padding_mask=None, causal=False, scale=None,
-                           attn_bias=None, window=None, softcap=None, backend=None, path=None):
+                           attn_bias=None, window=None, softcap=None, cu_seqlens=None, backend=None, path=None):
     """Attention over ``[gated prefix ; keys]`` (P-Tuning v2 with ``gate=None``, APT otherwise).
 
     For query t, prefix row j and real key u (``cap(x) = softcap * tanh(x / softcap)``, the identity without
@@ -185,12 +209,17 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
         softcap: None, or a finite number > 0 (Gemma 2's ``attn_logit_softcapping``): every logit, prefix
             (after its gate) and real keys, becomes ``softcap * tanh(logit / softcap)`` before the bias and
             the masks.
+        cu_seqlens: None, or int32 ``[n + 1]``: the call is one packed row (``B == 1``, ``Sq == Sk == T``) of n
+            sequences back to back, FlashAttention's cumulative lengths (0 first, T last). Each query attends to
+            the prefix and to its own sequence's keys only (causally where ``causal``, within ``window``), as if
+            its sequence ran alone. No ``key_padding_mask`` or ``attn_bias`` with it.
         backend: ``"torch"``, ``"triton"`` or None (Triton for CUDA tensors).
         path: how the Triton backend runs the call: ``"auto"`` (the dispatch rule in
-            ``fastprefix.kernels.attention.dispatch``), ``"fused"`` (the fused kernel) or ``"split"`` (PyTorch's
-            fused attention for the real keys + a Triton prefix merge, where a vendor op supports the call).
-            None: the environment variable ``FASTPREFIX_ATTENTION``, else ``"auto"``. The reference backend
-            has one path.
+            ``fastprefix.kernels.attention.dispatch``), ``"fused"`` (the fused kernel), ``"split"`` (PyTorch's
+            fused attention for the real keys + a Triton prefix merge, where a vendor op supports the call) or
+            ``"concat"`` (PyTorch's fused attention over ``[gated prefix ; keys]``, for calls without a gate or
+            with one gate row for every query; others fall back as the dispatch rule says). None: the
+            environment variable ``FASTPREFIX_ATTENTION``, else ``"auto"``. The reference backend has one path.
 
     Returns:
         ``[B, H, Sq, D]``.
@@ -198,11 +227,11 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
     _check_attention(q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight, gate_bias, layer_scale,
                      key_padding_mask, causal, scale)
     _check_attention_features(q, k, attn_bias, window, softcap)
-    if path is not None and path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS} or None (FASTPREFIX_ATTENTION, else 'auto'), got {path!r}")
+    _check_packed(q, k, cu_seqlens, key_padding_mask, attn_bias)
+    _check_path(path)
     spec = AttentionSpec.build(q, k, gate=gate, gate_hidden=gate_hidden, gate_weight=gate_weight, gate_bias=gate_bias,
                                layer_scale=layer_scale, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
-                               attn_bias=attn_bias, window=window, softcap=softcap)
+                               attn_bias=attn_bias, window=window, softcap=softcap, cu_seqlens=cu_seqlens)
     # fp64 is for gradcheck under Triton's interpreter: on a GPU the kernels have no fp64 tiles, the reference runs
     if _choose(backend, q.device) == "triton" and not (q.device.type == "cuda" and q.dtype == torch.float64):
         kernels = _kernels(_attention_kernels, q.device)
@@ -211,20 +240,54 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
     return reference.gated_prefix_attention(q, k, v, prefix_k, prefix_v, spec)
 
 
+class Route(NamedTuple):
+    """Which path the Triton backend takes for a call, and on what authority.
+
+    path: ``"fused"``, ``"split"`` or ``"concat"``. source: ``"forced"`` (the call named its path, or the
+    environment did; a path that can't serve the call falls back by the dispatch rule), ``"rule"`` (a hard rule:
+    ``softcap``, the interpreter, fp32 or a GPU older than sm_80 keep the fused kernel), ``"table"`` (the measured
+    dispatch table committed for this GPU's compute capability, ``benchmarks/results/<gpu>-dispatch.json``) or
+    ``"model"`` (the cost model's pick for the call's shape class, where no table covers it).
+    """
+
+    path: str
+    source: str
+
+
+def attention_route(q, k, prefix_k=None, *, gate=None, gate_hidden=None, key_padding_mask=None, causal=False,
+                    attn_bias=None, window=None, softcap=None, cu_seqlens=None, path=None) -> Route:
+    """The :class:`Route` the Triton backend takes for :func:`gated_prefix_attention` on these inputs, by the
+    dispatch rule in ``fastprefix.kernels.attention.dispatch``.
+
+    q ``[B, H, Sq, D]``, k ``[B, Hkv, Sk, D]`` on a CUDA device (or any device under ``TRITON_INTERPRET=1``);
+    ``prefix_k`` (``[Hkv, L, D]`` or ``[B, Hkv, L, D]``) and the gate (``gate``, or APT's ``gate_hidden``) as the
+    call has them: the concat path is decided by them, so without ``prefix_k`` the answer is for a call whose
+    prefix the rule is not shown, and leaves the concat path out. Other arguments as in
+    :func:`gated_prefix_attention`; ``path`` None: ``FASTPREFIX_ATTENTION``, else ``"auto"``.
+    """
+    _check_path(path)
+    _check_packed(q, k, cu_seqlens, key_padding_mask, attn_bias)
+    spec = AttentionSpec.build(q, k, gate=gate, gate_hidden=gate_hidden, key_padding_mask=key_padding_mask,
+                               causal=causal, attn_bias=attn_bias, window=window, softcap=softcap,
+                               cu_seqlens=cu_seqlens)
+    kernels = _kernels(_attention_kernels, q.device)
+    chosen = kernels.route(q, k, spec, default_path() if path is None else path, prefix_k=prefix_k)
+    return Route(chosen.path, chosen.source)
+
+
 def attention_path(q, k, *, key_padding_mask=None, causal=False, attn_bias=None, window=None, softcap=None,
-                   path=None):
-    """The path the Triton backend takes for :func:`gated_prefix_attention` on these inputs: ``"fused"`` or
-    ``"split"``, by the dispatch rule in ``fastprefix.kernels.attention.dispatch`` (the gate does not change it).
+                   path=None, prefix_k=None, gate=None, gate_hidden=None, cu_seqlens=None) -> str:
+    """The path the Triton backend takes for :func:`gated_prefix_attention` on these inputs: ``"fused"``,
+    ``"split"`` or ``"concat"`` (:func:`attention_route`'s path; it also says on what authority).
 
     ``path`` as in :func:`gated_prefix_attention` (None: ``FASTPREFIX_ATTENTION``, else ``"auto"``). q ``[B, H, Sq, D]``,
-    k ``[B, Hkv, Sk, D]`` on a CUDA device (or any device under ``TRITON_INTERPRET=1``).
+    k ``[B, Hkv, Sk, D]`` on a CUDA device (or any device under ``TRITON_INTERPRET=1``). The gate and the prefix
+    decide the concat path only: pass ``prefix_k`` and the call's gate to ask about it (see
+    :func:`attention_route`).
     """
-    if path is not None and path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS} or None (FASTPREFIX_ATTENTION, else 'auto'), got {path!r}")
-    spec = AttentionSpec.build(q, k, key_padding_mask=key_padding_mask, causal=causal, attn_bias=attn_bias,
-                               window=window, softcap=softcap)
-    kernels = _kernels(_attention_kernels, q.device)
-    return kernels.choose_path(q, k, spec, default_path() if path is None else path)[0]
+    return attention_route(q, k, prefix_k, gate=gate, gate_hidden=gate_hidden, key_padding_mask=key_padding_mask,
+                           causal=causal, attn_bias=attn_bias, window=window, softcap=softcap, cu_seqlens=cu_seqlens,
+                           path=path).path
 
 
 def apt_gate(hidden, weight, bias, layer_scale, *, mode="token", key_padding_mask=None, causal=False, past=None):

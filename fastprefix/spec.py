@@ -15,7 +15,12 @@ decoding; the L prefix rows are visible to every query):
 - ``attn_bias`` a 4-dim view broadcastable to ``[B, H, Sq, Sk]``, added to the real keys' logits;
 - ``gate`` a 3-dim view broadcastable to ``[B, Sq, L]``, or ``gate_inputs``: APT's token gate
   ``layer_scale * sigmoid(hidden @ weight + bias)``, which each path computes in its own precision;
-- ``softcap`` (a float > 0) caps every logit, ``scale`` is resolved (``D ** -0.5`` by default).
+- ``softcap`` (a float > 0) caps every logit, ``scale`` is resolved (``D ** -0.5`` by default);
+- ``cu_seqlens`` int32 ``[n + 1]``: a packed row (``B == 1``, ``Sq == Sk == T``) holding n sequences back to back,
+  FlashAttention's cumulative lengths (0 first, T last): query t sees the prefix and the real keys of its own
+  sequence only (causally, and within the window, by the positions inside the row, which inside one sequence are
+  its own positions shifted by its start). :func:`sequence_ids` and :func:`visible_keys` make that a
+  block-diagonal visibility.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 PATH_ENV = "FASTPREFIX_ATTENTION"
-# how the Triton backend runs a call: by the dispatch rule, the fused kernel, or the split path
-PATHS = ("auto", "fused", "split")
+# how the Triton backend runs a call: by the dispatch rule, the fused kernel, the split path (vendor attention
+# over the real keys + a Triton prefix merge) or the concat path (vendor attention over [gated prefix ; keys])
+PATHS = ("auto", "fused", "split", "concat")
 
 
 def default_path() -> str:
@@ -61,10 +67,12 @@ class AttentionSpec:
     gate: Optional[torch.Tensor] = None
     gate_inputs: Optional[GateInputs] = None
     softcap: Optional[float] = None
+    cu_seqlens: Optional[torch.Tensor] = None
 
     @classmethod
     def build(cls, q, k, *, gate=None, gate_hidden=None, gate_weight=None, gate_bias=None, layer_scale=None,
-              key_padding_mask=None, causal=False, scale=None, attn_bias=None, window=None, softcap=None):
+              key_padding_mask=None, causal=False, scale=None, attn_bias=None, window=None, softcap=None,
+              cu_seqlens=None):
         """The spec of a call with ``q [B, H, Sq, D]`` and ``k [B, Hkv, Sk, D]`` (inputs already validated)."""
         Sq, D = q.shape[-2:]
         Sk = k.shape[-2]
@@ -74,11 +82,21 @@ class AttentionSpec:
         return cls(scale=float(D ** -0.5 if scale is None else scale), causal=bool(causal),
                    key_padding_mask=key_padding_mask, window=effective_window(window, bool(causal), Sq, Sk),
                    attn_bias=bias4(attn_bias), gate=None if gate is None else gate3(gate), gate_inputs=inputs,
-                   softcap=None if softcap is None else float(softcap))
+                   softcap=None if softcap is None else float(softcap), cu_seqlens=cu_seqlens)
 
     @property
     def has_gate(self) -> bool:
         return self.gate is not None or self.gate_inputs is not None
+
+    @property
+    def gate_rows(self) -> Optional[int]:
+        """How many gate rows the queries have: None without a gate, 1 when one row serves every query (a pooled
+        ``[B|1, 1, L]`` gate, or a single query), else the query count (APT's token gate)."""
+        if self.gate is not None:
+            return self.gate.shape[1]
+        if self.gate_inputs is not None:
+            return self.gate_inputs.hidden.shape[1]
+        return None
 
     @property
     def has_features(self) -> bool:
@@ -124,15 +142,29 @@ def effective_window(window, causal: bool, Sq: int, Sk: int) -> Optional[Tuple[i
 # ------------------------------------------------------------------------------------------------- masks
 
 
-def visible_keys(key_padding_mask, causal: bool, window, Sq: int, Sk: int, device):
+def sequence_ids(cu_seqlens, T: int):
+    """Each token's sequence in a packed row: int64 ``[T]`` from the cumulative lengths ``cu_seqlens [n + 1]``
+    (``searchsorted``: no shape that depends on the values, so it also traces on fake tensors)."""
+    tokens = torch.arange(T, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), tokens, right=True)
+
+
+def visible_keys(key_padding_mask, causal: bool, window, Sq: int, Sk: int, device, cu_seqlens=None):
     """``[B|1, 1, Sq, Sk]`` bool, True = query t sees real key u (padding, bottom-right causal and ``window``,
-    an :func:`effective_window` pair); None when every key is visible.
+    an :func:`effective_window` pair, and with ``cu_seqlens`` (a packed row, ``Sq == Sk``) the key's sequence
+    being the query's); None when every key is visible.
 
     Built from the diagonals of the ``[Sq, Sk]`` band (``tril(d)`` keeps ``u - t <= d``, ``triu(d)`` keeps
-    ``u - t >= d``) and views of the padding mask: no index tensors, so it also traces on fake CUDA tensors."""
+    ``u - t >= d``), views of the padding mask and :func:`sequence_ids`: no index tensors, so it also traces on
+    fake CUDA tensors. In a packed row the band's positions are the row's; inside one sequence they differ from
+    the sequence's own by its start on both sides, so the band is each sequence's own."""
     visible = None
+    if cu_seqlens is not None:
+        ids = sequence_ids(cu_seqlens, Sk)
+        visible = (ids[:Sq, None] == ids[None, :]).view(1, 1, Sq, Sk)
     if key_padding_mask is not None:
-        visible = key_padding_mask.unsqueeze(1).unsqueeze(1)  # [B, 1, 1, Sk]
+        padding = key_padding_mask.unsqueeze(1).unsqueeze(1)  # [B, 1, 1, Sk]
+        visible = padding if visible is None else visible & padding
     left, right = window if window is not None else (-1, -1)
     if causal or window is not None:
         band = torch.ones(Sq, Sk, dtype=torch.bool, device=device)
@@ -147,7 +179,7 @@ def visible_keys(key_padding_mask, causal: bool, window, Sq: int, Sk: int, devic
 
 
 def additive_mask(Sq: int, Sk: int, dtype, device, key_padding_mask=None, causal: bool = False, window=None,
-                  attn_bias=None, align: int = 1):
+                  attn_bias=None, align: int = 1, cu_seqlens=None):
     """The additive mask ``[Bm, Hm, Sq, Sk]`` over the real keys, or None when nothing masks or biases them.
 
     ``attn_bias`` (4-dim, clamped below at the dtype's lowest finite value so that a -inf entry cannot
@@ -156,10 +188,11 @@ def additive_mask(Sq: int, Sk: int, dtype, device, key_padding_mask=None, causal
     gets a log-sum-exp near that value, so the real keys' share of the merged softmax underflows to
     exactly 0, forward and backward, and nothing is NaN. ``Bm``, ``Hm`` are 1 unless the bias or the
     padding mask has those dims. Rows live in a buffer of ``ceil(Sk / align) * align`` columns (the
-    memory-efficient op's stride alignment); the result is that buffer sliced to Sk.
+    memory-efficient op's stride alignment); the result is that buffer sliced to Sk. ``cu_seqlens``: a packed
+    row's sequences (:func:`visible_keys`).
     """
     bias = bias4(attn_bias)
-    visible = visible_keys(key_padding_mask, causal, window, Sq, Sk, device)
+    visible = visible_keys(key_padding_mask, causal, window, Sq, Sk, device, cu_seqlens)
     if bias is None and visible is None:
         return None
     Bm = max(bias.shape[0] if bias is not None else 1, visible.shape[0] if visible is not None else 1)
@@ -183,12 +216,14 @@ def cpu_op_mask_dtype(q, attn_bias):
     return q.dtype if attn_bias is None else torch.promote_types(attn_bias.dtype, q.dtype)
 
 
-def cpu_op_mask(q, Sk: int, key_padding_mask, causal: bool, window, attn_bias=None):
+def cpu_op_mask(q, Sk: int, key_padding_mask, causal: bool, window, attn_bias=None, cu_seqlens=None):
     """``(additive mask or None, is_causal)`` for PyTorch's fused CPU attention over the real keys. Its own causal
     mask is top-left aligned, the same as ours only when ``Sq == Sk``, and used only when nothing else needs a
-    mask (see :func:`additive_mask` for why a hidden key gets the lowest finite value, not -inf)."""
+    mask (see :func:`additive_mask` for why a hidden key gets the lowest finite value, not -inf). ``cu_seqlens``:
+    a packed row's sequences, as one block-diagonal mask."""
     Sq = q.shape[-2]
-    if key_padding_mask is None and attn_bias is None and window is None and (not causal or Sq == Sk):
+    if (key_padding_mask is None and attn_bias is None and window is None and cu_seqlens is None
+            and (not causal or Sq == Sk)):
         return None, causal
     return additive_mask(Sq, Sk, cpu_op_mask_dtype(q, attn_bias), q.device, key_padding_mask, causal, window,
-                         attn_bias), False
+                         attn_bias, cu_seqlens=cu_seqlens), False

@@ -27,9 +27,9 @@ from ..modules import PTuningV2Prefix
 from ..reference.attention import attention_probs
 from ..spec import AttentionSpec
 from .context import KWARG, MIXED_DISABLED, NAME, ForwardContext
-from .gates import gate_tensor, layer_gate
+from .gates import gate_tensor, layer_gate, packed_gate
 from .masks import layer_window, mask_pattern
-from .packing import packed_mask, padding_free
+from .packing import PACKED, packed_mask, padding_free
 from .state import CAUSAL, LAYER, STATE
 
 
@@ -65,7 +65,7 @@ def fastprefix_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, ma
     return mask[:, kv_offset:kv_offset + kv_length].to(torch.bool)
 
 
-@padding_free  # packed sequences run unpacked, one row each, and are packed back (see packing)
+@padding_free  # packed sequences run as one packed row with their cu_seqlens (see packing)
 def fastprefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention interface: ``[B, H, Sq, D]`` queries over ``[prefix ; keys]`` -> ``([B, Sq, H, D], weights)``.
 
@@ -103,18 +103,23 @@ def fastprefix_attention(module, query, key, value, attention_mask, scaling=None
     causal = bool(kwargs.get("is_causal", module.is_causal)) if causal is None else causal
     window = layer_window(kwargs.get("sliding_window"), causal)
     softcap = kwargs.get("softcap")  # Gemma 2's attn_logit_softcapping: caps the prefix logits too
+    packing = kwargs.get(PACKED)  # a packed call: one row [1, B * T] and its sequences (see packing)
+    cu_seqlens = None if packing is None else packing.cu_seqlens
     query_mask = None if attention_mask is None else attention_mask[:, -query.shape[2]:]
-    gate = layer_gate(ctx, module, i, query_mask, causal, key) if state.gated else {}
+    gate = {}
+    if state.gated:
+        gate = (layer_gate(ctx, module, i, query_mask, causal, key) if packing is None
+                else packed_gate(ctx, module, i, packing, causal, key))
     bias = kwargs.get("position_bias")  # T5's relative position bias [1, H, Sq, Sk]: the real keys' only
     if bias is not None and bias.dtype not in (dt, torch.float32):
         bias = bias.to(dt)
     out = ops.gated_prefix_attention(query, key, value, prefix_k, prefix_v, key_padding_mask=attention_mask,
                                      causal=causal, scale=scaling, attn_bias=bias, window=window, softcap=softcap,
-                                     backend=ctx.backend, **gate)
+                                     cu_seqlens=cu_seqlens, backend=ctx.backend, **gate)
     weights = None
     if ctx.output_attentions:
         spec = AttentionSpec.build(query, key, key_padding_mask=attention_mask, causal=causal, scale=scaling,
-                                   attn_bias=bias, window=window, softcap=softcap)
+                                   attn_bias=bias, window=window, softcap=softcap, cu_seqlens=cu_seqlens)
         weights = attention_probs(query, key, prefix_k, spec, gate_tensor(gate))
     return out.transpose(1, 2).contiguous(), weights
 

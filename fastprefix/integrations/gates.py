@@ -29,6 +29,16 @@ class Running:
         self.seen, self.total, self.count, self.last_key = seen, total, count, last_key
 
 
+def _recorded(ctx, module, i):
+    """The hidden states ``[B, S, d]`` the call's context recorded for site ``i`` (kept while training, for a
+    checkpoint recompute)."""
+    hidden = ctx.hidden.get(i) if module.training else ctx.hidden.pop(i, None)
+    if hidden is None:
+        raise RuntimeError(f"APT: no hidden states were recorded for layer {i}; the layer's forward pre-hook "
+                           "did not run (call the model, not its attention modules)")
+    return hidden
+
+
 def layer_gate(ctx, module, i, query_mask, causal, key):
     """The gate keyword arguments of site ``i``'s attention module ``module`` (APT), in the dtype of ``key``.
 
@@ -36,11 +46,7 @@ def layer_gate(ctx, module, i, query_mask, causal, key):
     padding mask ``[B, Sq]`` (None: all real). Records the site's mean gate (:meth:`ForwardContext.record_gate`)
     and, for the causal pooled gate on a KV cache, the running statistics on the cache (:class:`Running`).
     """
-    hidden = ctx.hidden.get(i) if module.training else ctx.hidden.pop(i, None)  # kept for a checkpoint recompute
-    if hidden is None:
-        raise RuntimeError(f"APT: no hidden states were recorded for layer {i}; the layer's forward pre-hook "
-                           "did not run (call the model, not its attention modules)")
-    hidden = hidden.to(key.dtype)
+    hidden = _recorded(ctx, module, i).to(key.dtype)
     apt = ctx.state.module
     pooled_causal = apt.config.gate == "pooled" and causal
     cache = ctx.caches.get(i)
@@ -52,6 +58,31 @@ def layer_gate(ctx, module, i, query_mask, causal, key):
         cache.__dict__.setdefault(RUNNING, {})[i] = Running(seen, total, count, key[:, :, -1].clone())
     if ctx.state.record_gates and i not in ctx.gate_stats:  # a checkpoint recompute does not record again
         ctx.record_gate(i, mean_gate(apt, i, hidden, query_mask, causal, past))
+    return gate
+
+
+def packed_gate(ctx, module, i, packing, causal, key):
+    """The gate keyword arguments of site ``i`` for a packed call: the ``[B, T]`` batch run as one row
+    ``[1, B * T]`` (``packing``: its ``fastprefix.sequences.Packing``), in the dtype of ``key``.
+
+    APT's token gate reads each token's own hidden state (the gate inputs of the row, no gather). The pooled gate
+    pools each packed sequence's own tokens (its hidden states gathered per sequence; on causal attention each
+    position the sequence's tokens up to it) and gives every token its sequence's row: ``gate [1, B * T, L]``. No
+    running statistics are kept (decode from an unpacked prompt). Records the site's mean gate over the real
+    tokens, as :func:`layer_gate` does.
+    """
+    hidden = _recorded(ctx, module, i).to(key.dtype)
+    apt = ctx.state.module
+    B, T, d = hidden.shape
+    if apt.config.gate == "token":
+        gate = apt.gate_kwargs(i, hidden.reshape(1, B * T, d))
+    else:
+        per_sequence = apt.gate_kwargs(i, packing.tokens(hidden), packing.mask, causal=causal)["gate"]
+        rows = packing.pack(per_sequence) if causal else packing.per_token(per_sequence)  # [B, T, L]
+        gate = dict(gate=rows.reshape(1, B * T, rows.shape[-1]))
+    if ctx.state.record_gates and i not in ctx.gate_stats:
+        # detached: the probe's gather must save nothing for autograd (a checkpoint recompute does not record)
+        ctx.record_gate(i, mean_gate(apt, i, packing.tokens(hidden.detach()), packing.mask, causal, None))
     return gate
 
 

@@ -14,15 +14,18 @@ LLM fine-tuning packs a batch into one row ``[1, T]`` (transformers' ``DataColla
 
 **Prefix methods** (P-Tuning v2, APT): every packed sequence attends to the prefix and to its own tokens only
 (causally on decoders, both ways on encoders, within its sliding window if the layer has one), as if it ran
-alone with the positions it has in the row. :func:`padding_free` wraps the attention function: the row is
-unpacked into a right-padded batch ``[n, H, S_max, D]`` with a key padding mask, the undecorated attention runs
-on it (one call of the fused op), and the output is packed back. Gathers move the tensors, so gradients flow
-through them. APT's gate reads each sequence's own hidden states, unpacked the same way: the pooled gate pools
-over that sequence's tokens only. :func:`packed_mask` wraps the mask function: for transformers' packed-sequence
+alone with the positions it has in the row. :func:`padding_free` wraps the attention function: the ``[B, T]``
+batch becomes one packed row ``[1, B * T]`` (a view of the layer's ``[B, T, H, D]`` memory) and the undecorated
+attention calls the op once on it with the sequences' ``cu_seqlens`` (``fastprefix.gated_prefix_attention``'s
+packed call: the varlen vendor op on the split and concat paths, never re-padded; the fused kernel and the
+reference re-pad it internally); its output is the batch's as it lies. APT's token gate reads each token's own
+hidden state; the pooled gate pools each sequence's own tokens (the hidden states gathered per sequence, causally
+on decoders) and is handed to every token of it (:data:`PACKED` tells the attention function; see
+``gates.packed_gate``). :func:`packed_mask` wraps the mask function: for transformers' packed-sequence
 overlay it returns the ``[B, T]`` integer sequence ids (the signal the attention reads) instead of refusing. The
 segments are per-forward state: they come with the call (its mask and keyword arguments) and are computed once
-per forward into its ForwardContext. Not supported: a relative position bias over the row (T5), and decoding
-from a packed prefill.
+per forward into its ForwardContext (a ``fastprefix.sequences.Packing``, shared with the ops below). Not
+supported: a relative position bias over the row (T5), and decoding from a packed prefill.
 
 **Prompt methods** (PT, DePT, ADePT): :func:`prompt_inputs` puts the prompt in front of *every* packed sequence:
 ``[P ; seq_1 ; P ; seq_2 ; ...]``, each sequence's positions ``0..m-1`` for its prompt and its own moved up by m,
@@ -39,98 +42,16 @@ import functools
 
 import torch
 
+from ..sequences import Packing
 from .context import KWARG, ForwardContext
 from .masks import is_segment_ids, packed_overlay
 
 VARLEN = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # FlashAttention's packing kwargs
 IGNORE_INDEX = -100  # the label a loss skips
+PACKED = "fastprefix_packing"  # the keyword argument that hands the attention function its packed call's Packing
 
-
-class Packing:
-    """Where the packed sequences of a ``[B, T]`` batch lie, and how tensors move between the two layouts.
-
-    count: n sequences; longest: S_max (Python ints).
-    starts: ``[n]`` flat index ``b * T + t`` of each sequence's first token, row-major; lengths: ``[n]``.
-    index: ``[n, S_max]`` the flat token behind each slot of the unpacked batch (padding repeats the first).
-    mask: ``[n, S_max]`` bool, True = real token: the unpacked batch's key padding mask.
-    slot: ``[B * T]`` each token's slot ``s * S_max + j`` in the flattened unpacked batch.
-    seq: ``[B * T]`` each token's sequence.
-    """
-
-    def __init__(self, segment_ids):
-        """segment_ids: ``[B, T]`` integers, a sequence = a maximal run of equal ids in a row."""
-        B, T = segment_ids.shape
-        device = segment_ids.device
-        first = torch.ones(B, T, dtype=torch.bool, device=device)
-        first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-        first = first.reshape(-1)
-        starts = first.nonzero().squeeze(1)
-        ends = torch.cat([starts[1:], torch.tensor([B * T], device=device)])
-        lengths = ends - starts
-        longest = int(lengths.max())  # the one host sync of a forward (Packing is built once per forward)
-        cols = torch.arange(longest, device=device)
-        self.shape = (B, T)
-        self.count, self.longest = starts.numel(), longest
-        self.starts, self.lengths = starts, lengths
-        self.mask = cols < lengths[:, None]
-        self.index = torch.where(self.mask, starts[:, None] + cols, starts[:, None])
-        self.seq = first.long().cumsum(0) - 1
-        self.slot = self.seq * longest + (torch.arange(B * T, device=device) - starts[self.seq])
-
-    def tokens(self, x):
-        """``[B, T, ...]`` -> ``[n, S_max, ...]`` (a ``[1, T, ...]`` input is read for every row)."""
-        B, T = self.shape
-        if x.shape[1] != T or x.shape[0] not in (1, B):
-            raise ValueError(f"packed sequences: expected a per-token tensor [B={B}, T={T}, ...], "
-                             f"got {list(x.shape)}")
-        return x.expand(B, *x.shape[1:]).reshape(B * T, *x.shape[2:])[self.index]
-
-    def heads(self, x):
-        """``[B, h, T, D]`` (queries, keys, values) -> ``[n, h, S_max, D]``."""
-        return self.tokens(x.transpose(1, 2)).transpose(1, 2)
-
-    def pack(self, x):
-        """``[n, S_max, ...]`` -> ``[B, T, ...]``: the real slots back in their packed places."""
-        B, T = self.shape
-        return x.reshape(self.count * self.longest, *x.shape[2:])[self.slot].reshape(B, T, *x.shape[2:])
-
-    def pack_weights(self, w):
-        """Attention maps ``[n, H, S_max, L + S_max]`` -> ``[B, H, T, L + T]`` (0 on other sequences' keys)."""
-        n, H, S, LS = w.shape
-        L, (B, T) = LS - S, self.shape
-        rows = w.transpose(1, 2).reshape(n * S, H, LS)[self.slot]  # [B*T, H, L + S_max]
-        # key j of a token's sequence is column (sequence start within the row) + j; the slots past the
-        # sequence's end hold probability exactly 0 (masked), so clamping them onto a real column adds nothing
-        cols = ((self.starts % T)[self.seq][:, None] + torch.arange(S, device=w.device)).clamp_max(T - 1)
-        keys = rows.new_zeros(B * T, H, T).scatter_add(2, cols[:, None, :].expand(-1, H, -1), rows[..., L:])
-        return torch.cat([rows[..., :L], keys], dim=-1).reshape(B, T, H, L + T).transpose(1, 2)
-
-    def context(self, ctx):
-        """A view of the call's ForwardContext whose hidden states (APT's gate input) are unpacked.
-
-        It shares everything else (prefixes, gate statistics); it holds no KV caches, so APT's causal pooled
-        gate keeps no running statistics for decoding after a packed call (decode from an unpacked prompt).
-        """
-        view = object.__new__(type(ctx))
-        view.__dict__.update(ctx.__dict__)
-        view.hidden = _UnpackedHidden(ctx.hidden, self)
-        view.caches = {}
-        return view
-
-
-class _UnpackedHidden:
-    """``ForwardContext.hidden`` seen through a Packing: layer -> ``[n, S_max, d]`` (read or popped)."""
-
-    def __init__(self, hidden, packing):
-        self._hidden, self._packing = hidden, packing
-
-    def get(self, i, default=None):
-        h = self._hidden.get(i)
-        return default if h is None else self._packing.tokens(h)
-
-    def pop(self, i, default=None):
-        h = self._hidden.pop(i, None)
-        return default if h is None else self._packing.tokens(h)
+__all__ = ["Packing", "PACKED", "VARLEN", "IGNORE_INDEX", "of_call", "padding_free", "packed_mask", "prompt_packing",
+           "prompt_inputs", "token_slots"]
 
 
 # ---------------------------------------------------------------------------------------------------- signals
@@ -223,12 +144,19 @@ def of_call(ctx, attention_mask, kwargs, query, key):
 
 
 # -------------------------------------------------------------------------------------- prefix-method wrappers
+def _one_row(x):
+    """``[B, h, T, D]`` -> the packed row ``[1, h, B * T, D]`` (a view of ``[B, T, h, D]`` memory)."""
+    B, h, T, D = x.shape
+    return x.transpose(1, 2).reshape(1, B * T, h, D).transpose(1, 2)
+
+
 def padding_free(attention):
-    """Decorate the ``"fastprefix"`` attention function: a packed call runs its sequences unpacked.
+    """Decorate the ``"fastprefix"`` attention function: a packed call runs as one packed row.
 
     ``attention(module, query [B, H, T, D], key, value, attention_mask, scaling, dropout, **kwargs)`` returns
-    ``([B, T, H, D], weights)``; packed, it is called once on ``[n, H, S_max, D]`` with the ``[n, S_max]`` key
-    padding mask and a context whose hidden states are unpacked, and its output (and attention map) packed back.
+    ``([B, T, H, D], weights)``; packed, it is called once on the row ``[1, H, B * T, D]`` with no mask and the
+    call's Packing under :data:`PACKED` (whose ``cu_seqlens`` it hands the op), and its output (and attention
+    map, each row's own keys) taken back to the batch's ``[B, T]`` shape.
     """
 
     @functools.wraps(attention)
@@ -242,10 +170,11 @@ def padding_free(attention):
                                       "adds a relative position bias over the whole row, are not supported; pad "
                                       "the batch (one sequence a row)")
         inner = {k: v for k, v in kwargs.items() if k not in VARLEN and k != "position_ids"}
-        inner[KWARG] = packing.context(ctx)
-        out, weights = attention(module, packing.heads(query), packing.heads(key), packing.heads(value),
-                                 packing.mask, scaling, dropout, **inner)
-        return packing.pack(out), None if weights is None else packing.pack_weights(weights)
+        inner[PACKED] = packing
+        B, _, T, _ = query.shape
+        out, weights = attention(module, _one_row(query), _one_row(key), _one_row(value), None, scaling, dropout,
+                                 **inner)
+        return out.reshape(B, T, *out.shape[2:]), None if weights is None else packing.row_weights(weights)
 
     return packed_attention
 

@@ -20,6 +20,11 @@ the kernels are tested against, what ``output_attentions`` returns, and DeBERTa'
   CPU attention (:mod:`fastprefix.reference.split`);
 - a bias or a softcap (they change the logits themselves), or another device: the explicit formulation,
   autograd through every op (the bias's gradient, summed over its broadcast dims, included).
+
+A packed row (``spec.cu_seqlens``) runs its sequences right-padded through the same choice
+(``fastprefix.sequences.unpacked_call``), and its output is packed back; the explicit formulation itself
+(:func:`attention_probs`, the float64 twin of the packed paths) takes the row as it is, with a block-diagonal
+visibility (``fastprefix.spec.visible_keys``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..sequences import packed_output, unpacked_call
 from ..spec import gate3, visible_keys
 from . import split
 
@@ -115,7 +121,7 @@ def attention_probs(q, k, prefix_k, spec, gate=None):
         s_keys = torch.tanh(s_keys / spec.softcap) * spec.softcap
     if spec.attn_bias is not None:  # a float32 bias on 16-bit scores promotes them: the softmax is float32 anyway
         s_keys = s_keys + spec.attn_bias
-    visible = visible_keys(spec.key_padding_mask, spec.causal, spec.window, Sq, Sk, q.device)
+    visible = visible_keys(spec.key_padding_mask, spec.causal, spec.window, Sq, Sk, q.device, spec.cu_seqlens)
     if visible is not None:
         s_keys = s_keys.masked_fill(~visible, float("-inf"))
     scores = torch.cat([s_prefix.to(s_keys.dtype), s_keys], dim=-1)
@@ -145,7 +151,7 @@ def _folded_attention(q, k, v, prefix_k, prefix_v, spec, gate):
     L = pk.shape[-2]
     keys = torch.cat([pk.expand(B, Hkv, L, -1), k], dim=2)
     values = torch.cat([pv.expand(B, Hkv, L, -1), v], dim=2)
-    visible = visible_keys(spec.key_padding_mask, spec.causal, spec.window, Sq, Sk, q.device)
+    visible = visible_keys(spec.key_padding_mask, spec.causal, spec.window, Sq, Sk, q.device, spec.cu_seqlens)
     if visible is not None:  # the prefix columns are always visible
         prefix_cols = visible.new_ones(*visible.shape[:-1], L).expand(*visible.shape[:-2], Sq, L)
         visible = torch.cat([prefix_cols, visible.expand(*visible.shape[:-2], Sq, Sk)], dim=-1)
@@ -163,6 +169,14 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, spec):
     Returns:
         ``[B, H, Sq, D]`` in the dtype of ``q``.
     """
+    if spec.cu_seqlens is not None:  # a packed row: its sequences right-padded, the output packed back
+        *args, inner, packing = unpacked_call(q, k, v, prefix_k, prefix_v, spec)
+        return packed_output(_attention(*args, inner), packing)
+    return _attention(q, k, v, prefix_k, prefix_v, spec)
+
+
+def _attention(q, k, v, prefix_k, prefix_v, spec):
+    """:func:`gated_prefix_attention` of a call that is not packed."""
     if spec.key_padding_mask is not None and bool(spec.key_padding_mask.all()):
         # an all-real mask (what transformers hands over for an unpadded batch) hides nothing: dropping it
         # keeps the attention on its mask-free fast path (one host sync; the reference path is for CPU)

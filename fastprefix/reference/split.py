@@ -141,5 +141,6 @@ def split_attention(q, k, v, prefix_k, prefix_v, spec, gate):
     those take the explicit formulation); ``gate``: None or the 3-dim gate in q's dtype. Returns
     ``[B, H, Sq, D]`` in ``[B, Sq, H, D]`` memory.
     """
-    mask, is_causal = cpu_op_mask(q, k.shape[2], spec.key_padding_mask, spec.causal, spec.window)
+    mask, is_causal = cpu_op_mask(q, k.shape[2], spec.key_padding_mask, spec.causal, spec.window,
+                                  cu_seqlens=spec.cu_seqlens)
     return _SplitAttention.apply(q, k, v, prefix_k, prefix_v, gate, mask, is_causal, spec.scale)

@@ -1,81 +1,186 @@
-"""``backend="triton"`` for the gated-prefix attention: the split path or the fused kernel, per call.
+"""``backend="triton"`` for the gated-prefix attention: the fused kernel, the split path or the concat path, per
+call.
 
 The path comes as an argument (``fastprefix.ops`` resolves None to ``FASTPREFIX_ATTENTION``, else ``"auto"``);
 nothing here reads the environment. The rule (the one place it is written; the README repeats it):
 
-1. ``softcap`` (Gemma 2's logit capping): the fused kernel, always, also when ``"split"`` is asked for. No
-   vendor op caps the logits, and the split path never approximates: a forced split falls back to the fused
-   kernel for the features the vendor ops lack.
-2. ``"fused"`` forces the fused kernel (fused.py); ``"split"`` forces the split path (split.py) wherever a
-   vendor op supports the call (vendor.py: ``choose_op``; with ``attn_bias`` or a ``window`` that hides a key
-   that is PyTorch's fused CPU attention on CPU and the memory-efficient op on CUDA), the fused kernel
-   elsewhere; on CPU under ``TRITON_INTERPRET=1`` the split path runs with PyTorch's fused CPU attention.
-3. ``"auto"``: split for fp16 / bf16 on CUDA with compute capability 8.0 or newer where ``choose_op`` picks
-   FlashAttention-2 (no padding mask: an all-real mask is dropped first; no ``attn_bias``; no window that
-   hides a key), fused otherwise (fp32, padded batches on CUDA, a bias or a window, older GPUs, the
-   interpreter).
+1. ``softcap`` (Gemma 2's logit capping): the fused kernel, always, also when ``"split"`` or ``"concat"`` is asked
+   for. No vendor op caps the logits, and no other path approximates: a forced path falls back to the fused kernel
+   for the features the vendor ops lack.
+2. ``"fused"`` forces the fused kernel (fused.py). ``"split"`` forces the split path (split.py) wherever a vendor
+   op serves the call, the fused kernel elsewhere: vendor.py's ``choose_op`` (with ``attn_bias`` or a window that
+   hides a key: PyTorch's fused CPU attention on CPU, the memory-efficient op on CUDA), and for padding alone on
+   CUDA, or a packed row anywhere, the varlen op (varlen.py: FlashAttention-2's varlen ops on CUDA, their
+   emulation on CPU) where its plan is exact (non-causal; causal with each row's real keys in one run). On CPU
+   under ``TRITON_INTERPRET=1`` the split path runs PyTorch's fused CPU op (padded batches through its additive
+   mask, packed rows through the emulated varlen op). ``"concat"`` forces the concat path (concat.py) where it
+   serves the call: no gate or one gate row for every query (it folds into the prefix), no ``attn_bias``, no
+   window; dense, padded (FlashAttention-2's varlen op on CUDA, with each causal row's real keys one run that
+   starts no later than query 0's position + 1) or packed. What it does not serve falls back as ``"split"`` does:
+   the split path where that serves the call, else the fused kernel.
+3. ``"auto"``: the fused kernel on CPU (the interpreter), for fp32, and on GPUs before sm_80 (source ``"rule"``).
+   For fp16 / bf16 on CUDA 8.0+ the candidates are the fused kernel, the split path where it runs
+   FlashAttention-2 (dense or varlen; the memory-efficient op only when forced: unmeasured) and the concat path
+   where it serves the call and the prefix is known (``choose_path``'s ``prefix_k``; without it the concat path,
+   which the prefix and the gate decide, is not a candidate). Among them the rule takes the fastest by the
+   **measured table** of the running GPU's compute capability (``benchmarks/results/<gpu>-dispatch.json``,
+   written by ``make gpu``: table.py; source ``"table"``) where it covers the call's shape class (dtype, causal,
+   dense / padded / packed, gate none / row / token, head dim bucket, GQA), else by the **cost model** (costs.py:
+   the modelled forward + backward time at the class's model shape, B = 8, H = 32, S = 2048, L = 64; source
+   ``"model"``).
 
-| call                                            | auto                | ``split`` forced          |
-|-------------------------------------------------|---------------------|---------------------------|
-| fp16/bf16, CUDA 8.x/9.x, no mask/bias/window    | split (FlashAttn-2) | split (FlashAttention-2)  |
-| ... with ``attn_bias`` (q's dtype) or a window  | fused               | split (memory-efficient)  |
-| ... with a float32 ``attn_bias``                | fused               | fused                     |
-| ... with only a padding mask                    | fused               | fused                     |
-| ``softcap`` (any device, any dtype)             | fused               | fused                     |
-| CPU (interpreter)                               | fused               | split (fused CPU op)      |
+No GPU run has been committed yet, so today every CUDA call takes the cost model's pick, stated as such:
 
-Step 3 is provisional: the GPU benchmark's numbers replace it as soon as they exist. The memory-efficient op
-(a materialised ``[B|1, H|1, Sq, Sk]`` mask, K/V copied per query head under GQA) is unmeasured: only a forced
-split takes it. A window that hides no key arrives as none (``fastprefix.spec.effective_window``), so such calls
-keep FlashAttention-2. On both paths the gate reaches the kernels as one tensor in the accumulator dtype
-(``fused.gate_tensor``: APT's gate inputs become one GEMM + sigmoid per call, its gradient through autograd).
+| call (fp16 / bf16, CUDA 8.x / 9.x)                     | auto (model)         | ``split`` forced   | ``concat`` forced |
+|--------------------------------------------------------|----------------------|--------------------|-------------------|
+| no padding, no gate or one gate row, prefix known      | concat (FA-2)        | split (FA-2)       | concat (FA-2)     |
+| no padding, a gate per query (APT token gate)          | split (FA-2)         | split (FA-2)       | split (FA-2)      |
+| padded, non-causal, no gate / one row, prefix known    | concat (FA-2 varlen) | split (varlen)     | concat (varlen)   |
+| padded, non-causal, a gate per query                   | split (FA-2 varlen)  | split (varlen)     | split (varlen)    |
+| padded, causal, right padding, GQA, no gate / one row  | concat (FA-2 varlen) | split (varlen)     | concat (varlen)   |
+| padded, causal, right padding, MHA or a per-query gate | fused                | split (varlen)     | split / concat    |
+| padded, causal, real keys with holes                   | fused                | fused              | fused             |
+| packed (``cu_seqlens``), no gate / one row             | concat (FA-2 varlen) | split (varlen)     | concat (varlen)   |
+| packed, a gate per query                               | split (FA-2 varlen)  | split (varlen)     | split (varlen)    |
+| ``attn_bias`` (q's dtype) or a window                  | fused                | split (efficient)  | split (efficient) |
+| a float32 ``attn_bias``; ``softcap``                   | fused                | fused              | fused             |
+| fp32, sm < 80, CPU (interpreter)                       | fused (rule)         | split (CPU op)     | concat (CPU op)   |
+
+(``choose_path`` / ``fastprefix.ops.attention_path`` without ``prefix_k`` leave the concat column out: the
+first row is then split, the padded ones split (varlen) or fused as the model ranks split against fused.) A window
+that hides no key arrives as none (``fastprefix.spec.effective_window``). On CUDA a padding mask with every key
+real is dropped before the choice (one host sync). On every path the gate reaches the kernels as one tensor in the
+accumulator dtype (``fused.gate_tensor``: APT's gate inputs become one GEMM + sigmoid per call, its gradient
+through autograd); the concat path folds it into the prefix.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple, Optional
 
 import torch
 
 from ...spec import PATHS, AttentionSpec
 from ..common.launch import arch_of
-from . import fused, split, vendor
+from . import concat, costs, fused, split, table, varlen, vendor
+
+SOURCES = ("forced", "rule", "table", "model")
 
 
-def choose_path(q, k, spec: AttentionSpec, path: str) -> tuple[str, object, AttentionSpec]:
-    """``("split", vendor op, spec)`` or ``("fused", None, spec)`` for this call and ``path`` (one of
-    ``fastprefix.spec.PATHS``), by the rule in the module docstring.
+class Route(NamedTuple):
+    """A call's path: ``path`` (``"fused"``, ``"split"``, ``"concat"``), the vendor ``op`` it runs (None for the
+    fused kernel), the ``spec`` it runs with (an all-real padding mask dropped), ``source`` (one of
+    :data:`SOURCES`: see the module docstring) and a varlen op's ``plan``."""
+
+    path: str
+    op: Optional[str]
+    spec: AttentionSpec
+    source: str
+    plan: Optional[varlen.Plan] = None
+
+
+def all_real(key_padding_mask) -> bool:
+    """Whether a padding mask hides nothing (one host sync)."""
+    return bool(key_padding_mask.all())
+
+
+def _split_option(q, k, spec: AttentionSpec, arch):
+    """``(op, plan)`` the split path runs for this call, or None where no vendor op serves it."""
+    Sq, Sk, D = q.shape[2], k.shape[2], q.shape[-1]
+    if D > 128:
+        return None
+    if spec.cu_seqlens is None:
+        op = vendor.choose_op(q.device.type, arch, q.dtype, D, spec.key_padding_mask is not None, spec.causal, Sq, Sk,
+                              bias_dtype=None if spec.attn_bias is None else spec.attn_bias.dtype,
+                              has_window=spec.window is not None)
+        if op is not None:
+            return op, None
+        if spec.key_padding_mask is None or spec.attn_bias is not None or spec.window is not None:
+            return None
+    op = varlen.choose_op(q.device.type, arch, q.dtype, D)
+    plan = None if op is None else split.split_plan(q, k, spec)
+    return None if plan is None else (op, plan)
+
+
+def _concat_option(q, k, spec: AttentionSpec, arch, prefix_k):
+    """``(op, plan)`` the concat path runs for this call, or None where it does not serve it."""
+    Sq, Sk, D = q.shape[2], k.shape[2], q.shape[-1]
+    if (prefix_k is None or D > 128 or spec.attn_bias is not None or spec.window is not None
+            or spec.softcap is not None or not concat.folds(spec, Sq)):
+        return None
+    L = prefix_k.shape[-2]
+    if spec.cu_seqlens is None and (spec.key_padding_mask is None or q.device.type == "cpu"):
+        op = vendor.choose_op(q.device.type, arch, q.dtype, D, False, spec.causal, Sq, Sk + L)
+        return (op, None) if op in (vendor.CPU, vendor.FLASH) else None
+    op = varlen.choose_op(q.device.type, arch, q.dtype, D)
+    plan = None if op is None else concat.concat_plan(q, k, spec, L)
+    return None if plan is None else (op, plan)
+
+
+def route(q, k, spec: AttentionSpec, path: str, prefix_k=None) -> Route:
+    """The :class:`Route` of this call for ``path`` (one of ``fastprefix.spec.PATHS``), by the rule in the module
+    docstring. ``prefix_k``: the call's prefix (``[Hkv, L, D]`` or ``[B, Hkv, L, D]``), without which the
+    concat path is not considered.
 
     On CUDA a padding mask with every key real (what transformers passes for an unpadded batch) is dropped
     from the returned spec before the choice (one host sync), as it hides nothing and would rule
-    FlashAttention out.
+    FlashAttention out. A padded batch's or packed row's varlen plan is built here (memoised on the mask or
+    ``cu_seqlens`` tensor: once per forward).
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    if path == "fused" or spec.softcap is not None:
-        return "fused", None, spec
+    if spec.softcap is not None:
+        return Route("fused", None, spec, "rule")
+    if path == "fused":
+        return Route("fused", None, spec, "forced")
     arch = arch_of(q)
-    eligible = path == "split" or (q.device.type == "cuda" and arch is not None and arch >= 80
-                                   and q.dtype in (torch.float16, torch.bfloat16))
-    if not eligible:
-        return "fused", None, spec
-    if spec.key_padding_mask is not None and q.device.type == "cuda" and bool(spec.key_padding_mask.all()):
+    on_gpu = (q.device.type == "cuda" and arch is not None and arch >= 80
+              and q.dtype in (torch.float16, torch.bfloat16))
+    if path == "auto" and not on_gpu:
+        return Route("fused", None, spec, "rule")
+    if spec.key_padding_mask is not None and q.device.type == "cuda" and all_real(spec.key_padding_mask):
         spec = spec.replace(key_padding_mask=None)
-    Sq, Sk, D = q.shape[2], k.shape[2], q.shape[-1]
-    op = vendor.choose_op(q.device.type, arch, q.dtype, D, spec.key_padding_mask is not None, spec.causal, Sq, Sk,
-                          bias_dtype=None if spec.attn_bias is None else spec.attn_bias.dtype,
-                          has_window=spec.window is not None)
-    if op is None or D > 128:
-        return "fused", None, spec
-    if path == "auto" and op != vendor.FLASH and q.device.type == "cuda":
-        return "fused", None, spec  # the memory-efficient op only when forced (unmeasured)
-    return "split", op, spec
+    split_option = _split_option(q, k, spec, arch)
+    concat_option = _concat_option(q, k, spec, arch, prefix_k)
+    if path == "concat" and concat_option is not None:
+        return Route("concat", *concat_option[:1], spec, "forced", concat_option[1])
+    if path in ("split", "concat"):  # concat falls back as split does
+        if split_option is None:
+            return Route("fused", None, spec, "forced")
+        return Route("split", split_option[0], spec, "forced", split_option[1])
+    options = {"fused": (None, None)}
+    if split_option is not None and split_option[0] in (vendor.FLASH, vendor.FLASH_VARLEN):
+        options["split"] = split_option  # the memory-efficient op only when forced (unmeasured)
+    if concat_option is not None:
+        options["concat"] = concat_option
+    if len(options) == 1:
+        return Route("fused", None, spec, "rule")
+    cls = table.shape_class(q, k, spec)
+    measured = table.ranking(arch, cls)
+    timed = [p for p in options if measured is not None and p in measured]
+    if timed:
+        best, source = min(timed, key=lambda p: (measured[p], costs.PATHS.index(p))), "table"
+    else:
+        best, source = costs.pick(table.model_shape(cls), options), "model"
+    op, plan = options[best]
+    return Route(best, op, spec, source, plan)
+
+
+def choose_path(q, k, spec: AttentionSpec, path: str, prefix_k=None) -> tuple[str, object, AttentionSpec]:
+    """``(path, vendor op, spec)`` of :func:`route`: ``("split", op, spec)``, ``("concat", op, spec)`` or
+    ``("fused", None, spec)``."""
+    chosen = route(q, k, spec, path, prefix_k=prefix_k)
+    return chosen.path, chosen.op, chosen.spec
 
 
 def gated_prefix_attention(q, k, v, prefix_k, prefix_v, spec: AttentionSpec, path: str):
-    """Gated-prefix attention on the Triton backend, split or fused by :func:`choose_path`; the reference's
-    contract (``fastprefix.ops.gated_prefix_attention``): q ``[B, H, Sq, D]``, k, v ``[B, Hkv, Sk, D]``, prefix
+    """Gated-prefix attention on the Triton backend, by :func:`route`; the reference's contract
+    (``fastprefix.ops.gated_prefix_attention``): q ``[B, H, Sq, D]``, k, v ``[B, Hkv, Sk, D]``, prefix
     ``[Hkv, L, D]`` or ``[B, Hkv, L, D]``, ``spec`` the call's :class:`fastprefix.spec.AttentionSpec`, ``path``
-    ``"auto"``, ``"fused"`` or ``"split"``; returns ``[B, H, Sq, D]``."""
-    path, op, spec = choose_path(q, k, spec, path)
-    if path == "fused":
-        return fused.gated_prefix_attention(q, k, v, prefix_k, prefix_v, spec)
-    return split.split_attention(q, k, v, prefix_k, prefix_v, spec, op=op)
+    one of ``fastprefix.spec.PATHS``; returns ``[B, H, Sq, D]``."""
+    chosen = route(q, k, spec, path, prefix_k=prefix_k)
+    if chosen.path == "fused":
+        return fused.gated_prefix_attention(q, k, v, prefix_k, prefix_v, chosen.spec)
+    if chosen.path == "split":
+        return split.split_attention(q, k, v, prefix_k, prefix_v, chosen.spec, op=chosen.op, plan=chosen.plan)
+    return concat.concat_attention(q, k, v, prefix_k, prefix_v, chosen.spec, op=chosen.op, plan=chosen.plan)

@@ -32,7 +32,10 @@ fp32 partials that torch sums in a fixed order. The bias gradient is the real ke
 folded into grid axis 0 (tile fastest: neighbours share a head's K/V in L2; no 65,535 cap on B * H).
 
 Caveats. Head dim D <= 128 (masked to a power of two); L >= 1; H % Hkv == 0; causal and the window are
-bottom-right aligned (query t sits at position t + Sk - Sq); no dropout, no varlen packing. fp16 / bf16 / fp32
+bottom-right aligned (query t sits at position t + Sk - Sq); no dropout. A packed row (``spec.cu_seqlens``) is
+served re-padded: its sequences gathered into a right-padded batch with a key padding mask
+(``fastprefix.sequences.unpacked_call``, memoised per ``cu_seqlens`` tensor), the kernels run on it, and the
+output is gathered back (``packed_output``); gradients flow through the gathers. fp16 / bf16 / fp32
 inputs accumulate in fp32 (fp32 dots in IEEE precision, never TF32), fp64 in fp64 (for gradcheck under the
 interpreter: on a GPU fp64 goes to the reference path). The bias joins after the cap, in q's dtype or fp32; the
 window and the softcap are runtime arguments (one compiled kernel each way); a window that hides no key comes
@@ -55,6 +58,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ...sequences import packed_output, unpacked_call
 from ...spec import AttentionSpec
 from ..common.jit import scaled
 from ..common.launch import (LOG2E, acc_dtype, arch_of, block_d, folded_grid, gate_strides, numerics, options,
@@ -935,15 +939,24 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, spec: AttentionSpec, out
 
     q [B, H, Sq, D]; k, v [B, Hkv, Sk, D]; prefix_k, prefix_v [Hkv, L, D] (shared) or [B, Hkv, L, D]; ``spec``
     the call's :class:`fastprefix.spec.AttentionSpec` (gate or APT gate inputs, padding mask, causal, window,
-    bias, softcap, scale). Returns [B, H, Sq, D] in q's dtype; with out_layout="bshd" that tensor is a view of
-    [B, Sq, H, D] memory (so out.transpose(1, 2) is contiguous). Inputs are expected to be validated by
-    fastprefix.ops (which also sends fp64 on a GPU to the reference); only the kernel's own limits are checked.
+    bias, softcap, scale, a packed row's ``cu_seqlens``: served re-padded). Returns [B, H, Sq, D] in q's dtype;
+    with out_layout="bshd" that tensor is a view of [B, Sq, H, D] memory (so out.transpose(1, 2) is contiguous;
+    a packed row's output is always in that memory). Inputs are expected to be validated by fastprefix.ops (which
+    also sends fp64 on a GPU to the reference); only the kernel's own limits are checked.
     """
     D = q.shape[-1]
     if D > 128:
         raise ValueError(f"triton gated_prefix_attention supports head dim <= 128, got {D}")
     if out_layout not in OUT_LAYOUTS:
         raise ValueError(f"out_layout must be one of {OUT_LAYOUTS}, got {out_layout!r}")
+    if spec.cu_seqlens is not None:
+        *args, inner, packing = unpacked_call(q, k, v, prefix_k, prefix_v, spec)
+        return packed_output(_launch(*args, inner, "bshd"), packing)
+    return _launch(q, k, v, prefix_k, prefix_v, spec, out_layout)
+
+
+def _launch(q, k, v, prefix_k, prefix_v, spec: AttentionSpec, out_layout: str):
+    """:func:`gated_prefix_attention` of a call that is not packed."""
     gate = gate_tensor(q, spec)
     return GatedPrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, gate, spec.key_padding_mask, spec.causal,
                                               spec.scale, out_layout == "bshd", spec.attn_bias, *window_args(spec),

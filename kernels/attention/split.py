@@ -31,6 +31,16 @@ score tensor exists in global memory; a shared prefix ``[Hkv, L, D]`` is read th
 CPU, the memory-efficient op's bias on CUDA): the merge kernels are the same. The bias gradient is the vendor
 backward's own dS (on CPU recomputed in torch), only when the bias requires grad.
 
+Padded batches and packed rows (``cu_seqlens``) take the vendor's variable-length attention (varlen.py:
+FlashAttention-2's varlen ops on CUDA, their emulation on CPU): the real keys in token-major ``[total_k, Hkv, D]``
+memory (a padded batch's gathered once per call by the forward's plan, a packed row's as they lie), every query
+row kept in token-major ``[B * Sq, H, D]`` memory, which is the ``[B, Sq, H, D]`` memory of q itself (a view, no
+copy). The varlen output ``[B * Sq, H, D]`` is ``o_k`` seen as ``[B, H, Sq, D]`` and its log-sum-exp
+``[H, B * Sq]`` is ``lse_k`` seen as ``[B, H, Sq]`` through strides, so the merge kernels run unchanged: each
+token's batch row is its query row's, and the gate (``[B|1, Sq|1, L]``) and a per-example prefix are read by it.
+The backward calls the varlen backward with ``w * dO`` and the merged output (token-major views of both) and
+scatters the real keys' dk, dv back to their padded places (zeros elsewhere).
+
 Caveats. No ``softcap`` (no vendor op caps the logits: dispatch.py sends such calls to the fused kernel). A query
 that sees no real key gets ``w = 0`` exactly: the CPU op reports a log-sum-exp near the dtype's lowest value for
 it, and the kernel treats a NaN or +inf ``lse_k`` (FlashAttention's empty row) as no mass; the prefix keeps every
@@ -56,10 +66,10 @@ from ..common.jit import scaled
 from ..common.launch import (LOG2E, acc_dtype, arch_of, block_d, gate_strides, numerics, options, prefix_strides,
                              prefix_tile, reduce_prefix_partials, rows_per_split, split_float, unit_rows)
 from ..common.runtime import new_buffer
-from . import configs, vendor
+from . import configs, varlen, vendor
 from .fused import gate_tensor, spec_from_args, window_args
 
-__all__ = ["split_attention", "merge_forward", "SplitAttentionFunction", "fitness_configs"]
+__all__ = ["split_attention", "split_plan", "merge_forward", "SplitAttentionFunction", "fitness_configs"]
 
 LN2 = math.log(2.0)
 
@@ -340,11 +350,35 @@ def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale: float):
     return out, lse
 
 
-def _forward(q, k, v, prefix_k, prefix_v, spec: AttentionSpec, op: str):
+def _varlen_inputs(q, k, v, plan: varlen.Plan):
+    """Token-major q ``[B * Sq, H, D]`` (a view of ``[B, Sq, H, D]`` memory) and the real keys and values
+    ``[total_k, Hkv, D]`` (a padded batch's gathered by ``plan.keys``)."""
+    q_t, k_t, v_t = varlen.tokens(q), varlen.tokens(k), varlen.tokens(v)
+    if plan.keys is not None:
+        k_t, v_t = k_t.index_select(0, plan.keys), v_t.index_select(0, plan.keys)
+    return q_t, k_t, v_t
+
+
+def _keys_back(x, plan: varlen.Plan, B: int, Sk: int):
+    """The real keys' gradient ``[total_k, Hkv, D]`` -> ``[B, Hkv, Sk, D]`` in ``[B, Sk, Hkv, D]`` memory (zeros on
+    padded keys)."""
+    if plan.keys is not None:
+        x = x.new_zeros((B * Sk,) + tuple(x.shape[1:])).index_copy_(0, plan.keys, x)
+    return x.view(B, Sk, *x.shape[1:]).transpose(1, 2)
+
+
+def _forward(q, k, v, prefix_k, prefix_v, spec: AttentionSpec, op: str, plan: Optional[varlen.Plan] = None):
     """(out ``[B, H, Sq, D]`` in ``[B, Sq, H, D]`` memory, merged lse ``[B, H, Sq]`` base 2, lse_k, rng...).
     ``spec.gate``: None or the gate in the accumulator dtype; its bias and window reach the vendor op only (the
-    prefix has none)."""
+    prefix has none). A varlen ``op`` runs ``plan``; its ``lse_k`` is ``[H, B * Sq]``."""
     q, k, v, prefix_k, prefix_v = map(unit_rows, (q, k, v, prefix_k, prefix_v))
+    if op in vendor.VARLEN_OPS:
+        B, H, Sq, D = q.shape
+        o_t, lse_t, rng = varlen.forward(op, *_varlen_inputs(q, k, v, plan), plan, spec.scale, spec.window)
+        o_k = o_t.view(B, Sq, H, D).transpose(1, 2)  # [B, H, Sq, D] through strides
+        lse_k = lse_t.view(H, B, Sq).transpose(0, 1)  # [B, H, Sq] through strides
+        out, lse = merge_forward(q, prefix_k, prefix_v, spec.gate, o_k, lse_k, spec.scale)
+        return out, lse, lse_t, rng[0], rng[1]
     o_k, lse_k, rng = vendor.forward(op, q, k, v, spec.key_padding_mask, spec.causal, spec.scale,
                                      attn_bias=spec.attn_bias, window=spec.window)
     out, lse = merge_forward(q, prefix_k, prefix_v, spec.gate, o_k, lse_k, spec.scale)
@@ -352,30 +386,41 @@ def _forward(q, k, v, prefix_k, prefix_v, spec: AttentionSpec, op: str):
 
 
 def _backward(do, q, k, v, prefix_k, prefix_v, out, lse, lse_k, seed, offset, spec: AttentionSpec, op: str,
-              bias_grad: bool = False):
+              bias_grad: bool = False, plan: Optional[varlen.Plan] = None):
     """dq, dk, dv, dprefix_k, dprefix_v, the gate gradient ``[B, Sq, L]`` in the accumulator dtype (an empty
     tensor without a gate) and the bias gradient (4-dim, the bias's dtype; an empty tensor unless
     ``bias_grad``)."""
     B, H, Sq, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, Sk = k.shape[1], k.shape[2]
     L = prefix_k.shape[-2]
     gate = spec.gate
     acc = acc_dtype(q.dtype)
     q, k, v, prefix_k, prefix_v, do = map(unit_rows, (q, k, v, prefix_k, prefix_v, do))
     # the real keys' mass w = exp(lse_k - lse) (0 for an empty row, however the op reports it)
-    lse_k_nat = lse_k.narrow(-1, 0, Sq).to(acc)  # the efficient op pads its lse to 32-row multiples
+    if op in vendor.VARLEN_OPS:
+        lse_k_nat = lse_k.view(H, B, Sq).transpose(0, 1).to(acc)
+    else:
+        lse_k_nat = lse_k.narrow(-1, 0, Sq).to(acc)  # the efficient op pads its lse to 32-row multiples
     lse_k_nat = torch.where(torch.isnan(lse_k_nat) | (lse_k_nat == math.inf), -math.inf, lse_k_nat)
     w = torch.exp(lse_k_nat - lse * LN2)
     w_do = do.to(acc) * w.unsqueeze(-1)
-    exact_delta = None
-    if bias_grad and op == vendor.CPU:  # the bias gradient is computed in torch: give it the exact delta
-        exact_delta = (w, _prefix_delta(q, prefix_k, prefix_v, gate, do, lse, spec.scale, acc))
-    dq, dk, dv, dbias = vendor.backward_all(op, w_do.to(q.dtype), q, k, v, out, lse_k, (seed, offset),
-                                            spec.key_padding_mask, spec.causal, spec.scale,
-                                            attn_bias=spec.attn_bias, window=spec.window, bias_grad=bias_grad,
-                                            grad_out_acc=w_do, prefix_delta=exact_delta)
-    if dbias is None:
+    if op in vendor.VARLEN_OPS:
+        q_t, k_t, v_t = _varlen_inputs(q, k, v, plan)
+        dq, dk, dv = varlen.backward(op, varlen.tokens(w_do.to(q.dtype)), q_t, k_t, v_t, varlen.tokens(out), lse_k,
+                                     (seed, offset), plan, spec.scale, spec.window)
+        dq = dq.view(B, Sq, H, D).transpose(1, 2)
+        dk, dv = _keys_back(dk, plan, B, Sk), _keys_back(dv, plan, B, Sk)
         dbias = q.new_empty((0,))
+    else:
+        exact_delta = None
+        if bias_grad and op == vendor.CPU:  # the bias gradient is computed in torch: give it the exact delta
+            exact_delta = (w, _prefix_delta(q, prefix_k, prefix_v, gate, do, lse, spec.scale, acc))
+        dq, dk, dv, dbias = vendor.backward_all(op, w_do.to(q.dtype), q, k, v, out, lse_k, (seed, offset),
+                                                spec.key_padding_mask, spec.causal, spec.scale,
+                                                attn_bias=spec.attn_bias, window=spec.window, bias_grad=bias_grad,
+                                                grad_out_acc=w_do, prefix_delta=exact_delta)
+        if dbias is None:
+            dbias = q.new_empty((0,))
     dq = unit_rows(dq)
     delta = (do.to(acc) * out.to(acc)).sum(-1).contiguous()  # [B, H, Sq]: dO . out
     flags = _flags(q, D)
@@ -431,15 +476,18 @@ Tensor = torch.Tensor
 @torch.library.custom_op("fastprefix::split_attention_fwd", mutates_args=())
 def _fwd_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, gate: Optional[Tensor],
             key_padding_mask: Optional[Tensor], causal: bool, scale: float, op: str,
-            attn_bias: Optional[Tensor] = None, window_left: int = -1,
-            window_right: int = -1) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+            attn_bias: Optional[Tensor] = None, window_left: int = -1, window_right: int = -1,
+            keys: Optional[Tensor] = None, cu_q: Optional[Tensor] = None, cu_k: Optional[Tensor] = None,
+            cu_k2: Optional[Tensor] = None, max_q: int = 0, max_k: int = 0,
+            plan_causal: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     spec = spec_from_args(scale, causal, key_padding_mask, window_left, window_right, attn_bias, None, gate)
-    return _forward(q, k, v, prefix_k, prefix_v, spec, op)
+    plan = varlen.plan_of_args(keys, cu_q, cu_k, cu_k2, max_q, max_k, plan_causal)
+    return _forward(q, k, v, prefix_k, prefix_v, spec, op, plan)
 
 
 @_fwd_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, op, attn_bias=None, window_left=-1,
-      window_right=-1):
+      window_right=-1, keys=None, cu_q=None, cu_k=None, cu_k2=None, max_q=0, max_k=0, plan_causal=False):
     B, H, Sq, D = q.shape
     acc = acc_dtype(q.dtype)
     out = q.new_empty((B, Sq, H, D)).transpose(1, 2)
@@ -450,15 +498,19 @@ def _(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, op, at
 def _bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, gate: Optional[Tensor],
             key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor, lse_k: Tensor, seed: Tensor, offset: Tensor,
             causal: bool, scale: float, op: str, attn_bias: Optional[Tensor] = None, window_left: int = -1,
-            window_right: int = -1,
-            bias_grad: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            window_right: int = -1, bias_grad: bool = False, keys: Optional[Tensor] = None,
+            cu_q: Optional[Tensor] = None, cu_k: Optional[Tensor] = None, cu_k2: Optional[Tensor] = None,
+            max_q: int = 0, max_k: int = 0,
+            plan_causal: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     spec = spec_from_args(scale, causal, key_padding_mask, window_left, window_right, attn_bias, None, gate)
-    return _backward(do, q, k, v, prefix_k, prefix_v, out, lse, lse_k, seed, offset, spec, op, bias_grad)
+    plan = varlen.plan_of_args(keys, cu_q, cu_k, cu_k2, max_q, max_k, plan_causal)
+    return _backward(do, q, k, v, prefix_k, prefix_v, out, lse, lse_k, seed, offset, spec, op, bias_grad, plan)
 
 
 @_bwd_op.register_fake
 def _(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse, lse_k, seed, offset, causal, scale, op,
-      attn_bias=None, window_left=-1, window_right=-1, bias_grad=False):
+      attn_bias=None, window_left=-1, window_right=-1, bias_grad=False, keys=None, cu_q=None, cu_k=None, cu_k2=None,
+      max_q=0, max_k=0, plan_causal=False):
     B, _, Sq, _ = q.shape
     dg = q.new_empty((B, Sq, prefix_k.shape[-2]) if gate is not None else (0,), dtype=acc_dtype(q.dtype))
     dbias = attn_bias.new_empty(attn_bias.shape) if bias_grad else q.new_empty((0,))
@@ -471,61 +523,86 @@ class SplitAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, op, attn_bias, window_left,
-                window_right):
+                window_right, keys=None, cu_q=None, cu_k=None, cu_k2=None, max_q=0, max_k=0, plan_causal=False):
         out, lse, lse_k, seed, offset = torch.ops.fastprefix.split_attention_fwd(
             q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, op, attn_bias, window_left,
-            window_right)
+            window_right, keys, cu_q, cu_k, cu_k2, max_q, max_k, plan_causal)
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, attn_bias, out, lse, lse_k, seed,
-                              offset)
+                              offset, keys, cu_q, cu_k, cu_k2)
         ctx.causal, ctx.scale, ctx.op, ctx.window = causal, scale, op, (window_left, window_right)
+        ctx.plan = (max_q, max_k, plan_causal)
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, prefix_k, prefix_v, gate, key_padding_mask, attn_bias, out, lse, lse_k, seed, offset = \
-            ctx.saved_tensors
+        (q, k, v, prefix_k, prefix_v, gate, key_padding_mask, attn_bias, out, lse, lse_k, seed, offset, keys, cu_q,
+         cu_k, cu_k2) = ctx.saved_tensors
         bias_grad = attn_bias is not None and ctx.needs_input_grad[10]
         dq, dk, dv, dpk, dpv, dg, dbias = torch.ops.fastprefix.split_attention_bwd(
             do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse, lse_k, seed, offset, ctx.causal,
-            ctx.scale, ctx.op, attn_bias, *ctx.window, bias_grad)
+            ctx.scale, ctx.op, attn_bias, *ctx.window, bias_grad, keys, cu_q, cu_k, cu_k2, *ctx.plan)
         dgate = dg.sum_to_size(gate.shape).to(gate.dtype) if gate is not None else None
-        return dq, dk, dv, dpk, dpv, dgate, None, None, None, None, dbias if bias_grad else None, None, None
+        return (dq, dk, dv, dpk, dpv, dgate, None, None, None, None, dbias if bias_grad else None, None, None) \
+            + (None,) * 7
 
 
 # ------------------------------------------------------------------------------------------------- public
 
 
-def split_attention(q, k, v, prefix_k, prefix_v, spec: AttentionSpec, op=None):
+def split_attention(q, k, v, prefix_k, prefix_v, spec: AttentionSpec, op=None, plan=None):
     """Gated-prefix attention on the split path; the reference's contract.
 
     q ``[B, H, Sq, D]``; k, v ``[B, Hkv, Sk, D]``; prefix_k, prefix_v ``[Hkv, L, D]`` (shared) or
     ``[B, Hkv, L, D]``; ``spec`` the call's :class:`fastprefix.spec.AttentionSpec` (gate or APT gate inputs,
-    padding mask, causal, window, bias, scale; no softcap); ``op`` the vendor op (vendor.py), default
-    :func:`vendor.choose_op`'s. Returns ``[B, H, Sq, D]`` in q's dtype, stored as ``[B, Sq, H, D]``
+    padding mask, causal, window, bias, scale, a packed row's ``cu_seqlens``; no softcap); ``op`` the vendor op
+    (vendor.py), default :func:`vendor.choose_op`'s, else (padding alone, or a packed row)
+    :func:`varlen.choose_op`'s; ``plan`` a varlen op's :class:`varlen.Plan`, default the call's (memoised on its
+    mask or ``cu_seqlens``). Returns ``[B, H, Sq, D]`` in q's dtype, stored as ``[B, Sq, H, D]``
     (``out.transpose(1, 2)`` is contiguous).
 
     Raises:
-        ValueError: when no vendor op supports the call (dispatch.py then takes the fused kernel), a softcap, or
+        ValueError: when no vendor op supports the call (dispatch.py then takes another path), a softcap, or
         D > 128. Inputs are otherwise expected to be validated by ``fastprefix.ops``.
     """
-    Sq, D = q.shape[2], q.shape[3]
+    B, _, Sq, D = q.shape
     Sk = k.shape[2]
     if D > 128:
         raise ValueError(f"the split path supports head dim <= 128, got {D}")
     if spec.softcap is not None:
         raise ValueError("the split path has no softcap (no vendor op caps the logits): use the fused kernel")
-    if op is None:
-        cap = arch_of(q)
+    cap = arch_of(q)
+    if op is None and spec.cu_seqlens is None:
         bias_dtype = None if spec.attn_bias is None else spec.attn_bias.dtype
         op = vendor.choose_op(q.device.type, cap, q.dtype, D, spec.key_padding_mask is not None, spec.causal, Sq,
                               Sk, bias_dtype=bias_dtype, has_window=spec.window is not None)
-        if op is None:
-            raise ValueError(f"no vendor attention op for {q.device.type} (capability {cap}), {q.dtype}, D={D}, "
-                             f"padding mask {spec.key_padding_mask is not None}, attn_bias {bias_dtype}, "
-                             f"window {spec.window}: use the fused kernel")
+    if op is None and spec.attn_bias is None and (spec.cu_seqlens is not None or spec.window is None):
+        op = varlen.choose_op(q.device.type, cap, q.dtype, D)
+    if op is None:
+        raise ValueError(f"no vendor attention op for {q.device.type} (capability {cap}), {q.dtype}, D={D}, "
+                         f"padding mask {spec.key_padding_mask is not None}, attn_bias {spec.attn_bias is not None}, "
+                         f"window {spec.window}: use the fused kernel")
+    if op in vendor.VARLEN_OPS:
+        plan = plan if plan is not None else split_plan(q, k, spec)
+        if plan is None or spec.attn_bias is not None or (spec.window is not None and spec.cu_seqlens is None):
+            raise ValueError("the varlen split path serves padded batches without a bias or window (non-causal, or "
+                             "causal with each row's real keys in one run) and packed rows: use the fused kernel")
+    elif spec.cu_seqlens is not None:
+        raise ValueError(f"a packed row (cu_seqlens) takes a varlen op ({vendor.VARLEN_OPS}), not {op!r}")
     gate = gate_tensor(q, spec)
     return SplitAttentionFunction.apply(q, k, v, prefix_k, prefix_v, gate, spec.key_padding_mask, spec.causal,
-                                        spec.scale, op, spec.attn_bias, *window_args(spec))
+                                        spec.scale, op, spec.attn_bias, *window_args(spec),
+                                        *varlen.plan_args(plan if op in vendor.VARLEN_OPS else None))
+
+
+def split_plan(q, k, spec: AttentionSpec) -> Optional[varlen.Plan]:
+    """The varlen :class:`varlen.Plan` of a call on the split path: a packed row's, a padded batch's (None where no
+    plan is exact), or, for a batch without padding, one over every key (one call, not memoised)."""
+    if spec.cu_seqlens is not None:
+        return varlen.packed_plan(spec.cu_seqlens, spec.causal)
+    if spec.key_padding_mask is not None:
+        return varlen.padded_plan(spec.key_padding_mask, spec.causal, q.shape[2])
+    every = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+    return varlen.padded_plan(every, spec.causal, q.shape[2])
 
 
 def fitness_configs():

@@ -54,8 +54,9 @@ its calls could not be checked on fake tensors. Their is_causal is top-left alig
   ``grad_out = w dO`` its ``dS = p_u (w dO . v_u - w delta)`` is the merged softmax's logit gradient.
 - ROCm builds report a different log-sum-exp layout: not taken there.
 
-Caveats. Left out, each for a reason: padding alone on CUDA (it would need a materialised ``[B, 1, Sq, Sk]``
-mask, where the fused kernel reads the ``[B, Sk]`` mask itself), ``softcap`` (no vendor op caps the
+Caveats. Left out, each for a reason: padding alone on CUDA through a dense op (it would need a materialised
+``[B, 1, Sq, Sk]`` mask; such calls take FlashAttention-2's varlen ops instead, varlen.py, whose op names
+:data:`FLASH_VARLEN` / :data:`CPU_VARLEN` live here with the others), ``softcap`` (no vendor op caps the
 logits: dispatch.py routes it to the fused kernel, never an approximation), cuDNN (its
 GQA and causal alignment could not be confirmed in the source), capabilities outside 8.x / 9.x.
 
@@ -86,7 +87,11 @@ import torch
 from ...spec import additive_mask, bias4, cpu_op_mask, cpu_op_mask_dtype, visible_keys
 
 CPU, FLASH, EFFICIENT = "cpu", "flash", "efficient"
-OPS = (CPU, FLASH, EFFICIENT)
+# the variable-length ops (varlen.py): FlashAttention-2's varlen forward / backward on CUDA, and its emulation on
+# CPU (the fused CPU op per sequence) under Triton's interpreter
+FLASH_VARLEN, CPU_VARLEN = "flash-varlen", "cpu-varlen"
+VARLEN_OPS = (FLASH_VARLEN, CPU_VARLEN)
+OPS = (CPU, FLASH, EFFICIENT) + VARLEN_OPS
 # row alignment (elements) of the efficient op's bias buffer: 16 covers the forward's 128-bit rule and
 # the 16-element padding its backward gives the gradient
 _BIAS_ALIGN = 16
@@ -279,9 +284,10 @@ def _cpu_bias_grad(grad_out, q, k, v, out, lse_k, key_padding_mask, causal, wind
 
 
 def rng_like(op: str, q):
-    """Fake (shape-only) twins of the ``rng`` tensors :func:`forward` returns, for the custom op's fake kernel.
-    The efficient op returns its (unused: no dropout) seed and offset as int64 scalars on the CPU."""
-    if op == FLASH:
+    """Fake (shape-only) twins of the ``rng`` tensors :func:`forward` (or ``varlen.forward``) returns, for the
+    custom op's fake kernel. The efficient op returns its (unused: no dropout) seed and offset as int64 scalars
+    on the CPU."""
+    if op in (FLASH, FLASH_VARLEN):
         return q.new_empty((2,), dtype=torch.uint64), q.new_empty((), dtype=torch.uint64)
     if op == EFFICIENT:
         return (torch.empty((), dtype=torch.int64, device="cpu"), torch.empty((), dtype=torch.int64, device="cpu"))
@@ -290,7 +296,8 @@ def rng_like(op: str, q):
 
 def grads_like(op: str, q, k, v):
     """Fake twins of dq, dk, dv as :func:`backward_all` returns them: the CPU op writes its gradients in
-    ``[B, S, H, D]`` memory, as does the efficient branch (its BSHD outputs transposed back);
+    ``[B, S, H, D]`` memory, as does the efficient branch (its BSHD outputs transposed back), and the split path's
+    varlen branch (token-major gradients, the keys' scattered back to their padded places);
     FlashAttention's are laid out like its inputs."""
     if op == FLASH:
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -298,9 +305,12 @@ def grads_like(op: str, q, k, v):
 
 
 def lse_like(op: str, q):
-    """A fake twin of :func:`forward`'s ``lse_k``: its shape, dtype and memory layout per op."""
+    """A fake twin of :func:`forward`'s ``lse_k``: its shape, dtype and memory layout per op. The varlen ops give
+    ``[H, B * Sq]`` (token-major queries; fp32 from FlashAttention, the accumulator dtype from the emulation)."""
     B, H, Sq, _ = q.shape
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if op in VARLEN_OPS:
+        return q.new_empty((H, B * Sq), dtype=torch.float32 if op == FLASH_VARLEN else acc)
     if op == CPU:  # the CPU op returns lse in [B, Sq, H] memory
         return q.new_empty((B, Sq, H), dtype=acc).transpose(1, 2)
     if op == EFFICIENT:

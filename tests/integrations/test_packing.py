@@ -8,6 +8,8 @@ has in the row. Prefix methods (P-Tuning v2, APT with either gate) on Llama, Qwe
 methods (PT, DePT, ADePT) put their prompt in front of every sequence. Float64, 1e-10, forward and gradients.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -135,18 +137,21 @@ def test_sliding_window_applies_within_each_packed_sequence(signal):
     assert_grads_close(g_packed, g_alone)
 
 
-def test_packed_calls_the_fused_op_once_per_layer_on_the_unpacked_batch(monkeypatch):
+def test_packed_calls_the_op_once_per_layer_packed(monkeypatch):
+    """Packed rows reach the op packed, never re-padded: one call per layer on ``[1, H, T, D]`` with the sequences'
+    ``cu_seqlens`` and no padding mask (issue 26; it used to be the unpacked ``[n, H, S_max, D]`` batch)."""
     from fastprefix import ops
 
     calls, real = [], ops.gated_prefix_attention
     monkeypatch.setattr(ops, "gated_prefix_attention",
-                        lambda q, *a, **k: calls.append((q.shape, k["key_padding_mask"])) or real(q, *a, **k))
+                        lambda q, *a, **k: calls.append((q.shape, k)) or real(q, *a, **k))
     model = applied("llama", "apt")
     model(**packed_kwargs(sequences(), "position_ids"))
     assert len(calls) == model.config.num_hidden_layers
-    for shape, mask in calls:
-        assert list(shape) == [len(LENGTHS), model.config.num_attention_heads, max(LENGTHS), 8]
-        assert mask.sum(1).tolist() == list(LENGTHS)
+    cu = [0, *torch.tensor(LENGTHS).cumsum(0).tolist()]
+    for shape, kw in calls:
+        assert list(shape) == [1, model.config.num_attention_heads, sum(LENGTHS), 8]
+        assert kw.get("key_padding_mask") is None and kw["cu_seqlens"].tolist() == cu
 
 
 def _count_kernel_launches(monkeypatch):
@@ -199,7 +204,9 @@ def test_packed_checkpointed_grads_equal_plain():
     for checkpointing in (False, True):
         model = applied("llama", "apt-pooled").train()
         if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            with warnings.catch_warnings():  # transformers 5.18+ names it activation_checkpointing_enable
+                warnings.simplefilter("ignore", FutureWarning)
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         output(model, "llama", **packed_kwargs(seqs, "position_ids")).pow(2).sum().backward()
         results.append(grads(model))
     assert_grads_close(results[1], results[0])

@@ -363,8 +363,7 @@ def test_packed_split_takes_the_varlen_op_and_packed_concat_with_a_token_gate_fa
 
 
 def test_packed_gradcheck_float64_split():
-    t = {n: x[..., :8].detach().requires_grad_() if n in NAMES else x for n, x in packed_leaves(gate="token").items()}
-    t = {n: x.detach().requires_grad_() for n, x in t.items()}
+    t = packed_leaves(gate="token", D=8)
     names = list(t)
     kwargs = dict(causal=True, cu_seqlens=cu_seqlens())
 
@@ -423,9 +422,10 @@ def test_the_integration_and_the_ops_share_one_packing_bookkeeping():
     torch.testing.assert_close(packing.pack(packing.tokens(x)), x)
     pooled = torch.arange(6.0).view(6, 1, 1)
     assert packing.per_token(pooled).view(-1).tolist() == [0, 0, 1, 1, 1, 2, 3, 3, 3, 4, 5, 5]
-    by_cu = sequences.Packing.of_cu_seqlens(cu_seqlens(), sum(LENGTHS))
-    assert by_cu.lengths.tolist() == list(LENGTHS) and by_cu is sequences.Packing.of_cu_seqlens(cu_seqlens(), 16) \
-        or by_cu.lengths.tolist() == list(LENGTHS)
+    cu = cu_seqlens()
+    by_cu = sequences.Packing.of_cu_seqlens(cu, sum(LENGTHS))
+    assert by_cu.lengths.tolist() == list(LENGTHS) and torch.equal(by_cu.cu_seqlens, cu)
+    assert sequences.Packing.of_cu_seqlens(cu, sum(LENGTHS)) is by_cu  # once per cu_seqlens tensor
 
 
 def test_row_weights_keep_each_rows_own_keys():
