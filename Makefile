@@ -1,4 +1,4 @@
-# Two entry points: `make test` and `make bench`. Each builds .venv on first use.
+# Two entry points: `make test` and `make bench` (then `make bench-publish`). Each builds .venv on first use.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: test test-oldest lint bench bench-ops fitness clean gpu gpu-test gpu-bench gpu-install gpu-versions
+.PHONY: test test-oldest lint bench bench-publish bench-ops fitness clean gpu gpu-test gpu-bench gpu-install gpu-versions
 
 $(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,10 +48,15 @@ lint: $(STAMP)
 		&& cp -r benchmarks build/lint/fastprefix/benchmarks
 	cd build/lint && ../../$(BIN)/lint-imports ../../.importlinter
 
+# make bench writes a new run folder, benchmarks/runs/<UTC date-time>-minilm/ (git ignores it), and prints where;
+# nothing committed changes. make bench-publish [RUN=benchmarks/runs/<folder>] (default: the newest run) copies that
+# run into benchmarks/results/minilm.{md,json,png} and rewrites the README's block from it (a test checks they
+# agree); it refuses a --quick run or one shorter than the defaults.
 bench: $(STAMP)
 	$(BIN)/fastprefix-bench
-	# the README's benchmark block is rendered from the results just written (a test checks they agree)
-	$(BIN)/fastprefix-bench readme benchmarks/results/minilm.json
+
+bench-publish: $(STAMP)
+	$(BIN)/fastprefix-bench publish $(RUN)
 
 bench-ops: $(STAMP)
 	# importlib mode: the repo root must not land on sys.path (its kernels/ would pose as HF's `kernels`)

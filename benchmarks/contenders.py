@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -353,10 +354,30 @@ PREFIX_ROWS = (PTuningV2Original, PTuningV2PEFT, PTuningV2Fast, APTPooledFast, A
 PROMPT_ROWS = (DePTOriginal, ADePTOriginal, PTFast, DePTFast, ADePTFast)
 
 
+# how --only reads its words (the CLI's --help quotes it)
+ONLY_RULE = "a row is kept when its name contains one of the words, ignoring case"
+
+
+def matches(name, only):
+    """True when ``only`` is empty or ``name`` contains one of its words, ignoring case (:data:`ONLY_RULE`)."""
+    return not only or any(k.lower() in name.lower() for k in only)
+
+
+def curve_label(name):
+    """The name a row has across a curve: the prompt floor's name carries L, so over L it reads "S+L"."""
+    return re.sub(r"^floor: backbone on S\+\d+ tokens$", "floor: backbone on S+L tokens", name)
+
+
+def row_names(setting):
+    """Every row's name in table order, without building any (what ``--only`` is matched against)."""
+    return [c.name for c in PREFIX_ROWS + PROMPT_ROWS] + [prefix_floor_name(setting), floor_name(setting)]
+
+
 def build_all(backbone, shapes, setting, only=None, exact=False):
     """``(name, constructor)`` of every row in table order.
 
-    ``only``: keep the names containing one of these (``exact``: equal to one; "floor" names both floors).
+    ``only``: keep the names containing one of these, ignoring case (:func:`matches`); ``exact``: the names
+    equal to one, ignoring case, the prompt floor by its :func:`curve_label` ("floor" names both floors).
     """
     rows = [(c.name, lambda c=c: c(backbone, shapes, setting)) for c in PREFIX_ROWS + PROMPT_ROWS]
     rows.append((prefix_floor_name(setting), lambda: PrefixFloor(backbone, shapes, setting)))
@@ -364,9 +385,10 @@ def build_all(backbone, shapes, setting, only=None, exact=False):
     if only:
         keep = [s.lower() for s in only]
         if exact:
-            rows = [r for r in rows if r[0].lower() in keep or ("floor" in keep and r[0].startswith("floor"))]
+            rows = [r for r in rows if r[0].lower() in keep or curve_label(r[0]).lower() in keep
+                    or ("floor" in keep and r[0].startswith("floor"))]
         else:
-            rows = [r for r in rows if any(k in r[0].lower() for k in keep)]
+            rows = [r for r in rows if matches(r[0], only)]
     return rows
 
 

@@ -15,18 +15,20 @@ cancels most of that drift. Its interval is the exact distribution-free interval
 test's: two order statistics of the per-round ratios, chosen from the binomial distribution), not a
 bootstrap: a percentile bootstrap of the median of 7 rounds covers about 89% where it claims 95%, and
 in two runs of the table that showed up as verdicts flipping between runs. Fewer than 6 rounds give no
-95% interval at all, so they read "tie".
+95% interval at all, so they read "undecided".
 
-A verdict has a tie band: "faster" needs the whole interval above 1.03 and "slower" the whole interval
-below 0.97 (:data:`TIE_WITHIN`); everything else, an interval that holds 1.00 included, reads "tie".
-Some 40 of the table's ratios compare rows within a few percent of each other (two implementations of
-the same prefix attention): against a bare 1.00 boundary, 95% intervals put one or two of those on the
-wrong side of it in a typical run, and a 1-3% difference is below what a shared CPU resolves from run to
-run. 3% is also the precision the sampling aims for (:data:`CONVERGED_WITHIN`). The band does not make
-every verdict repeat: a ratio whose true value sits near one of its edges (several prefix rows run at
-0.95-0.97 of their floor) still comes out on either side from run to run, as a ratio near 1.00 does
-without a band. A target is met when its interval lies no lower than the threshold less the band
-(:func:`meets`, :func:`target_edge`).
+A verdict has a tie band, 0.97-1.03 (:data:`TIE_WITHIN`), and reads the whole interval against it
+(:func:`verdict`): "faster" when the whole interval lies above the band, "slower" when it lies below it,
+"tie" when it lies inside it, and "undecided" when it straddles an edge of the band (or there is no
+interval): then the run could not tell whether the rows differ by more than 3%, and says so rather than
+calling it a tie. Some 40 of the table's ratios compare rows within a few percent of each other (two
+implementations of the same prefix attention): against a bare 1.00 boundary, 95% intervals put one or
+two of those on the wrong side of it in a typical run, and a 1-3% difference is below what a shared CPU
+resolves from run to run. 3% is also the precision the sampling aims for (:data:`CONVERGED_WITHIN`). The
+band does not make every verdict repeat: a ratio whose true value sits near one of its edges (several
+prefix rows run at 0.95-0.97 of their floor) still comes out on either side from run to run, or
+undecided. A target is met when its interval lies no lower than the threshold less the band, not met
+when it lies wholly below that, undecided when it straddles it (:func:`meets`, :func:`target_edge`).
 """
 
 from __future__ import annotations
@@ -36,10 +38,13 @@ import math
 import numpy as np
 
 CONVERGED_WITHIN = 0.03  # a ratio has converged when its interval lies within +/-3% of it
-TIE_WITHIN = 0.03  # an interval reaching into 0.97-1.03 reads "tie" (see the module docstring)
+TIE_WITHIN = 0.03  # the tie band 0.97-1.03: an interval wholly inside it reads "tie" (see the module docstring)
+VERDICTS = ("faster", "slower", "tie", "undecided")
 # how every report states the rule
-TIE_RULE = (f"\"tie\" when the interval reaches {1 - TIE_WITHIN:.2f}-{1 + TIE_WITHIN:.2f} (it holds 1.00, or the "
-            f"difference may be under {TIE_WITHIN:.0%})")
+TIE_RULE = (f"\"faster\" or \"slower\" when the whole interval lies above or below {1 - TIE_WITHIN:.2f}-"
+            f"{1 + TIE_WITHIN:.2f}, \"tie\" when it lies wholly inside that band (a difference under "
+            f"{TIE_WITHIN:.0%}), \"undecided\" when it straddles an edge of the band or there is no interval "
+            f"(the run could not tell)")
 
 
 def _as_array(samples, what):
@@ -97,7 +102,7 @@ def ratio_interval(num_samples, den_samples, *, level=0.95, n_boot=2000, seed=0,
     ``paired=False`` (runs made at different times, e.g. two result files): the ratio is
     ``median(num) / median(den)`` and the interval the percentile interval of ``n_boot`` bootstrap
     ratios, each list resampled on its own, seeded by ``seed`` so the same samples always give the same
-    interval. With a single step on either side the interval is ``(0, inf)`` (a tie).
+    interval. With a single step on either side the interval is ``(0, inf)`` (undecided).
     """
     num, den = _as_array(num_samples, "num_samples"), _as_array(den_samples, "den_samples")
     if not 0 < level < 1:
@@ -109,7 +114,7 @@ def ratio_interval(num_samples, den_samples, *, level=0.95, n_boot=2000, seed=0,
                          "steps (pass paired=False for runs that were not interleaved)")
     per_round = num / den if paired else None
     ratio = float(np.median(per_round) if paired else np.median(num) / np.median(den))
-    if min(num.size, den.size) < 2:  # one step has no spread to resample: no interval, no verdict but a tie
+    if min(num.size, den.size) < 2:  # one step has no spread to resample: no interval, undecided
         return ratio, 0.0, math.inf
     if paired:
         lo, hi = median_interval(per_round, level)
@@ -123,18 +128,24 @@ def ratio_interval(num_samples, den_samples, *, level=0.95, n_boot=2000, seed=0,
 
 
 def verdict(lo, hi, *, within=TIE_WITHIN, faster_word="faster", slower_word="slower"):
-    """The verdict on a speedup interval ``[lo, hi]``: ``faster_word``, ``slower_word`` or ``"tie"``.
+    """The verdict on a speedup interval ``[lo, hi]``: ``faster_word``, ``slower_word``, ``"tie"`` or ``"undecided"``.
 
     ``faster_word`` when the whole interval lies above ``1 + within``, ``slower_word`` when it lies below
-    ``1 - within``, else ``"tie"`` (the interval reaches the band around 1.00; ``within=0``: holds 1.00).
+    ``1 - within``, ``"tie"`` when it lies inside ``[1 - within, 1 + within]`` (ends included), else
+    ``"undecided"``: the interval straddles an edge of the band, or there is none (``hi`` infinite, e.g. a
+    single step or fewer than 6 rounds). ``within=0``: a tie only for the zero-width interval at 1.00.
     """
     if lo > hi:
         raise ValueError(f"an interval needs lo <= hi, got lo={lo} and hi={hi}")
+    if not math.isfinite(hi):
+        return "undecided"
     if lo > 1 + within:
         return faster_word
     if hi < 1 - within:
         return slower_word
-    return "tie"
+    if lo >= 1 - within and hi <= 1 + within:
+        return "tie"
+    return "undecided"
 
 
 def tie_band(within=TIE_WITHIN):
@@ -169,7 +180,9 @@ def _bound(x):
 
 def format_ratio(ratio, lo, hi):
     """``"1.03 (0.99-1.07)"``: the ratio and its interval, two decimals (three for an end near 1.00 or
-    near an end of the tie band)."""
+    near an end of the tie band); ``"19.87 (no interval)"`` when there is none (``hi`` infinite)."""
+    if not math.isfinite(hi):
+        return f"{ratio:.2f} (no interval)"
     return f"{ratio:.2f} ({_bound(lo)}-{_bound(hi)})"
 
 
@@ -181,14 +194,17 @@ def converged(ratio, lo, hi, within=CONVERGED_WITHIN):
 def decision_margin(lo, hi, thresholds=(1.0,)):
     """How safely the interval ``[lo, hi]`` decides against each threshold, in interval half-widths.
 
-    For each threshold ``t`` it is the distance from ``t`` to the nearer end of the interval, over the
-    interval's half-width; the smallest over ``thresholds`` is returned. Small means an end of the
-    interval sits near a threshold, so another run could come out on the other side of it and change
-    the verdict; about 1 or more means the verdict (a tie around ``t`` included) is settled. ``inf``
-    for a zero-width interval, 0 for an unbounded one.
+    0 when a threshold lies strictly inside the interval: the verdict turns on that threshold and the
+    interval straddles it, so it is undecided (:func:`verdict`, :func:`meets`). Otherwise, for each
+    threshold ``t``, the distance from ``t`` to the nearer end of the interval over the interval's
+    half-width; the smallest over ``thresholds`` is returned. Small means an end of the interval sits near
+    a threshold, so another run could come out on the other side of it and change the verdict; about 1 or
+    more means the verdict is settled. ``inf`` for a zero-width interval, 0 for an unbounded one.
     """
     half = (hi - lo) / 2
     if not math.isfinite(half):
+        return 0.0
+    if any(lo < t < hi for t in thresholds):
         return 0.0
     if half <= 0:
         return math.inf
@@ -202,5 +218,5 @@ def speedup(base_samples, row_samples, **kwargs):
 
 
 __all__ = ["summarize", "median_interval", "ratio_interval", "verdict", "tie_band", "target_edge", "meets",
-           "format_ratio",
-           "converged", "decision_margin", "speedup", "CONVERGED_WITHIN", "TIE_WITHIN", "TIE_RULE"]
+           "format_ratio", "converged", "decision_margin", "speedup", "CONVERGED_WITHIN", "TIE_WITHIN", "TIE_RULE",
+           "VERDICTS"]

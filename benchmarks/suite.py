@@ -5,8 +5,9 @@ a slow spell of a shared machine lands on all of them alike, and two rows' steps
 form a pair for :func:`.stats.ratio_interval`. Every step keeps the id of its round. The table first
 runs ``repeats`` rounds of every row. Then, while the time budget lasts and a ratio of the table or of
 its targets (:func:`table_pairs`) is open (its 95% interval wider than +/-3%,
-:data:`.stats.CONVERGED_WITHIN`, or its verdict not settled: :func:`.stats.decision_margin` against the
-tie band's ends and, for a training floor, the target's), it runs two-row rounds: the two rows of one
+:data:`.stats.CONVERGED_WITHIN`, or its verdict not settled: undecided, its interval straddling an edge of
+the tie band or, for a training floor, the target's threshold, or an end of it near one of those:
+:func:`.stats.decision_margin`), it runs two-row rounds: the two rows of one
 open ratio, back to back, the order alternating; unsettled verdicts first, then unconverged intervals,
 targets ahead of other ratios, the fewest rounds first (:func:`sample_until_converged`). Inference does
 the same on half the budget. Back-to-back steps share more of the machine's drift than steps a
@@ -27,7 +28,8 @@ from . import measure, stats
 from .metronome import Metronome
 
 BASELINES = ("P-Tuning v2 (original)", "DePT (original)")
-# the rows of the scaling curves (the baselines, the fast rows that must beat them, both floors)
+# the rows of the scaling curves (the baselines, the fast rows that must beat them, both floors); --only
+# narrows them as it narrows the table (curve_rows)
 CURVE_ROWS = ("P-Tuning v2 (original)", "P-Tuning v2 (PEFT)", "APT token gate (fastprefix)",
               "DePT (original)", "ADePT (fastprefix)", "floor")
 # (row, baseline) pairs the issue's targets compare, training step; "floor" is the row's own floor
@@ -43,7 +45,8 @@ FLOOR_TARGET = 0.9  # "within 10% of the floor": at least 0.9x the floor's throu
 MAX_ROUNDS = 400  # a cap on the adaptive rounds, whatever the budget
 # the inference rounds may take this share of the training budget on top of it (their ratios get verdicts too)
 INFER_BUDGET_SHARE = 0.5
-# a verdict counts as settled when both ends of its interval lie at least a half-width from the threshold
+# a verdict counts as settled when no threshold lies inside its interval and both ends lie at least a
+# half-width from every threshold (an undecided verdict, straddling one, never is)
 SETTLED = 1.0
 # fewer rounds than this have no 95% interval for their median (stats.median_interval)
 MIN_ROUNDS = 6
@@ -183,8 +186,9 @@ def sample_until_converged(runners, times, rounds, device, clock, budget_s, prog
     ``pairs``: ``(row, base, thresholds, target)``; ``started``: ``time.perf_counter()`` when the first timed
     round began (the budget counts from it). A pair is open while its interval is wider than +/-3%
     (unconverged) or its verdict is not settled (:func:`.stats.decision_margin` against its thresholds
-    below :data:`SETTLED`: an end of the interval near the tie band's edge or a target's threshold, so
-    that another run could land on the other side). Each round runs the two rows of one open pair, back
+    below :data:`SETTLED`: the interval straddles an edge of the tie band or a target's threshold, i.e.
+    the verdict is undecided, or an end of it sits near one, so that another run could land on the other
+    side). Each round runs the two rows of one open pair, back
     to back: unsettled before settled, then unconverged before converged, then targets first, then the
     one with the fewest paired rounds. Unsettled first because a verdict that repeats is what a reader
     takes away; round-robin over them (fewest rounds first), not "the least settled first", because a
@@ -408,9 +412,19 @@ def rescale(rows, curves, factor, tokens):
                          for p in points]
 
 
+def curve_rows(table_names):
+    """The :data:`CURVE_ROWS` among ``table_names`` (the rows ``--only`` kept), as :func:`run_curve` takes them.
+
+    The prompt floor is named by its :func:`.contenders.curve_label` (its L changes along a curve).
+    """
+    labels = [C.curve_label(n) for n in table_names]
+    return tuple(n for n in labels if n in CURVE_ROWS or (n.startswith("floor") and "floor" in CURVE_ROWS))
+
+
 def run_curve(backbone, shapes, base, axis, values, device, warmup, repeats, progress, tokens_per_step=None,
-              clock="wall"):
-    """Training throughput of :data:`CURVE_ROWS` as ``axis`` ("seq_len" or "prefix_len") takes ``values``.
+              clock="wall", rows=CURVE_ROWS):
+    """Training throughput of ``rows`` (:data:`CURVE_ROWS`, or :func:`curve_rows`) as ``axis`` ("seq_len" or
+    "prefix_len") takes ``values``.
 
     Over sequence length the batch shrinks to keep about ``tokens_per_step`` tokens per step. At each
     value the rows' steps are interleaved as in the table; each point keeps its step times, their
@@ -422,7 +436,7 @@ def run_curve(backbone, shapes, base, axis, values, device, warmup, repeats, pro
         if axis == "seq_len":
             fields.update(batch=max(1, (tokens_per_step or base.batch * base.seq_len) // v), dept_max_length=v)
         setting = dataclasses.replace(base, **fields)
-        runners = _runners(backbone, shapes, setting, device, CURVE_ROWS, exact=True, clock=clock)
+        runners = _runners(backbone, shapes, setting, device, rows, exact=True, clock=clock)
         times = _interleaved(runners, "train_step", device, warmup, repeats, progress, clock,
                              label=f"{axis} {v}")
         tokens = setting.batch * setting.seq_len

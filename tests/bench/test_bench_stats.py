@@ -100,7 +100,7 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
     assert (lo, hi) == pytest.approx((0.9, 1.3), rel=1e-12)
     assert stats.ratio_interval(base, base / speedups, paired=False)[0] == pytest.approx(
         np.median(base) / np.median(base / speedups))
-    # 5 rounds can't give a 95% interval (even min-max covers only 1 - 2/2**5 = 94%): a tie
+    # 5 rounds can't give a 95% interval (even min-max covers only 1 - 2/2**5 = 94%): undecided
     assert stats.ratio_interval(base[:5], (base / speedups)[:5])[1:] == (0.0, float("inf"))
 
 
@@ -123,13 +123,16 @@ def test_median_interval_covers_as_it_claims():
 
 
 @pytest.mark.parametrize("lo, hi, thresholds, margin", [
-    (0.90, 1.10, (1.0,), 1.0),          # a tie centred on 1: settled
-    (0.99, 1.09, (1.0,), 0.2),          # an end 0.01 from 1, half-width 0.05: could flip
+    (0.90, 1.10, (1.0,), 0.0),          # centred on 1: it straddles the threshold, undecided, never settled
+    (1.01, 1.11, (1.0,), 0.2),          # an end 0.01 from 1, half-width 0.05: could flip
+    (0.99, 1.09, (1.0,), 0.0),          # an end 0.01 across 1: straddles it
     (0.80, 0.90, (1.0,), 2.0),          # clearly below 1
-    (0.88, 0.98, (1.0, 0.9), 0.4),      # a floor ratio: 0.02 from 0.9 decides it, not 1.00
+    (0.92, 0.96, (1.0, 0.9), 1.0),      # a floor ratio: 0.02 from 0.9 decides it, not 1.00's 0.04
+    (0.88, 0.98, (1.0, 0.9), 0.0),      # a floor ratio straddling 0.9
     (1.0, 1.0, (1.0,), float("inf")),   # exact
     (0.0, float("inf"), (1.0,), 0.0),   # one step: no interval
-], ids=["centred-tie", "edge-near-1", "clear", "floor-target", "zero-width", "unbounded"])
+], ids=["centred-on-1", "edge-near-1", "edge-across-1", "clear", "floor-target", "floor-straddles", "zero-width",
+        "unbounded"])
 def test_decision_margin(lo, hi, thresholds, margin):
     assert stats.decision_margin(lo, hi, thresholds) == pytest.approx(margin, rel=1e-9)
 
@@ -137,14 +140,16 @@ def test_decision_margin(lo, hi, thresholds, margin):
 def test_one_step_gives_no_interval():
     ratio, lo, hi = stats.ratio_interval([2.0], [1.0])
     assert (ratio, lo, hi) == (2.0, 0.0, float("inf"))
-    assert stats.verdict(lo, hi) == "tie"
+    assert stats.verdict(lo, hi) == "undecided"
 
 
 @pytest.mark.parametrize("lo, hi, within, word", [
-    (0.99, 1.07, 0.03, "tie"), (1.0, 1.0, 0.03, "tie"), (1.031, 1.05, 0.03, "quicker"), (0.90, 0.969, 0.03, "costlier"),
-    (1.01, 1.05, 0.03, "tie"), (0.90, 0.99, 0.03, "tie"), (1.01, 1.05, 0.0, "quicker"), (0.90, 0.99, 0.0, "costlier"),
-], ids=["holds-1", "exactly-1", "above-band", "below-band", "above-1-in-band", "below-1-in-band", "no-band-above",
-        "no-band-below"])
+    (0.99, 1.07, 0.03, "undecided"), (1.0, 1.0, 0.03, "tie"), (1.031, 1.05, 0.03, "quicker"),
+    (0.90, 0.969, 0.03, "costlier"), (1.01, 1.05, 0.03, "undecided"), (0.90, 0.99, 0.03, "undecided"),
+    (0.98, 1.02, 0.03, "tie"), (1.01, 1.05, 0.0, "quicker"), (0.90, 0.99, 0.0, "costlier"),
+    (0.99, 1.07, 0.0, "undecided"),
+], ids=["holds-1-past-the-band", "exactly-1", "above-band", "below-band", "above-1-past-the-band",
+        "below-1-past-the-band", "inside-the-band", "no-band-above", "no-band-below", "no-band-holds-1"])
 def test_verdict_words(lo, hi, within, word):
     assert stats.verdict(lo, hi, within=within, faster_word="quicker", slower_word="costlier") == word
 
@@ -392,8 +397,9 @@ def test_compare_two_result_files(tmp_path):
     assert text == (tmp_path / "c.md").read_text()
     lines = {line.split(" | ")[0].lstrip("| ") + "/" + line.split(" | ")[1]: line for line in text.splitlines()
              if line.startswith("| ") and "row |" not in line}
-    # the runs are resampled apart (not interleaved with each other): intervals around the exact ratios
-    assert re.search(r"\| 1\.00 \(0\.\d\d-1\.\d\d\) \| tie \|$", lines["same/train"])
+    # the runs are resampled apart (not interleaved with each other): intervals around the exact ratios; the same
+    # steps resampled apart give 0.91-1.10, which straddles both edges of the tie band: undecided, not a tie
+    assert re.search(r"\| 1\.00 \(0\.\d\d-1\.\d\d\) \| undecided \|$", lines["same/train"])
     assert re.search(r"\| 2\.00 \(1\.\d\d-2\.\d\d\) \| faster \|$", lines["sped up/infer"])
     assert re.search(r"\| 0\.67 \(0\.\d\d-0\.\d\d\) \| slower \|$", lines["slowed/train"])
     assert "Only in A: only in A." in text
@@ -523,6 +529,11 @@ def test_tiny_run_end_to_end(tmp_path):
     assert result["machine"]["cpu_count"] >= 1 and len(result["machine"]["load_average_end"]) == 3
     assert result["machine"]["other_cpus"] >= 0 and result["machine"]["other_cpus_before"] >= 0
     assert result["sampling"]["extra_rounds"] == result["sampling"]["infer_extra_rounds"] == 0
+    assert result["settings"]["fastprefix_path"] == "reference (PyTorch)"
+    # the curves keep the rows --only kept among theirs
+    for curve in result["curves"]:
+        assert set(curve["rows"]) == {"APT token gate (fastprefix)", "DePT (original)", "floor: backbone on S tokens",
+                                      "floor: backbone on S+L tokens"}
     for curve in result["curves"]:
         for points in curve["rows"].values():
             assert all(len(p["train_times"]) == 3 and p["train_tok_s_iqr"][0] <= p["train_tok_s"]
