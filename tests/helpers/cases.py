@@ -9,7 +9,9 @@ had a builder of its own (``Case.family``):
   tests/ops/test_split_attention.py);
 - ``"features"``: ``attn_bias`` / ``window`` / ``softcap`` on the fused kernel (tests/ops/test_attention_features.py);
 - ``"split"``: the same features on the split path (tests/ops/test_split_features.py);
-- ``"gpu"``: the compiled kernels (tests/gpu/test_gpu_kernels.py), drawn on the device.
+- ``"gpu"``: the compiled kernels (tests/gpu/test_gpu_kernels.py), drawn on the device;
+- ``"varlen"`` / ``"concat"``: the split path's varlen branch and the concat path (tests/ops/test_varlen_attention.py,
+  tests/ops/test_concat_attention.py), whose padding is a named pattern (``PATTERNS``) rather than a random mask.
 
 A test file whose cases lean on other defaults binds its own ``Case`` with :func:`maker`.
 """
@@ -36,7 +38,7 @@ class Case:
     # fused_pooled (hidden [B,1,d])
     gate: str = "none"
     gate_value: str = "random"  # random | zero | large (20 + 10 x random)
-    pad: bool = False  # a key padding mask (see padding_mask)
+    pad: object = False  # True: a random key padding mask (see padding_mask); a name: a pattern of PATTERNS
     causal: bool = False
     shared: bool = True  # prefix [Hkv,L,D] shared by the batch, else [B,Hkv,L,D]
     # the bias's dims, each B, H, q (Sq), k (Sk) or 1 ("1Hqk": T5's position bias, "B11k"), or one of
@@ -45,11 +47,17 @@ class Case:
     bias_grad: bool = True  # False: the bias is a keyword argument, not a leaf
     window: Optional[tuple] = None  # (left, right)
     softcap: Optional[float] = None
-    family: str = "kernel"  # kernel | features | split | gpu: the test ids' layout and the draws (module docstring)
+    family: str = "kernel"  # kernel | features | split | gpu | varlen | concat: the ids' layout and the draws
 
     @property
     def id(self) -> str:
         """The shapes, then the features that are set (each family's layout, so that test ids stay put)."""
+        if self.family in ("varlen", "concat"):  # the padding pattern and "causal" / "full" always named
+            parts = [f"B{self.B}", f"H{self.H}kv{self.Hkv}", f"Sq{self.Sq}", f"Sk{self.Sk}"]
+            parts += [f"L{self.L}"] * (self.family == "varlen")
+            gate = "apt" if self.gate == "fused" else self.gate
+            parts += [self.pad or "none", "causal" if self.causal else "full", f"gate-{gate}"]
+            return "-".join(parts + ["per-example"] * (not self.shared))
         parts = [f"B{self.B}", f"H{self.H}kv{self.Hkv}", f"Sq{self.Sq}", f"Sk{self.Sk}", f"L{self.L}", f"D{self.D}"]
         gate = f"gate-{self.gate}" + ("" if self.gate_value == "random" else f"-{self.gate_value}")
         if self.family == "features":  # the bias (or "none") first, "window", "-frozen"
@@ -87,6 +95,7 @@ class Draws:
     gate_max: float = 1.0  # dense / pooled gates uniform in [0, gate_max)
     hidden: int = 24  # APT's hidden width d
     weight_std: float = 0.5  # of APT's gate weight [d, L]
+    layer_scale: float = 0.8  # APT's lambda
     bias_first: bool = False  # the bias drawn before the gate
 
 
@@ -97,7 +106,43 @@ DRAWS = {
     "split": Draws(),
     # float32 on the device: the large cases hold billions of elements
     "gpu": Draws(dtype=torch.float32, hidden=48, weight_std=48 ** -0.5),
+    "varlen": Draws(hidden=8, layer_scale=0.7),
+    "concat": Draws(hidden=8, layer_scale=0.7),
 }
+
+
+def _rows(mask, *settings):
+    """``mask`` with each ``(row, columns)`` of ``settings`` set to padding; a negative row counts from the end."""
+    for row, cols in settings:
+        mask[row, cols] = False
+    return mask
+
+
+# named key padding patterns [B, Sk] (True = real key), per family: varlen's exercise every plan of the split path's
+# varlen branch (contiguous keys left or right, holes, an all-padding row, rows of each kind in one batch); concat's
+# "left1" leaves query 0 of a causal row with no real key
+PATTERNS = {
+    "varlen": {
+        "right": lambda m, Sk: _rows(m, (0, slice(Sk - 2, None)), (1, slice(2, None))),
+        "left": lambda m, Sk: _rows(m, (0, slice(None, 2)), (-1, slice(None, Sk - 1))),
+        "holes": lambda m, Sk: _rows(m, (0, 1), (1, slice(None, None, 2))),
+        "allpad": lambda m, Sk: _rows(m, (1, slice(None)), (0, Sk - 1)),
+        "mixed": lambda m, Sk: _rows(m, (0, slice(None, 3)), (1, slice(Sk - 3, None))),
+    },
+    "concat": {
+        "right": lambda m, Sk: _rows(m, (0, slice(Sk - 2, None)), (1, slice(1, None))),
+        "left1": lambda m, Sk: _rows(m, (0, 0)),
+        "mixed": lambda m, Sk: _rows(m, (0, slice(None, 3)), (1, slice(Sk - 3, None))),
+        "allpad": lambda m, Sk: _rows(m, (1, slice(None))),
+    },
+}
+
+
+def pattern_mask(case):
+    """The key padding mask ``[B, Sk]`` of ``case.pad``'s pattern, None for ``"none"``."""
+    if case.pad in (None, "none"):
+        return None
+    return PATTERNS[case.family][case.pad](torch.ones(case.B, case.Sk, dtype=torch.bool), case.Sk)
 
 BIAS_DIMS = {"full": "BHqk", "heads": "1Hqk", "keys": "B11k"}
 
@@ -115,7 +160,7 @@ def padding_mask(B, Sk, g):
     return mask
 
 
-def make_inputs(case: Case, dtype, seed=0, *, bias_dtype=None, device="cpu"):
+def make_inputs(case: Case, dtype=torch.float64, seed=0, *, bias_dtype=None, device="cpu"):
     """``(tensors, kwargs)``: the leaves of ``case``'s call in ``dtype`` (all requiring grad), and its other keyword
     arguments (``causal``; ``window``, ``softcap``, ``key_padding_mask`` and a frozen bias when set).
 
@@ -158,10 +203,13 @@ def make_inputs(case: Case, dtype, seed=0, *, bias_dtype=None, device="cpu"):
         d = draws.hidden
         tensors.update(gate_hidden=randn(B, Sq if case.gate == "fused" else 1, d),
                        gate_weight=randn(d, L, std=draws.weight_std), gate_bias=randn(L),
-                       layer_scale=torch.tensor(0.8, dtype=dtype, device=device).requires_grad_())
+                       layer_scale=torch.tensor(draws.layer_scale, dtype=dtype, device=device).requires_grad_())
     if case.bias and not draws.bias_first:
         draw_bias()
-    if case.pad:
+    if isinstance(case.pad, str):
+        if pattern_mask(case) is not None:
+            kwargs["key_padding_mask"] = pattern_mask(case).to(device)
+    elif case.pad:
         kwargs["key_padding_mask"] = padding_mask(B, Sk, g)
     if case.window is not None:
         kwargs["window"] = case.window

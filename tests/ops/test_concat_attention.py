@@ -9,79 +9,23 @@ the CUDA branch's op calls on fake CUDA tensors (FlashAttention-2 over ``[B, Hkv
 bottom-right, GQA not expanded; the varlen keys built by one gather, ``cu_seqlens_k`` grown by L per sequence).
 """
 
-from dataclasses import dataclass
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastprefix
 from fastprefix.kernels.attention import concat, dispatch, varlen, vendor
 from fastprefix.reference import attention as reference
 from fastprefix.spec import AttentionSpec
-from helpers.numerics import assert_flash_rule
+from helpers.cases import make_inputs, maker, pattern_mask
+from helpers.numerics import OpLog, assert_flash_rule
 
 TOL = 1e-12
 NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
 
 
-@dataclass(frozen=True)
-class Case:
-    B: int = 3
-    H: int = 4
-    Hkv: int = 2
-    Sq: int = 6
-    Sk: int = 6
-    L: int = 3
-    D: int = 16
-    pad: str = "none"  # none | right | left1 (one left pad: query 0 sees no real key) | mixed | allpad
-    causal: bool = False
-    gate: str = "none"  # none | pooled [B, 1, L] | dense [B, Sq, L] (Sq == 1 only) | apt (Sq == 1 only)
-    shared: bool = True
-
-    @property
-    def id(self):
-        return (f"B{self.B}-H{self.H}kv{self.Hkv}-Sq{self.Sq}-Sk{self.Sk}-{self.pad}-"
-                f"{'causal' if self.causal else 'full'}-gate-{self.gate}" + ("" if self.shared else "-per-example"))
-
-
-def padding(case):
-    mask = torch.ones(case.B, case.Sk, dtype=torch.bool)
-    if case.pad == "right":
-        mask[0, case.Sk - 2:] = False
-        mask[1, 1:] = False
-    elif case.pad == "left1":
-        mask[0, 0] = False
-    elif case.pad == "mixed":
-        mask[0, :3] = False
-        mask[1, case.Sk - 3:] = False
-    elif case.pad == "allpad":
-        mask[1] = False
-    return None if case.pad == "none" else mask
-
-
-def leaves(case, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype).requires_grad_()
-
-    B, H, Hkv, Sq, Sk, L, D = case.B, case.H, case.Hkv, case.Sq, case.Sk, case.L, case.D
-    p = (Hkv, L, D) if case.shared else (B, Hkv, L, D)
-    t = dict(q=randn(B, H, Sq, D), k=randn(B, Hkv, Sk, D), v=randn(B, Hkv, Sk, D), prefix_k=randn(*p),
-             prefix_v=randn(*p))
-    if case.gate == "pooled":
-        t["gate"] = torch.rand(B, 1, L, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
-    elif case.gate == "dense":
-        t["gate"] = torch.rand(B, Sq, L, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
-    elif case.gate == "apt":
-        t.update(gate_hidden=randn(B, Sq, 8), gate_weight=randn(8, L, std=0.5), gate_bias=randn(L),
-                 layer_scale=(torch.ones((), dtype=torch.float64) * 0.7).to(dtype).requires_grad_())
-    kwargs = dict(causal=case.causal)
-    if padding(case) is not None:
-        kwargs["key_padding_mask"] = padding(case)
-    return t, kwargs
+Case = maker("concat", B=3, H=4, Hkv=2, Sq=6, Sk=6, L=3, D=16, pad="none")
 
 
 def call(fn, t, kwargs):
@@ -113,14 +57,14 @@ def errors(fn, t, kwargs, seed=1):
 
 DENSE = [Case(causal=c, gate=g) for c in (False, True) for g in ("none", "pooled")]
 DENSE += [Case(Sq=3, Sk=9, causal=True, gate="pooled"), Case(Sq=3, Sk=9, causal=False, shared=False),
-          Case(Sq=1, Sk=9, causal=True, gate="dense"), Case(Sq=1, Sk=9, causal=True, gate="apt"),
+          Case(Sq=1, Sk=9, causal=True, gate="dense"), Case(Sq=1, Sk=9, causal=True, gate="fused"),
           Case(H=4, Hkv=4, causal=True, gate="pooled", shared=False)]
 DENSE += [Case(pad=p, causal=c, gate="pooled") for p in ("right", "mixed", "allpad") for c in (False, True)]
 
 
 @pytest.mark.parametrize("case", DENSE, ids=[c.id for c in DENSE])
 def test_dense_concat_matches_the_float64_twin(case):
-    t, kwargs = leaves(case)
+    t, kwargs = make_inputs(case)
     err = errors(concat_with(vendor.CPU), t, kwargs)
     assert max(err.values()) < TOL, err
 
@@ -128,12 +72,12 @@ def test_dense_concat_matches_the_float64_twin(case):
 VARLEN = [Case(pad=p, causal=False, gate=g) for p in ("right", "mixed", "allpad", "none") for g in ("none", "pooled")]
 VARLEN += [Case(pad=p, causal=True, gate=g) for p in ("right", "left1", "allpad", "none") for g in ("none", "pooled")]
 VARLEN += [Case(Sq=3, Sk=9, pad="right", causal=True, gate="pooled", shared=False),
-           Case(Sq=1, Sk=9, pad="mixed", causal=True, gate="apt"), Case(H=4, Hkv=4, pad="right", causal=True)]
+           Case(Sq=1, Sk=9, pad="mixed", causal=True, gate="fused"), Case(H=4, Hkv=4, pad="right", causal=True)]
 
 
 @pytest.mark.parametrize("case", VARLEN, ids=[c.id for c in VARLEN])
 def test_varlen_concat_matches_the_float64_twin(case):
-    t, kwargs = leaves(case)
+    t, kwargs = make_inputs(case)
     err = errors(concat_with(vendor.CPU_VARLEN), t, kwargs)
     assert max(err.values()) < TOL, err
 
@@ -142,7 +86,7 @@ def test_varlen_concat_has_no_plan_where_the_first_queries_would_lose_prefix_row
     """Causal left padding by more than one key (query 0 at position 0, the first real key at 2): FlashAttention's
     bottom-right mask over ``[P ; real keys]`` would hide prefix rows from it; the split path serves it."""
     case = Case(pad="mixed", causal=True)
-    t, kwargs = leaves(case)
+    t, kwargs = make_inputs(case)
     assert varlen.padded_plan(kwargs["key_padding_mask"], True, case.Sq, case.L) is None
     assert varlen.padded_plan(kwargs["key_padding_mask"], True, case.Sq) is not None
     with pytest.raises(ValueError, match="no exact varlen plan"):
@@ -154,7 +98,7 @@ def test_varlen_concat_has_no_plan_where_the_first_queries_would_lose_prefix_row
                                                                causal=True, gate="pooled", shared=False))],
                          ids=["dense", "varlen"])
 def test_concat_gradcheck_float64(op, case):
-    t, kwargs = leaves(case)
+    t, kwargs = make_inputs(case)
     names = list(t)
 
     def fn(*args):
@@ -166,7 +110,7 @@ def test_concat_gradcheck_float64(op, case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_concat_in_low_precision_meets_the_flash_rule(dtype):
     case = Case(pad="right", causal=True, gate="pooled")
-    t, kwargs = leaves(case, dtype)
+    t, kwargs = make_inputs(case, dtype)
     g = torch.randn(case.B, case.H, case.Sq, case.D, generator=torch.Generator().manual_seed(2)).to(dtype)
     for op in (vendor.CPU, vendor.CPU_VARLEN):
         out = call(concat_with(op), t, kwargs)
@@ -186,7 +130,7 @@ def test_concat_in_low_precision_meets_the_flash_rule(dtype):
 
 def test_ops_concat_path_on_cpu_is_exact_and_says_so(monkeypatch):
     case = Case(pad="right", causal=True, gate="pooled")
-    t, kwargs = leaves(case)
+    t, kwargs = make_inputs(case)
     calls = []
     real = concat.concat_attention
     monkeypatch.setattr(concat, "concat_attention", lambda *a, **k: calls.append(k.get("op")) or real(*a, **k))
@@ -199,7 +143,7 @@ def test_ops_concat_path_on_cpu_is_exact_and_says_so(monkeypatch):
 
 @pytest.mark.parametrize("features, expected", [
     (dict(gate="dense"), ("split", vendor.CPU)),                       # a gate per query: no fold
-    (dict(gate="apt"), ("split", vendor.CPU)),
+    (dict(gate="fused"), ("split", vendor.CPU)),
     (dict(attn_bias=True), ("split", vendor.CPU)),                     # the vendor's bias: split
     (dict(window=(1, 0)), ("split", vendor.CPU)),                      # a window would hide prefix rows
     (dict(softcap=5.0), ("fused", None)),                              # no vendor op caps logits
@@ -208,7 +152,7 @@ def test_ops_concat_path_on_cpu_is_exact_and_says_so(monkeypatch):
 ], ids=["token-gate", "apt-gate", "bias", "window", "softcap", "plain", "pooled"])
 def test_a_forced_concat_falls_back_as_split_does(features, expected):
     case = Case(causal=True, gate=features.pop("gate", "none"))
-    t, kwargs = leaves(case)
+    t, kwargs = make_inputs(case)
     if features.pop("attn_bias", False):
         features["attn_bias"] = torch.zeros(case.Sq, case.Sk, dtype=torch.float64)
     kwargs.update(features)
@@ -220,10 +164,10 @@ def test_a_forced_concat_falls_back_as_split_does(features, expected):
 
 
 def test_concat_refuses_what_it_does_not_serve():
-    t, kwargs = leaves(Case(gate="dense"))
+    t, kwargs = make_inputs(Case(gate="dense"))
     with pytest.raises(ValueError, match="one gate row for every query"):
         call(concat_with(vendor.CPU), t, kwargs)
-    t, kwargs = leaves(Case())
+    t, kwargs = make_inputs(Case())
     with pytest.raises(ValueError, match="no softcap, attn_bias or window"):
         call(concat_with(vendor.CPU), t, dict(kwargs, window=(1, 1)))
 
@@ -231,17 +175,6 @@ def test_concat_refuses_what_it_does_not_serve():
 # ------------------------------------------------------------------------- the CUDA branch on fake tensors
 
 
-class OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        bound = {a.name: args[i] if i < len(args) else kwargs.get(a.name, a.default_value)
-                 for i, a in enumerate(func._schema.arguments)}
-        self.calls.append((func, bound))
-        return func(*args, **kwargs)
 
 
 class Recorder:
@@ -329,7 +262,7 @@ def test_cuda_varlen_concat_op_calls_on_fake_tensors(kind, monkeypatch):
 
 def test_custom_vendor_ops_pass_opcheck():
     case = Case(pad="right", causal=True, gate="pooled")
-    t, kwargs = leaves(case)
+    t, kwargs = make_inputs(case)
     q, k, v = (t[n].detach() for n in ("q", "k", "v"))
     L = case.L
     keys = torch.cat([t["prefix_k"].detach().expand(case.B, -1, -1, -1), k], 2)

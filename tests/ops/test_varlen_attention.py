@@ -11,13 +11,11 @@ int32 ``cu_seqlens``).
 """
 
 import gc
-from dataclasses import dataclass
 from typing import Optional
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastprefix
 from fastprefix import sequences
@@ -26,7 +24,8 @@ from fastprefix.kernels.attention import dispatch, fused, split, varlen, vendor
 from fastprefix.reference import attention as reference
 from fastprefix.reference import split as reference_split
 from fastprefix.spec import AttentionSpec
-from helpers.numerics import assert_flash_rule
+from helpers.cases import make_inputs, maker, pattern_mask
+from helpers.numerics import OpLog, assert_flash_rule
 
 TOL = 1e-12  # float64: the paths against the twin
 
@@ -34,70 +33,7 @@ TOL = 1e-12  # float64: the paths against the twin
 # ------------------------------------------------------------------------------------------------- cases
 
 
-@dataclass(frozen=True)
-class Case:
-    B: int = 3
-    H: int = 4
-    Hkv: int = 2
-    Sq: int = 6
-    Sk: int = 6
-    L: int = 3
-    D: int = 16
-    pad: str = "right"  # none | right | left | holes | allpad (row 1 all padding) | mixed (left, right, none)
-    causal: bool = False
-    gate: str = "none"  # none | pooled [B, 1, L] | dense [B, Sq, L] | apt (gate inputs)
-    shared: bool = True
-
-    @property
-    def id(self):
-        return (f"B{self.B}-H{self.H}kv{self.Hkv}-Sq{self.Sq}-Sk{self.Sk}-L{self.L}-{self.pad}-"
-                f"{'causal' if self.causal else 'full'}-gate-{self.gate}" + ("" if self.shared else "-per-example"))
-
-
-def padding(case: Case):
-    """``[B, Sk]`` True = real key, by the case's pattern."""
-    B, Sk = case.B, case.Sk
-    mask = torch.ones(B, Sk, dtype=torch.bool)
-    if case.pad == "right":
-        mask[0, Sk - 2:] = False
-        mask[1, 2:] = False
-    elif case.pad == "left":
-        mask[0, :2] = False
-        mask[B - 1, :Sk - 1] = False
-    elif case.pad == "holes":
-        mask[0, 1] = False
-        mask[1, ::2] = False
-    elif case.pad == "allpad":
-        mask[1] = False
-        mask[0, Sk - 1] = False
-    elif case.pad == "mixed":
-        mask[0, :3] = False
-        mask[1, Sk - 3:] = False
-    return mask
-
-
-def leaves(case: Case, dtype=torch.float64, seed=0):
-    """(tensors requiring grad, keyword arguments of ``gated_prefix_attention``)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype).requires_grad_()
-
-    B, H, Hkv, Sq, Sk, L, D = case.B, case.H, case.Hkv, case.Sq, case.Sk, case.L, case.D
-    p = (Hkv, L, D) if case.shared else (B, Hkv, L, D)
-    t = dict(q=randn(B, H, Sq, D), k=randn(B, Hkv, Sk, D), v=randn(B, Hkv, Sk, D), prefix_k=randn(*p),
-             prefix_v=randn(*p))
-    if case.gate == "pooled":
-        t["gate"] = torch.rand(B, 1, L, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
-    elif case.gate == "dense":
-        t["gate"] = torch.rand(B, Sq, L, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
-    elif case.gate == "apt":
-        t.update(gate_hidden=randn(B, Sq, 8), gate_weight=randn(8, L, std=0.5), gate_bias=randn(L),
-                 layer_scale=(torch.ones((), dtype=torch.float64) * 0.7).to(dtype).requires_grad_())
-    kwargs = dict(causal=case.causal)
-    if case.pad != "none":
-        kwargs["key_padding_mask"] = padding(case)
-    return t, kwargs
+Case = maker("varlen", B=3, H=4, Hkv=2, Sq=6, Sk=6, L=3, D=16, pad="right")
 
 
 NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
@@ -134,34 +70,34 @@ def errors(fn, t, kwargs, seed=1):
 
 CASES = [Case(pad=p, causal=c) for p in ("right", "left", "none", "allpad", "mixed") for c in (False, True)]
 CASES += [Case(pad="holes", causal=False)]
-CASES += [Case(pad=p, causal=True, gate=g) for p in ("right", "left") for g in ("pooled", "dense", "apt")]
-CASES += [Case(pad="right", gate="dense", shared=False), Case(pad="mixed", causal=True, gate="apt", shared=False)]
+CASES += [Case(pad=p, causal=True, gate=g) for p in ("right", "left") for g in ("pooled", "dense", "fused")]
+CASES += [Case(pad="right", gate="dense", shared=False), Case(pad="mixed", causal=True, gate="fused", shared=False)]
 CASES += [Case(Sq=3, Sk=9, pad=p, causal=c, gate="dense") for p in ("left", "right") for c in (False, True)]
-CASES += [Case(Sq=1, Sk=9, pad="left", causal=True, gate="apt"), Case(H=4, Hkv=4, pad="right", causal=True)]
+CASES += [Case(Sq=1, Sk=9, pad="left", causal=True, gate="fused"), Case(H=4, Hkv=4, pad="right", causal=True)]
 CASES += [Case(B=2, H=2, Hkv=1, Sq=70, Sk=70, L=5, pad="right", causal=True, gate="dense")]  # two query tiles
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_split_varlen_matches_the_float64_twin(case):
-    t, kwargs = leaves(case)
+    t, kwargs = make_inputs(case)
     err = errors(split_varlen, t, kwargs)
     assert max(err.values()) < TOL, err
 
 
 def test_causal_padding_with_holes_has_no_plan_and_falls_back():
     case = Case(pad="holes", causal=True)
-    assert varlen.padded_plan(padding(case), True, case.Sq) is None
-    t, kwargs = leaves(case)
+    assert varlen.padded_plan(pattern_mask(case), True, case.Sq) is None
+    t, kwargs = make_inputs(case)
     with pytest.raises(ValueError, match="varlen split path"):
         call(split_varlen, t, kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("case", [Case(pad="right", causal=True, gate="dense"), Case(pad="mixed", gate="apt")],
+@pytest.mark.parametrize("case", [Case(pad="right", causal=True, gate="dense"), Case(pad="mixed", gate="fused")],
                          ids=lambda c: c.id)
 def test_split_varlen_in_low_precision_meets_the_flash_rule(case, dtype):
     """Error vs float64 <= 2 x the reference path's same-dtype error + a floor, as for the dense split."""
-    t, kwargs = leaves(case, dtype)
+    t, kwargs = make_inputs(case, dtype)
     g = torch.randn(case.B, case.H, case.Sq, case.D, generator=torch.Generator().manual_seed(2)).to(dtype)
     out = call(split_varlen, t, kwargs)
     grads = torch.autograd.grad(out, list(t.values()), g)
@@ -178,10 +114,10 @@ def test_split_varlen_in_low_precision_meets_the_flash_rule(case, dtype):
 
 
 @pytest.mark.parametrize("case", [Case(B=2, H=2, Hkv=1, Sq=4, Sk=5, L=2, D=16, pad="right", causal=True, gate="dense"),
-                                  Case(B=2, H=2, Hkv=1, Sq=4, Sk=4, L=2, D=16, pad="mixed", gate="apt")],
+                                  Case(B=2, H=2, Hkv=1, Sq=4, Sk=4, L=2, D=16, pad="mixed", gate="fused")],
                          ids=lambda c: c.id)
 def test_split_varlen_gradcheck_float64(case):
-    t, kwargs = leaves(case)
+    t, kwargs = make_inputs(case)
     names = list(t)
 
     def fn(*args):
@@ -274,7 +210,7 @@ def test_merge_kernel_reads_token_major_outputs_through_strides():
 def test_the_varlen_queries_are_a_view_of_q_and_the_outputs_views_of_the_vendor_layout(monkeypatch):
     """No copy of q: ``[B, Sq, H, D]`` memory is the token-major queries; o_k and lse_k reach the merge as views."""
     case = Case(pad="right", causal=True)
-    t, kwargs = leaves(case)
+    t, kwargs = make_inputs(case)
     q = t["q"].detach().transpose(1, 2).contiguous().transpose(1, 2)  # transformers' layout
     k, v = t["k"].detach(), t["v"].detach()
     spec = AttentionSpec.build(q, k, **kwargs)
@@ -441,19 +377,6 @@ def test_row_weights_keep_each_rows_own_keys():
 # ------------------------------------------------------------------------- the CUDA branch on fake tensors
 
 
-class OpLog(TorchDispatchMode):
-    """Every aten call with its arguments bound to the schema's names (defaults filled in)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        bound = {a.name: args[i] if i < len(args) else kwargs.get(a.name, a.default_value)
-                 for i, a in enumerate(func._schema.arguments)}
-        self.calls.append((func, bound))
-        return func(*args, **kwargs)
 
 
 def fake_plan(plan: varlen.Plan) -> varlen.Plan:
@@ -569,7 +492,7 @@ def test_split_forward_hands_the_merge_the_vendor_layouts_on_fake_cuda(monkeypat
 
 def test_custom_ops_with_varlen_arguments_pass_opcheck():
     case = Case(B=2, H=2, Hkv=1, Sq=4, Sk=4, L=2, pad="right", causal=True, gate="dense")
-    t, kwargs = leaves(case)
+    t, kwargs = make_inputs(case)
     q, k, v, pk, pv, gate = (t[n].detach() for n in ("q", "k", "v", "prefix_k", "prefix_v", "gate"))
     plan = varlen.padded_plan(kwargs["key_padding_mask"], True, case.Sq)
     args = (q, k, v, pk, pv, gate, kwargs["key_padding_mask"], True, 0.25, vendor.CPU_VARLEN, None, -1, -1,
