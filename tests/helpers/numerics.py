@@ -64,6 +64,26 @@ def gradcheck_attention(attention, tensors, kwargs, fast_mode):
 # ------------------------------------------------------------------- the attention paths, keyword arguments in
 
 
+def call(fn, tensors, kwargs):
+    """``fn(q, k, v, prefix_k, prefix_v, **other tensors, **kwargs)`` from a dict of leaves (:data:`ATTENTION_INPUTS`
+    first)."""
+    return fn(*(tensors[n] for n in ATTENTION_INPUTS),
+              **{n: x for n, x in tensors.items() if n not in ATTENTION_INPUTS}, **kwargs)
+
+
+def max_errors(fn, reference, tensors, kwargs, seed=1):
+    """Max abs error of ``fn`` against ``reference`` on one call, forward and every leaf's gradient (a random
+    output gradient drawn from ``seed``): ``{"out": e, "d<name>": e, ...}``."""
+    out, want = call(fn, tensors, kwargs), call(reference, tensors, kwargs)
+    assert out.shape == want.shape and out.dtype == want.dtype
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(seed), dtype=want.dtype)
+    got = torch.autograd.grad(out, list(tensors.values()), g)
+    ref = torch.autograd.grad(want, list(tensors.values()), g)
+    result = {"out": (out - want).abs().max().item()}
+    result.update({f"d{n}": (a - b).abs().max().item() for n, a, b in zip(tensors, got, ref)})
+    return result
+
+
 def spec_of(q, k, **kwargs):
     """The call's spec, from the keyword arguments of ``fastprefix.gated_prefix_attention`` (gate, gate_hidden, ...,
     key_padding_mask, causal, scale, attn_bias, window, softcap)."""

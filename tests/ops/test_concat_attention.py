@@ -19,22 +19,11 @@ from fastprefix.kernels.attention import concat, dispatch, varlen, vendor
 from fastprefix.reference import attention as reference
 from fastprefix.spec import AttentionSpec
 from helpers.cases import make_inputs, maker, pattern_mask
-from helpers.numerics import OpLog, assert_flash_rule
+from helpers.numerics import OpLog, assert_flash_rule, call, max_errors
+from helpers.numerics import explicit_attention as twin  # the float64 twin (block-diagonal with cu_seqlens)
 
 TOL = 1e-12
-NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
-
-
 Case = maker("concat", B=3, H=4, Hkv=2, Sq=6, Sk=6, L=3, D=16, pad="none")
-
-
-def call(fn, t, kwargs):
-    return fn(*(t[n] for n in NAMES), **{n: x for n, x in t.items() if n not in NAMES}, **kwargs)
-
-
-def twin(q, k, v, prefix_k, prefix_v, **kwargs):
-    spec = AttentionSpec.build(q, k, **kwargs)
-    return reference.explicit_attention(q, k, v, prefix_k, prefix_v, spec, reference.gate_of(spec))
 
 
 def concat_with(op):
@@ -42,17 +31,6 @@ def concat_with(op):
         spec = AttentionSpec.build(q, k, **kwargs)
         return concat.concat_attention(q, k, v, prefix_k, prefix_v, spec, op=op)
     return fn
-
-
-def errors(fn, t, kwargs, seed=1):
-    out, want = call(fn, t, kwargs), call(twin, t, kwargs)
-    assert out.shape == want.shape and out.dtype == want.dtype
-    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(seed), dtype=want.dtype)
-    got = torch.autograd.grad(out, list(t.values()), g)
-    ref = torch.autograd.grad(want, list(t.values()), g)
-    result = {"out": (out - want).abs().max().item()}
-    result.update({f"d{n}": (a - b).abs().max().item() for n, a, b in zip(t, got, ref)})
-    return result
 
 
 DENSE = [Case(causal=c, gate=g) for c in (False, True) for g in ("none", "pooled")]
@@ -65,7 +43,7 @@ DENSE += [Case(pad=p, causal=c, gate="pooled") for p in ("right", "mixed", "allp
 @pytest.mark.parametrize("case", DENSE, ids=[c.id for c in DENSE])
 def test_dense_concat_matches_the_float64_twin(case):
     t, kwargs = make_inputs(case)
-    err = errors(concat_with(vendor.CPU), t, kwargs)
+    err = max_errors(concat_with(vendor.CPU), twin, t, kwargs)
     assert max(err.values()) < TOL, err
 
 
@@ -78,7 +56,7 @@ VARLEN += [Case(Sq=3, Sk=9, pad="right", causal=True, gate="pooled", shared=Fals
 @pytest.mark.parametrize("case", VARLEN, ids=[c.id for c in VARLEN])
 def test_varlen_concat_matches_the_float64_twin(case):
     t, kwargs = make_inputs(case)
-    err = errors(concat_with(vendor.CPU_VARLEN), t, kwargs)
+    err = max_errors(concat_with(vendor.CPU_VARLEN), twin, t, kwargs)
     assert max(err.values()) < TOL, err
 
 
@@ -134,7 +112,8 @@ def test_ops_concat_path_on_cpu_is_exact_and_says_so(monkeypatch):
     calls = []
     real = concat.concat_attention
     monkeypatch.setattr(concat, "concat_attention", lambda *a, **k: calls.append(k.get("op")) or real(*a, **k))
-    err = errors(lambda *a, **k: fastprefix.gated_prefix_attention(*a, backend="triton", path="concat", **k), t, kwargs)
+    err = max_errors(lambda *a, **k: fastprefix.gated_prefix_attention(*a, backend="triton", path="concat", **k), twin,
+                     t, kwargs)
     assert max(err.values()) < TOL and calls == [vendor.CPU]
     route = fastprefix.ops.attention_route(t["q"], t["k"], t["prefix_k"], gate=t["gate"], path="concat", **kwargs)
     assert route == ("concat", "forced")

@@ -25,7 +25,8 @@ from fastprefix.reference import attention as reference
 from fastprefix.reference import split as reference_split
 from fastprefix.spec import AttentionSpec
 from helpers.cases import make_inputs, maker, pattern_mask
-from helpers.numerics import OpLog, assert_flash_rule
+from helpers.numerics import ATTENTION_INPUTS, OpLog, assert_flash_rule, call, max_errors
+from helpers.numerics import explicit_attention as twin  # the float64 twin (block-diagonal with cu_seqlens)
 
 TOL = 1e-12  # float64: the paths against the twin
 
@@ -36,36 +37,10 @@ TOL = 1e-12  # float64: the paths against the twin
 Case = maker("varlen", B=3, H=4, Hkv=2, Sq=6, Sk=6, L=3, D=16, pad="right")
 
 
-NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
-
-
-def call(fn, t, kwargs):
-    return fn(*(t[n] for n in NAMES), **{n: x for n, x in t.items() if n not in NAMES}, **kwargs)
-
-
-def twin(q, k, v, prefix_k, prefix_v, **kwargs):
-    """The float64 twin: the explicit formulation (block-diagonal with ``cu_seqlens``)."""
-    spec = AttentionSpec.build(q, k, **kwargs)
-    return reference.explicit_attention(q, k, v, prefix_k, prefix_v, spec, reference.gate_of(spec))
-
-
 def split_varlen(q, k, v, prefix_k, prefix_v, **kwargs):
     """The split path forced onto the emulated varlen op."""
     spec = AttentionSpec.build(q, k, **kwargs)
     return split.split_attention(q, k, v, prefix_k, prefix_v, spec, op=vendor.CPU_VARLEN)
-
-
-def errors(fn, t, kwargs, seed=1):
-    """Max abs error of ``fn`` against the twin: {"out": e, "d<name>": e, ...}."""
-    out = call(fn, t, kwargs)
-    want = call(twin, t, kwargs)
-    assert out.shape == want.shape and out.dtype == want.dtype
-    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(seed), dtype=want.dtype)
-    got = torch.autograd.grad(out, list(t.values()), g)
-    ref = torch.autograd.grad(want, list(t.values()), g)
-    result = {"out": (out - want).abs().max().item()}
-    result.update({f"d{n}": (a - b).abs().max().item() for n, a, b in zip(t, got, ref)})
-    return result
 
 
 CASES = [Case(pad=p, causal=c) for p in ("right", "left", "none", "allpad", "mixed") for c in (False, True)]
@@ -80,7 +55,7 @@ CASES += [Case(B=2, H=2, Hkv=1, Sq=70, Sk=70, L=5, pad="right", causal=True, gat
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_split_varlen_matches_the_float64_twin(case):
     t, kwargs = make_inputs(case)
-    err = errors(split_varlen, t, kwargs)
+    err = max_errors(split_varlen, twin, t, kwargs)
     assert max(err.values()) < TOL, err
 
 
@@ -280,7 +255,7 @@ def test_packed_call_on_every_path_matches_the_twin(causal, window, gate, monkey
         paths.append(("concat", op_path("concat")))
     for name, fn in paths:
         taken.clear()
-        err = errors(fn, t, kwargs)
+        err = max_errors(fn, twin, t, kwargs)
         assert max(err.values()) < TOL, (name, err)
         expect = {"reference": [], "fused": ["gated_prefix_attention"], "split": ["split_attention"],
                   "concat": []}[name]
@@ -312,7 +287,7 @@ def test_packed_gradcheck_float64_split():
 def test_packed_equals_each_sequence_alone():
     """What a packed call means: each sequence's rows of the output are that sequence's call alone."""
     t = {n: x.detach() for n, x in packed_leaves().items()}
-    out = fastprefix.gated_prefix_attention(*(t[n] for n in NAMES), causal=True, cu_seqlens=cu_seqlens(),
+    out = fastprefix.gated_prefix_attention(*(t[n] for n in ATTENTION_INPUTS), causal=True, cu_seqlens=cu_seqlens(),
                                             backend="triton", path="split")
     start = 0
     for n in LENGTHS:
@@ -335,7 +310,7 @@ def test_bad_packed_calls_are_value_errors(bad, match):
     t = {n: x.detach() for n, x in packed_leaves().items()}
     for backend in ("torch", "triton"):
         with pytest.raises(ValueError, match=match):
-            fastprefix.gated_prefix_attention(*(t[n] for n in NAMES), backend=backend, **bad)
+            fastprefix.gated_prefix_attention(*(t[n] for n in ATTENTION_INPUTS), backend=backend, **bad)
 
 
 def test_packed_needs_one_row_whose_queries_are_its_keys():
