@@ -45,7 +45,8 @@ setup(
     package_dir={"fastprefix": "fastprefix", "fastprefix.kernels": "kernels", "fastprefix.benchmarks": "benchmarks"},
     entry_points={"console_scripts": ["fastprefix-bench = fastprefix.benchmarks.__main__:main"]},
     install_requires=[
-        # the floors are the versions the oldest-stack CI job runs (make test-oldest) and the GPU machine has
+        # the oldest supported versions: triton and transformers are the ones the oldest-stack CI job runs
+        # (make test-oldest, with the CPU torch 2.13 wheel); torch 2.11 is the GPU machine's
         "torch>=2.11",
         "triton>=3.6; platform_system == 'Linux'",  # only where it installs: without it the reference path runs
         "numpy>=1.24",

@@ -23,8 +23,9 @@ through fastprefix:
 ``remove(model)`` undoes all of it: same outputs as before ``apply``, bit for bit.
 
 Caveats: attention-probability dropout is not applied on the prefix path; sliding-window layers keep their
-window over the real keys while the prefix stays visible to every query; static caches, chunked attention
-and packed sequences are rejected with a clear error; reentrant gradient checkpointing is rejected
+window over the real keys while the prefix stays visible to every query; packed sequences (padding-free batches)
+reach the attention packed (see ``packing``); static caches and chunked attention are rejected with a clear error;
+reentrant gradient checkpointing is rejected
 for prefix methods (the default non-reentrant one works); APT's ``gate="pooled"`` on causal attention pools
 each position over the real tokens up to it (decoding keeps the running sum and count on the KV cache).
 """
