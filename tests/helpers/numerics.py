@@ -6,6 +6,7 @@ inputs are built by tests/helpers/cases.py."""
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fastprefix
 from fastprefix.kernels.attention import dispatch, fused, split
 from fastprefix.reference import attention as reference
 from fastprefix.spec import AttentionSpec, default_path
@@ -44,6 +45,34 @@ def run(fn, tensors, kwargs, grad_out):
 def upcast(tensors):
     """float64 leaves holding the values of ``tensors`` (for the float64 reference)."""
     return {k: v.detach().double().requires_grad_() for k, v in tensors.items()}
+
+
+def assert_runs_match(fn, reference, tensors, kwargs, grad_out, *, tol):
+    """``fn`` and ``reference`` give the same output and the same gradient of every leaf of ``tensors`` under
+    ``grad_out``, to ``tol`` (relative and absolute)."""
+    out, grads = run(fn, tensors, kwargs, grad_out)
+    out_ref, grads_ref = run(reference, tensors, kwargs, grad_out)
+    torch.testing.assert_close(out, out_ref, rtol=tol, atol=tol)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], rtol=tol, atol=tol,
+                                   msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def torch_backend(q, k, v, prefix_k, prefix_v, **kwargs):
+    """``fastprefix.gated_prefix_attention`` on the torch backend (the same-dtype side of the error rule)."""
+    return fastprefix.gated_prefix_attention(q, k, v, prefix_k, prefix_v, backend="torch", **kwargs)
+
+
+def assert_flash_rule_run(fn, twin, tensors, kwargs, grad_out, *, floor, name):
+    """FlashAttention's rule on one call's output and every leaf's gradient: ``fn``'s error against ``twin`` in
+    float64 is at most 2 x the torch backend's error in the same dtype + ``floor`` x the float64 magnitude."""
+    out, grads = run(fn, tensors, kwargs, grad_out)
+    out_ref, grads_ref = run(torch_backend, tensors, kwargs, grad_out)
+    out_64, grads_64 = run(twin, upcast(tensors), kwargs, grad_out.double())
+    sides = [("out", out, out_ref, out_64)] + [(f"d{n}", grads[n], grads_ref[n], grads_64[n]) for n in grads]
+    for part, x, x_ref, x_64 in sides:
+        assert x.dtype == x_ref.dtype, f"{name} {part}: {x.dtype} != {x_ref.dtype}"
+        assert_flash_rule(x, x_ref, x_64, floor=floor * max(1.0, x_64.abs().max().item()), name=f"{name} {part}")
 
 
 def gradcheck_attention(attention, tensors, kwargs, fast_mode):

@@ -11,7 +11,8 @@ import torch
 
 from fastprefix.kernels.attention import configs
 from helpers.cases import CASES, GRADCHECK_CASES, Case, ids, make_inputs
-from helpers.numerics import FLOOR, assert_flash_rule, gradcheck_attention, reference_attention, run, upcast
+from helpers.numerics import (FLOOR, assert_flash_rule, assert_runs_match, gradcheck_attention, reference_attention,
+                              run, upcast)
 from helpers.numerics import fused_attention as triton_attention
 
 
@@ -136,11 +137,7 @@ def test_torch_compile_fullgraph():
     tensors, kwargs = make_inputs(case, torch.float64)
     grad_out = torch.randn(case.B, case.H, case.Sq, case.D, dtype=torch.float64)
     compiled = torch.compile(triton_attention, backend="aot_eager", fullgraph=True)
-    out, grads = run(compiled, tensors, kwargs, grad_out)
-    out_ref, grads_ref = run(reference_attention, tensors, kwargs, grad_out)
-    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
-    for name in grads:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-12, atol=1e-12)
+    assert_runs_match(compiled, reference_attention, tensors, kwargs, grad_out, tol=1e-12)
 
 
 def test_custom_op_registration():

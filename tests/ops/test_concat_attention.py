@@ -16,10 +16,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fastprefix
 from fastprefix.kernels.attention import concat, dispatch, varlen, vendor
-from fastprefix.reference import attention as reference
 from fastprefix.spec import AttentionSpec
-from helpers.cases import make_inputs, maker, pattern_mask
-from helpers.numerics import OpLog, assert_flash_rule, call, max_errors
+from helpers.cases import make_inputs, maker
+from helpers.numerics import OpLog, assert_flash_rule_run, call, max_errors
 from helpers.numerics import explicit_attention as twin  # the float64 twin (block-diagonal with cu_seqlens)
 
 TOL = 1e-12
@@ -90,17 +89,9 @@ def test_concat_in_low_precision_meets_the_flash_rule(dtype):
     case = Case(pad="right", causal=True, gate="pooled")
     t, kwargs = make_inputs(case, dtype)
     g = torch.randn(case.B, case.H, case.Sq, case.D, generator=torch.Generator().manual_seed(2)).to(dtype)
+    floor = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
     for op in (vendor.CPU, vendor.CPU_VARLEN):
-        out = call(concat_with(op), t, kwargs)
-        grads = torch.autograd.grad(out, list(t.values()), g)
-        out_ref = call(lambda *a, **k: fastprefix.gated_prefix_attention(*a, backend="torch", **k), t, kwargs)
-        grads_ref = torch.autograd.grad(out_ref, list(t.values()), g)
-        t64 = {n: x.detach().double().requires_grad_() for n, x in t.items()}
-        out_64 = call(twin, t64, kwargs)
-        grads_64 = torch.autograd.grad(out_64, list(t64.values()), g.double())
-        floor = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
-        for name, x, x_ref, x_64 in [("out", out, out_ref, out_64)] + list(zip(t, grads, grads_ref, grads_64)):
-            assert_flash_rule(x, x_ref, x_64, floor=floor * max(1.0, x_64.abs().max().item()), name=f"{op} {name}")
+        assert_flash_rule_run(concat_with(op), twin, t, kwargs, g, floor=floor, name=op)
 
 
 # -------------------------------------------------------------------------------------------- the rule

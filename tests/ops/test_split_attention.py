@@ -17,7 +17,8 @@ from fastprefix.kernels.attention import dispatch, split, vendor
 from fastprefix.reference import split as reference_split
 from fastprefix.spec import gate3
 from helpers.cases import CASES, GRADCHECK_CASES, Case, ids, make_inputs
-from helpers.numerics import (ATTENTION_INPUTS, FLOOR, OpLog, assert_flash_rule, choose_path, gradcheck_attention,
+from helpers.numerics import (ATTENTION_INPUTS, FLOOR, OpLog, assert_flash_rule, assert_runs_match, choose_path,
+                              gradcheck_attention,
                               reference_attention, run, spec_of, split_attention, triton_attention, upcast)
 
 NAMES = ATTENTION_INPUTS
@@ -159,11 +160,7 @@ def test_torch_compile_fullgraph(split_calls):
     tensors, kwargs = make_inputs(case, torch.float64)
     grad_out = torch.randn(case.B, case.H, case.Sq, case.D, dtype=torch.float64)
     compiled = torch.compile(split_attention, backend="aot_eager", fullgraph=True)
-    out, grads = run(compiled, tensors, kwargs, grad_out)
-    out_ref, grads_ref = run(reference_attention, tensors, kwargs, grad_out)
-    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
-    for name in grads:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-12, atol=1e-12)
+    assert_runs_match(compiled, reference_attention, tensors, kwargs, grad_out, tol=1e-12)
 
 
 def test_custom_op_registration():

@@ -21,7 +21,8 @@ from fastprefix.kernels.attention import dispatch, vendor
 from fastprefix.spec import effective_window, visible_keys
 from helpers import cases
 from helpers.cases import ids, make_inputs
-from helpers.numerics import (ATTENTION_INPUTS, FLOOR, OpLog, assert_flash_rule, choose_path, explicit_attention,
+from helpers.numerics import (ATTENTION_INPUTS, FLOOR, OpLog, assert_flash_rule, assert_runs_match, choose_path,
+                              explicit_attention,
                               fused_attention, gradcheck_attention, reference_attention, run, spec_of, split_attention,
                               triton_attention, upcast)
 
@@ -234,11 +235,7 @@ def test_torch_compile_fullgraph_with_bias_and_window(split_calls):
     tensors, kwargs = make_inputs(case, torch.float64)
     grad_out = torch.randn(case.B, case.H, case.Sq, case.D, dtype=torch.float64)
     compiled = torch.compile(split_attention, backend="aot_eager", fullgraph=True)
-    out, grads = run(compiled, tensors, kwargs, grad_out)
-    out_ref, grads_ref = run(explicit_attention, tensors, kwargs, grad_out)
-    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
-    for name in grads:
-        torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-10, atol=1e-10, msg=name)
+    assert_runs_match(compiled, explicit_attention, tensors, kwargs, grad_out, tol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------------
