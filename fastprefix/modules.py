@@ -1,4 +1,4 @@
-"""The trainable state of each method, as ``nn.Module``s with the reference inits of METHODS.md.
+"""The trainable state of each method, as ``nn.Module``s with the reference inits of docs/methods.md.
 
 Prompt methods (PT, DePT, ADePT) map ``input_ids [B, S]`` and the frozen embedding table ``[V, d]``
 to the model's input ``[B, m+S, d]``. Prefix methods (P-Tuning v2, APT) produce every layer's prefix
