@@ -41,10 +41,6 @@ _PREFIX_METHODS = ("p_tuning_v2", "apt")
 _SAVE_ID = "fastprefix_save_id"  # safetensors metadata key (and JSON "save_id"): pairs the two files of one save
 
 
-def _version():
-    return __version__
-
-
 def _major(version):
     """The major number of a ``"X.Y.Z"`` version string, or None if it is not one."""
     head = version.split(".", 1)[0] if isinstance(version, str) else ""
@@ -171,7 +167,7 @@ def save_adapter(model, directory, *, state_dict=None):
     save_id = uuid.uuid4().hex
     meta = {
         "format": FORMAT,
-        "fastprefix_version": _version(),
+        "fastprefix_version": __version__,
         "save_id": save_id,
         "method": state.config.method,
         "config": state.config.to_dict(),
@@ -215,7 +211,7 @@ def _read_meta(directory):
             raise ValueError(f"{CONFIG_NAME} in {directory!r} lacks a valid {key!r} entry")
     if not isinstance(meta["base_model"].get("shape"), dict):
         raise ValueError(f"{CONFIG_NAME} in {directory!r} lacks the base model's shape fingerprint")
-    version, ours = meta.get("fastprefix_version"), _version()
+    version, ours = meta.get("fastprefix_version"), __version__
     if _major(version) is None:
         raise ValueError(f"{CONFIG_NAME} in {directory!r} lacks a valid fastprefix_version (got {version!r})")
     if _major(version) > _major(ours):

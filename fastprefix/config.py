@@ -24,14 +24,14 @@ class ConfigFieldError(TypeError, ValueError):
     every other bad config input)."""
 
 
-# what a field name from PEFT or from habit means here (None: no such setting, and the message says why)
+# what a field name from PEFT or from habit means here
 _ALIASES = {
     "r": "rank", "num_tokens": "num_virtual_tokens", "num_prefix_tokens": "num_virtual_tokens",
     "prefix_length": "num_virtual_tokens", "prompt_length": "num_virtual_tokens",
     "encoder_hidden_size": "projection_hidden", "prompt_tuning_init": "prompt_init", "alpha": "lora_alpha",
     "lora_dropout": "dropout",
-    "task_type": None,
 }
+# field names from PEFT with no setting here, and why
 _NO_SUCH = {"task_type": "fastprefix finds the task head from the model itself (apply(..., trainable=...) overrides)"}
 
 

@@ -26,6 +26,7 @@ Caveats. Building a Packing syncs with the host once (its longest sequence), and
 
 from __future__ import annotations
 
+import copy
 import weakref
 
 import torch
@@ -63,6 +64,12 @@ def memoized(tensor, key, build):
     if key not in values:
         values[key] = build()
     return values[key]
+
+
+def all_real(key_padding_mask) -> bool:
+    """Whether a ``[B, Sk]`` padding mask hides nothing: one host sync per mask tensor, so once per forward
+    (every layer gets the same mask)."""
+    return memoized(key_padding_mask, "all_real", lambda: bool(key_padding_mask.all()))
 
 
 def check_cu_seqlens(cu_seqlens, T: int, device) -> None:
@@ -119,6 +126,13 @@ class Packing:
         self.seq = first.long().cumsum(0) - 1
         self.slot = self.seq * longest + (torch.arange(B * T, device=device) - starts[self.seq])
         self.cu_seqlens = torch.cat([starts, starts.new_full((1,), B * T)]).to(torch.int32)
+        # what the attention op would work out from this cu_seqlens (a host sync each) is known here: its values
+        # are good, and this is its Packing but for the shape (the row [1, B * T] flattened row-major)
+        row = copy.copy(self)
+        row.shape = (1, B * T)
+        row.cu_seqlens = self.cu_seqlens.clone()  # the memo must not hold its own key: it would never be freed
+        memoized(self.cu_seqlens, ("values", B * T), lambda: True)
+        memoized(self.cu_seqlens, ("packing", B * T), lambda: row)
 
     @classmethod
     def of_cu_seqlens(cls, cu_seqlens, T: int) -> "Packing":

@@ -85,10 +85,6 @@ class AttentionSpec:
                    softcap=None if softcap is None else float(softcap), cu_seqlens=cu_seqlens)
 
     @property
-    def has_gate(self) -> bool:
-        return self.gate is not None or self.gate_inputs is not None
-
-    @property
     def gate_rows(self) -> Optional[int]:
         """How many gate rows the queries have: None without a gate, 1 when one row serves every query (a pooled
         ``[B|1, 1, L]`` gate, or a single query), else the query count (APT's token gate)."""
@@ -179,7 +175,7 @@ def visible_keys(key_padding_mask, causal: bool, window, Sq: int, Sk: int, devic
 
 
 def additive_mask(Sq: int, Sk: int, dtype, device, key_padding_mask=None, causal: bool = False, window=None,
-                  attn_bias=None, align: int = 1, cu_seqlens=None):
+                  attn_bias=None, align: int = 1):
     """The additive mask ``[Bm, Hm, Sq, Sk]`` over the real keys, or None when nothing masks or biases them.
 
     ``attn_bias`` (4-dim, clamped below at the dtype's lowest finite value so that a -inf entry cannot
@@ -188,11 +184,10 @@ def additive_mask(Sq: int, Sk: int, dtype, device, key_padding_mask=None, causal
     gets a log-sum-exp near that value, so the real keys' share of the merged softmax underflows to
     exactly 0, forward and backward, and nothing is NaN. ``Bm``, ``Hm`` are 1 unless the bias or the
     padding mask has those dims. Rows live in a buffer of ``ceil(Sk / align) * align`` columns (the
-    memory-efficient op's stride alignment); the result is that buffer sliced to Sk. ``cu_seqlens``: a packed
-    row's sequences (:func:`visible_keys`).
+    memory-efficient op's stride alignment); the result is that buffer sliced to Sk.
     """
     bias = bias4(attn_bias)
-    visible = visible_keys(key_padding_mask, causal, window, Sq, Sk, device, cu_seqlens)
+    visible = visible_keys(key_padding_mask, causal, window, Sq, Sk, device)
     if bias is None and visible is None:
         return None
     Bm = max(bias.shape[0] if bias is not None else 1, visible.shape[0] if visible is not None else 1)
@@ -209,6 +204,15 @@ def additive_mask(Sq: int, Sk: int, dtype, device, key_padding_mask=None, causal
     return mask
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulator dtype of a float input: float64 for float64 (gradcheck), float32 otherwise (half included)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# PyTorch's fused CPU attention that also returns the log-sum-exp (private, but stable since torch 2.2)
+HAS_CPU_OP = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
 def cpu_op_mask_dtype(q, attn_bias):
     """The mask dtype of PyTorch's fused CPU attention: the bias's promoted with q's (a float32 bias stays float32
     on fp16 / bf16 queries, no rounding). Not a float32 mask on float64 queries: torch 2.13's CPU op reads such a
@@ -216,14 +220,12 @@ def cpu_op_mask_dtype(q, attn_bias):
     return q.dtype if attn_bias is None else torch.promote_types(attn_bias.dtype, q.dtype)
 
 
-def cpu_op_mask(q, Sk: int, key_padding_mask, causal: bool, window, attn_bias=None, cu_seqlens=None):
+def cpu_op_mask(q, Sk: int, key_padding_mask, causal: bool, window, attn_bias=None):
     """``(additive mask or None, is_causal)`` for PyTorch's fused CPU attention over the real keys. Its own causal
     mask is top-left aligned, the same as ours only when ``Sq == Sk``, and used only when nothing else needs a
-    mask (see :func:`additive_mask` for why a hidden key gets the lowest finite value, not -inf). ``cu_seqlens``:
-    a packed row's sequences, as one block-diagonal mask."""
+    mask (see :func:`additive_mask` for why a hidden key gets the lowest finite value, not -inf)."""
     Sq = q.shape[-2]
-    if (key_padding_mask is None and attn_bias is None and window is None and cu_seqlens is None
-            and (not causal or Sq == Sk)):
+    if key_padding_mask is None and attn_bias is None and window is None and (not causal or Sq == Sk):
         return None, causal
     return additive_mask(Sq, Sk, cpu_op_mask_dtype(q, attn_bias), q.device, key_padding_mask, causal, window,
-                         attn_bias, cu_seqlens=cu_seqlens), False
+                         attn_bias), False

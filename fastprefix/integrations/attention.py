@@ -24,10 +24,10 @@ import torch
 
 from .. import ops
 from ..modules import PTuningV2Prefix
-from ..reference.attention import attention_probs
+from ..reference.attention import attention_probs, gate_of
 from ..spec import AttentionSpec
 from .context import KWARG, MIXED_DISABLED, NAME, ForwardContext
-from .gates import gate_tensor, layer_gate, packed_gate
+from .gates import layer_gate, packed_gate
 from .masks import layer_window, mask_pattern
 from .packing import PACKED, packed_mask, padding_free
 from .state import CAUSAL, LAYER, STATE
@@ -119,8 +119,8 @@ def fastprefix_attention(module, query, key, value, attention_mask, scaling=None
     weights = None
     if ctx.output_attentions:
         spec = AttentionSpec.build(query, key, key_padding_mask=attention_mask, causal=causal, scale=scaling,
-                                   attn_bias=bias, window=window, softcap=softcap, cu_seqlens=cu_seqlens)
-        weights = attention_probs(query, key, prefix_k, spec, gate_tensor(gate))
+                                   attn_bias=bias, window=window, softcap=softcap, cu_seqlens=cu_seqlens, **gate)
+        weights = attention_probs(query, key, prefix_k, spec, gate_of(spec))
     return out.transpose(1, 2).contiguous(), weights
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..spec import gate3
 
 RUNNING = "_fastprefix_pooled_gate"  # attribute on a KV cache: site -> Running (APT's causal pooled gate)
 
@@ -74,15 +73,18 @@ def packed_gate(ctx, module, i, packing, causal, key):
     hidden = _recorded(ctx, module, i).to(key.dtype)
     apt = ctx.state.module
     B, T, d = hidden.shape
+    tokens = None  # the hidden states gathered per sequence [n, S_max, d], where the gate needs them
     if apt.config.gate == "token":
         gate = apt.gate_kwargs(i, hidden.reshape(1, B * T, d))
     else:
-        per_sequence = apt.gate_kwargs(i, packing.tokens(hidden), packing.mask, causal=causal)["gate"]
+        tokens = packing.tokens(hidden)
+        per_sequence = apt.gate_kwargs(i, tokens, packing.mask, causal=causal)["gate"]
         rows = packing.pack(per_sequence) if causal else packing.per_token(per_sequence)  # [B, T, L]
         gate = dict(gate=rows.reshape(1, B * T, rows.shape[-1]))
     if ctx.state.record_gates and i not in ctx.gate_stats:
         # detached: the probe's gather must save nothing for autograd (a checkpoint recompute does not record)
-        ctx.record_gate(i, mean_gate(apt, i, packing.tokens(hidden.detach()), packing.mask, causal, None))
+        probe = packing.tokens(hidden.detach()) if tokens is None else tokens.detach()
+        ctx.record_gate(i, mean_gate(apt, i, probe, packing.mask, causal, None))
     return gate
 
 
@@ -130,11 +132,3 @@ def mean_gate(apt, i, hidden, query_mask, causal, past):
         w = query_mask.to(alpha.dtype).unsqueeze(-1)
         return ((alpha * w).sum(dim=(0, 1)) / w.sum().clamp_min(1)).float()
     return alpha.mean(dim=(0, 1)).float()
-
-
-def gate_tensor(gate):
-    """The gate as a 3-dim tensor ``[B|1, Sq|1, L]`` from :func:`layer_gate`'s keyword arguments (or any call's of
-    :func:`fastprefix.gated_prefix_attention`), None without a gate: what ``output_attentions`` maps are built with."""
-    if gate.get("gate_hidden") is not None:
-        return gate3(ops.apt_gate(gate["gate_hidden"], gate["gate_weight"], gate["gate_bias"], gate["layer_scale"]))
-    return None if gate.get("gate") is None else gate3(gate["gate"])

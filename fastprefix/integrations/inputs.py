@@ -134,8 +134,8 @@ def _scores_next_token(model):
 def first_token_unscored(labels, first):
     """``labels [N, T]`` (a new tensor, changed in place) with the label at column ``first[i]`` of row i set to
     ``-100`` (rows with ``first[i] < 0`` left alone): the prompt adds no scored target (see the module docstring)."""
-    rows = (first >= 0).nonzero().squeeze(1)
-    labels[rows, first[rows]] = IGNORE_INDEX
+    rows, cols = torch.arange(labels.shape[0], device=labels.device), first.clamp_min(0)
+    labels[rows, cols] = torch.where(first >= 0, IGNORE_INDEX, labels[rows, cols])  # no host sync
     return labels
 
 

@@ -42,7 +42,8 @@ import functools
 
 import torch
 
-from ..sequences import Packing
+from ..sequences import Packing, all_real
+from ..spec import sequence_ids
 from .context import KWARG, ForwardContext
 from .masks import is_segment_ids, packed_overlay
 
@@ -89,7 +90,7 @@ def _by_varlen(kwargs, B, T, device):
     if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != T or bool((lengths < 0).any()):
         raise ValueError(f"packed sequences: cu_seq_lens_q must rise from 0 to the row's {T} tokens, "
                          f"got {cu.tolist()}")
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)[None]
+    return sequence_ids(cu, T)[None]
 
 
 def _same_sequences(a, b):
@@ -105,7 +106,7 @@ def _segments(B, T, device, kwargs, padding_mask, segment_ids=None, position_ids
     ids = segment_ids if segment_ids is not None else _by_position(position_ids, B, T)
     varlen = _by_varlen(kwargs, B, T, device)
     if varlen is not None:
-        if padding_mask is not None and not bool(padding_mask.all()):
+        if padding_mask is not None and not all_real(padding_mask):
             raise ValueError("packed sequences: cu_seq_lens_q/k came with an attention_mask that hides tokens; a "
                              "padding-free batch has no padding: drop the mask or the cu_seq_lens")
         if ids is not None and not _same_sequences(ids.to(device), varlen):
@@ -261,12 +262,11 @@ def prompt_inputs(state, kwargs, packing):
     rules.check_length(T + k * m, m, largest)  # without position ids the model numbers the whole row
     labels = kwargs.get("labels")
     if isinstance(labels, torch.Tensor) and not labels.is_floating_point() and labels.shape == ids.shape:
-        labels = grown(labels, torch.full((n, m), IGNORE_INDEX, device=ids.device))
+        front = torch.full((n, m), IGNORE_INDEX, dtype=labels.dtype, device=ids.device)
+        labels = torch.cat([front, packing.tokens(labels)], dim=1)  # [n, m + S]: each sequence after its prompt
         if rules.next_token_loss:  # every sequence's first token stays unscored, as alone (see inputs)
-            starts = (torch.arange(n, device=ids.device) * (m + S) + m)[packing.lengths > 0]
-            flat = labels.reshape(-1)
-            flat[keep.cumsum(0)[starts] - 1] = IGNORE_INDEX
-        kwargs["labels"] = labels
+            labels[:, m:m + 1] = IGNORE_INDEX
+        kwargs["labels"] = prompted(labels)
     if kwargs.get("token_type_ids") is not None:
         kwargs["token_type_ids"] = grown(kwargs["token_type_ids"], torch.zeros(n, m, device=ids.device))
     if kwargs.get("seq_idx") is not None:  # the prompt belongs to its sequence

@@ -32,8 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..sequences import packed_output, unpacked_call
-from ..spec import gate3, visible_keys
+from ..sequences import all_real, packed_output, unpacked_call
+from ..spec import HAS_CPU_OP, acc_dtype, gate3, visible_keys
 from . import split
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -60,7 +60,7 @@ def apt_gate(hidden, weight, bias, layer_scale, *, mode="token", key_padding_mas
     if mode == "pooled" and causal:
         B, S, _ = hidden.shape
         # half precision: accumulate the running sums in float32, as the softmax does
-        acc = torch.float32 if hidden.dtype in _HALF else hidden.dtype
+        acc = acc_dtype(hidden.dtype)
         logits = torch.mm(hidden.flatten(0, -2), weight).view(B, S, -1).to(acc)
         if key_padding_mask is None:
             count = torch.arange(1, S + 1, device=hidden.device, dtype=acc).expand(B, S)
@@ -177,15 +177,15 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, spec):
 
 def _attention(q, k, v, prefix_k, prefix_v, spec):
     """:func:`gated_prefix_attention` of a call that is not packed."""
-    if spec.key_padding_mask is not None and bool(spec.key_padding_mask.all()):
+    if spec.key_padding_mask is not None and all_real(spec.key_padding_mask):
         # an all-real mask (what transformers hands over for an unpadded batch) hides nothing: dropping it
-        # keeps the attention on its mask-free fast path (one host sync; the reference path is for CPU)
+        # keeps the attention on its mask-free fast path
         spec = spec.replace(key_padding_mask=None)
     gate = gate_of(spec)
     if spec.attn_bias is not None or spec.softcap is not None:
         return explicit_attention(q, k, v, prefix_k, prefix_v, spec, gate)
     if gate is None or gate.shape[1] == 1:
         return _folded_attention(q, k, v, prefix_k, prefix_v, spec, gate)
-    if q.device.type == "cpu" and split.HAS_CPU_OP:
+    if q.device.type == "cpu" and HAS_CPU_OP:
         return split.split_attention(q, k, v, prefix_k, prefix_v, spec, gate)
     return explicit_attention(q, k, v, prefix_k, prefix_v, spec, gate)

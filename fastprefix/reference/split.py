@@ -22,15 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..spec import cpu_op_mask
-
-_HALF = (torch.float16, torch.bfloat16)
-# PyTorch's fused CPU attention that also returns the log-sum-exp (private, but stable since torch 2.2)
-HAS_CPU_OP = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
-
-
-def _acc(dtype):
-    return torch.float32 if dtype in _HALF else dtype
+from ..spec import acc_dtype, cpu_op_mask
 
 
 def _eq(prefix, pattern):
@@ -43,7 +35,7 @@ def _prefix_scores(q, prefix_k, scale):
     Hkv = prefix_k.shape[-3]
     q5 = q.unflatten(1, (Hkv, q.shape[1] // Hkv))
     # einsum over the 5-dim views lets torch pick one large GEMM per key/value head
-    return torch.einsum(_eq(prefix_k, "bkgsd,{p}ld->bkgsl"), q5, prefix_k * scale).to(_acc(q.dtype))
+    return torch.einsum(_eq(prefix_k, "bkgsd,{p}ld->bkgsl"), q5, prefix_k * scale).to(acc_dtype(q.dtype))
 
 
 def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale, *, out=None, with_lse=False):
@@ -62,7 +54,7 @@ def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale, *, out=None, w
     """
     B, H, Sq, D = q.shape
     Hkv = prefix_k.shape[-3]
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     s = _prefix_scores(q, prefix_k, scale)
     g5 = 1.0 if gate is None else gate[:, None, None].to(acc)  # [B|1, 1, 1, Sq|1, L|1]
     lse_k5 = lse_k.reshape(B, Hkv, H // Hkv, Sq, 1).to(acc)
@@ -137,10 +129,9 @@ class _SplitAttention(torch.autograd.Function):
 def split_attention(q, k, v, prefix_k, prefix_v, spec, gate):
     """Attention over ``[g * prefix ; keys]`` by the split algorithm on CPU tensors (any float dtype).
 
-    ``spec``: the call's :class:`fastprefix.spec.AttentionSpec` (padding, causal, window; no bias or softcap:
-    those take the explicit formulation); ``gate``: None or the 3-dim gate in q's dtype. Returns
+    ``spec``: the call's :class:`fastprefix.spec.AttentionSpec` (padding, causal, window; not packed: the caller
+    unpacks a packed call first; no bias or softcap: those take the explicit formulation); ``gate``: None or the 3-dim gate in q's dtype. Returns
     ``[B, H, Sq, D]`` in ``[B, Sq, H, D]`` memory.
     """
-    mask, is_causal = cpu_op_mask(q, k.shape[2], spec.key_padding_mask, spec.causal, spec.window,
-                                  cu_seqlens=spec.cu_seqlens)
+    mask, is_causal = cpu_op_mask(q, k.shape[2], spec.key_padding_mask, spec.causal, spec.window)
     return _SplitAttention.apply(q, k, v, prefix_k, prefix_v, gate, mask, is_causal, spec.scale)

@@ -44,8 +44,8 @@ from typing import Optional
 
 import torch
 
-from ...spec import AttentionSpec
-from ..common.launch import acc_dtype, arch_of
+from ...spec import AttentionSpec, acc_dtype
+from ..common.launch import arch_of
 from . import varlen, vendor
 from .fused import gate_tensor
 
@@ -173,7 +173,7 @@ def concat_attention(q, k, v, prefix_k, prefix_v, spec: AttentionSpec, op=None, 
     B, H, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     L = prefix_k.shape[-2]
-    if spec.softcap is not None or spec.attn_bias is not None or spec.window is not None:
+    if spec.has_features:
         raise ValueError("the concat path has no softcap, attn_bias or window: use the split path or the fused kernel")
     if not folds(spec, Sq):
         raise ValueError("the concat path folds the gate into the prefix, so it needs one gate row for every query "

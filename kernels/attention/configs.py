@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import triton.language as tl
 
-from ..common.launch import LaunchConfig, numerics, signature_of
+from ..common.launch import FITNESS_DTYPES, TARGETS, LaunchConfig, numerics, signature_of
 
 # ----------------------------------------------------------------------------------------- the fused kernel
 
@@ -70,10 +70,9 @@ _CONFIGS_FP32 = {
         "bwd_dkdv": _FP32_DKDV[target],
         "bwd_prefix": {64: _C(32, 32, 32, 8, 1), 128: _C(16, 16, 16, 8, 1)},
     }
-    for target in (80, 86, 90)
+    for target in TARGETS
 }
 KINDS = ("fwd", "fwd_gate", "bwd_dq", "bwd_dkdv", "bwd_prefix")
-TARGETS = (80, 86, 90)
 # The interpreter runs programs one after another: few, moderately sized tiles are fastest, and
 # BLOCK_N = 32, BLOCK_L <= 16 still split the test shapes into several prefix and key tiles.
 _INTERPRETER_CONFIG = LaunchConfig(64, 32, 16, 4, 1)
@@ -136,12 +135,11 @@ def pick_merge_config(kind: str, block_d: int, arch: Optional[int]) -> LaunchCon
     """Launch config of the merge kernel ``kind`` (one of MERGE_KINDS) on ``arch`` (None: the interpreter)."""
     if arch is None:
         return _MERGE_INTERPRETER_CONFIG
-    return _MERGE_CONFIGS[90 if arch >= 90 else 80][kind][64 if block_d <= 64 else 128]
+    return _MERGE_CONFIGS[90 if arch >= 90 else 80][kind][_head_dim_bucket(block_d)]
 
 
 # --------------------------------------------------------------------------- ahead-of-time fitness (fitness.py)
 
-FITNESS_DTYPES = ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32"))
 # fitness-table name of each kind's fused kernel (all optional features on)
 FITNESS_KERNELS = {"fwd": "fwd gate=none", "fwd_gate": "fwd gate=tensor", "bwd_dq": "bwd_dq gate",
                    "bwd_dkdv": "bwd_dkdv", "bwd_prefix": "bwd_prefix gate"}

@@ -60,6 +60,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ...sequences import all_real
 from ...spec import PATHS, AttentionSpec
 from ..common.launch import arch_of
 from . import concat, costs, fused, split, table, varlen, vendor
@@ -77,11 +78,6 @@ class Route(NamedTuple):
     spec: AttentionSpec
     source: str
     plan: Optional[varlen.Plan] = None
-
-
-def all_real(key_padding_mask) -> bool:
-    """Whether a padding mask hides nothing (one host sync)."""
-    return bool(key_padding_mask.all())
 
 
 def _split_option(q, k, spec: AttentionSpec, arch):
@@ -105,8 +101,7 @@ def _split_option(q, k, spec: AttentionSpec, arch):
 def _concat_option(q, k, spec: AttentionSpec, arch, prefix_k):
     """``(op, plan)`` the concat path runs for this call, or None where it does not serve it."""
     Sq, Sk, D = q.shape[2], k.shape[2], q.shape[-1]
-    if (prefix_k is None or D > 128 or spec.attn_bias is not None or spec.window is not None
-            or spec.softcap is not None or not concat.folds(spec, Sq)):
+    if prefix_k is None or D > 128 or spec.has_features or not concat.folds(spec, Sq):
         return None
     L = prefix_k.shape[-2]
     if spec.cu_seqlens is None and (spec.key_padding_mask is None or q.device.type == "cpu"):
@@ -140,10 +135,11 @@ def route(q, k, spec: AttentionSpec, path: str, prefix_k=None) -> Route:
         return Route("fused", None, spec, "rule")
     if spec.key_padding_mask is not None and q.device.type == "cuda" and all_real(spec.key_padding_mask):
         spec = spec.replace(key_padding_mask=None)
-    split_option = _split_option(q, k, spec, arch)
-    concat_option = _concat_option(q, k, spec, arch, prefix_k)
+    # a forced path builds only the options it may take (a plan is host work on a forward's first layer)
+    concat_option = _concat_option(q, k, spec, arch, prefix_k) if path in ("auto", "concat") else None
     if path == "concat" and concat_option is not None:
-        return Route("concat", *concat_option[:1], spec, "forced", concat_option[1])
+        return Route("concat", concat_option[0], spec, "forced", concat_option[1])
+    split_option = _split_option(q, k, spec, arch)
     if path in ("split", "concat"):  # concat falls back as split does
         if split_option is None:
             return Route("fused", None, spec, "forced")

@@ -59,9 +59,9 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ...sequences import packed_output, unpacked_call
-from ...spec import AttentionSpec
+from ...spec import AttentionSpec, acc_dtype
 from ..common.jit import scaled
-from ..common.launch import (LOG2E, acc_dtype, arch_of, block_d, folded_grid, gate_strides, numerics, options,
+from ..common.launch import (LOG2E, arch_of, block_d, folded_grid, gate_strides, numerics, options,
                              prefix_strides, prefix_tile, reduce_prefix_partials, rows_per_split, split_float,
                              unit_rows)
 from ..common.runtime import interpreting, new_buffer

@@ -61,9 +61,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ...spec import AttentionSpec
+from ...spec import AttentionSpec, acc_dtype
 from ..common.jit import scaled
-from ..common.launch import (LOG2E, acc_dtype, arch_of, block_d, gate_strides, numerics, options, prefix_strides,
+from ..common.launch import (LOG2E, arch_of, block_d, gate_strides, numerics, options, prefix_strides,
                              prefix_tile, reduce_prefix_partials, rows_per_split, split_float, unit_rows)
 from ..common.runtime import new_buffer
 from . import configs, varlen, vendor

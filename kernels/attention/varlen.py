@@ -59,12 +59,11 @@ from typing import NamedTuple, Optional
 import torch
 
 from ...sequences import memoized
-from ...spec import cpu_op_mask, effective_window, visible_keys
+from ...spec import HAS_CPU_OP, acc_dtype, cpu_op_mask, effective_window, visible_keys
 from . import vendor
 
 _aten = torch.ops.aten
 _HAS_FLASH_VARLEN = hasattr(_aten, "_flash_attention_forward") and hasattr(_aten, "_flash_attention_backward")
-_HAS_CPU_OP = hasattr(_aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
 class Plan(NamedTuple):
@@ -98,7 +97,7 @@ def choose_op(device_type: str, capability: Optional[int], dtype: torch.dtype, D
     """The varlen op for this call: ``vendor.FLASH_VARLEN`` (CUDA 8.x / 9.x, fp16 / bf16, ``D % 8 == 0``,
     ``D <= 128``, not ROCm), ``vendor.CPU_VARLEN`` on CPU (the emulation), or None."""
     if device_type == "cpu":
-        return vendor.CPU_VARLEN if _HAS_CPU_OP else None
+        return vendor.CPU_VARLEN if HAS_CPU_OP else None
     if device_type != "cuda" or capability is None or not 80 <= capability < 100 or torch.version.hip is not None:
         return None
     if dtype not in (torch.float16, torch.bfloat16) or D % 8 != 0 or D > 128 or not _HAS_FLASH_VARLEN:
@@ -301,7 +300,7 @@ def _cpu_call(qs, ks, causal, window):
 
 def _emulated_forward(q, k, v, plan, scale, window):
     """FlashAttention's varlen forward, one sequence at a time through PyTorch's fused CPU op."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q.dtype)
     o = q.new_zeros(q.shape)
     lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=acc, device=q.device)
     for rq, rk, causal in _sequences(plan):
@@ -325,7 +324,7 @@ def _emulated_backward(grad_out, q, k, v, out, lse, plan, scale, window):
         qs, ks, vs = _heads_first(q[rq]), _heads_first(k[rk]), _heads_first(v[rk])
         mask, is_causal, _ = _cpu_call(qs, ks, causal, window)
         # the log-sum-exp in the CPU op's own layout: [1, H, nq] in [1, nq, H] memory
-        ls = lse[:, rq].to(q.dtype if q.dtype == torch.float64 else torch.float32).t().contiguous().t().unsqueeze(0)
+        ls = lse[:, rq].to(acc_dtype(q.dtype)).t().contiguous().t().unsqueeze(0)
         gq, gk, gv = _aten._scaled_dot_product_flash_attention_for_cpu_backward(
             _heads_first(grad_out[rq]), qs, ks, vs, _heads_first(out[rq]), ls, 0.0, is_causal, attn_mask=mask,
             scale=scale)

@@ -84,7 +84,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ...spec import additive_mask, bias4, cpu_op_mask, cpu_op_mask_dtype, visible_keys
+from ...spec import HAS_CPU_OP, acc_dtype, additive_mask, bias4, cpu_op_mask, cpu_op_mask_dtype, visible_keys
 
 CPU, FLASH, EFFICIENT = "cpu", "flash", "efficient"
 # the variable-length ops (varlen.py): FlashAttention-2's varlen forward / backward on CUDA, and its emulation on
@@ -98,7 +98,6 @@ _BIAS_ALIGN = 16
 _LSE_ALIGN = 32  # the efficient op pads its log-sum-exp to a multiple of 32 rows (kAlignLSE)
 
 _aten = torch.ops.aten
-_HAS_CPU_OP = hasattr(_aten, "_scaled_dot_product_flash_attention_for_cpu")
 _HAS_FLASH_OP = hasattr(_aten, "_scaled_dot_product_flash_attention")
 _HAS_EFFICIENT_OP = (hasattr(_aten, "_scaled_dot_product_efficient_attention")
                      and hasattr(_aten, "_scaled_dot_product_efficient_attention_backward"))
@@ -123,7 +122,7 @@ def choose_op(device_type: str, capability: Optional[int], dtype: torch.dtype, D
     """
     del causal, Sq, Sk  # every op here handles them (see the table in the module docstring)
     if device_type == "cpu":
-        return CPU if _HAS_CPU_OP else None
+        return CPU if HAS_CPU_OP else None
     if device_type != "cuda" or capability is None or not 80 <= capability < 100:
         return None
     if dtype not in (torch.float16, torch.bfloat16) or D % 8 != 0 or D > 128:
@@ -264,7 +263,7 @@ def _cpu_bias_grad(grad_out, q, k, v, out, lse_k, key_padding_mask, causal, wind
     fp64, fp32 otherwise), one ``[B, H, Sq, Sk]`` tensor at a time."""
     H, Sq = q.shape[1], q.shape[2]
     Hkv, Sk = k.shape[1], k.shape[2]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q.dtype)
     bias = bias4(attn_bias)
     q5 = q.to(acc).unflatten(1, (Hkv, H // Hkv))  # [B, Hkv, G, Sq, D]: no K/V expansion for GQA
     g5 = grad_out.to(acc).unflatten(1, (Hkv, H // Hkv))
@@ -308,7 +307,7 @@ def lse_like(op: str, q):
     """A fake twin of :func:`forward`'s ``lse_k``: its shape, dtype and memory layout per op. The varlen ops give
     ``[H, B * Sq]`` (token-major queries; fp32 from FlashAttention, the accumulator dtype from the emulation)."""
     B, H, Sq, _ = q.shape
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q.dtype)
     if op in VARLEN_OPS:
         return q.new_empty((H, B * Sq), dtype=torch.float32 if op == FLASH_VARLEN else acc)
     if op == CPU:  # the CPU op returns lse in [B, Sq, H] memory

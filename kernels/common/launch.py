@@ -19,6 +19,10 @@ LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
 # Explicit on every launch (Triton 3.10 flips the default to off): FMA contraction on, the numerics every fitness
 # figure and error bound of the kernels was measured with.
 FP_FUSION = True
+# the compute capabilities the launch tables are written (and checked fit) for: sm_86 stands for sm_86/89
+TARGETS = (80, 86, 90)
+# the input dtypes whose launches the fitness check compiles, with their Triton pointer names
+FITNESS_DTYPES = ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32"))
 
 
 class LaunchConfig(NamedTuple):
@@ -47,11 +51,6 @@ def arch_of(t: torch.Tensor) -> Optional[int]:
         return None
     major, minor = torch.cuda.get_device_capability(t.device)
     return 10 * major + minor
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulator dtype: fp64 only for fp64 inputs (gradcheck), fp32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,

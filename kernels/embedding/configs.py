@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ..common.launch import LaunchConfig, block_d, numerics, signature_of
+from ..common.launch import FITNESS_DTYPES, TARGETS, LaunchConfig, block_d, numerics, signature_of
 
 _C = LaunchConfig
 # Per kernel, for 16-bit inputs (tensor-core dots) and for fp32 (IEEE dots run on FMA units and hold more
@@ -74,8 +74,8 @@ def fitness_configs(kernels: dict):
     ``kernels``: fused.py's ``@triton.jit`` kernels by name (KERNELS, the table gradient's two as
     ``segment_sum_chunk`` and ``segment_sum_carry``).
     """
-    for arch in (80, 86, 90):
-        for dtype, dname in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+    for arch in TARGETS:
+        for dtype, dname in FITNESS_DTYPES:
             ptr = "*" + dname
             tag = f"sm{arch} {dname} d384/768/4096"
 

@@ -52,7 +52,8 @@ import triton
 import triton.language as tl
 
 from ... import _validate as check
-from ..common.launch import acc_dtype, arch_of, block_d, numerics, options, unit_rows
+from ...spec import acc_dtype
+from ..common.launch import arch_of, block_d, numerics, options, unit_rows
 from ..common.runtime import new_buffer, poison_outputs
 from . import configs
 from .configs import pick_config

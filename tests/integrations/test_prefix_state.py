@@ -12,7 +12,9 @@ import torch
 
 import fastprefix
 from fastprefix.integrations import attention as _attention
-from fastprefix.integrations.gates import RUNNING, gate_tensor
+from fastprefix.integrations.gates import RUNNING
+from fastprefix.reference.attention import gate_of
+from fastprefix.spec import AttentionSpec
 from helpers.models import batch, perturb, positions, run, tiny
 
 EXACT = dict(atol=1e-10, rtol=1e-10)
@@ -256,7 +258,8 @@ def test_output_attentions_are_the_maps_over_prefix_and_keys(kind, method, monke
 
     def spy(q, k, v, pk, pv, **kw):
         out = real(q, k, v, pk, pv, **kw)
-        calls.append((v, pv, gate_tensor(kw), out))
+        spec = AttentionSpec.build(q, k, **{n: x for n, x in kw.items() if n not in ('backend', 'path')})
+        calls.append((v, pv, gate_of(spec), out))
         return out
 
     monkeypatch.setattr(_attention.ops, "gated_prefix_attention", spy)
