@@ -134,16 +134,15 @@ def site_pre_hook(module, args, kwargs):
                            f"fastprefix.disabled(model), where the prefix would be dropped: {MIXED_DISABLED}")
 
 
-def mark_layers(state, layers, *, apt_hooks=True, causal=None, site_hooks=True):
+def mark_layers(state, layers, *, causal=None):
     """Number the prefix sites: each attention module gets the State and its site index (and ``causal[i]``, the
-    family's word on site i's causality, where given) and, with ``site_hooks``, :func:`site_pre_hook`; for APT
-    (``apt_hooks``) each layer gets :func:`apt_layer_pre_hook`."""
+    family's word on site i's causality, where given) and :func:`site_pre_hook`; for APT each layer gets
+    :func:`apt_layer_pre_hook`."""
     state.layers = [layer for layer, _ in layers]
     for i, (layer, attn) in enumerate(layers):
         mark(state, attn, i, None if causal is None else causal[i])
-        if site_hooks:
-            hook(state, attn, site_pre_hook)
-        if state.gated and apt_hooks:
+        hook(state, attn, site_pre_hook)
+        if state.gated:
             hook(state, layer, apt_layer_pre_hook, layer=i)
 
 

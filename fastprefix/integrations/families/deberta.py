@@ -25,11 +25,13 @@ model swallows ``**kwargs`` and its encoder calls the layers with fixed argument
 2. :func:`_enter` (the next pre-hook on the base model) gives it the 2D padding mask and makes it the current
    call of this thread (``context.enter``) for the duration of the base model's forward; :func:`_exit` (a
    forward hook that runs on errors too) takes it off again;
-3. :func:`_layer_pre_hook` (on each layer, outside the layer's gradient checkpoint, which wraps ``forward``)
-   hands the current call to the layer inside its ``relative_pos`` argument (a :class:`_Carry`), which the
-   layer passes untouched to its attention. A non-reentrant checkpoint keeps the call's arguments, so the
-   recompute during the backward pass reads the prefix and gate inputs of *its* forward;
-4. the attention's forward unwraps it.
+3. the encoder's ``get_rel_pos`` (:class:`RelativePositions`, an instance attribute) wraps the relative positions
+   it computes for every layer with the current call (a :class:`_Carry`), so the call is in each layer's
+   arguments before any gradient checkpoint (transformers 5.17 checkpoints a layer's ``__call__``, later
+   versions its ``forward``); a non-reentrant checkpoint keeps those arguments, so the recompute during the
+   backward pass reads the prefix and gate inputs of *its* forward;
+4. :func:`_layer_pre_hook` (APT) records each layer's input for its call; the attention's forward unwraps the
+   carry.
 
 Nothing of a forward is left on the model. Not supported (refused clearly): DeBERTa v1's talking heads, 3D/4D
 attention masks, the enhanced-mask-decoder steps (``z_steps > 1``: ``query_states``). Attention-probability
@@ -39,18 +41,17 @@ dropout is not applied on the prefix path (as everywhere in fastprefix).
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 
 from ... import ops
 from ...modules import PTuningV2Prefix
-from ...reference.attention import attention_probs
+from ...reference.attention import attention_probs, gate_of
 from ...spec import AttentionSpec
 from ..context import KWARG, ForwardContext, current, enter, leave
-from ..gates import gate_tensor, layer_gate
-from ..hooks import mark_layers, prefix_pre_hook
-from ..state import LAYER, STATE, hook, override
+from ..gates import layer_gate
+from ..hooks import prefix_pre_hook
+from ..state import LAYER, STATE, hook, mark, override
 from .base import Family
 
 MODEL_TYPES = ("deberta-v2", "deberta")
@@ -97,47 +98,37 @@ def _exit(base, args, kwargs, output):
     leave(kwargs.get(KWARG))
 
 
-# transformers 5.17 checkpoints a layer's __call__ (later versions its forward), so under gradient checkpointing
-# _layer_pre_hook runs again in the backward's recompute, when no call is current. The recompute gets the same
-# hidden_states tensor, which remembers its call here: id -> (weak reference to the tensor, its ForwardContext)
-_RECOMPUTE = {}
+class RelativePositions:
+    """The encoder's ``get_rel_pos`` under a prefix method (stored on the instance): the relative positions it hands
+    every layer, with the current call (see the module docstring, step 3)."""
 
+    def __init__(self, encoder, base):
+        self.encoder, self.base = encoder, base
 
-def _remember(hidden, ctx):
-    key = id(hidden)
-    if key not in _RECOMPUTE:
-        weakref.finalize(hidden, _RECOMPUTE.pop, key, None)
-    _RECOMPUTE[key] = (weakref.ref(hidden), ctx)
-
-
-def _remembered(hidden):
-    ref, ctx = _RECOMPUTE.get(id(hidden), (None, None))
-    return ctx if ref is not None and ref() is hidden else None
+    def __call__(self, hidden_states, query_states=None, relative_pos=None):
+        relative_pos = type(self.encoder).get_rel_pos(self.encoder, hidden_states, query_states, relative_pos)
+        state = getattr(self.base, STATE)
+        ctx = None if getattr(state, "disabled", 0) else current(state)
+        return relative_pos if ctx is None else _Carry(relative_pos, ctx)
 
 
 def _layer_pre_hook(layer, args, kwargs):
-    """Hand the current call to the layer inside its ``relative_pos`` argument; APT: record the layer's input."""
+    """Check that the layer's call carries its model's call (the encoder's relative positions); APT: record the
+    layer's input for that call."""
     state = getattr(layer, STATE)
     if getattr(state, "disabled", 0):
         return None
-    hidden = args[0] if args else kwargs.get("hidden_states")
-    ctx = current(state)
-    if ctx is None and isinstance(hidden, torch.Tensor):
-        ctx = _remembered(hidden)  # a checkpoint's recompute of this layer (transformers 5.17)
-    if ctx is None:
+    # (hidden_states, attention_mask, query_states, relative_pos, ...)
+    carry = args[3] if len(args) > 3 else kwargs.get("relative_pos")
+    if not isinstance(carry, _Carry):
         raise RuntimeError(f"{type(layer).__name__} with a fastprefix prefix method was called outside its model's "
                            "forward; call the model, not its layers")
-    if layer.training and getattr(layer, "gradient_checkpointing", False) and isinstance(hidden, torch.Tensor):
-        _remember(hidden, ctx)
     if state.gated:
+        hidden = args[0] if args else kwargs.get("hidden_states")
         if not isinstance(hidden, torch.Tensor):
             raise RuntimeError(f"APT: {type(layer).__name__} was called without hidden_states")
-        ctx.hidden[getattr(layer, LAYER)] = hidden
-    if len(args) > 3:  # (hidden_states, attention_mask, query_states, relative_pos, ...)
-        args = (*args[:3], _Carry(args[3], ctx), *args[4:])
-    else:
-        kwargs = {**kwargs, "relative_pos": _Carry(kwargs.get("relative_pos"), ctx)}
-    return args, kwargs
+        carry.ctx.hidden[getattr(layer, LAYER)] = hidden
+    return None
 
 
 class AttentionForward:
@@ -193,7 +184,7 @@ def _projections_v1(module, hidden, relative_pos, rel_embeddings, dtype):
 def attention(module, hidden_states, output_attentions, query_states, relative_pos, rel_embeddings):
     """DeBERTa's disentangled attention over ``[prefix ; keys]``: ``([B, S, H * D], weights or None)``.
 
-    hidden_states: ``[B, S, d]``; relative_pos: the :class:`_Carry` of :func:`_layer_pre_hook`. ``weights``:
+    hidden_states: ``[B, S, d]``; relative_pos: the :class:`_Carry` of :class:`RelativePositions`. ``weights``:
     with ``output_attentions``, each query's probabilities over ``[prefix ; keys]``, ``[B, H, S, L + S]``.
     """
     if not isinstance(relative_pos, _Carry):
@@ -221,8 +212,8 @@ def attention(module, hidden_states, output_attentions, query_states, relative_p
     context = out.permute(0, 2, 1, 3).reshape(B, S, -1)
     weights = None
     if output_attentions:
-        spec = AttentionSpec.build(q, k, key_padding_mask=mask, scale=scale, attn_bias=bias)
-        weights = attention_probs(q, k, prefix_k, spec, gate_tensor(gate))
+        spec = AttentionSpec.build(q, k, key_padding_mask=mask, scale=scale, attn_bias=bias, **gate)
+        weights = attention_probs(q, k, prefix_k, spec, gate_of(spec))
     return context, weights
 
 
@@ -266,14 +257,17 @@ class DeBERTaFamily(Family):
         return found
 
     def install(self, state, model, layers):
-        """The prefix pre-hook and the call stack on the base model, and on every layer the hook that hands the
-        call down and the attention ``forward`` that adds the prefix (see the module docstring)."""
+        """The prefix pre-hook and the call stack on the base model, the encoder's ``get_rel_pos`` that hands the
+        call down, and on every layer the hook that checks it and the attention ``forward`` that adds the prefix
+        (see the module docstring)."""
         base = model.base_model
         hook(state, base, prefix_pre_hook)
         hook(state, base, _enter)
         hook(state, base, _exit, after=True, always=True)
-        mark_layers(state, layers, apt_hooks=False, site_hooks=False)  # no kwargs reach its layers: its own hooks
-        for i, (layer, attn) in enumerate(layers):
+        override(state, base.encoder, "get_rel_pos", RelativePositions(base.encoder, base))
+        state.layers = [layer for layer, _ in layers]
+        for i, (layer, attn) in enumerate(layers):  # no kwargs reach its layers: its own hooks, not mark_layers'
+            mark(state, attn, i)
             hook(state, layer, _layer_pre_hook, layer=i)
             override(state, attn, "forward", AttentionForward(attn))
 
