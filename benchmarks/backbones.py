@@ -47,6 +47,9 @@ def minilm_path():
 
 def load_backbone(name, dtype=torch.float32):
     """The frozen base model (``AutoModel``: no task head) for ``name``, in eval-free train mode, no dropout."""
+    reason = check_model(name)
+    if reason:
+        raise ValueError(reason)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
     from transformers import AutoConfig, AutoModel
@@ -58,8 +61,6 @@ def load_backbone(name, dtype=torch.float32):
         model = AutoModel.from_config(config, attn_implementation="sdpa", dtype=dtype)
     else:
         path = minilm_path() if name == "minilm" else name
-        if not os.path.isdir(path):
-            raise ValueError(f"--model must be one of {MODEL_CHOICES} or a local checkpoint folder, got {name!r}")
         config = AutoConfig.from_pretrained(path)
         overrides = {k: v for k, v in _NO_DROPOUT.items() if hasattr(config, k)}
         model = AutoModel.from_pretrained(path, attn_implementation="sdpa", dtype=dtype, **overrides)

@@ -84,7 +84,7 @@ def compare_runs(a, b):
                 ratio, lo, hi = ratio * scale, lo * scale, hi * scale
             out.append(dict(name=name, kind=kind, a_median=stats.summarize(sa[kind])["median"],
                             b_median=stats.summarize(sb[kind])["median"], ratio=ratio, lo=lo, hi=hi,
-                            verdict=stats.verdict(lo, hi), text=stats.format_ratio(ratio, lo, hi)))
+                            **stats.reading(ratio, lo, hi)))
     return out
 
 

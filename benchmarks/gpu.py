@@ -61,7 +61,6 @@ from . import backbones, measure, stats, suite
 from . import contenders as C
 from .gpu_report import gpu_tag, versions, versions_line, write
 
-ENV_PATH = "FASTPREFIX_ATTENTION"  # the Triton path's default when a call names none: "fused" | "split" | "auto"
 BUDGET_S = 210.0  # seconds: no new group starts after this (make gpu = gpu-test + gpu-bench must fit 10 minutes)
 
 
@@ -264,16 +263,6 @@ def clean(rows):
 # ------------------------------------------------------------------------------------------- attention
 
 
-def path_taken(path, q, k, key_padding_mask, causal, **call):
-    """The path the Triton backend takes for this call with ``path=path``, as it decides it.
-
-    ``"fused"``, ``"split"`` or ``"concat"``. Asks the dispatch rule itself (``fastprefix.ops.attention_path``), so
-    the answer is never a guess. ``call``: the call's ``prefix_k``, gate (``gate`` or ``gate_hidden``) and
-    ``cu_seqlens``, which the concat path and the packed layout depend on.
-    """
-    return fastprefix.ops.attention_path(q, k, key_padding_mask=key_padding_mask, causal=causal, path=path, **call)
-
-
 def attention_flops(s: AttentionShape, floor=False):
     """Useful matmul FLOPs of one forward: 4·B·H·D·(S·L + S²), the S² term halved when causal."""
     keys = s.S * (s.S + 1) / 2 if s.causal else s.S * s.S
@@ -306,7 +295,8 @@ def _attention_inputs(s: AttentionShape, dtype, device):
 
 
 def _row_class(q, k, keep, causal, cu_seqlens, gate_kwargs):
-    """The dispatch table's class key of a fastprefix row (``fastprefix.kernels.attention.table``)."""
+    """The dispatch table's class key of a fastprefix row (``fastprefix.kernels.attention.table``): the same for
+    every path of one gate."""
     spec = AttentionSpec.build(q, k, key_padding_mask=keep, causal=causal, cu_seqlens=cu_seqlens,
                                gate=gate_kwargs.get("gate"), gate_hidden=gate_kwargs.get("gate_hidden"))
     return dispatch_table.shape_class(q, k, spec).key
@@ -316,7 +306,7 @@ def _repeat_kv(t, n):
     return t if n == 1 else t.repeat_interleave(n, dim=1)
 
 
-def attention_rows(s: AttentionShape, dtype, device, split_ok, flex_fn):
+def attention_rows(s: AttentionShape, dtype, device, flex_fn):
     """The rows of one shape: ``{contender, mode, step, leaves, flops}``; skipped rows carry ``skipped``."""
 
     x, keep, cu = _attention_inputs(s, dtype, device)
@@ -367,24 +357,23 @@ def attention_rows(s: AttentionShape, dtype, device, split_ok, flex_fn):
         return F.scaled_dot_product_attention(q, _repeat_kv(k, group), _repeat_kv(v, group), attn_mask=floor_mask)
 
     contenders = []
+    classes = {gname: _row_class(q, k, keep, s.causal, cu, kw) for gname, (kw, _) in gates.items()}
     for path in ("fused", "split", "concat"):
         for gname, (kw, extra) in gates.items():
             if path == "concat" and gname.startswith("token"):
                 continue  # a gate per query does not fold into the prefix: the concat path falls back for it
             name = f"fastprefix {path}, {gname}"
             skipped = None
-            call = dict(prefix_k=pk, gate=kw.get("gate"), gate_hidden=kw.get("gate_hidden"), cu_seqlens=cu)
-            if path != "fused":
-                if not split_ok:
-                    skipped = f"{ENV_PATH} has no effect in this fastprefix (no split path)"
-                elif path_taken(path, q, k, keep, s.causal, **call) != path:
-                    skipped = f"the {path} path does not cover this call (it falls back to another path)"
+            # the path the Triton backend takes for this call with path=path: asked of the dispatch rule itself
+            if path != "fused" and fastprefix.ops.attention_path(
+                    q, k, key_padding_mask=keep, causal=s.causal, path=path, prefix_k=pk, gate=kw.get("gate"),
+                    gate_hidden=kw.get("gate_hidden"), cu_seqlens=cu) != path:
+                skipped = f"the {path} path does not cover this call (it falls back to another path)"
 
             def fn(kw=kw, path=path):
                 return fastprefix.gated_prefix_attention(q, k, v, pk, pv, key_padding_mask=keep, causal=s.causal,
                                                          cu_seqlens=cu, backend="triton", path=path, **kw)
-            contenders.append((name, fn, base + extra, skipped, False,
-                               dict(path=path, **{"class": _row_class(q, k, keep, s.causal, cu, kw)})))
+            contenders.append((name, fn, base + extra, skipped, False, dict(path=path, **{"class": classes[gname]})))
     contenders.append(("SDPA on cat([prefix; K]) (as PEFT)", sdpa_cat, base, None, False, {}))
     try:
         from flash_attn import flash_attn_func
@@ -435,7 +424,7 @@ def _attention_step(fn, leaves, mode, do):
         for t in leaves:
             t.requires_grad_(True)
         out = fn()
-        out.backward(do.view(out.shape) if do.shape != out.shape else do)
+        out.backward(do.view(out.shape))
     return step, leaves
 
 
@@ -468,23 +457,8 @@ def _no_grad_flex(flex_fn, q, k, v, pk, pv, s, block_mask):
     return flex_fn(q, kk, vv, block_mask=block_mask, enable_gqa=s.H != s.Hkv)
 
 
-def split_path_available(device, dtype):
-    """True when this fastprefix takes a ``path`` (a bad one must then raise, naming it)."""
-
-    q = torch.zeros(1, 1, 2, 16, device=device, dtype=dtype)
-    p = torch.zeros(1, 1, 16, device=device, dtype=dtype)
-    try:
-        fastprefix.gated_prefix_attention(q, q, q, p, p, backend="triton", path="no-such-path")
-    except TypeError:  # no path argument: a fastprefix without a split path
-        return False
-    except (ValueError, NotImplementedError, RuntimeError) as e:
-        return "no-such-path" in str(e)
-    return False
-
-
 def run_attention(plan, device, clock, deadline, out, on_group):
-    """Every shape's rows, appended to ``out`` group by group (``on_group()`` after each). Returns split_ok."""
-    split_ok = split_path_available(device, plan.dtype)
+    """Every shape's rows, appended to ``out`` group by group (``on_group()`` after each)."""
     flex_fn = None
     if any(s.flex for s in plan.attention):
         from torch.nn.attention.flex_attention import flex_attention
@@ -496,7 +470,7 @@ def run_attention(plan, device, clock, deadline, out, on_group):
                             skipped="time budget spent"))
             continue
         try:
-            rows = attention_rows(s, plan.dtype, device, split_ok, flex_fn)
+            rows = attention_rows(s, plan.dtype, device, flex_fn)
         except Exception as e:
             out.append(dict(shape=s.id, family=s.family, contender="(inputs)", mode="", error=_error(e)))
             continue
@@ -516,7 +490,6 @@ def run_attention(plan, device, clock, deadline, out, on_group):
         del rows, timed, floors
         _free(device)
         on_group()
-    return split_ok
 
 
 # ------------------------------------------------------------------------------------------- embedding
@@ -710,8 +683,7 @@ def run(args, out_dir):
     text = None
     try:
         sections = (
-            ("attention", lambda: result.update(split_path=run_attention(plan, device, clock, deadline,
-                                                                         result["attention"], save))),
+            ("attention", lambda: run_attention(plan, device, clock, deadline, result["attention"], save)),
             ("embedding", lambda: result["embedding"].extend(run_embedding(plan, device, clock, deadline))),
             ("e2e", lambda: run_e2e(plan, device, clock, deadline, result["e2e"], save)))
         for section, fn in sections:

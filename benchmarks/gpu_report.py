@@ -71,8 +71,7 @@ def markdown(result):
              f"{s['e2e_repeats']} rounds. Times: {s['clock']}, milliseconds, median (IQR; min-max). Ratios: "
              "speedup over the named row, the median of the paired rounds' ratios, > 1 is faster, with its exact 95% "
              "interval (order statistics) "
-             f"and a verdict ({stats.TIE_RULE}). Peak: extra memory allocated during one call. "
-             f"Split path available: {result.get('split_path')}.", ""]
+             f"and a verdict ({stats.TIE_RULE}). Peak: extra memory allocated during one call.", ""]
     att = result.get("attention") or []
     if att:
         lines += ["## Attention", "", "| shape | contender | mode | ms | TFLOP/s | x floor | peak MiB | note |",

@@ -154,14 +154,18 @@ def reread(result):
     for r in result.get("rows") or []:
         for ratios in (r.get("ratios") or {}).values():
             for c in ratios.values():
-                c["verdict"] = stats.verdict(c["lo"], c["hi"])
-                c["text"] = stats.format_ratio(c["ratio"], c["lo"], c["hi"])
+                c.update(stats.reading(c["ratio"], c["lo"], c["hi"]))
     for t in result.get("targets") or []:
         if isinstance(t, dict) and "lo" in t:
-            t["verdict"] = stats.verdict(t["lo"], t["hi"])
+            t.update(stats.reading(t["ratio"], t["lo"], t["hi"]))
             t["status"] = stats.meets(t["lo"], t["hi"], t["threshold"])
-            t["text"] = stats.format_ratio(t["ratio"], t["lo"], t["hi"])
     return result
+
+
+def device_path(device):
+    """The fastprefix path a run on ``device`` (a ``torch.device`` or its string) takes: the reference on CPU,
+    else Triton."""
+    return "reference (PyTorch)" if str(device).startswith("cpu") else "Triton"
 
 
 def fastprefix_path(result):
@@ -169,7 +173,7 @@ def fastprefix_path(result):
     s, m = result.get("settings") or {}, result.get("machine") or {}
     if s.get("fastprefix_path"):
         return s["fastprefix_path"]
-    return "reference (PyTorch)" if str(m.get("device", "cpu")).startswith("cpu") else "Triton"
+    return device_path(m.get("device", "cpu"))
 
 
 def hardware(result):
@@ -202,8 +206,16 @@ def ratio_cells(result):
 
 def verdict_counts(result):
     """``{verdict: number of ratio cells}`` over the whole table, in :data:`.stats.VERDICTS` order."""
-    cells = [c["verdict"] for _, _, _, c in ratio_cells(ensure_stats(result))]
-    return {v: cells.count(v) for v in stats.VERDICTS}
+    return undecided_summary(ensure_stats(result))[0]
+
+
+def undecided_summary(result):
+    """``(verdict_counts, short)``: the ratio cells per verdict (:func:`verdict_counts`) and how many of them
+    read "undecided (too short)" (:func:`too_short`), of a result whose verdicts are read (:func:`ensure_stats`)."""
+    cells = [c for _, _, _, c in ratio_cells(result)]
+    read = [c["verdict"] for c in cells]
+    return ({v: read.count(v) for v in stats.VERDICTS},
+            sum(too_short(c, result["settings"]) for c in cells))
 
 
 # ---------------------------------------------------------------- cells
@@ -362,8 +374,7 @@ def markdown(result):
 
 
 def _counts_line(result):
-    n = verdict_counts(result)
-    short = sum(too_short(c, result["settings"]) for _, _, _, c in ratio_cells(result))
+    n, short = undecided_summary(result)  # markdown and readme_block ran ensure_stats
     return (f"Verdicts of the {sum(n.values())} ratio cells: " + ", ".join(f"{k} {v}" for k, v in n.items())
             + (f" ({short} of them too short to decide)" if short else "") + ".")
 

@@ -214,9 +214,14 @@ def decision_margin(lo, hi, thresholds=(1.0,)):
 def speedup(base_samples, row_samples, **kwargs):
     """The row's speedup over the baseline as a dict: ratio, lo, hi, verdict, text (see :func:`ratio_interval`)."""
     ratio, lo, hi = ratio_interval(base_samples, row_samples, **kwargs)
-    return dict(ratio=ratio, lo=lo, hi=hi, verdict=verdict(lo, hi), text=format_ratio(ratio, lo, hi))
+    return dict(ratio=ratio, lo=lo, hi=hi, **reading(ratio, lo, hi))
+
+
+def reading(ratio, lo, hi):
+    """How a ratio with its interval reads: ``dict(verdict=..., text=...)`` (:func:`verdict`, :func:`format_ratio`)."""
+    return dict(verdict=verdict(lo, hi), text=format_ratio(ratio, lo, hi))
 
 
 __all__ = ["summarize", "median_interval", "ratio_interval", "verdict", "tie_band", "target_edge", "meets",
-           "format_ratio", "converged", "decision_margin", "speedup", "CONVERGED_WITHIN", "TIE_WITHIN", "TIE_RULE",
-           "VERDICTS"]
+           "format_ratio", "converged", "decision_margin", "speedup", "reading", "CONVERGED_WITHIN", "TIE_WITHIN",
+           "TIE_RULE", "VERDICTS"]

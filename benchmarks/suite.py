@@ -440,10 +440,10 @@ def run_curve(backbone, shapes, base, axis, values, device, warmup, repeats, pro
         times = _interleaved(runners, "train_step", device, warmup, repeats, progress, clock,
                              label=f"{axis} {v}")
         tokens = setting.batch * setting.seq_len
-        for name, r in runners:
-            # the prompt floor's row name carries this value's L: one name for the curve
-            label = "floor: backbone on S+L tokens" if r.c.impl == "floor" and r.c.family == "prompt" else name
-            curve["rows"].setdefault(label, []).append(_curve_point(v, setting.batch, tokens, times[name]))
+        for name, _ in runners:
+            # the prompt floor's row name carries this value's L: one name for the curve (its curve_label)
+            point = _curve_point(v, setting.batch, tokens, times[name])
+            curve["rows"].setdefault(C.curve_label(name), []).append(point)
         del runners
         gc.collect()
     return curve

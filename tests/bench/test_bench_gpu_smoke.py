@@ -11,8 +11,7 @@ from fastprefix.benchmarks import gpu, gpu_report
 
 # the only reasons a smoke row may skip: what a CPU-only machine lacks
 ALLOWED_SKIPS = ("flash_attn is not installed", "a padded batch needs flash_attn's varlen API",
-                 "FlexAttention has no backward on CPU", "the split path does not cover this call",
-                 "has no effect in this fastprefix (no split path)")
+                 "FlexAttention has no backward on CPU", "the split path does not cover this call")
 
 
 @pytest.fixture(scope="module")
