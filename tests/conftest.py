@@ -28,6 +28,18 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def split_calls(monkeypatch):
+    """Force the split path (``FASTPREFIX_ATTENTION=split``) and record the vendor op of each of its calls, so a
+    silent fallback to the fused kernel cannot pass."""
+    from fastprefix.kernels.attention import split  # here: only the tests that ask import the kernels
+
+    monkeypatch.setenv("FASTPREFIX_ATTENTION", "split")
+    calls = []
+    real = split.split_attention
+    monkeypatch.setattr(split, "split_attention", lambda *a, **k: calls.append(k.get("op")) or real(*a, **k))
+    return calls
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: compiled kernels on a CUDA GPU (make gpu-test); skipped without one")

@@ -6,8 +6,8 @@ the interpreter versions are tests/ops/test_attention_kernel.py and tests/ops/te
 - Every attention path (the fused kernel, and the split path forced with ``path="split"``)
   and both embedding kernels in fp16, bf16 and fp32, under FlashAttention's rule: the error of every output
   and gradient against a float64 reference is at most twice the error of the PyTorch reference path in the
-  same dtype, plus a small floor. Split cases skip (saying so) when this fastprefix has no split path, or
-  when its dispatch sends that call to the fused kernel anyway; both are asked of the code, never assumed.
+  same dtype, plus a small floor. Split cases skip (saying so) when the dispatch sends that call to the fused
+  kernel anyway; that is asked of the code, never assumed.
 - Bitwise run-to-run determinism of every backward.
 - Large cases: B x H > 65,535 (grid limits), S = 16,384, and tensors past 2^31 elements (int64 offsets),
   each guarded by a free-memory check that skips with the numbers.
@@ -23,22 +23,16 @@ import pytest
 import torch
 
 import fastprefix
-from fastprefix.benchmarks.gpu import path_taken, split_path_available
 from helpers import cases
 from helpers.cases import ids
 from helpers.numerics import ATTENTION_INPUTS as NAMES
-from helpers.numerics import FLOOR, assert_flash_rule
+from helpers.numerics import FLOOR, assert_flash_rule, assert_flash_rule_parts
 
 pytestmark = pytest.mark.cuda
 
 ON_CPU = os.environ.get("FASTPREFIX_GPU_TEST_DEVICE") == "cpu"
 DEVICE = torch.device("cpu" if ON_CPU else "cuda")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@pytest.fixture(scope="module")
-def split_ok():
-    return split_path_available(DEVICE, torch.float32)
 
 
 def need_free_gib(gib):
@@ -93,47 +87,51 @@ def check_rule(case_id, dtype, got, ref, ref64, path=None):
     rounded again: one rounding more than a single kernel (or the PyTorch path's one fused SDPA) makes, which the
     PyTorch path's error cannot account for. Its floor holds that half ulp of the largest |dq| on top."""
     out, grads = got
-    out_ref, grads_ref = ref
-    out_64, grads_64 = ref64
-    pairs = [("out", out, out_ref, out_64)] + [(f"d{n}", grads[n], grads_ref[n], grads_64[n]) for n in grads]
-    for name, x, x_ref, x_64 in pairs:
-        assert x.shape == x_64.shape and x.dtype == dtype, (name, x.shape, x.dtype)
-        largest = max(1.0, x_64.abs().max().item())
-        floor = FLOOR[dtype] * largest
-        if path == "split" and name == "dq":
-            floor += torch.finfo(dtype).eps / 2 * x_64.abs().max().item()
-        assert_flash_rule(x, x_ref, x_64, floor=floor, name=f"{case_id} {name}")
+    for name, x in [("out", out)] + [(f"d{n}", g) for n, g in grads.items()]:
+        assert x.dtype == dtype, (name, x.shape, x.dtype)
+    extra_floor = {"dq": torch.finfo(dtype).eps / 2} if path == "split" else None
+    assert_flash_rule_parts(got, ref, ref64, floor=FLOOR[dtype], name=case_id, extra_floor=extra_floor)
 
 
-def _path_or_skip(path, split_ok, leaves, kwargs):
+def _path_or_skip(path, leaves, kwargs):
     if path == "split":
-        if not split_ok:
-            pytest.skip("FASTPREFIX_ATTENTION has no effect in this fastprefix (no split path yet)")
-        taken = path_taken("split", leaves["q"], leaves["k"], kwargs.get("key_padding_mask"), kwargs["causal"])
+        taken = fastprefix.ops.attention_path(leaves["q"], leaves["k"], key_padding_mask=kwargs.get("key_padding_mask"),
+                                              causal=kwargs["causal"], path="split")
         if taken != "split":
             pytest.skip("the split path does not cover this call (its dispatch takes the fused kernel)")
+
+
+def check_attention(case, dtype, path, *, rule_path=None, grad_out_in_dtype=False, reference_dtype=torch.float64):
+    """:func:`check_rule` on one call: ``case``'s inputs in ``dtype`` (a split call the dispatch sends elsewhere
+    skips), a random output gradient (drawn in float32 and cast to ``dtype``; drawn in ``dtype`` itself with
+    ``grad_out_in_dtype``), the Triton backend with ``path`` forced against the torch backend in ``dtype`` and in
+    ``reference_dtype``. ``rule_path`` is what :func:`check_rule` is told (the split path's dq floor)."""
+    leaves, kwargs = make_inputs(case, dtype)
+    _path_or_skip(path, leaves, kwargs)
+    if grad_out_in_dtype:
+        grad_out = torch.randn(case.B, case.H, case.Sq, case.D, device=DEVICE, dtype=dtype)
+    else:
+        grad_out = torch.randn(case.B, case.H, case.Sq, case.D, device=DEVICE).to(dtype)
+    got = attend(leaves, kwargs, grad_out, "triton", path)
+    ref = attend(leaves, kwargs, grad_out, "torch")
+    ref_hi = attend({k: v.to(reference_dtype) for k, v in leaves.items()}, kwargs, grad_out.to(reference_dtype),
+                    "torch")
+    check_rule(case.id, dtype, got, ref, ref_hi, rule_path)
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 @pytest.mark.parametrize("path", ["fused", "split"])
-def test_attention_matches_float64_reference(path, case, dtype, split_ok):
-    case = small(case) if ON_CPU else case
-    leaves, kwargs = make_inputs(case, dtype)
-    _path_or_skip(path, split_ok, leaves, kwargs)
-    grad_out = torch.randn(case.B, case.H, case.Sq, case.D, device=DEVICE).to(dtype)
-    got = attend(leaves, kwargs, grad_out, "triton", path)
-    ref = attend(leaves, kwargs, grad_out, "torch")
-    ref64 = attend({k: v.double() for k, v in leaves.items()}, kwargs, grad_out.double(), "torch")
-    check_rule(case.id, dtype, got, ref, ref64, path)
+def test_attention_matches_float64_reference(path, case, dtype):
+    check_attention(small(case) if ON_CPU else case, dtype, path, rule_path=path)
 
 
 @pytest.mark.parametrize("path", ["fused", "split"])
-def test_attention_backward_is_bitwise_deterministic(path, split_ok):
+def test_attention_backward_is_bitwise_deterministic(path):
     case = Case(2, 8, 2, 257, 257, 64, 64, gate="fused", causal=True, shared=False)
     case = small(case) if ON_CPU else case
     leaves, kwargs = make_inputs(case, torch.bfloat16)
-    _path_or_skip(path, split_ok, leaves, kwargs)
+    _path_or_skip(path, leaves, kwargs)
     grad_out = torch.randn(case.B, case.H, case.Sq, case.D, device=DEVICE, dtype=torch.bfloat16)
     first = attend(leaves, kwargs, grad_out, "triton", path)
     for _ in range(3):
@@ -147,38 +145,26 @@ def test_attention_backward_is_bitwise_deterministic(path, split_ok):
 
 
 @pytest.mark.parametrize("path", ["fused", "split"])
-def test_attention_more_than_65535_batch_heads(path, split_ok):
+def test_attention_more_than_65535_batch_heads(path):
     """B x H = 67,200: a launch grid that put B*H on axis 1 or 2 would exceed 65,535 there."""
     need_free_gib(8)
-    case = Case(2100, 32, 8, 16, 16, 4, 64, gate="fused", causal=True)
-    leaves, kwargs = make_inputs(case, torch.bfloat16)
-    _path_or_skip(path, split_ok, leaves, kwargs)
-    grad_out = torch.randn(case.B, case.H, case.Sq, case.D, device=DEVICE, dtype=torch.bfloat16)
-    got = attend(leaves, kwargs, grad_out, "triton", path)
-    ref = attend(leaves, kwargs, grad_out, "torch")
-    ref64 = attend({k: v.double() for k, v in leaves.items()}, kwargs, grad_out.double(), "torch")
-    check_rule(case.id, torch.bfloat16, got, ref, ref64)
+    check_attention(Case(2100, 32, 8, 16, 16, 4, 64, gate="fused", causal=True), torch.bfloat16, path,
+                    grad_out_in_dtype=True)
 
 
 @pytest.mark.parametrize("path", ["fused", "split"])
-def test_attention_sequence_16k(path, split_ok):
+def test_attention_sequence_16k(path):
     """S = 16,384, causal, GQA, a pooled gate. float32 stands in for float64 as the reference at this size
     (float32's error is ~1e4 below bf16's, so the rule is unchanged in effect), and the gate is the pooled
     one because the reference path then runs PyTorch's fused attention: with a token gate it builds the
     S x S scores (tens of GiB here)."""
     need_free_gib(24)
-    case = Case(1, 8, 2, 16384, 16384, 64, 128, gate="pooled", causal=True)
-    leaves, kwargs = make_inputs(case, torch.bfloat16)
-    _path_or_skip(path, split_ok, leaves, kwargs)
-    grad_out = torch.randn(case.B, case.H, case.Sq, case.D, device=DEVICE, dtype=torch.bfloat16)
-    got = attend(leaves, kwargs, grad_out, "triton", path)
-    ref = attend(leaves, kwargs, grad_out, "torch")
-    ref32 = attend({k: v.float() for k, v in leaves.items()}, kwargs, grad_out.float(), "torch")
-    check_rule(case.id, torch.bfloat16, got, ref, ref32)
+    check_attention(Case(1, 8, 2, 16384, 16384, 64, 128, gate="pooled", causal=True), torch.bfloat16, path,
+                    grad_out_in_dtype=True, reference_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("path", ["fused", "split"])
-def test_attention_offsets_past_2_to_the_31_elements(path, split_ok):
+def test_attention_offsets_past_2_to_the_31_elements(path):
     """q, k, v, out and their gradients hold 2100 x 16 x 512 x 128 = 2.2e9 > 2^31 elements: a kernel that
     computed offsets in int32 would read and write the wrong rows of the last batch elements. Every gradient
     is per batch element (per-example prefixes), so slices of the batch are checked against the reference
@@ -187,7 +173,7 @@ def test_attention_offsets_past_2_to_the_31_elements(path, split_ok):
     case = Case(2100, 16, 16, 512, 512, 16, 128, shared=False)
     assert case.B * case.H * case.Sq * case.D > 2**31
     leaves, kwargs = make_inputs(case, torch.bfloat16)
-    _path_or_skip(path, split_ok, leaves, kwargs)
+    _path_or_skip(path, leaves, kwargs)
     grad_out = torch.randn(case.B, case.H, case.Sq, case.D, device=DEVICE, dtype=torch.bfloat16)
     out, grads = attend(leaves, kwargs, grad_out, "triton", path)
     for b in (0, case.B // 2, case.B - 1):

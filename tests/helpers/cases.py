@@ -144,6 +144,7 @@ def pattern_mask(case):
         return None
     return PATTERNS[case.family][case.pad](torch.ones(case.B, case.Sk, dtype=torch.bool), case.Sk)
 
+
 BIAS_DIMS = {"full": "BHqk", "heads": "1Hqk", "keys": "B11k"}
 
 
@@ -207,8 +208,9 @@ def make_inputs(case: Case, dtype=torch.float64, seed=0, *, bias_dtype=None, dev
     if case.bias and not draws.bias_first:
         draw_bias()
     if isinstance(case.pad, str):
-        if pattern_mask(case) is not None:
-            kwargs["key_padding_mask"] = pattern_mask(case).to(device)
+        mask = pattern_mask(case)
+        if mask is not None:
+            kwargs["key_padding_mask"] = mask.to(device)
     elif case.pad:
         kwargs["key_padding_mask"] = padding_mask(B, Sk, g)
     if case.window is not None:

@@ -39,7 +39,7 @@ import pytest
 import torch
 
 import fastprefix
-from helpers.models import METHODS, PAD, PREFIX_METHODS, PROMPT_METHODS, VOCAB, WINDOW, perturb
+from helpers.models import METHODS, PAD, PREFIX_METHODS, PROMPT_METHODS, VOCAB, WINDOW, prepared
 from helpers.models import batch as _batch
 from helpers.models import positions as _positions
 from helpers.models import tiny
@@ -122,12 +122,7 @@ def _applied(family, method, backend="torch", config=None, double=True):
     ``double``: cast the method module to float64 too (it is created in float32), so gradients compare to
     rounding; save/load keeps the float32 module a user has.
     """
-    model = base_model(family)
-    torch.manual_seed(0)  # the methods' inits draw from the global generator: the same module every call
-    fastprefix.apply(model, config or METHODS[method](), backend=backend)
-    if double:
-        model.fastprefix.double()
-    return perturb(model)
+    return prepared(base_model(family), config or method, backend=backend, double=double)
 
 
 def _reference(model):
@@ -289,9 +284,7 @@ def remove_bitexact(family, method, backend):
     ids, mask = _batch(_lengths(family), "right")
     with torch.no_grad():
         before = _forward(model, family, ids, mask)
-    torch.manual_seed(0)  # the method's init draws from the global generator: the same module every call
-    fastprefix.apply(model, METHODS[method](), backend=backend)
-    perturb(model)
+    prepared(model, method, backend=backend, double=False)
     _loss(_forward(model.train(), family, ids, mask)).backward()  # a training step's worth of state
     model.eval()
     with torch.no_grad():

@@ -97,10 +97,30 @@ def perturb(model, scale=0.5, seed=1):
     return model
 
 
-def applied(kind, method, dtype=torch.float64, scale=0.5, **kw):
-    model = tiny(kind, dtype=dtype)
-    fastprefix.apply(model, METHODS[method](), **kw)
+def prepared(model, method, *, seed=0, double=True, scale=0.5, **apply_kw):
+    """``model`` with ``method`` applied (:func:`fastprefix.apply`) and its parameters moved off their init.
+
+    Args:
+        method: a :data:`METHODS` name, or a method config.
+        seed: the global generator is seeded with it before ``apply`` (the methods' inits draw from it: the same
+            module every call); None: left where it is (where :func:`tiny`'s build left it).
+        double: cast the method module to float64 (it is created in float32), so that its gradients compare to
+            rounding.
+        scale: :func:`perturb`'s scale.
+        apply_kw: ``fastprefix.apply``'s keyword arguments (``backend``, ``trainable``, ``generator``).
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    fastprefix.apply(model, METHODS[method]() if isinstance(method, str) else method, **apply_kw)
+    if double:
+        model.fastprefix.double()
     return perturb(model, scale)
+
+
+def applied(kind, method, dtype=torch.float64, scale=0.5, **kw):
+    """``kind``'s tiny model with ``method`` applied, the generator left where the build left it, the method
+    module in the float32 it is created in."""
+    return prepared(tiny(kind, dtype=dtype), method, seed=None, double=False, scale=scale, **kw)
 
 
 def batch(lengths, side="right", seed=2):

@@ -1,7 +1,7 @@
 """Numerical comparison helpers shared by the tests (the error rule and its floors, gradcheck, running a call
 forward and backward), the attention paths called with the keyword arguments of ``fastprefix.gated_prefix_attention``
-(the paths themselves take an :class:`fastprefix.spec.AttentionSpec`), and an op-call recorder. The attention
-inputs are built by tests/helpers/cases.py."""
+(the paths themselves take an :class:`fastprefix.spec.AttentionSpec`), an op-call recorder and the fake-CUDA
+helpers of the op-call tests. The attention inputs are built by tests/helpers/cases.py."""
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -10,12 +10,6 @@ import fastprefix
 from fastprefix.kernels.attention import dispatch, fused, split
 from fastprefix.reference import attention as reference
 from fastprefix.spec import AttentionSpec, default_path
-
-
-def rel_rms(x, ref):
-    """Relative RMS error ``||x - ref|| / ||ref||`` computed in float64 (flash-linear-attention's measure)."""
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def assert_flash_rule(out, out_ref_same_dtype, out_ref_f64, *, floor, name="output"):
@@ -63,16 +57,35 @@ def torch_backend(q, k, v, prefix_k, prefix_v, **kwargs):
     return fastprefix.gated_prefix_attention(q, k, v, prefix_k, prefix_v, backend="torch", **kwargs)
 
 
-def assert_flash_rule_run(fn, twin, tensors, kwargs, grad_out, *, floor, name):
-    """FlashAttention's rule on one call's output and every leaf's gradient: ``fn``'s error against ``twin`` in
-    float64 is at most 2 x the torch backend's error in the same dtype + ``floor`` x the float64 magnitude."""
-    out, grads = run(fn, tensors, kwargs, grad_out)
-    out_ref, grads_ref = run(torch_backend, tensors, kwargs, grad_out)
-    out_64, grads_64 = run(twin, upcast(tensors), kwargs, grad_out.double())
-    sides = [("out", out, out_ref, out_64)] + [(f"d{n}", grads[n], grads_ref[n], grads_64[n]) for n in grads]
-    for part, x, x_ref, x_64 in sides:
-        assert x.dtype == x_ref.dtype, f"{name} {part}: {x.dtype} != {x_ref.dtype}"
-        assert_flash_rule(x, x_ref, x_64, floor=floor * max(1.0, x_64.abs().max().item()), name=f"{name} {part}")
+def assert_flash_rule_parts(got, ref_same_dtype, ref64, *, floor, name=None, extra_floor=None):
+    """FlashAttention's rule on a call's output and every gradient. ``got``, ``ref_same_dtype`` and ``ref64`` are
+    ``(out, {leaf: grad})`` pairs as :func:`run` returns them (``got``'s leaves name the gradients checked): each
+    part (``"out"``, ``"d<leaf>"``) has ``ref64``'s shape and ``ref_same_dtype``'s dtype, and its error against
+    ``ref64`` is at most 2 x ``ref_same_dtype``'s + ``floor x max(1, |x64|.max())``, plus
+    ``extra_floor[part] x |x64|.max()`` for a part ``extra_floor`` names. The parts are compared on ``ref64``'s
+    device. Messages name ``"<name> <part>"``. Returns ``{part: (err, ref_err)}``."""
+    (out, grads), (out_ref, grads_ref), (out_64, grads_64) = got, ref_same_dtype, ref64
+    parts = [("out", out, out_ref, out_64)] + [(f"d{n}", grads[n], grads_ref[n], grads_64[n]) for n in grads]
+    errors = {}
+    for part, x, x_ref, x_64 in parts:
+        label = part if name is None else f"{name} {part}"
+        assert x.shape == x_64.shape and x.dtype == x_ref.dtype, (label, x.shape, x_64.shape, x.dtype, x_ref.dtype)
+        largest = x_64.abs().max().item()
+        part_floor = floor * max(1.0, largest)
+        if extra_floor and part in extra_floor:
+            part_floor += extra_floor[part] * largest
+        errors[part] = assert_flash_rule(x.to(x_64.device), x_ref.to(x_64.device), x_64, floor=part_floor,
+                                         name=label)
+    return errors
+
+
+def assert_flash_rule_run(fn, twin, tensors, kwargs, grad_out, *, floor, name, same_dtype=torch_backend):
+    """:func:`assert_flash_rule_parts` on one call of ``fn``: its output and every leaf's gradient against ``twin``
+    in float64, beside ``same_dtype`` (the torch backend unless given) in the same dtype."""
+    got = run(fn, tensors, kwargs, grad_out)
+    ref = run(same_dtype, tensors, kwargs, grad_out)
+    ref64 = run(twin, upcast(tensors), kwargs, grad_out.double())
+    return assert_flash_rule_parts(got, ref, ref64, floor=floor, name=name)
 
 
 def gradcheck_attention(attention, tensors, kwargs, fast_mode):
@@ -171,3 +184,19 @@ class OpLog(TorchDispatchMode):
                  for i, a in enumerate(func._schema.arguments)}
         self.calls.append((func, bound))
         return func(*args, **kwargs)
+
+
+def fake_cuda_plan(plan):
+    """A varlen plan (``fastprefix.kernels.attention.varlen.Plan``) built on the host, its tensors as fake CUDA
+    tensors of the same shapes and dtypes (call under ``FakeTensorMode``); None stays None."""
+    if plan is None:
+        return None
+
+    def fake(x):
+        return None if x is None else torch.empty(x.shape, dtype=x.dtype, device="cuda")
+    return plan._replace(**{n: fake(getattr(plan, n)) for n in ("keys", "cu_q", "cu_k", "cu_k2", "order")})
+
+
+def fake_rng_matches(rng, like):
+    """Fake rng states (seed, offset) with the shapes and dtypes of ``like``'s."""
+    return all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(rng, like))

@@ -20,7 +20,7 @@ import torch
 import fastprefix
 from fastprefix.reference.attention import attention_probs, explicit_attention
 from fastprefix.spec import AttentionSpec, gate3
-from helpers.models import perturb, tiny
+from helpers.models import perturb, prepared, tiny
 from helpers.models import batch as _batch
 
 EXACT = dict(atol=1e-10, rtol=0)
@@ -55,11 +55,7 @@ def deberta(kind, classifier=False):
 
 
 def applied(kind, method, backend="torch", config=None, classifier=False):
-    model = deberta(kind, classifier)
-    torch.manual_seed(0)
-    fastprefix.apply(model, config or METHODS[method](), backend=backend)
-    model.fastprefix.double()
-    return perturb(model)
+    return prepared(deberta(kind, classifier), config or METHODS[method](), backend=backend)
 
 
 def _attentions(model):

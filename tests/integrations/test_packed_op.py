@@ -9,19 +9,15 @@ import torch
 
 import fastprefix
 from fastprefix import ops
-from fastprefix.kernels.attention import split, vendor
-from helpers.models import METHODS, VOCAB, perturb, tiny
+from fastprefix.kernels.attention import vendor
+from helpers.models import METHODS, VOCAB, prepared, tiny
 
 LENGTHS = (5, 1, 7, 3)
 TOL = dict(rtol=0, atol=1e-10)
 
 
 def applied(family, method):
-    model = tiny(family, dropout=0.0)
-    torch.manual_seed(0)
-    fastprefix.apply(model, METHODS[method]())
-    model.fastprefix.double()
-    return perturb(model)
+    return prepared(tiny(family, dropout=0.0), method)
 
 
 def packed_ids(rows, seed=3):
@@ -81,22 +77,19 @@ def test_pooled_gate_of_a_packed_encoder_is_each_sequences_mean(monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["ptv2", "apt", "apt-pooled"])
-def test_split_path_varlen_equals_the_reference_on_packed_models(method, monkeypatch):
+def test_split_path_varlen_equals_the_reference_on_packed_models(method, split_calls):
     """The Triton backend with the split path forced runs packed rows natively varlen (here the emulated varlen op)
     and gives the reference backend's outputs and gradients."""
     model = applied("llama", method)
     batch = packed_ids([LENGTHS])
-    taken, real = [], split.split_attention
-    monkeypatch.setattr(split, "split_attention", lambda *a, **k: taken.append(k.get("op")) or real(*a, **k))
     results = []
     for backend in ("torch", "triton"):
-        monkeypatch.setenv("FASTPREFIX_ATTENTION", "split")
         model.zero_grad()
         with fastprefix.use_backend(model, backend):
             out = model(**batch).logits
         out.pow(2).sum().backward()
         results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    assert taken == [vendor.CPU_VARLEN] * model.config.num_hidden_layers
+    assert split_calls == [vendor.CPU_VARLEN] * model.config.num_hidden_layers
     torch.testing.assert_close(results[1][0], results[0][0], **TOL)
     assert results[0][1].keys() == results[1][1].keys() and results[0][1]
     for name in results[0][1]:

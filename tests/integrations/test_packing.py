@@ -15,7 +15,7 @@ import torch
 
 import fastprefix
 from fastprefix.integrations.packing import prompt_packing, token_slots
-from helpers.models import METHODS, VOCAB, perturb, tiny
+from helpers.models import METHODS, VOCAB, prepared, tiny
 
 LENGTHS = (5, 1, 7, 3)
 TOL = dict(rtol=0, atol=1e-10)
@@ -58,11 +58,8 @@ def output(model, family, **kw):
 
 def applied(family, method, backend=None):
     """``family``'s tiny model with ``method`` applied, the same weights every call."""
-    model = tiny(family, dropout=0.0)
-    torch.manual_seed(0)
-    fastprefix.apply(model, METHODS[method](), backend=backend)
-    model.fastprefix.double()  # created in float32: in float64 its gradients compare to 1e-10
-    return perturb(model)
+    # the method module in float64 (it is created in float32): its gradients compare to 1e-10
+    return prepared(tiny(family, dropout=0.0), method, backend=backend)
 
 
 def grads(model):
@@ -128,10 +125,7 @@ def test_several_packed_rows():
 @pytest.mark.parametrize("signal", ["position_ids", "cu_seq_lens"])
 def test_sliding_window_applies_within_each_packed_sequence(signal):
     """Mistral with a 3-token window (shorter than the sequences): the window runs inside each sequence."""
-    model = tiny("mistral", sliding_window=3)
-    fastprefix.apply(model, METHODS["apt"]())
-    model.fastprefix.double()
-    perturb(model)
+    model = prepared(tiny("mistral", sliding_window=3), "apt", seed=None)
     packed, alone, g_packed, g_alone = packed_and_alone(model, "mistral", sequences(), signal)
     torch.testing.assert_close(packed, alone, **TOL)
     assert_grads_close(g_packed, g_alone)

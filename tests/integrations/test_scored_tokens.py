@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastprefix
-from helpers.models import tiny
+from helpers.models import prepared, tiny
 
 VOCAB, PAD = 61, 0
 LENGTHS = (5, 3, 4)
@@ -23,12 +23,8 @@ METHODS = {
 
 def _model(method):
     # the tiny Llama over this vocabulary, with LlamaConfig's own position table
-    model = fastprefix.apply(tiny("llama", vocab_size=VOCAB, max_position_embeddings=2048), METHODS[method]())
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.fastprefix.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
-    return model
+    return prepared(tiny("llama", vocab_size=VOCAB, max_position_embeddings=2048), METHODS[method](), seed=None,
+                    double=False)
 
 
 def _sequences():

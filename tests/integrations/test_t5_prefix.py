@@ -1,7 +1,7 @@
 """P-Tuning v2 and APT on T5-family encoder-decoders (T5, mT5, UMT5), float64 against an explicit reference.
 
 The reference is the base model (a deep copy, fastprefix never applied) with its attention swapped for
-:func:`_reference_attention`, written here from METHODS.md: T5's eager attention with each self-attention's
+:func:`_reference_attention`, written here from docs/methods.md: T5's eager attention with each self-attention's
 prefix concatenated in front of its keys (``[g * Pk ; K]``, ``[g * Pv ; V]``), the position bias and the
 padding mask on the real keys only (the ``attn_bias`` of the package's explicit twin,
 ``fastprefix.reference.attention``, which computes it), and the cross-attention left alone. Site ``s`` (encoder
@@ -19,7 +19,7 @@ import torch
 import fastprefix
 from fastprefix.reference.attention import attention_probs, explicit_attention
 from fastprefix.spec import AttentionSpec, gate3
-from helpers.models import PAD, batch, tiny
+from helpers.models import PAD, batch, prepared, tiny
 
 EXACT = dict(atol=1e-10, rtol=0)
 REF = "t5_prefix_reference"
@@ -53,15 +53,7 @@ def _sites(model):
 
 def _applied(kind, method, backend="torch", config=None, decoder_layers=3):
     """``kind``'s tiny model with ``method`` applied, its module in float64, moved off its init."""
-    model = _build(kind, decoder_layers)
-    torch.manual_seed(0)
-    fastprefix.apply(model, config or METHODS[method](), backend=backend)
-    model.fastprefix.double()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.fastprefix.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
-    return model
+    return prepared(_build(kind, decoder_layers), config or METHODS[method](), backend=backend)
 
 
 # ------------------------------------------------------------------------------------------- the reference

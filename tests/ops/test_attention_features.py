@@ -19,8 +19,8 @@ import torch
 import fastprefix
 from helpers import cases
 from helpers.cases import ids, make_inputs
-from helpers.numerics import (FLOOR, assert_flash_rule, explicit_attention, gradcheck_attention, reference_attention,
-                              run, upcast)
+from helpers.numerics import (FLOOR, assert_flash_rule_parts, explicit_attention, gradcheck_attention,
+                              reference_attention, run, torch_backend, upcast)
 from helpers.numerics import fused_attention as triton_attention
 
 FLOOR32 = FLOOR[torch.float32]  # relative to the largest magnitude of the float64 result
@@ -65,8 +65,7 @@ def test_reference_path_matches_explicit_float64(case):
     """fastprefix.gated_prefix_attention(backend="torch") = the contract, output and gradients, to 1e-10."""
     tensors, kwargs = make_inputs(case, torch.float64)
     grad_out = torch.randn(case.B, case.H, case.Sq, case.D, dtype=torch.float64)
-    out, grads = run(lambda *a, **kw: fastprefix.gated_prefix_attention(*a, **kw, backend="torch"), tensors, kwargs,
-                     grad_out)
+    out, grads = run(torch_backend, tensors, kwargs, grad_out)
     out_x, grads_x = run(explicit_attention, tensors, kwargs, grad_out)
     _assert_close(out, out_x, 1e-10, f"{case.id} out")
     for name in tensors:
@@ -79,13 +78,10 @@ def test_triton_float32_follows_the_flash_rule(case):
     tensors, kwargs = make_inputs(case, torch.float32)
     grad_out = torch.randn(case.B, case.H, case.Sq, case.D, dtype=torch.float64).float()
     out, grads = run(triton_attention, tensors, kwargs, grad_out)
-    out_torch, grads_torch = run(reference_attention, tensors, kwargs, grad_out)
-    out_64, grads_64 = run(explicit_attention, upcast(tensors), upcast_kwargs(kwargs), grad_out.double())
-    for name, x, x_torch, x_64 in [("out", out, out_torch, out_64)] + [
-            (f"d{n}", grads[n], grads_torch[n], grads_64[n]) for n in tensors]:
-        assert x.dtype == torch.float32 and x.shape == x_64.shape, name
-        assert_flash_rule(x, x_torch, x_64, floor=FLOOR32 * max(1.0, x_64.abs().max().item()),
-                          name=f"{case.id} {name}")
+    ref = run(reference_attention, tensors, kwargs, grad_out)
+    ref64 = run(explicit_attention, upcast(tensors), upcast_kwargs(kwargs), grad_out.double())
+    assert all(x.dtype == torch.float32 for x in (out, *grads.values())), [x.dtype for x in (out, *grads.values())]
+    assert_flash_rule_parts((out, grads), ref, ref64, floor=FLOOR32, name=case.id)
 
 
 GRADCHECK_CASES = [  # (case, fast_mode): fast mode checks random projections of the full Jacobian
@@ -182,8 +178,6 @@ def test_float32_bias_on_half_inputs():
     grad_out = torch.randn(1, 2, 33, 16, dtype=torch.float64).half()
     out, grads = run(triton_attention, tensors, kwargs, grad_out)
     out_torch, grads_torch = run(reference_attention, tensors, kwargs, grad_out)
-    out_64, grads_64 = run(explicit_attention, upcast(tensors), upcast_kwargs(kwargs), grad_out.double())
+    ref64 = run(explicit_attention, upcast(tensors), upcast_kwargs(kwargs), grad_out.double())
     assert grads["attn_bias"].dtype == grads_torch["attn_bias"].dtype == torch.float32
-    for name, x, x_torch, x_64 in [("out", out, out_torch, out_64)] + [
-            (f"d{n}", grads[n], grads_torch[n], grads_64[n]) for n in tensors]:
-        assert_flash_rule(x, x_torch, x_64, floor=2e-4 * max(1.0, x_64.abs().max().item()), name=name)
+    assert_flash_rule_parts((out, grads), (out_torch, grads_torch), ref64, floor=2e-4, name=case.id)

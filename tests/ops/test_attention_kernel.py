@@ -11,8 +11,8 @@ import torch
 
 from fastprefix.kernels.attention import configs
 from helpers.cases import CASES, GRADCHECK_CASES, Case, ids, make_inputs
-from helpers.numerics import (FLOOR, assert_flash_rule, assert_runs_match, gradcheck_attention, reference_attention,
-                              run, upcast)
+from helpers.numerics import (FLOOR, assert_flash_rule_parts, assert_runs_match, gradcheck_attention,
+                              reference_attention, run, upcast)
 from helpers.numerics import fused_attention as triton_attention
 
 
@@ -21,15 +21,9 @@ def check_against_reference(case, dtype):
     grad_out = torch.randn(case.B, case.H, case.Sq, case.D, dtype=torch.float64).to(dtype)
     out, grads = run(triton_attention, tensors, kwargs, grad_out)
     out_ref, grads_ref = run(reference_attention, tensors, kwargs, grad_out)
-    out_64, grads_64 = run(reference_attention, upcast(tensors), kwargs, grad_out.double())
+    ref64 = run(reference_attention, upcast(tensors), kwargs, grad_out.double())
     assert out.dtype == dtype and out.shape == out_ref.shape
-    errors = {}
-    for name, x, x_ref, x_64 in [("out", out, out_ref, out_64)] + [
-            (f"d{n}", grads[n], grads_ref[n], grads_64[n]) for n in tensors]:
-        assert x.shape == x_64.shape and x.dtype == x_ref.dtype, name
-        floor = FLOOR[dtype] * max(1.0, x_64.abs().max().item())
-        errors[name] = assert_flash_rule(x, x_ref, x_64, floor=floor, name=f"{case.id} {name}")
-    return errors
+    return assert_flash_rule_parts((out, grads), (out_ref, grads_ref), ref64, floor=FLOOR[dtype], name=case.id)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

@@ -9,7 +9,6 @@ the CUDA branch's op calls on fake CUDA tensors (FlashAttention-2 over ``[B, Hkv
 bottom-right, GQA not expanded; the varlen keys built by one gather, ``cu_seqlens_k`` grown by L per sequence).
 """
 
-
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -18,7 +17,7 @@ import fastprefix
 from fastprefix.kernels.attention import concat, dispatch, varlen, vendor
 from fastprefix.spec import AttentionSpec
 from helpers.cases import make_inputs, maker
-from helpers.numerics import OpLog, assert_flash_rule_run, call, max_errors
+from helpers.numerics import OpLog, assert_flash_rule_run, call, fake_cuda_plan, gradcheck_attention, max_errors
 from helpers.numerics import explicit_attention as twin  # the float64 twin (block-diagonal with cu_seqlens)
 
 TOL = 1e-12
@@ -76,12 +75,7 @@ def test_varlen_concat_has_no_plan_where_the_first_queries_would_lose_prefix_row
                          ids=["dense", "varlen"])
 def test_concat_gradcheck_float64(op, case):
     t, kwargs = make_inputs(case)
-    names = list(t)
-
-    def fn(*args):
-        return call(concat_with(op), dict(zip(names, args)), kwargs)
-
-    assert torch.autograd.gradcheck(fn, tuple(t.values()), eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
+    assert gradcheck_attention(concat_with(op), t, kwargs, fast_mode=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -145,8 +139,6 @@ def test_concat_refuses_what_it_does_not_serve():
 # ------------------------------------------------------------------------- the CUDA branch on fake tensors
 
 
-
-
 class Recorder:
     """Stands in for ``concat.VendorAttentionFunction`` on fake tensors: records what the path hands the vendor
     call, then makes it (the custom op's fake kernel would hide the aten calls)."""
@@ -206,10 +198,7 @@ def test_cuda_varlen_concat_op_calls_on_fake_tensors(kind, monkeypatch):
     Recorder.seen = []
     monkeypatch.setattr(concat, "VendorAttentionFunction", Recorder)
     with FakeTensorMode():
-        def fake(x):
-            return None if x is None else torch.empty(x.shape, dtype=x.dtype, device="cuda")
-        plan = host._replace(keys=fake(host.keys), cu_q=fake(host.cu_q), cu_k=fake(host.cu_k), cu_k2=fake(host.cu_k2),
-                             order=fake(host.order))
+        plan = fake_cuda_plan(host)
         q = torch.empty(rows, T, H, D, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
         k = torch.empty(rows, Hkv, T, D, dtype=torch.bfloat16, device="cuda")
         pk = torch.empty(Hkv, L, D, dtype=torch.bfloat16, device="cuda")

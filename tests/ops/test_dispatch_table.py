@@ -18,6 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import fastprefix
 from fastprefix.kernels.attention import concat, costs, dispatch, split, table, varlen, vendor
 from fastprefix.spec import AttentionSpec
+from helpers.numerics import fake_cuda_plan
 
 DESIGN = Path(__file__).resolve().parents[2] / "docs" / "design.md"
 
@@ -84,17 +85,8 @@ def test_hard_rules_keep_the_fused_kernel(features, expected, no_table, on_a100)
 def host_plans(monkeypatch, mask, Sq, L):
     """Route fake CUDA calls with the plans of the real ``mask`` (their tensors as fake CUDA tensors)."""
     plans = {0: varlen.padded_plan(mask, True, Sq), L: varlen.padded_plan(mask, True, Sq, L)}
-
-    def fake(plan):
-        if plan is None:
-            return None
-        f = {n: None if x is None else torch.empty(x.shape, dtype=x.dtype, device="cuda")
-             for n, x in (("keys", plan.keys), ("cu_q", plan.cu_q), ("cu_k", plan.cu_k), ("cu_k2", plan.cu_k2),
-                          ("order", plan.order))}
-        return plan._replace(**f)
-
-    monkeypatch.setattr(split, "split_plan", lambda q, k, spec: fake(plans[0]))
-    monkeypatch.setattr(concat, "concat_plan", lambda q, k, spec, L_: fake(plans[L_]))
+    monkeypatch.setattr(split, "split_plan", lambda q, k, spec: fake_cuda_plan(plans[0]))
+    monkeypatch.setattr(concat, "concat_plan", lambda q, k, spec, L_: fake_cuda_plan(plans[L_]))
 
 
 @pytest.mark.parametrize("kind, Hkv, gate, expected", [

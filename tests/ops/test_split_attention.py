@@ -4,7 +4,7 @@ reference, under Triton's interpreter with PyTorch's fused CPU attention as the 
 The same case sweep (tests/helpers/cases.py) and FlashAttention error rule as tests/ops/test_attention_kernel.py
 (error vs float64 <= 2 x the PyTorch same-dtype error + a floor), float64 gradcheck through the Triton kernels,
 the dispatch rule, and the CUDA branch's op calls checked on fake CUDA tensors (FakeTensorMode: shapes, dtypes
-and arguments through the ops' meta kernels; no GPU). ``split_calls`` comes from tests/ops/conftest.py.
+and arguments through the ops' meta kernels; no GPU). ``split_calls`` comes from tests/conftest.py.
 """
 
 import pytest
@@ -17,15 +17,11 @@ from fastprefix.kernels.attention import dispatch, split, vendor
 from fastprefix.reference import split as reference_split
 from fastprefix.spec import gate3
 from helpers.cases import CASES, GRADCHECK_CASES, Case, ids, make_inputs
-from helpers.numerics import (ATTENTION_INPUTS, FLOOR, OpLog, assert_flash_rule, assert_runs_match, choose_path,
-                              gradcheck_attention,
+from helpers.numerics import (ATTENTION_INPUTS, FLOOR, OpLog, assert_flash_rule_parts, assert_flash_rule_run,
+                              assert_runs_match, choose_path, fake_rng_matches, gradcheck_attention,
                               reference_attention, run, spec_of, split_attention, triton_attention, upcast)
 
 NAMES = ATTENTION_INPUTS
-
-
-def split_fn(*args, **kwargs):
-    return triton_attention(*args, **kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -33,29 +29,21 @@ def split_fn(*args, **kwargs):
 def test_matches_reference(case, dtype, split_calls):
     tensors, kwargs = make_inputs(case, dtype)
     grad_out = torch.randn(case.B, case.H, case.Sq, case.D, dtype=torch.float64).to(dtype)
-    out, grads = run(split_fn, tensors, kwargs, grad_out)
+    out, grads = run(triton_attention, tensors, kwargs, grad_out)
     assert split_calls == ["cpu"]
     out_ref, grads_ref = run(reference_attention, tensors, kwargs, grad_out)
-    out_64, grads_64 = run(reference_attention, upcast(tensors), kwargs, grad_out.double())
+    ref64 = run(reference_attention, upcast(tensors), kwargs, grad_out.double())
     assert out.dtype == dtype and out.shape == out_ref.shape
     assert out.transpose(1, 2).is_contiguous()  # written as [B, Sq, H, D], what transformers reshapes next
-    for name, x, x_ref, x_64 in [("out", out, out_ref, out_64)] + [
-            (f"d{n}", grads[n], grads_ref[n], grads_64[n]) for n in tensors]:
-        assert x.shape == x_64.shape and x.dtype == x_ref.dtype, name
-        floor = FLOOR[dtype] * max(1.0, x_64.abs().max().item())
-        assert_flash_rule(x, x_ref, x_64, floor=floor, name=f"{case.id} {name}")
+    assert_flash_rule_parts((out, grads), (out_ref, grads_ref), ref64, floor=FLOOR[dtype], name=case.id)
 
 
 def test_bf16_forward_backward(split_calls):
     case = Case(B=2, H=2, Hkv=1, Sq=33, Sk=33, L=5, D=32, gate="dense", pad=True, causal=True)
     tensors, kwargs = make_inputs(case, torch.bfloat16)
     grad_out = torch.randn(case.B, case.H, case.Sq, case.D).to(torch.bfloat16)
-    out, grads = run(split_fn, tensors, kwargs, grad_out)
-    out_ref, grads_ref = run(reference_attention, tensors, kwargs, grad_out)
-    out_64, grads_64 = run(reference_attention, upcast(tensors), kwargs, grad_out.double())
-    for name, x, x_ref, x_64 in [("out", out, out_ref, out_64)] + [
-            (f"d{n}", grads[n], grads_ref[n], grads_64[n]) for n in tensors]:
-        assert_flash_rule(x, x_ref, x_64, floor=FLOOR[torch.bfloat16] * max(1.0, x_64.abs().max().item()), name=name)
+    assert_flash_rule_run(triton_attention, reference_attention, tensors, kwargs, grad_out,
+                          floor=FLOOR[torch.bfloat16], name=case.id, same_dtype=reference_attention)
     assert split_calls == ["cpu"]
 
 
@@ -68,7 +56,7 @@ GRADCHECK = [(c, fast) for c, fast in GRADCHECK_CASES if not c.gate.startswith("
 @pytest.mark.parametrize("case,fast_mode", GRADCHECK, ids=ids(GRADCHECK))
 def test_gradcheck_float64(case, fast_mode, split_calls):
     tensors, kwargs = make_inputs(case, torch.float64)
-    assert gradcheck_attention(split_fn, tensors, kwargs, fast_mode)
+    assert gradcheck_attention(triton_attention, tensors, kwargs, fast_mode)
     assert split_calls and set(split_calls) == {"cpu"}
 
 
@@ -131,8 +119,8 @@ def test_backward_is_deterministic(split_calls):
     case = Case(B=1, H=2, Hkv=1, Sq=70, Sk=70, L=5, D=16, gate="dense", pad=True, causal=True)  # 2 query splits
     tensors, kwargs = make_inputs(case, torch.float32)
     grad_out = torch.randn(case.B, case.H, case.Sq, case.D)
-    _, first = run(split_fn, tensors, kwargs, grad_out)
-    _, second = run(split_fn, tensors, kwargs, grad_out)
+    _, first = run(triton_attention, tensors, kwargs, grad_out)
+    _, second = run(triton_attention, tensors, kwargs, grad_out)
     for name in first:
         assert torch.equal(first[name], second[name]), name
 
@@ -144,7 +132,7 @@ def test_inputs_without_grad_and_noncontiguous_views(split_calls):
     views = {n: x.detach() for n, x in tensors.items()}
     for name in ("q", "k", "v"):
         views[name] = tensors[name].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
-    out = split_fn(*(views[n] for n in NAMES), gate=views["gate"], **kwargs)
+    out = triton_attention(*(views[n] for n in NAMES), gate=views["gate"], **kwargs)
     out_ref = reference_attention(*(tensors[n] for n in NAMES), gate=tensors["gate"], **kwargs)
     torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
     out.sum().backward()
@@ -270,10 +258,6 @@ def test_cuda_flash_branch_op_calls_on_fake_tensors(causal):
         assert (a["max_q"], a["max_k"], a["dropout_p"], a["is_causal"], a["scale"]) == (Sq, Sk, 0.0, causal, scale)
         assert a["philox_seed"] is rng[0] and a["philox_offset"] is rng[1]
         assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
-
-
-def fake_rng_matches(rng, like):
-    return all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(rng, like))
 
 
 def test_fake_kernels_match_the_vendor_meta_shapes():

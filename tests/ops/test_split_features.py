@@ -9,7 +9,7 @@ float32 / float16 error rule (error vs float64 <= 2 x the PyTorch reference's sa
 float64 gradcheck. The CUDA branch (the memory-efficient op) is checked on fake CUDA tensors (FakeTensorMode: the
 ops' arguments, shapes, dtypes and strides through their meta kernels) and, with a GPU, by the ``cuda`` tests.
 The cases are tests/helpers/cases.py's ``Case`` of the ``"split"`` family; ``split_calls`` comes from
-tests/ops/conftest.py.
+tests/conftest.py.
 """
 
 import pytest
@@ -21,19 +21,15 @@ from fastprefix.kernels.attention import dispatch, vendor
 from fastprefix.spec import effective_window, visible_keys
 from helpers import cases
 from helpers.cases import ids, make_inputs
-from helpers.numerics import (ATTENTION_INPUTS, FLOOR, OpLog, assert_flash_rule, assert_runs_match, choose_path,
-                              explicit_attention,
-                              fused_attention, gradcheck_attention, reference_attention, run, spec_of, split_attention,
+from helpers.numerics import (ATTENTION_INPUTS, FLOOR, OpLog, assert_flash_rule, assert_flash_rule_parts,
+                              assert_runs_match, choose_path, explicit_attention, fake_rng_matches, fused_attention,
+                              gradcheck_attention, reference_attention, run, spec_of, split_attention,
                               triton_attention, upcast)
 
 NAMES = ATTENTION_INPUTS
 
 # the bias's dims in the ids (e.g. "1Hqk"); this file's default shape: GQA, Sq < Sk
 Case = cases.maker("split", B=2, H=2, Hkv=1, Sq=6, Sk=9, L=3)
-
-
-def split_fn(*args, **kwargs):
-    return triton_attention(*args, **kwargs)
 
 
 # A covering set: every bias broadcast shape, with and without its gradient, windows on either side,
@@ -60,7 +56,7 @@ CASES = [
 def test_float64_matches_explicit_reference(case, split_calls):
     tensors, kwargs = make_inputs(case, torch.float64)
     grad_out = torch.randn(case.B, case.H, case.Sq, case.D, dtype=torch.float64)
-    out, grads = run(split_fn, tensors, kwargs, grad_out)
+    out, grads = run(triton_attention, tensors, kwargs, grad_out)
     assert split_calls == ["cpu"]
     out_ref, grads_ref = run(explicit_attention, tensors, kwargs, grad_out)
     torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
@@ -117,20 +113,16 @@ def test_low_precision_error_rule(case, dtype, bias_dtype, split_calls):
     softmax peaky)."""
     tensors, kwargs = make_inputs(case, dtype, bias_dtype=bias_dtype)
     grad_out = torch.randn(case.B, case.H, case.Sq, case.D, dtype=torch.float64).to(dtype)
-    out, grads = run(split_fn, tensors, kwargs, grad_out)
+    out, grads = run(triton_attention, tensors, kwargs, grad_out)
     assert split_calls == ["cpu"]
     fused_inputs = {n: x for n, x in tensors.items() if n != "attn_bias"}
     out_ref, grads_ref = run(sdpa_over_concatenation, fused_inputs, {**kwargs, "attn_bias": tensors["attn_bias"]},
                              grad_out)
     _, grads_eager = run(reference_attention, tensors, kwargs, grad_out)
     grads_ref["attn_bias"] = grads_eager["attn_bias"]
-    out_64, grads_64 = run(explicit_attention, upcast(tensors), kwargs, grad_out.double())
+    ref64 = run(explicit_attention, upcast(tensors), kwargs, grad_out.double())
     assert out.dtype == dtype
-    for name, x, x_ref, x_64 in [("out", out, out_ref, out_64)] + [
-            (f"d{n}", grads[n], grads_ref[n], grads_64[n]) for n in tensors]:
-        assert x.shape == x_64.shape and x.dtype == x_ref.dtype, name
-        floor = FLOOR[dtype] * max(1.0, x_64.abs().max().item())
-        assert_flash_rule(x, x_ref, x_64, floor=floor, name=f"{case.id} {name}")
+    assert_flash_rule_parts((out, grads), (out_ref, grads_ref), ref64, floor=FLOOR[dtype], name=case.id)
 
 
 GRADCHECK = [  # fast mode (random projections of the Jacobian); the float64 test above checks every entry
@@ -143,7 +135,7 @@ GRADCHECK = [  # fast mode (random projections of the Jacobian); the float64 tes
 @pytest.mark.parametrize("case,fast_mode", GRADCHECK, ids=ids(GRADCHECK))
 def test_gradcheck_float64(case, fast_mode, split_calls):
     tensors, kwargs = make_inputs(case, torch.float64)
-    assert gradcheck_attention(split_fn, tensors, kwargs, fast_mode)
+    assert gradcheck_attention(triton_attention, tensors, kwargs, fast_mode)
     assert split_calls and set(split_calls) == {"cpu"}
 
 
@@ -153,7 +145,7 @@ def test_float32_bias_on_float64_queries(split_calls):
     case = Case(H=4, Hkv=2, bias="1Hqk", window=(2, 1), pad=True, gate="dense")
     tensors, kwargs = make_inputs(case, torch.float64, bias_dtype=torch.float32)
     grad_out = torch.randn(case.B, case.H, case.Sq, case.D, dtype=torch.float64)
-    out, grads = run(split_fn, tensors, kwargs, grad_out)
+    out, grads = run(triton_attention, tensors, kwargs, grad_out)
     out_ref, grads_ref = run(explicit_attention, tensors, kwargs, grad_out)
     torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
     for name in grads:
@@ -171,10 +163,10 @@ def test_bias_without_grad_costs_no_gradient_work(split_calls, monkeypatch):
     case = Case(bias="1Hqk", window=(2, 1), pad=True)
     tensors, kwargs = make_inputs(case, torch.float64)
     frozen = tensors["attn_bias"].detach()
-    out = split_fn(*(tensors[n] for n in NAMES), **kwargs, attn_bias=frozen)
+    out = triton_attention(*(tensors[n] for n in NAMES), **kwargs, attn_bias=frozen)
     out.sum().backward()
     assert spent == [] and frozen.grad is None
-    out = split_fn(*(tensors[n] for n in NAMES), **kwargs, attn_bias=tensors["attn_bias"])
+    out = triton_attention(*(tensors[n] for n in NAMES), **kwargs, attn_bias=tensors["attn_bias"])
     out.sum().backward()
     assert spent == [1] and tensors["attn_bias"].grad is not None
 
@@ -199,7 +191,7 @@ def test_softcap_under_split_is_exactly_the_fused_result(extra, split_calls):
     tensors, kwargs = make_inputs(case, torch.float32)
     kwargs["softcap"] = 2.5
     grad_out = torch.randn(case.B, case.H, case.Sq, case.D)
-    out, grads = run(split_fn, tensors, kwargs, grad_out)
+    out, grads = run(triton_attention, tensors, kwargs, grad_out)
     assert split_calls == []
     out_fused, grads_fused = run(fused_attention, tensors, kwargs, grad_out)
     assert torch.equal(out, out_fused)
@@ -398,8 +390,7 @@ def test_cuda_efficient_branch_op_calls_on_fake_tensors(causal, Sq, bias_grad, g
         assert lse_k.shape == (B, H, 32) and lse_k.dtype == torch.float32
         ref_lse = vendor.lse_like("efficient", q)
         assert ref_lse.shape == lse_k.shape and ref_lse.dtype == lse_k.dtype
-        assert all(x.shape == y.shape and x.dtype == y.dtype
-                   for x, y in zip(rng, vendor.rng_like("efficient", q)))
+        assert fake_rng_matches(rng, vendor.rng_like("efficient", q))
 
         out = torch.empty(B, Sq, H, D, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
         grad = torch.empty_like(out)
@@ -443,8 +434,7 @@ def test_fake_kernels_match_the_efficient_op():
                                                            window=(2, -1))
         assert out.shape == q.shape and out.transpose(1, 2).is_contiguous() and lse.shape == (B, H, Sq)
         assert lse_k.shape == real_lse_k.shape and lse_k.dtype == real_lse_k.dtype
-        for x, y in zip((seed, offset), real_rng):
-            assert x.shape == y.shape and x.dtype == y.dtype
+        assert fake_rng_matches((seed, offset), real_rng)
         grads = torch.ops.fastprefix.split_attention_bwd(torch.empty_like(out), q, k, v, pk, pv, gate, None, out, lse,
                                                          lse_k, seed, offset, True, 0.125, "efficient", bias, 2, -1,
                                                          True)
@@ -479,7 +469,7 @@ def test_gpu_efficient_branch(case, dtype, split_calls):
     tensors = {n: x.detach().to(device).requires_grad_() for n, x in tensors.items()}
     kwargs = {n: (x.to(device) if isinstance(x, torch.Tensor) else x) for n, x in kwargs.items()}
     grad_out = torch.randn(case.B, case.H, case.Sq, case.D, dtype=torch.float64).to(dtype).to(device)
-    out, grads = run(split_fn, tensors, kwargs, grad_out)
+    out, grads = run(triton_attention, tensors, kwargs, grad_out)
     assert split_calls == ["efficient"]
     fused_inputs = {n: x for n, x in tensors.items() if n != "attn_bias"}
     out_ref, grads_ref = run(sdpa_over_concatenation, fused_inputs, {**kwargs, "attn_bias": tensors.get("attn_bias")},
@@ -489,9 +479,6 @@ def test_gpu_efficient_branch(case, dtype, split_calls):
         grads_ref["attn_bias"] = grads_eager["attn_bias"]
     kwargs64 = {n: (x.cpu() if isinstance(x, torch.Tensor) else x) for n, x in kwargs.items()}
     t64 = {n: x.detach().double().cpu().requires_grad_() for n, x in tensors.items()}
-    out_64, grads_64 = run(explicit_attention, t64, kwargs64, grad_out.double().cpu())
-    for name, x, x_ref, x_64 in [("out", out, out_ref, out_64)] + [
-            (f"d{n}", grads[n], grads_ref[n], grads_64[n]) for n in tensors]:
-        assert x.shape == x_64.shape and x.dtype == x_ref.dtype, name
-        floor = FLOOR[dtype] * max(1.0, x_64.abs().max().item())
-        assert_flash_rule(x.cpu(), x_ref.cpu(), x_64, floor=floor, name=f"{case.id} {name}")
+    ref64 = run(explicit_attention, t64, kwargs64, grad_out.double().cpu())
+    # compared on the CPU, where the float64 reference is
+    assert_flash_rule_parts((out, grads), (out_ref, grads_ref), ref64, floor=FLOOR[dtype], name=case.id)

@@ -10,6 +10,7 @@ kernels on token-major memory; and the CUDA branch's op calls on fake CUDA tenso
 int32 ``cu_seqlens``).
 """
 
+import functools
 import gc
 from typing import Optional
 
@@ -24,7 +25,8 @@ from fastprefix.kernels.attention import dispatch, fused, split, varlen, vendor
 from fastprefix.reference import split as reference_split
 from fastprefix.spec import AttentionSpec
 from helpers.cases import make_inputs, maker, pattern_mask
-from helpers.numerics import ATTENTION_INPUTS, OpLog, assert_flash_rule_run, call, max_errors
+from helpers.numerics import (ATTENTION_INPUTS, OpLog, assert_flash_rule_run, call, fake_cuda_plan,
+                              gradcheck_attention, max_errors, split_attention)
 from helpers.numerics import explicit_attention as twin  # the float64 twin (block-diagonal with cu_seqlens)
 
 TOL = 1e-12  # float64: the paths against the twin
@@ -36,10 +38,7 @@ TOL = 1e-12  # float64: the paths against the twin
 Case = maker("varlen", B=3, H=4, Hkv=2, Sq=6, Sk=6, L=3, D=16, pad="right")
 
 
-def split_varlen(q, k, v, prefix_k, prefix_v, **kwargs):
-    """The split path forced onto the emulated varlen op."""
-    spec = AttentionSpec.build(q, k, **kwargs)
-    return split.split_attention(q, k, v, prefix_k, prefix_v, spec, op=vendor.CPU_VARLEN)
+split_varlen = functools.partial(split_attention, op=vendor.CPU_VARLEN)  # the split path on the emulated varlen op
 
 
 CASES = [Case(pad=p, causal=c) for p in ("right", "left", "none", "allpad", "mixed") for c in (False, True)]
@@ -82,13 +81,7 @@ def test_split_varlen_in_low_precision_meets_the_flash_rule(case, dtype):
                          ids=lambda c: c.id)
 def test_split_varlen_gradcheck_float64(case):
     t, kwargs = make_inputs(case)
-    names = list(t)
-
-    def fn(*args):
-        x = dict(zip(names, args))
-        return call(split_varlen, x, kwargs)
-
-    assert torch.autograd.gradcheck(fn, tuple(t.values()), eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
+    assert gradcheck_attention(split_varlen, t, kwargs, fast_mode=True)
 
 
 # ------------------------------------------------------------------------------------------------- plans
@@ -264,13 +257,8 @@ def test_packed_split_takes_the_varlen_op_and_packed_concat_with_a_token_gate_fa
 
 def test_packed_gradcheck_float64_split():
     t = packed_leaves(gate="token", D=8)
-    names = list(t)
     kwargs = dict(causal=True, cu_seqlens=cu_seqlens())
-
-    def fn(*args):
-        return call(op_path("split"), dict(zip(names, args)), kwargs)
-
-    assert torch.autograd.gradcheck(fn, tuple(t.values()), eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
+    assert gradcheck_attention(op_path("split"), t, kwargs, fast_mode=True)
 
 
 def test_packed_equals_each_sequence_alone():
@@ -341,16 +329,6 @@ def test_row_weights_keep_each_rows_own_keys():
 # ------------------------------------------------------------------------- the CUDA branch on fake tensors
 
 
-
-
-def fake_plan(plan: varlen.Plan) -> varlen.Plan:
-    """A plan built on the host with its tensors as fake CUDA tensors (call under FakeTensorMode)."""
-    def fake(x):
-        return None if x is None else torch.empty(x.shape, dtype=x.dtype, device="cuda")
-    return plan._replace(keys=fake(plan.keys), cu_q=fake(plan.cu_q), cu_k=fake(plan.cu_k), cu_k2=fake(plan.cu_k2),
-                         order=fake(plan.order))
-
-
 def flash_calls(log, name):
     return [a for f, a in log.calls if f is getattr(torch.ops.aten, name).default]
 
@@ -376,7 +354,7 @@ def test_cuda_varlen_op_calls_on_fake_tensors(kind):
     calls = 1 if host.cu_k2 is None else 2
     assert calls == (2 if kind == "right" else 1)
     with FakeTensorMode():
-        plan = fake_plan(host)
+        plan = fake_cuda_plan(host)
         q = torch.empty(Tq, H, D, dtype=torch.bfloat16, device="cuda")
         k = torch.empty(Tk, Hkv, D, dtype=torch.bfloat16, device="cuda")
         v = torch.empty(Tk, Hkv, D, dtype=torch.bfloat16, device="cuda")
@@ -416,7 +394,7 @@ def test_cuda_varlen_op_calls_on_fake_tensors(kind):
 def test_cuda_packed_window_reaches_flash_attention_on_fake_tensors():
     host = varlen.packed_plan(cu_seqlens((4, 4)), False)
     with FakeTensorMode():
-        plan = fake_plan(host)
+        plan = fake_cuda_plan(host)
         q = torch.empty(8, 4, 64, dtype=torch.float16, device="cuda")
         k = torch.empty(8, 2, 64, dtype=torch.float16, device="cuda")
         with OpLog() as log:
@@ -437,7 +415,7 @@ def test_split_forward_hands_the_merge_the_vendor_layouts_on_fake_cuda(monkeypat
     seen = {}
     monkeypatch.setattr(split, "merge_forward", lambda *a: seen.update(args=a) or (a[0], a[5]))
     with FakeTensorMode():
-        plan = fake_plan(host)
+        plan = fake_cuda_plan(host)
         q = torch.empty(B, S, H, D, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
         k = torch.empty(B, Hkv, S, D, dtype=torch.bfloat16, device="cuda")
         pk = torch.empty(Hkv, L, D, dtype=torch.bfloat16, device="cuda")

@@ -7,13 +7,14 @@ import json
 import peft
 import pytest
 import torch
-import transformers as tf
 
 import fastprefix
-from helpers.models import VOCAB
+from helpers.models import VOCAB, tiny
 
-BERT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=40, vocab_size=VOCAB)
-T5 = dict(d_model=32, d_kv=8, d_ff=40, num_layers=1, num_heads=4, vocab_size=VOCAB, decoder_start_token_id=0)
+
+def _bert():
+    """A one-layer float32 ``BertModel`` (with BertConfig's own position table: the weights a bare build draws)."""
+    return tiny("bert", dtype=torch.float32, num_hidden_layers=1, max_position_embeddings=512)
 
 
 @pytest.mark.parametrize("cls,kwargs,closest", [
@@ -41,36 +42,35 @@ def test_task_type_says_the_head_is_found_from_the_model():
     (peft.PrefixTuningConfig(num_virtual_tokens=4, task_type="FEATURE_EXTRACTION"), r"fastprefix\.from_peft"),
 ], ids=["class", "dict", "peft-config"])
 def test_apply_says_what_to_pass_instead(config, says):
-    model = tf.BertModel(tf.BertConfig(**BERT))
+    model = _bert()
     with pytest.raises(ValueError, match=says):
         fastprefix.apply(model, config)
     assert not hasattr(model, "fastprefix")
 
 
 def _bert_adapter(tmp_path):
-    model = fastprefix.apply(tf.BertModel(tf.BertConfig(**BERT)), fastprefix.PTuningV2Config(num_virtual_tokens=3))
+    model = fastprefix.apply(_bert(), fastprefix.PTuningV2Config(num_virtual_tokens=3))
     return fastprefix.save_adapter(model, tmp_path / "fp")
 
 
 def test_from_peft_on_a_fastprefix_folder_points_at_load_adapter(tmp_path):
     folder = _bert_adapter(tmp_path)
     with pytest.raises(ValueError, match=r"fastprefix adapter, not a PEFT one: .*fastprefix\.load_adapter"):
-        fastprefix.from_peft(tf.BertModel(tf.BertConfig(**BERT)), folder)
+        fastprefix.from_peft(_bert(), folder)
 
 
 def test_load_adapter_on_a_peft_folder_points_at_from_peft(tmp_path):
-    model = peft.get_peft_model(tf.BertModel(tf.BertConfig(**BERT)),
-                                peft.PrefixTuningConfig(num_virtual_tokens=3, task_type="FEATURE_EXTRACTION"))
+    model = peft.get_peft_model(_bert(), peft.PrefixTuningConfig(num_virtual_tokens=3, task_type="FEATURE_EXTRACTION"))
     model.save_pretrained(tmp_path / "peft")
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
     with pytest.raises(ValueError, match=r"PEFT adapter \(PREFIX_TUNING\), not a fastprefix one: .*from_peft"):
-        fastprefix.load_adapter(tf.BertModel(tf.BertConfig(**BERT)), tmp_path / "peft")
+        fastprefix.load_adapter(_bert(), tmp_path / "peft")
 
 
 def test_save_adapter_onto_an_existing_file_says_so(tmp_path):
     target = tmp_path / "adapter.safetensors"
     target.write_bytes(b"not a folder")
-    model = fastprefix.apply(tf.BertModel(tf.BertConfig(**BERT)), fastprefix.PTuningV2Config(num_virtual_tokens=3))
+    model = fastprefix.apply(_bert(), fastprefix.PTuningV2Config(num_virtual_tokens=3))
     with pytest.raises(ValueError, match="is an existing file, not a folder"):
         fastprefix.save_adapter(model, target)
     assert target.read_bytes() == b"not a folder"
@@ -86,11 +86,9 @@ def test_bshd_layout_is_named_as_a_layout_problem(H, Hkv):
 
 
 @pytest.mark.parametrize("make", [
-    lambda: tf.T5ForSequenceClassification(tf.T5Config(**T5)),
-    lambda: tf.T5ForQuestionAnswering(tf.T5Config(**T5)),
-    lambda: tf.BartForSequenceClassification(tf.BartConfig(
-        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=40, decoder_ffn_dim=40, vocab_size=VOCAB)),
+    lambda: tiny("t5", head="seq", dtype=torch.float32),
+    lambda: tiny("t5", head="qa", dtype=torch.float32),
+    lambda: tiny("bart", head="seq", dtype=torch.float32),
 ], ids=["t5-seq-cls", "t5-qa", "bart-seq-cls"])
 def test_heads_that_refuse_inputs_embeds_are_refused_at_apply(make):
     model = make()
@@ -101,11 +99,7 @@ def test_heads_that_refuse_inputs_embeds_are_refused_at_apply(make):
 
 
 def test_gemma3_bidirectional_is_refused_at_apply():
-    config = tf.Gemma3TextConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                 num_hidden_layers=2, intermediate_size=40, vocab_size=VOCAB, sliding_window=4,
-                                 query_pre_attn_scalar=8, layer_types=["sliding_attention", "full_attention"],
-                                 use_bidirectional_attention=True)
-    model = tf.Gemma3ForCausalLM(config)
+    model = tiny("gemma3", dtype=torch.float32, use_bidirectional_attention=True)
     with pytest.raises(ValueError, match="use_bidirectional_attention=True"):
         fastprefix.apply(model, fastprefix.APTConfig(num_virtual_tokens=3))
     assert not hasattr(model, "fastprefix")
@@ -113,9 +107,7 @@ def test_gemma3_bidirectional_is_refused_at_apply():
 
 @pytest.mark.parametrize("forward_disabled", [True, False], ids=["forward-inside", "backward-inside"])
 def test_a_checkpointed_backward_across_a_disabled_block_names_both(forward_disabled):
-    config = tf.LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-                            intermediate_size=40, vocab_size=VOCAB)
-    model = tf.LlamaForCausalLM(config)
+    model = tiny("llama", dtype=torch.float32)  # the generator where a bare build leaves it: the same init and ids
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fastprefix.apply(model, fastprefix.PTuningV2Config(num_virtual_tokens=3)).train()
     ids = torch.randint(3, VOCAB, (2, 6))
