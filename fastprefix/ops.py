@@ -56,6 +56,15 @@ def _choose(backend, device):
     return backend
 
 
+def attention_backend(backend, device, dtype):
+    """``"triton"`` or ``"torch"``: the backend :func:`gated_prefix_attention` runs on for ``backend`` (None: Triton for
+    CUDA tensors) and tensors of this device and dtype."""
+    # fp64 is for gradcheck under Triton's interpreter: on a GPU the kernels have no fp64 tiles, the reference runs
+    if _choose(backend, device) == "triton" and not (device.type == "cuda" and dtype == torch.float64):
+        return "triton"
+    return "torch"
+
+
 def _layout_hint(q, k, prefix_k):
     """A sentence for shapes that look like ``[B, S, H, D]`` (transformers' layout before its transpose), else ''."""
     looks_bshd = q.shape[1] == k.shape[1] and (q.shape[2] > k.shape[2] or (
@@ -232,8 +241,7 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
     spec = AttentionSpec.build(q, k, gate=gate, gate_hidden=gate_hidden, gate_weight=gate_weight, gate_bias=gate_bias,
                                layer_scale=layer_scale, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
                                attn_bias=attn_bias, window=window, softcap=softcap, cu_seqlens=cu_seqlens)
-    # fp64 is for gradcheck under Triton's interpreter: on a GPU the kernels have no fp64 tiles, the reference runs
-    if _choose(backend, q.device) == "triton" and not (q.device.type == "cuda" and q.dtype == torch.float64):
+    if attention_backend(backend, q.device, q.dtype) == "triton":
         kernels = _kernels(_attention_kernels, q.device)
         return kernels.gated_prefix_attention(q, k, v, prefix_k, prefix_v, spec,
                                               default_path() if path is None else path)

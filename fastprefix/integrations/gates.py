@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..reference.attention import token_alpha
 
 RUNNING = "_fastprefix_pooled_gate"  # attribute on a KV cache: site -> Running (APT's causal pooled gate)
 
@@ -52,11 +53,18 @@ def layer_gate(ctx, module, i, query_mask, causal, key):
     seen = tokens_seen(cache, module, key) if pooled_causal else None
     past = past_totals(cache, i, key, seen, hidden.shape[1]) if pooled_causal else None
     gate = apt.gate_kwargs(i, hidden, query_mask, causal=causal, past=past)
+    alpha = None
+    if "gate_hidden" in gate and ops.attention_backend(ctx.backend, key.device, key.dtype) == "torch":
+        # the reference path builds the token gate with torch ops anyway: build it here, once, for the attention
+        # and the probe (the ops the reference would run, so the same bits)
+        alpha = token_alpha(hidden, gate["gate_weight"], gate["gate_bias"])
+        gate = dict(gate=gate["layer_scale"] * alpha)
     if pooled_causal and cache is not None:
         total, count = apt.pooled_totals(i, hidden, query_mask, past=past)
         cache.__dict__.setdefault(RUNNING, {})[i] = Running(seen, total, count, key[:, :, -1].clone())
     if ctx.state.record_gates and i not in ctx.gate_stats:  # a checkpoint recompute does not record again
-        ctx.record_gate(i, mean_gate(apt, i, hidden, query_mask, causal, past))
+        ctx.record_gate(i, mean_gate(apt, i, hidden, query_mask, causal, past) if alpha is None
+                        else _mean_over_real(alpha.detach(), query_mask))
     return gate
 
 
@@ -128,6 +136,11 @@ def mean_gate(apt, i, hidden, query_mask, causal, past):
     alpha = ops.apt_gate(hidden.detach(), apt.gate_weight[i].detach().to(dt), apt.gate_bias[i].detach().to(dt),
                          torch.ones((), dtype=dt, device=hidden.device), mode=apt.config.gate,
                          key_padding_mask=query_mask, causal=causal, past=past)
+    return _mean_over_real(alpha, query_mask)
+
+
+def _mean_over_real(alpha, query_mask):
+    """The mean of ``alpha [B, S|1, L]`` over the real query tokens: ``[L]`` float32."""
     if alpha.shape[1] > 1 and query_mask is not None:
         w = query_mask.to(alpha.dtype).unsqueeze(-1)
         return ((alpha * w).sum(dim=(0, 1)) / w.sum().clamp_min(1)).float()

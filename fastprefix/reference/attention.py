@@ -81,7 +81,12 @@ def apt_gate(hidden, weight, bias, layer_scale, *, mode="token", key_padding_mas
             hidden = (hidden * keep).sum(dim=1, keepdim=True) / keep.sum(dim=1, keepdim=True).clamp_min(1)
     elif mode != "token":
         raise ValueError(f"mode must be 'token' or 'pooled', got {mode!r}")
-    return layer_scale * torch.sigmoid(torch.addmm(bias, hidden.flatten(0, -2), weight).view(*hidden.shape[:-1], -1))
+    return layer_scale * token_alpha(hidden, weight, bias)
+
+
+def token_alpha(hidden, weight, bias):
+    """APT's gate before its layer scale, ``sigmoid(h @ W + b)``: ``[..., d]`` -> ``[..., L]``."""
+    return torch.sigmoid(torch.addmm(bias, hidden.flatten(0, -2), weight).view(*hidden.shape[:-1], -1))
 
 
 def gate_of(spec):

@@ -13,8 +13,9 @@ Backward with ``e = dO . Pv_j`` and ``delta = dO . out``: ``dz = p (g e - delta)
 fused backward called with ``w dO`` and the merged output: its ``delta = w dO . out`` and its probabilities
 ``exp(logit - lse_k)`` times ``w`` are exactly the merged softmax's, so it returns the exact ``dq, dk, dv``.
 
-Shapes: 5-dim views ``[B, Hkv, G, Sq, .]``, so one einsum per kv head covers its GQA group (no K/V or
-prefix expansion). A query that sees no real key gets ``w = 0`` exactly (the CPU op's log-sum-exp of a row
+Layout: head-major ``[H, B, Sq, .]`` views of the ``[B, Sq, H, .]`` memory transformers hands over, so a prefix
+shared by the batch is one GEMM per head with the batch folded into its rows, no operand or result is transposed
+in memory, and the gate broadcasts over the heads (GQA repeats the small prefix per group, never K/V). A query that sees no real key gets ``w = 0`` exactly (the CPU op's log-sum-exp of a row
 masked with the lowest finite value underflows), and the prefix keeps the row finite.
 """
 
@@ -25,17 +26,51 @@ import torch
 from ..spec import acc_dtype, cpu_op_mask
 
 
-def _eq(prefix, pattern):
-    """An einsum equation with the prefix's batch letter when it has one (``[B, Hkv, L, D]``)."""
-    return pattern.format(p="bk" if prefix.dim() == 4 else "k")
+def _heads(x):
+    """``[B, H, S, X]`` seen head-major, ``[H, B, S, X]`` (a view: no copy)."""
+    return x.transpose(0, 1)
 
 
-def _prefix_scores(q, prefix_k, scale):
-    """``s = scale * q . Pk``: ``[B, Hkv, G, Sq, L]`` in the accumulator dtype."""
-    Hkv = prefix_k.shape[-3]
-    q5 = q.unflatten(1, (Hkv, q.shape[1] // Hkv))
-    # einsum over the 5-dim views lets torch pick one large GEMM per key/value head
-    return torch.einsum(_eq(prefix_k, "bkgsd,{p}ld->bkgsl"), q5, prefix_k * scale).to(acc_dtype(q.dtype))
+def _prefix_heads(prefix, H):
+    """A prefix ``[Hkv, L, D]`` or ``[B, Hkv, L, D]`` as ``[H, 1|B, L, D]``: each kv head repeated for its GQA group
+    (a copy of the small prefix, not of the batch)."""
+    p = (prefix.unsqueeze(0) if prefix.dim() == 3 else prefix).transpose(0, 1)
+    G = H // p.shape[0]
+    return p if G == 1 else p.repeat_interleave(G, dim=0)
+
+
+def _per_head(a, b):
+    """``a [H, B, M, K] @ b [H, 1|B, K, N]`` per head (and row of the batch): ``[H, B, M, N]``, contiguous.
+
+    A prefix shared by the batch (``b``'s batch axis 1) folds the batch into the rows: one GEMM per head, which
+    reads ``a`` in place when it is a head-major view of ``[B, S, H, K]`` memory (what transformers hands over).
+    """
+    H, B, M, K = a.shape
+    if b.shape[1] == 1:
+        return torch.bmm(a.reshape(H, B * M, K), b[:, 0]).view(H, B, M, -1)
+    return torch.bmm(a.reshape(H * B, M, K), b.reshape(H * B, K, -1)).view(H, B, M, -1)
+
+
+def _per_head_t(a, b, shared):
+    """``a^T b`` per head over the rows, ``a [H, B, M, X]``, ``b [H, B, M, Y]``: ``[H, 1, X, Y]`` summed over the
+    batch when ``shared`` (a prefix shared by the batch), else ``[H, B, X, Y]``."""
+    H, B, M, X = a.shape
+    if shared:
+        return torch.bmm(a.reshape(H, B * M, X).transpose(1, 2), b.reshape(H, B * M, -1)).unsqueeze(1)
+    return torch.bmm(a.reshape(H * B, M, X).transpose(1, 2), b.reshape(H * B, M, -1)).view(H, B, X, -1)
+
+
+def _prefix_grad(d, prefix):
+    """``[H, 1|B, L, D]`` per query head back to the prefix's layout, summed over each GQA group."""
+    Hkv = prefix.shape[-3]
+    d = d.unflatten(0, (Hkv, -1)).sum(dim=1) if d.shape[0] != Hkv else d
+    d = d.transpose(0, 1)  # [1|B, Hkv, L, D]
+    return (d[0] if prefix.dim() == 3 else d).to(prefix.dtype)
+
+
+def _gate_heads(gate, acc):
+    """The 3-dim gate ``[B|1, Sq|1, L]`` broadcast over the heads, ``[1, B|1, Sq|1, L]`` (1.0 for no gate)."""
+    return 1.0 if gate is None else gate.unsqueeze(0).to(acc)
 
 
 def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale, *, out=None, with_lse=False):
@@ -50,24 +85,31 @@ def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale, *, out=None, w
 
     Returns:
         ``(out [B, H, Sq, D] in q's dtype, lse [B, H, Sq] natural log in q's dtype or None, saved)``:
-        ``saved = (s, p, w, pg)`` is what :func:`merge_backward` takes back.
+        ``saved = (s, p, w, pg)``, head-major (``[H, B, Sq, L]``, ``w [H, B, Sq, 1]``), is what
+        :func:`merge_backward` takes back.
     """
-    B, H, Sq, D = q.shape
-    Hkv = prefix_k.shape[-3]
+    H = q.shape[1]
     acc = acc_dtype(q.dtype)
-    s = _prefix_scores(q, prefix_k, scale)
-    g5 = 1.0 if gate is None else gate[:, None, None].to(acc)  # [B|1, 1, 1, Sq|1, L|1]
-    lse_k5 = lse_k.reshape(B, Hkv, H // Hkv, Sq, 1).to(acc)
-    logits = torch.cat([s * g5, lse_k5], dim=-1)
-    probs = torch.softmax(logits, dim=-1)
-    p, w = probs[..., :-1], probs[..., -1:]
-    pg = (p * g5).to(q.dtype)
-    out5 = torch.einsum(_eq(prefix_v, "bkgsl,{p}ld->bkgsd"), pg, prefix_v).to(acc)
-    out5.addcmul_(w, o_k.unflatten(1, (Hkv, -1)))
+    # head-major throughout: the GEMMs' outputs need no transposing copy, and the gate broadcasts over the heads
+    s = _per_head(_heads(q), _prefix_heads(prefix_k * scale, H).transpose(-1, -2)).to(acc)  # [H, B, Sq, L]
+    g = _gate_heads(gate, acc)
+    lse_k4 = _heads(lse_k).unsqueeze(-1).to(acc)  # [H, B, Sq, 1]
+    # the softmax over [z ; lse_k] without building it: z is finite, so the row maximum m is too (a query that
+    # sees no real key has lse_k = -inf and gets w = 0 exactly)
+    z = s * g if gate is not None else s
+    m = torch.maximum(z.amax(dim=-1, keepdim=True), lse_k4)
+    p = z.sub(m) if gate is None else z.sub_(m)
+    p.exp_()
+    w = (lse_k4 - m).exp_()
+    total = p.sum(dim=-1, keepdim=True).add_(w)
+    p.div_(total)
+    w.div_(total)
+    pg = (p * g if gate is not None else p).to(q.dtype)
+    merged = _per_head(pg, _prefix_heads(prefix_v, H)).to(acc).addcmul_(w, _heads(o_k))  # [H, B, Sq, D]
     if out is None:
         out = torch.empty_like(q)
-    out.unflatten(1, (Hkv, -1)).copy_(out5)
-    lse = torch.logsumexp(logits, dim=-1).flatten(1, 2).to(q.dtype) if with_lse else None
+    _heads(out).copy_(merged)
+    lse = _heads(m.add_(total.log_())).squeeze(-1).to(q.dtype) if with_lse else None
     return out, lse, (s, p, w, pg)
 
 
@@ -81,24 +123,25 @@ def merge_backward(d_out, q, prefix_k, prefix_v, gate, out, saved, scale, needs=
         summed to the gate's shape.
     """
     s, p, w, pg = saved
-    Hkv = prefix_k.shape[-3]
+    H = q.shape[1]
     acc = s.dtype
-    do5 = d_out.unflatten(1, (Hkv, -1))
-    g5 = 1.0 if gate is None else gate[:, None, None].to(acc)
-    e = torch.einsum(_eq(prefix_v, "bkgsd,{p}ld->bkgsl"), do5, prefix_v).to(acc)  # dO . Pv_j
-    delta = torch.linalg.vecdot(do5.to(acc), out.unflatten(1, (Hkv, -1)).to(acc)).unsqueeze(-1)
-    dz = p * torch.addcmul(-delta, g5, e) if gate is not None else p * (e - delta)
+    shared = prefix_k.dim() == 3
+    do = _heads(d_out)
+    g = _gate_heads(gate, acc)
+    pk = _prefix_heads(prefix_k * scale, H)
+    e = _per_head(do, _prefix_heads(prefix_v, H).transpose(-1, -2)).to(acc)  # dO . Pv_j
+    delta = torch.linalg.vecdot(do.to(acc), _heads(out).to(acc)).unsqueeze(-1)
+    dz = p * torch.addcmul(-delta, g, e) if gate is not None else p * (e - delta)
     dgate = dpk = dpv = None
     if gate is not None and needs[2]:
-        dgate = torch.addcmul(dz * s, p, e).sum(dim=(1, 2)).sum_to_size(gate.shape).to(gate.dtype)
-    ds = (dz * g5).to(q.dtype)  # d(logit) / d(s); the scale goes onto Pk and q below
-    dq = torch.einsum(_eq(prefix_k, "bkgsl,{p}ld->bkgsd"), ds, prefix_k * scale).flatten(1, 2)
+        dgate = torch.addcmul(dz * s, p, e).sum(dim=0).sum_to_size(gate.shape).to(gate.dtype)
+    ds = (dz * g if gate is not None else dz).to(q.dtype)  # d(logit) / d(s); the scale goes onto Pk and q below
+    dq = _heads(_per_head(ds, pk))
     if needs[0]:
-        q5 = q.unflatten(1, (Hkv, -1))
-        dpk = (torch.einsum(_eq(prefix_k, "bkgsl,bkgsd->{p}ld"), ds, q5) * scale).to(prefix_k.dtype)
+        dpk = _prefix_grad(_per_head_t(ds, _heads(q), shared) * scale, prefix_k)
     if needs[1]:
-        dpv = torch.einsum(_eq(prefix_v, "bkgsl,bkgsd->{p}ld"), pg, do5).to(prefix_v.dtype)
-    return dq, dpk, dpv, dgate, (d_out * w.flatten(1, 2)).to(q.dtype)
+        dpv = _prefix_grad(_per_head_t(pg, do, shared), prefix_v)
+    return dq, dpk, dpv, dgate, (d_out * _heads(w)).to(q.dtype)
 
 
 class _SplitAttention(torch.autograd.Function):
