@@ -44,10 +44,11 @@ def _version(tensor):
         return None
 
 
-def _forget(key, ref):
-    entry = _MEMO.get(key)
+def _forget(memo, key, ref):
+    # memo comes bound in the callback: at interpreter exit this module's globals may already be gone
+    entry = memo.get(key)
     if entry is not None and entry[0] is ref:
-        del _MEMO[key]
+        del memo[key]
 
 
 def memoized(tensor, key, build):
@@ -57,7 +58,7 @@ def memoized(tensor, key, build):
         return build()
     entry = _MEMO.get(id(tensor))
     if entry is None or entry[0]() is not tensor or entry[1] != version:
-        ref = weakref.ref(tensor, lambda r, i=id(tensor): _forget(i, r))
+        ref = weakref.ref(tensor, lambda r, i=id(tensor), memo=_MEMO: _forget(memo, i, r))
         entry = (ref, version, {})
         _MEMO[id(tensor)] = entry
     values = entry[2]
