@@ -39,16 +39,30 @@ def _prefix_heads(prefix, H):
     return p if G == 1 else p.repeat_interleave(G, dim=0)
 
 
-def _per_head(a, b):
-    """``a [H, B, M, K] @ b [H, 1|B, K, N]`` per head (and row of the batch): ``[H, B, M, N]``, contiguous.
+def _per_head(a, b, out=None, accumulate=False):
+    """``a [H, B, M, K] @ b [H, 1|B, K, N]`` per head (and row of the batch): ``[H, B, M, N]``.
 
     A prefix shared by the batch (``b``'s batch axis 1) folds the batch into the rows: one GEMM per head, which
     reads ``a`` in place when it is a head-major view of ``[B, S, H, K]`` memory (what transformers hands over).
+    ``out``: write (or with ``accumulate`` add) the product there, straight from the GEMM when its memory can be
+    seen as the GEMM's rows (a head-major view of ``[B, S, H, N]`` memory), which spares a temporary and a pass.
     """
     H, B, M, K = a.shape
-    if b.shape[1] == 1:
-        return torch.bmm(a.reshape(H, B * M, K), b[:, 0]).view(H, B, M, -1)
-    return torch.bmm(a.reshape(H * B, M, K), b.reshape(H * B, K, -1)).view(H, B, M, -1)
+    shared = b.shape[1] == 1
+    a3 = a.reshape(H, B * M, K) if shared else a.reshape(H * B, M, K)
+    b3 = b[:, 0] if shared else b.reshape(H * B, K, -1)
+    if out is None:
+        return torch.bmm(a3, b3).view(H, B, M, -1)
+    try:
+        rows = out.view(a3.shape[0], a3.shape[1], -1)
+    except RuntimeError:  # out's memory is not the GEMM's rows: compute apart
+        product = torch.bmm(a3, b3).view(H, B, M, -1)
+        return out.add_(product) if accumulate else out.copy_(product)
+    if accumulate:
+        rows.baddbmm_(a3, b3)
+    else:
+        torch.bmm(a3, b3, out=rows)
+    return out
 
 
 def _per_head_t(a, b, shared):
@@ -105,22 +119,32 @@ def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale, *, out=None, w
     p.div_(total)
     w.div_(total)
     pg = (p * g if gate is not None else p).to(q.dtype)
-    merged = _per_head(pg, _prefix_heads(prefix_v, H)).to(acc).addcmul_(w, _heads(o_k))  # [H, B, Sq, D]
     if out is None:
         out = torch.empty_like(q)
-    _heads(out).copy_(merged)
+    pv, o_k = _prefix_heads(prefix_v, H), _heads(o_k)
+    if acc == q.dtype:  # the GEMM writes the output's memory, then the real keys' share is added in place
+        _per_head(pg, pv, out=_heads(out)).addcmul_(w, o_k)
+    else:  # half precision: merge in float32, round once
+        _heads(out).copy_(_per_head(pg, pv).to(acc).addcmul_(w, o_k))
     lse = _heads(m.add_(total.log_())).squeeze(-1).to(q.dtype) if with_lse else None
     return out, lse, (s, p, w, pg)
 
 
-def merge_backward(d_out, q, prefix_k, prefix_v, gate, out, saved, scale, needs=(True, True, True)):
+def weighted_grad(d_out, saved):
+    """``w * dO`` in dO's dtype: the gradient the vendor backward takes for the real keys (``saved`` from
+    :func:`merge_forward`)."""
+    return (d_out * _heads(saved[2])).to(d_out.dtype)
+
+
+def merge_backward(d_out, q, prefix_k, prefix_v, gate, out, saved, scale, dq, needs=(True, True, True)):
     """The prefix's share of the backward of :func:`merge_forward` (given the merged ``out``).
 
+    ``dq``: the real keys' part of dq ``[B, H, Sq, D]`` (the vendor backward called with :func:`weighted_grad`);
+    the prefix's part is added into it, in place.
+
     Returns:
-        ``(dq_prefix [B, H, Sq, D], dprefix_k, dprefix_v, dgate, w_dout)``: ``dq_prefix`` is the prefix's part
-        of dq (the real keys' part comes from the vendor backward called with ``w_dout = w * dO``); the prefix
-        gradients in their dtypes (None where ``needs`` = (prefix_k, prefix_v, gate) says no), ``dgate``
-        summed to the gate's shape.
+        ``(dprefix_k, dprefix_v, dgate)``: the prefix gradients in their dtypes (None where ``needs`` =
+        (prefix_k, prefix_v, gate) says no), ``dgate`` summed to the gate's shape.
     """
     s, p, w, pg = saved
     H = q.shape[1]
@@ -128,20 +152,24 @@ def merge_backward(d_out, q, prefix_k, prefix_v, gate, out, saved, scale, needs=
     shared = prefix_k.dim() == 3
     do = _heads(d_out)
     g = _gate_heads(gate, acc)
-    pk = _prefix_heads(prefix_k * scale, H)
-    e = _per_head(do, _prefix_heads(prefix_v, H).transpose(-1, -2)).to(acc)  # dO . Pv_j
+    e = _per_head(do, _prefix_heads(prefix_v, H).transpose(-1, -2)).to(acc)  # dO . Pv_j, [H, B, Sq, L]
     delta = torch.linalg.vecdot(do.to(acc), _heads(out).to(acc)).unsqueeze(-1)
-    dz = p * torch.addcmul(-delta, g, e) if gate is not None else p * (e - delta)
+    # in place where the values are not needed again: two [H, B, Sq, L] temporaries, e and dz
     dgate = dpk = dpv = None
-    if gate is not None and needs[2]:
-        dgate = torch.addcmul(dz * s, p, e).sum(dim=0).sum_to_size(gate.shape).to(gate.dtype)
-    ds = (dz * g if gate is not None else dz).to(q.dtype)  # d(logit) / d(s); the scale goes onto Pk and q below
-    dq = _heads(_per_head(ds, pk))
+    if gate is None:
+        ds = e.sub_(delta).mul_(p)  # dz = p (e - delta)
+    else:
+        dz = (e * g).sub_(delta).mul_(p)  # p (g e - delta)
+        if needs[2]:
+            dgate = e.mul_(p).addcmul_(dz, s).sum(dim=0).sum_to_size(gate.shape).to(gate.dtype)  # p e + dz s
+        ds = dz.mul_(g)
+    ds = ds.to(q.dtype)  # d(logit) / d(s); the scale goes onto Pk and q below
+    _per_head(ds, _prefix_heads(prefix_k * scale, H), out=_heads(dq), accumulate=True)
     if needs[0]:
         dpk = _prefix_grad(_per_head_t(ds, _heads(q), shared) * scale, prefix_k)
     if needs[1]:
         dpv = _prefix_grad(_per_head_t(pg, do, shared), prefix_v)
-    return dq, dpk, dpv, dgate, (d_out * _heads(w)).to(q.dtype)
+    return dpk, dpv, dgate
 
 
 class _SplitAttention(torch.autograd.Function):
@@ -161,11 +189,10 @@ class _SplitAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, prefix_k, prefix_v, gate, mask, out, lse_k, *saved = ctx.saved_tensors
-        dq_prefix, dpk, dpv, dgate, w_dout = merge_backward(d_out, q, prefix_k, prefix_v, gate, out, saved, ctx.scale,
-                                                            ctx.needs_input_grad[3:6])
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            w_dout, q, k, v, out, lse_k, 0.0, ctx.is_causal, attn_mask=mask, scale=ctx.scale)
-        dq.add_(dq_prefix)
+            weighted_grad(d_out, saved), q, k, v, out, lse_k, 0.0, ctx.is_causal, attn_mask=mask, scale=ctx.scale)
+        dpk, dpv, dgate = merge_backward(d_out, q, prefix_k, prefix_v, gate, out, saved, ctx.scale, dq,
+                                         ctx.needs_input_grad[3:6])
         return dq, dk, dv, dpk, dpv, dgate, None, None, None
 
 

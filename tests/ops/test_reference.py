@@ -170,9 +170,12 @@ def test_gqa_equals_repeated_heads():
     torch.testing.assert_close(out, fastprefix.gated_prefix_attention(x["q"], **rep), rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-prefix", "per-example-prefix"])
 @pytest.mark.parametrize("gate_mode", [None, "dense", "token"], ids=["ptv2", "dense-gate", "fused-gate"])
-def test_attention_gradcheck(gate_mode):
-    x, kpm, extra = _attention_inputs(2, 4, 2, 5, 5, 3, 8, True, True, gate_mode)
+def test_attention_gradcheck(gate_mode, shared):
+    """Through every formulation the reference picks on CPU (the gated ones: the split algorithm, whose prefix GEMMs
+    fold the batch into rows for a shared prefix and run per row otherwise), GQA, padding and causal."""
+    x, kpm, extra = _attention_inputs(2, 4, 2, 5, 5, 3, 8, shared, True, gate_mode)
     inputs = {**x, **extra}
     names = list(inputs)
     for t in inputs.values():
