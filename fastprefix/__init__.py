@@ -12,6 +12,7 @@ from .fold import fold_adept_offsets
 from .ops import adept_embedding, apt_gate, dept_embedding, gated_prefix_attention, prompt_tuning_embedding
 # the 🤗 transformers swap-in (transformers itself is imported lazily, on first use)
 from .integrations.transformers import apply, remove, use_backend
+from .integrations.named import active_adapter, add_adapter, delete_adapter, list_adapters, set_adapter
 from .adapters import load_adapter, merge, save_adapter, unmerge
 from .peft_io import from_peft, to_peft
 from .probe import GateReport, gate_report
@@ -25,7 +26,8 @@ __all__ = [
     "PromptTuningConfig", "PTuningV2Config", "APTConfig", "DePTConfig", "ADePTConfig",
     "config_from_dict", "config_from_json",
     "PromptTuning", "PTuningV2Prefix", "AdaptivePrefix", "DecomposedPrompt", "AdaptiveDecomposedPrompt",
-    "apply", "remove", "use_backend", "save_adapter", "load_adapter", "merge", "unmerge", "gate_report", "GateReport",
+    "apply", "remove", "use_backend", "add_adapter", "set_adapter", "delete_adapter", "list_adapters", "active_adapter",
+    "save_adapter", "load_adapter", "merge", "unmerge", "gate_report", "GateReport",
     "from_peft", "to_peft",
     "prompt_embeds", "disabled", "print_trainable_parameters", "trainable_parameters",
 ]

@@ -29,7 +29,8 @@ from .config import ADePTConfig, config_from_dict
 from .fold import fold_adept_offsets
 from .integrations import transformers as integration
 from .integrations.families import model_shape
-from .integrations.state import hook, unhook
+from .integrations.named import add_adapter, adapter_key, check_compatible, known
+from .integrations.state import DEFAULT, check_adapter_name, hook, unhook
 
 WEIGHTS_NAME = "adapter.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -47,10 +48,11 @@ def _major(version):
     return int(head) if head.isdigit() else None
 
 
-def _trainable_tensors(model, state, state_dict=None):
-    """``{key: tensor}`` of everything an adapter holds, from the model or from its full ``state_dict``."""
+def _trainable_tensors(model, state, name, state_dict=None):
+    """``{key: tensor}`` of everything adapter ``name`` holds, from the model or from its full ``state_dict``."""
     named = dict(model.named_modules())
-    wanted = {_MODULE + k: f"{integration.ATTR}.{k}" for k in integration.method_module(model).state_dict()}
+    key = adapter_key(state, name)
+    wanted = {_MODULE + k: f"{key}.{k}" for k in state.adapters[name][1].state_dict()}
     for name in state.trainable:
         wanted.update({f"{_BASE}{name}.{k}": f"{name}.{k}" for k in named[name].state_dict()})
     if state_dict is None:
@@ -153,24 +155,29 @@ def _commit(directory, files):
             pass
 
 
-def save_adapter(model, directory, *, state_dict=None):
-    """Write ``model``'s fastprefix adapter to ``directory`` (created if needed). Returns the directory.
+def save_adapter(model, directory, *, adapter_name=None, state_dict=None):
+    """Write one of ``model``'s fastprefix adapters to ``directory`` (created if needed). Returns the directory.
 
+    ``adapter_name``: which (None: the active one; see ``fastprefix.list_adapters``). The files are the same
+    whatever the name: ``load_adapter`` can load them into any model, under any name.
     ``state_dict``: the model's full state dict to take the tensors from, for a sharded model (FSDP2), whose
     own tensors are shards: gathered on every rank, saved from one (see the README's FSDP2 recipe).
     A failed save leaves the previous adapter in ``directory`` as it was (see the module docstring).
     """
     state = integration.state_of(model)
     model = integration.unwrap(model)
+    name = state.active if adapter_name is None else adapter_name
+    known(state, name)
+    config = state.adapters[name][0]
     tensors = {k: v.detach().to("cpu").contiguous()
-               for k, v in _trainable_tensors(model, state, state_dict).items()}
+               for k, v in _trainable_tensors(model, state, name, state_dict).items()}
     save_id = uuid.uuid4().hex
     meta = {
         "format": FORMAT,
         "fastprefix_version": __version__,
         "save_id": save_id,
-        "method": state.config.method,
-        "config": state.config.to_dict(),
+        "method": config.method,
+        "config": config.to_dict(),
         "trainable": list(state.trainable),
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
         "base_model": {
@@ -262,12 +269,10 @@ def _check_model(meta, model, shape):
         raise ValueError(f"the adapter was trained on a model of a different shape ({text})")
 
 
-def _expected_tensors(model, state, config, trainable, shape):
-    """``{key: shape}`` the adapter must hold for ``model`` (built without changing the model)."""
-    if state is not None:
-        module_sd = integration.method_module(model).state_dict()
-    else:
-        module_sd = integration.build_module(config, shape).state_dict()
+def _expected_tensors(model, module, config, trainable, shape):
+    """``{key: shape}`` the adapter must hold for ``model``: ``module``'s tensors (None: a module built for
+    ``config``, without changing the model) and the base submodules ``trainable`` names."""
+    module_sd = (module if module is not None else integration.build_module(config, shape)).state_dict()
     out = {_MODULE + k: tuple(v.shape) for k, v in module_sd.items()}
     named = dict(model.named_modules())
     for name in trainable:
@@ -278,8 +283,13 @@ def _expected_tensors(model, state, config, trainable, shape):
     return out
 
 
-def load_adapter(model, directory, *, backend=None):
+def load_adapter(model, directory, *, adapter_name=None, backend=None):
     """Load an adapter written by :func:`save_adapter` into ``model``; apply the method first if needed.
+
+    ``adapter_name``: None loads into the active adapter (or, on a model without fastprefix, applies it as
+    ``"default"``); a name the model has loads into that adapter; a new name adds the adapter beside the others
+    (``fastprefix.add_adapter``'s rules: the same method and prefix wiring; it brings no base submodules, which
+    every adapter on the model shares), the active one staying active.
 
     Raises ValueError (with the model unchanged) for bad JSON, an adapter written by a newer major
     version of fastprefix, a different method than the one applied, a model of another family
@@ -291,16 +301,29 @@ def load_adapter(model, directory, *, backend=None):
     shape = model_shape(model)
     _check_model(meta, model, shape)
     state = integration.state_of(model, required=False)
-    if state is not None:
-        if state.config.method != config.method:
-            raise ValueError(f"the model has {state.config.method!r} applied but the adapter is {config.method!r}; "
+    name = adapter_name if adapter_name is not None else DEFAULT if state is None else state.active
+    check_adapter_name(name)
+    adding = state is not None and name not in state.adapters
+    module = None
+    if adding:
+        check_compatible(state, config, name)
+        if meta["trainable"]:
+            raise ValueError(f"the adapter keeps base submodules {meta['trainable']} trainable: they belong to the base "
+                             f"model, which every adapter on it shares, so a second adapter ({name!r}) can't bring "
+                             "its own; load it into a model of its own")
+    elif state is not None:
+        have, module = state.adapters[name]
+        if have.method != config.method:
+            raise ValueError(f"the model has {have.method!r} applied but the adapter is {config.method!r}; "
                              "call fastprefix.remove(model) first")
-        if state.config != config:
-            raise ValueError(f"the adapter's config {config} differs from the applied one {state.config}")
+        if have != config:
+            raise ValueError(f"the adapter's config {config} differs from the applied one {have}"
+                             + (f" (adapter {name!r}); load it under a new adapter_name to add it" if
+                                len(state.adapters) > 1 or adapter_name is not None else ""))
         if tuple(meta["trainable"]) != state.trainable:
             raise ValueError(f"the adapter trains base submodules {meta['trainable']} but the model was applied with "
                              f"trainable={list(state.trainable)}")
-    expected = _expected_tensors(model, state, config, meta["trainable"], shape)
+    expected = _expected_tensors(model, module, config, meta["trainable"], shape)
     tensors = _read_tensors(directory, meta.get("save_id"))
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -316,17 +339,20 @@ def load_adapter(model, directory, *, backend=None):
         raise ValueError(f"adapter tensors hold NaN or infinite values: {nonfinite} (a diverged run?)")
 
     if state is None:
-        integration.apply(model, config, backend=backend, trainable=tuple(meta["trainable"]))
+        integration.apply(model, config, backend=backend, trainable=tuple(meta["trainable"]), adapter_name=name)
         state = integration.state_of(model)
-    module = integration.method_module(model)
+    elif adding:
+        add_adapter(model, config, name)
+    module = state.adapters[name][1]
     named = dict(model.named_modules())
     with torch.no_grad():
         for k, v in module.state_dict(keep_vars=True).items():
             v.copy_(tensors[_MODULE + k])
-        for name in state.trainable:
-            for k, v in named[name].state_dict(keep_vars=True).items():
-                v.copy_(tensors[f"{_BASE}{name}.{k}"])
-    unmerge(model)
+        for base in meta["trainable"]:
+            for k, v in named[base].state_dict(keep_vars=True).items():
+                v.copy_(tensors[f"{_BASE}{base}.{k}"])
+    if name == state.active:
+        unmerge(model)  # a fold of the old weights would be stale
     return outer
 
 

@@ -27,6 +27,7 @@ from .adapters import CONFIG_NAME, FORMAT, read_adapter_json, write_files  # PEF
 from .config import ADePTConfig, APTConfig, DePTConfig, PromptTuningConfig, PTuningV2Config
 from .integrations import transformers as integration
 from .integrations.families import model_shape
+from .integrations.named import known
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PROMPT_KEY = "prompt_embeddings"
@@ -198,9 +199,8 @@ def _task_type(model):
                      "classifiers, question answering and bare base models)")
 
 
-def _exportable(state):
-    """``(peft_type, table [rows, width])`` of the applied method, or ValueError saying what can be exported."""
-    config, module = state.config, state.module
+def _exportable(config, module):
+    """``(peft_type, table [rows, width])`` of an adapter, or ValueError saying what can be exported."""
     can = ("P-Tuning v2 with prefix_positions='shift' (as PREFIX_TUNING) and prompt tuning (as PROMPT_TUNING)")
     if type(config) is PTuningV2Config:
         if config.prefix_positions != "shift":
@@ -226,8 +226,9 @@ def _exportable(state):
     raise ValueError(f"to_peft cannot export the applied {config.method!r} adapter: {why}; to_peft writes {can}")
 
 
-def to_peft(model, path):
-    """Write ``model``'s fastprefix adapter to the directory ``path`` in PEFT's format; returns ``path``.
+def to_peft(model, path, *, adapter_name=None):
+    """Write one of ``model``'s fastprefix adapters (``adapter_name``; None: the active one) to the directory
+    ``path`` in PEFT's format; returns ``path``.
 
     P-Tuning v2 with ``prefix_positions="shift"`` becomes ``PREFIX_TUNING`` (with ``prefix_projection``, the
     MLP's output table, as PEFT itself saves it), prompt tuning becomes ``PROMPT_TUNING``; base submodules kept
@@ -237,8 +238,11 @@ def to_peft(model, path):
     adapter in ``path`` as it was.
     """
     path, state, inner = os.fspath(path), integration.state_of(model), integration.unwrap(model)
-    kind, table = _exportable(state)
-    shape, config = state.shape, state.config
+    name = state.active if adapter_name is None else adapter_name
+    known(state, name)
+    config, module = state.adapters[name]
+    kind, table = _exportable(config, module)
+    shape = state.shape
     task = _task_type(inner)
     tensors = {PROMPT_KEY: table.detach().to("cpu", torch.float32).contiguous()}
     named = dict(inner.named_modules())

@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 
 from .config import PTuningV2Config
-from .integrations import transformers as integration
+from .integrations.named import activated
 
 
-def prompt_embeds(model, input_ids, attention_mask=None):
+def prompt_embeds(model, input_ids, attention_mask=None, *, adapter_name=None):
     """The input embeddings of each sequence, prompt included, for an engine's prompt-embeddings input.
 
     Args:
@@ -25,6 +25,7 @@ def prompt_embeds(model, input_ids, attention_mask=None):
             ADePT folded by :func:`fastprefix.merge` or not).
         input_ids: ``[B, S]`` integer token ids, on the model's device.
         attention_mask: optional ``[B, S]`` 0/1 padding mask (left or right padding); None: every token is real.
+        adapter_name: which of the model's adapters (None: the active one), so an engine can serve each.
 
     Returns:
         A list of B tensors, row b ``[m + S_b, d]`` with ``S_b`` the real tokens of row b (padding dropped):
@@ -41,7 +42,11 @@ def prompt_embeds(model, input_ids, attention_mask=None):
         ValueError: for a prefix method (P-Tuning v2, APT: per-layer prefixes, no engine input carries them;
             serve through ``generate``), a model without fastprefix, or bad ``input_ids`` / ``attention_mask``.
     """
-    state = integration.state_of(model)
+    with activated(model, adapter_name) as state:
+        return _prompt_embeds(state, input_ids, attention_mask)
+
+
+def _prompt_embeds(state, input_ids, attention_mask):
     if isinstance(state.config, PTuningV2Config):
         raise ValueError(
             f"prompt_embeds: {state.config.method!r} is a prefix method: it adds keys and values to every layer's "

@@ -15,7 +15,9 @@ from torch import nn
 from .. import ops
 from ..modules import AdaptiveDecomposedPrompt, AdaptivePrefix, DecomposedPrompt, PromptTuning
 
-ATTR = "fastprefix"  # the submodule holding the trainable state
+ATTR = "fastprefix"  # the submodule holding the active adapter's trainable state
+INACTIVE = "fastprefix_adapters"  # nn.ModuleDict of the other named adapters (there while some adapter is inactive)
+DEFAULT = "default"  # the name of the adapter apply creates
 STATE = "_fastprefix_state"  # plain attribute: the State, on the model and on every hooked module
 LAYER = "_fastprefix_layer"  # plain attribute: the layer index, on hooked layers and attention modules
 # plain attribute: whether a prefix site's attention is causal, where its family knows it better than the module's
@@ -32,9 +34,11 @@ class State:
     ``gate_report`` only.
     """
 
-    def __init__(self, config, module, shape, backend, encoder_decoder, family):
-        self.config = config
+    def __init__(self, config, module, shape, backend, encoder_decoder, family, adapter_name=DEFAULT):
+        self.config = config  # the active adapter's config and module (see adapters, active)
         self.module = module
+        self.adapters = {adapter_name: (config, module)}  # every named adapter: name -> (config, module)
+        self.active = adapter_name
         self.shape = shape
         self.backend = backend
         self.encoder_decoder = encoder_decoder
@@ -65,6 +69,8 @@ class State:
         # "fastprefix" attention, which transformers only finds registered
         self.__dict__.update(d)
         self.__dict__.setdefault("disabled", 0)
+        self.__dict__.setdefault("adapters", {DEFAULT: (self.config, self.module)})
+        self.__dict__.setdefault("active", DEFAULT)
         if self.attn_implementation is not None:
             self.family.register()
 
@@ -197,6 +203,17 @@ def release(state):
     state.hooked, state.overrides = [], []
 
 
+BASE = "__base__"  # reserved: "no adapter, the base model alone"
+
+
+def check_adapter_name(name):
+    """ValueError unless ``name`` can name an adapter (a non-empty str without '.', not the reserved ``"__base__"``)."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter_name must be a non-empty str without '.', got {name!r}")
+    if name == BASE:
+        raise ValueError(f"adapter_name {BASE!r} is reserved: it stands for the base model alone")
+
+
 # ------------------------------------------------------------------------------------ finding the State
 def unwrap(model):
     """The model inside DistributedDataParallel / ``torch.compile`` wrappers (``.module`` / ``._orig_mod``)."""
@@ -218,6 +235,6 @@ def state_of(model, *, required=True):
 
 
 def method_module(model):
-    """``model.fastprefix``: the applied method's trainable module."""
+    """``model.fastprefix``: the active adapter's trainable module."""
     state_of(model)
     return getattr(unwrap(model), ATTR)

@@ -44,7 +44,8 @@ from .families import family_of, model_shape, task_heads
 from .hooks import guard_attention, install_prompt
 from .inputs import Rules
 from .positions import Shift
-from .state import ATTR, FOLDED, STATE, State, method_module, release, state_of, unwrap
+from .state import (ATTR, DEFAULT, FOLDED, INACTIVE, STATE, State, check_adapter_name, method_module, release, state_of,
+                    unwrap)
 
 __all__ = ["ATTR", "FOLDED", "apply", "build_module", "method_module", "remove", "state_of", "unwrap", "use_backend"]
 
@@ -116,7 +117,7 @@ def _check_config(config):
     raise ValueError(f"config must be a fastprefix config ({kinds}), got {type(config).__name__}")
 
 
-def apply(model, config, *, backend=None, trainable=None, generator=None):
+def apply(model, config, *, backend=None, trainable=None, generator=None, adapter_name=DEFAULT):
     """Freeze ``model``, attach ``config``'s method as ``model.fastprefix`` and route the model through it.
 
     Args:
@@ -132,11 +133,14 @@ def apply(model, config, *, backend=None, trainable=None, generator=None):
             task types keep them (``modules_to_save``); nothing for other models. ``()`` opts out; a string is one
             name.
         generator: ``torch.Generator`` for the vocabulary init of the prompt (``prompt_init="vocab"``).
+        adapter_name: the adapter's name (``"default"``); more adapters join it with ``fastprefix.add_adapter``
+            or ``fastprefix.load_adapter(..., adapter_name=...)``.
 
     Returns:
         ``model`` (modified in place). The module is created on the model's device, in float32.
     """
     _check_config(config)
+    check_adapter_name(adapter_name)
     if state_of(model, required=False) is not None or hasattr(model, ATTR):
         raise ValueError(f"fastprefix is already applied to this {type(model).__name__}; "
                          "call fastprefix.remove(model) first")
@@ -177,7 +181,7 @@ def apply(model, config, *, backend=None, trainable=None, generator=None):
     if embedding is not None and config.prompt_init == "vocab":
         module.init_prompt_from_vocab(embedding.weight, generator=generator)
 
-    state = State(config, module, shape, backend, enc_dec, family)
+    state = State(config, module, shape, backend, enc_dec, family, adapter_name)
     state.shift = shift
     state.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     state.trainable = tuple(trainable)
@@ -203,7 +207,8 @@ def apply(model, config, *, backend=None, trainable=None, generator=None):
 
 
 def remove(model):
-    """Undo :func:`apply`: hooks, attention implementation, ``model.fastprefix``, requires_grad. Returns ``model``."""
+    """Undo :func:`apply`: hooks, attention implementation, ``model.fastprefix`` (every named adapter),
+    requires_grad. Returns ``model``."""
     state = state_of(model)
     model = unwrap(model)
     release(state)
@@ -212,6 +217,8 @@ def remove(model):
         for cfg, impl in state.sub_implementations:
             cfg._attn_implementation_internal = impl
     delattr(model, ATTR)
+    if INACTIVE in model._modules:
+        delattr(model, INACTIVE)
     model.__dict__.pop(STATE, None)
     for name, p in model.named_parameters():
         p.requires_grad_(state.requires_grad.get(name, p.requires_grad))
