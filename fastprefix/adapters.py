@@ -1,7 +1,9 @@
 """Adapters on disk (``adapter.safetensors`` + ``adapter_config.json``) and ADePT's inference-time fold.
 
-``save_adapter`` writes only the trainable state: the method module (``fastprefix.*`` tensors) and any
-base submodules kept trainable by ``apply(..., trainable=...)`` (``base.*`` tensors). The JSON holds the
+``save_adapter`` writes only the trainable state of one adapter (the active one, or ``adapter_name``'s): its method
+module (``fastprefix.*`` tensors, whatever the adapter's name) and any base submodules kept trainable by
+``apply(..., trainable=...)`` (``base.*`` tensors). ``load_adapter`` loads into the active adapter, into a named
+one, or adds a new named one (``fastprefix.integrations.named``). The JSON holds the
 method config, every tensor's shape, the base model's name_or_path, class, config class and fingerprint
 (``model_type`` and the sizes the tensors depend on), the fastprefix version and a save id shared with the
 tensor file. ``load_adapter`` checks all of it, and that every tensor is finite, before touching the model,
