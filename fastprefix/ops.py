@@ -271,7 +271,9 @@ def attention_route(q, k, prefix_k=None, *, gate=None, gate_hidden=None, key_pad
     ``prefix_k`` (``[Hkv, L, D]`` or ``[B, Hkv, L, D]``) and the gate (``gate``, or APT's ``gate_hidden``) as the
     call has them: the concat path is decided by them, so without ``prefix_k`` the answer is for a call whose
     prefix the rule is not shown, and leaves the concat path out. Other arguments as in
-    :func:`gated_prefix_attention`; ``path`` None: ``FASTPREFIX_ATTENTION``, else ``"auto"``.
+    :func:`gated_prefix_attention`; ``path`` None: ``FASTPREFIX_ATTENTION``, else ``"auto"``. A call the Triton
+    backend does not take at all (float64 on a GPU: :func:`attention_backend` says ``"torch"``) runs the reference
+    path whatever this says.
     """
     _check_path(path)
     _check_packed(q, k, cu_seqlens, key_padding_mask, attn_bias)

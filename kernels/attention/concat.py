@@ -156,6 +156,21 @@ def _block_rows(p, blocks: int):
     return rows.expand(blocks, *rows.shape[1:]).reshape(blocks * rows.shape[1], *rows.shape[2:])
 
 
+def concat_option(q, k, spec: AttentionSpec, arch, prefix_k):
+    """``(op, plan)`` the concat path runs this call with (``plan`` None for a dense vendor op), or None where it does
+    not serve it (the dispatch rule asks this; :func:`concat_attention` too, when no op is given)."""
+    Sq, Sk, D = q.shape[2], k.shape[2], q.shape[-1]
+    if prefix_k is None or D > 128 or spec.has_features or not folds(spec, Sq):
+        return None
+    L = prefix_k.shape[-2]
+    if spec.cu_seqlens is None and (spec.key_padding_mask is None or q.device.type == "cpu"):
+        op = vendor.choose_op(q.device.type, arch, q.dtype, D, False, spec.causal, Sq, Sk + L)
+        return (op, None) if op in (vendor.CPU, vendor.FLASH) else None
+    op = varlen.choose_op(q.device.type, arch, q.dtype, D)
+    plan = None if op is None else concat_plan(q, k, spec, L)
+    return None if plan is None else (op, plan)
+
+
 def concat_attention(q, k, v, prefix_k, prefix_v, spec: AttentionSpec, op=None, plan=None):
     """Gated-prefix attention on the concat path; the reference's contract for the calls it serves.
 
@@ -178,14 +193,14 @@ def concat_attention(q, k, v, prefix_k, prefix_v, spec: AttentionSpec, op=None, 
     if not folds(spec, Sq):
         raise ValueError("the concat path folds the gate into the prefix, so it needs one gate row for every query "
                          f"(got {spec.gate_rows} rows for {Sq} queries): use the split path")
-    varlen_call = spec.cu_seqlens is not None or (spec.key_padding_mask is not None and q.device.type != "cpu")
     if op is None:
         cap = arch_of(q)
-        op = (varlen.choose_op(q.device.type, cap, q.dtype, D) if varlen_call
-              else vendor.choose_op(q.device.type, cap, q.dtype, D, False, spec.causal, Sq, Sk + L))
-        if op is None:
+        option = concat_option(q, k, spec, cap, prefix_k)
+        if option is None:
             raise ValueError(f"no vendor attention op for the concat path on {q.device.type} (capability {cap}), "
-                             f"{q.dtype}, D={D}: use the fused kernel")
+                             f"{q.dtype}, D={D}, or no exact varlen plan for this padded causal batch: use the split "
+                             "path or the fused kernel")
+        op, plan = option[0], plan if plan is not None else option[1]
     if op not in (vendor.CPU, vendor.FLASH) + vendor.VARLEN_OPS:
         raise ValueError(f"the concat path runs {(vendor.CPU, vendor.FLASH) + vendor.VARLEN_OPS}, got {op!r}")
     gate = gate_tensor(q, spec)

@@ -80,38 +80,6 @@ class Route(NamedTuple):
     plan: Optional[varlen.Plan] = None
 
 
-def _split_option(q, k, spec: AttentionSpec, arch):
-    """``(op, plan)`` the split path runs for this call, or None where no vendor op serves it."""
-    Sq, Sk, D = q.shape[2], k.shape[2], q.shape[-1]
-    if D > 128:
-        return None
-    if spec.cu_seqlens is None:
-        op = vendor.choose_op(q.device.type, arch, q.dtype, D, spec.key_padding_mask is not None, spec.causal, Sq, Sk,
-                              bias_dtype=None if spec.attn_bias is None else spec.attn_bias.dtype,
-                              has_window=spec.window is not None)
-        if op is not None:
-            return op, None
-        if spec.key_padding_mask is None or spec.attn_bias is not None or spec.window is not None:
-            return None
-    op = varlen.choose_op(q.device.type, arch, q.dtype, D)
-    plan = None if op is None else split.split_plan(q, k, spec)
-    return None if plan is None else (op, plan)
-
-
-def _concat_option(q, k, spec: AttentionSpec, arch, prefix_k):
-    """``(op, plan)`` the concat path runs for this call, or None where it does not serve it."""
-    Sq, Sk, D = q.shape[2], k.shape[2], q.shape[-1]
-    if prefix_k is None or D > 128 or spec.has_features or not concat.folds(spec, Sq):
-        return None
-    L = prefix_k.shape[-2]
-    if spec.cu_seqlens is None and (spec.key_padding_mask is None or q.device.type == "cpu"):
-        op = vendor.choose_op(q.device.type, arch, q.dtype, D, False, spec.causal, Sq, Sk + L)
-        return (op, None) if op in (vendor.CPU, vendor.FLASH) else None
-    op = varlen.choose_op(q.device.type, arch, q.dtype, D)
-    plan = None if op is None else concat.concat_plan(q, k, spec, L)
-    return None if plan is None else (op, plan)
-
-
 def route(q, k, spec: AttentionSpec, path: str, prefix_k=None) -> Route:
     """The :class:`Route` of this call for ``path`` (one of ``fastprefix.spec.PATHS``), by the rule in the module
     docstring. ``prefix_k``: the call's prefix (``[Hkv, L, D]`` or ``[B, Hkv, L, D]``), without which the
@@ -136,10 +104,10 @@ def route(q, k, spec: AttentionSpec, path: str, prefix_k=None) -> Route:
     if spec.key_padding_mask is not None and q.device.type == "cuda" and all_real(spec.key_padding_mask):
         spec = spec.replace(key_padding_mask=None)
     # a forced path builds only the options it may take (a plan is host work on a forward's first layer)
-    concat_option = _concat_option(q, k, spec, arch, prefix_k) if path in ("auto", "concat") else None
+    concat_option = concat.concat_option(q, k, spec, arch, prefix_k) if path in ("auto", "concat") else None
     if path == "concat" and concat_option is not None:
         return Route("concat", concat_option[0], spec, "forced", concat_option[1])
-    split_option = _split_option(q, k, spec, arch)
+    split_option = split.split_option(q, k, spec, arch)
     if path in ("split", "concat"):  # concat falls back as split does
         if split_option is None:
             return Route("fused", None, spec, "forced")

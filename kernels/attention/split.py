@@ -564,23 +564,20 @@ def split_attention(q, k, v, prefix_k, prefix_v, spec: AttentionSpec, op=None, p
         ValueError: when no vendor op supports the call (dispatch.py then takes another path), a softcap, or
         D > 128. Inputs are otherwise expected to be validated by ``fastprefix.ops``.
     """
-    B, _, Sq, D = q.shape
-    Sk = k.shape[2]
+    D = q.shape[-1]
     if D > 128:
         raise ValueError(f"the split path supports head dim <= 128, got {D}")
     if spec.softcap is not None:
         raise ValueError("the split path has no softcap (no vendor op caps the logits): use the fused kernel")
-    cap = arch_of(q)
-    if op is None and spec.cu_seqlens is None:
-        bias_dtype = None if spec.attn_bias is None else spec.attn_bias.dtype
-        op = vendor.choose_op(q.device.type, cap, q.dtype, D, spec.key_padding_mask is not None, spec.causal, Sq,
-                              Sk, bias_dtype=bias_dtype, has_window=spec.window is not None)
-    if op is None and spec.attn_bias is None and (spec.cu_seqlens is not None or spec.window is None):
-        op = varlen.choose_op(q.device.type, cap, q.dtype, D)
     if op is None:
-        raise ValueError(f"no vendor attention op for {q.device.type} (capability {cap}), {q.dtype}, D={D}, "
-                         f"padding mask {spec.key_padding_mask is not None}, attn_bias {spec.attn_bias is not None}, "
-                         f"window {spec.window}: use the fused kernel")
+        cap = arch_of(q)
+        option = split_option(q, k, spec, cap)
+        if option is None:
+            raise ValueError(f"no vendor attention op for {q.device.type} (capability {cap}), {q.dtype}, D={D}, "
+                             f"padding mask {spec.key_padding_mask is not None}, attn_bias {spec.attn_bias is not None}, "
+                             f"window {spec.window} (a padded causal batch needs each row's real keys in one run): use "
+                             "the fused kernel")
+        op, plan = option[0], plan if plan is not None else option[1]
     if op in vendor.VARLEN_OPS:
         plan = plan if plan is not None else split_plan(q, k, spec)
         if plan is None or spec.attn_bias is not None or (spec.window is not None and spec.cu_seqlens is None):
@@ -592,6 +589,25 @@ def split_attention(q, k, v, prefix_k, prefix_v, spec: AttentionSpec, op=None, p
     return SplitAttentionFunction.apply(q, k, v, prefix_k, prefix_v, gate, spec.key_padding_mask, spec.causal,
                                         spec.scale, op, spec.attn_bias, *window_args(spec),
                                         *varlen.plan_args(plan if op in vendor.VARLEN_OPS else None))
+
+
+def split_option(q, k, spec: AttentionSpec, arch):
+    """``(op, plan)`` the split path runs this call with (``plan`` None for a dense vendor op), or None where no vendor
+    op serves it (the dispatch rule asks this; :func:`split_attention` too, when no op is given)."""
+    Sq, Sk, D = q.shape[2], k.shape[2], q.shape[-1]
+    if D > 128:
+        return None
+    if spec.cu_seqlens is None:
+        op = vendor.choose_op(q.device.type, arch, q.dtype, D, spec.key_padding_mask is not None, spec.causal, Sq, Sk,
+                              bias_dtype=None if spec.attn_bias is None else spec.attn_bias.dtype,
+                              has_window=spec.window is not None)
+        if op is not None:
+            return op, None
+        if spec.key_padding_mask is None or spec.attn_bias is not None or spec.window is not None:
+            return None
+    op = varlen.choose_op(q.device.type, arch, q.dtype, D)
+    plan = None if op is None else split_plan(q, k, spec)
+    return None if plan is None else (op, plan)
 
 
 def split_plan(q, k, spec: AttentionSpec) -> Optional[varlen.Plan]:
