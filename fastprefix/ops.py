@@ -76,7 +76,7 @@ def _layout_hint(q, k, prefix_k):
 
 
 def _check_attention(q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight, gate_bias, layer_scale,
-                     key_padding_mask, causal, scale):
+                     key_padding_mask, causal, scale, indexed=False):
     check.named("q", q, [("B", None), ("H", None), ("Sq", None), ("D", None)])
     check.floating("q", q)
     B, H, Sq, D = q.shape
@@ -90,12 +90,14 @@ def _check_attention(q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight
         raise ValueError(f"q has Sq={Sq} queries but k has only Sk={Sk} keys; need Sq <= Sk"
                          + _layout_hint(q, k, prefix_k))
     check.named("v", v, [("B", B), ("Hkv", Hkv), ("Sk", Sk), ("D", D)], like=q)
-    if not isinstance(prefix_k, torch.Tensor) or prefix_k.dim() not in (3, 4):
+    if not isinstance(prefix_k, torch.Tensor) or prefix_k.dim() not in ((4,) if indexed else (3, 4)):
+        want = (f"[A, Hkv={Hkv}, L, D={D}] (a table of A adapters' prefixes, rows picked by prefix_index)" if indexed
+                else f"[Hkv={Hkv}, L, D={D}] or [B={B}, Hkv={Hkv}, L, D={D}]")
         raise ValueError(
-            f"prefix_k must have shape [Hkv={Hkv}, L, D={D}] or [B={B}, Hkv={Hkv}, L, D={D}], "
+            f"prefix_k must have shape {want}, "
             f"got {list(prefix_k.shape) if isinstance(prefix_k, torch.Tensor) else type(prefix_k).__name__}"
         )
-    lead = [("Hkv", Hkv)] if prefix_k.dim() == 3 else [("B", B), ("Hkv", Hkv)]
+    lead = [("Hkv", Hkv)] if prefix_k.dim() == 3 else [("A" if indexed else "B", None if indexed else B), ("Hkv", Hkv)]
     if prefix_k.shape[-3] != Hkv and prefix_k.shape[-3] == Sk:
         raise ValueError(f"prefix_k has {prefix_k.shape[-3]} heads but k has Hkv={Hkv}" + _layout_hint(q, k, prefix_k))
     check.named("prefix_k", prefix_k, lead + [("L", None), ("D", D)], like=q)
@@ -163,6 +165,38 @@ def _check_attention_features(q, k, attn_bias, window, softcap):
             raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
 
 
+def _check_prefix_index(q, prefix_k, prefix_index, prefix_lengths, cu_seqlens):
+    """Per-row adapters: ``prefix_index`` int ``[B]`` into the ``A`` rows of ``prefix_k [A, Hkv, L, D]``, and
+    ``prefix_lengths`` int ``[A]`` (each adapter's first ``n <= L`` slots are its prefix). One host sync checks the
+    values."""
+    if prefix_index is None:
+        if prefix_lengths is not None:
+            raise ValueError("prefix_lengths gives each adapter's length in a table of prefixes: it needs prefix_index")
+        return
+    B = q.shape[0]
+    for name, t, n in (("prefix_index", prefix_index, B), ("prefix_lengths", prefix_lengths, None)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64) or t.dim() != 1 or (
+                n is not None and t.shape[0] != n):
+            size = f"B={B}" if n is not None else "A (one per table row)"
+            got = f"{t.dtype} tensor of shape {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be an int32 or int64 tensor of shape [{size}], got a {got}")
+        check.same_device(name, t, q)
+    if cu_seqlens is not None:
+        raise ValueError("prefix_index picks each batch row's adapter; a packed call (cu_seqlens) is one row: "
+                         "run the packed sequences of one adapter together, or pad the batch")
+    A, L = prefix_k.shape[0], prefix_k.shape[-2]
+    if prefix_lengths is not None and prefix_lengths.shape[0] != A:
+        raise ValueError(f"prefix_lengths must have one length per table row, A={A}, got {prefix_lengths.shape[0]}")
+    bad_index = bool(((prefix_index < 0) | (prefix_index >= A)).any())
+    bad_length = prefix_lengths is not None and bool(((prefix_lengths < 0) | (prefix_lengths > L)).any())
+    if bad_index:
+        raise ValueError(f"prefix_index values must be in [0, A={A}), got {prefix_index.tolist()}")
+    if bad_length:
+        raise ValueError(f"prefix_lengths values must be in [0, L={L}], got {prefix_lengths.tolist()}")
+
+
 def _check_packed(q, k, cu_seqlens, key_padding_mask, attn_bias):
     """A packed call: ``cu_seqlens`` int32 ``[n + 1]`` over one row (``B == 1``) whose queries are its keys."""
     if cu_seqlens is None:
@@ -186,7 +220,8 @@ def _check_path(path):
 
 def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidden=None, gate_weight=None,
                            gate_bias=None, layer_scale=None, key_padding_mask=None, causal=False, scale=None,
-                           attn_bias=None, window=None, softcap=None, cu_seqlens=None, backend=None, path=None):
+                           attn_bias=None, window=None, softcap=None, cu_seqlens=None, prefix_index=None,
+                           prefix_lengths=None, backend=None, path=None):
     """Attention over ``[gated prefix ; keys]`` (P-Tuning v2 with ``gate=None``, APT otherwise).
 
     For query t, prefix row j and real key u (``cap(x) = softcap * tanh(x / softcap)``, the identity without
@@ -199,7 +234,8 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
     Args:
         q: ``[B, H, Sq, D]``.
         k, v: ``[B, Hkv, Sk, D]``; ``H % Hkv == 0`` (GQA when ``Hkv < H``); ``Sq <= Sk``.
-        prefix_k, prefix_v: ``[Hkv, L, D]`` (shared by the batch) or ``[B, Hkv, L, D]``.
+        prefix_k, prefix_v: ``[Hkv, L, D]`` (shared by the batch) or ``[B, Hkv, L, D]``; with ``prefix_index``
+            ``[A, Hkv, L, D]``, a table of A adapters' prefixes.
         gate: None, or a tensor broadcastable to ``[B, Sq, L]`` scaling prefix key and value j for query t.
         gate_hidden, gate_weight, gate_bias, layer_scale: instead of ``gate``, the APT token-level gate
             ``layer_scale * sigmoid(gate_hidden @ gate_weight + gate_bias)`` from ``[B, Sq, d]``,
@@ -222,6 +258,14 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
             sequences back to back, FlashAttention's cumulative lengths (0 first, T last). Each query attends to
             the prefix and to its own sequence's keys only (causally where ``causal``, within ``window``), as if
             its sequence ran alone. No ``key_padding_mask`` or ``attn_bias`` with it.
+        prefix_index: None, or int ``[B]``: row b attends over table row ``prefix_index[b]`` of ``prefix_k`` /
+            ``prefix_v`` (one batch serving several adapters; the table's gradients sum over the rows that share
+            an adapter). Not with ``cu_seqlens``.
+        prefix_lengths: None, or int ``[A]`` with ``prefix_index``: adapter a's prefix is its first
+            ``prefix_lengths[a]`` slots (0: no prefix, the real keys alone); the slots after it are hidden. A query
+            that then sees nothing at all gets 0. The Triton backend gathers the rows' prefixes and runs its
+            kernels when every length is L; otherwise the call runs the reference path (the kernels do not take
+            per-row lengths yet).
         backend: ``"torch"``, ``"triton"`` or None (Triton for CUDA tensors).
         path: how the Triton backend runs the call: ``"auto"`` (the dispatch rule in
             ``fastprefix.kernels.attention.dispatch``), ``"fused"`` (the fused kernel), ``"split"`` (PyTorch's
@@ -234,14 +278,23 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
         ``[B, H, Sq, D]``.
     """
     _check_attention(q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight, gate_bias, layer_scale,
-                     key_padding_mask, causal, scale)
+                     key_padding_mask, causal, scale, indexed=prefix_index is not None or prefix_lengths is not None)
     _check_attention_features(q, k, attn_bias, window, softcap)
     _check_packed(q, k, cu_seqlens, key_padding_mask, attn_bias)
+    _check_prefix_index(q, prefix_k, prefix_index, prefix_lengths, cu_seqlens)
     _check_path(path)
     spec = AttentionSpec.build(q, k, gate=gate, gate_hidden=gate_hidden, gate_weight=gate_weight, gate_bias=gate_bias,
                                layer_scale=layer_scale, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
-                               attn_bias=attn_bias, window=window, softcap=softcap, cu_seqlens=cu_seqlens)
-    if attention_backend(backend, q.device, q.dtype) == "triton":
+                               attn_bias=attn_bias, window=window, softcap=softcap, cu_seqlens=cu_seqlens,
+                               prefix_index=prefix_index, prefix_lengths=prefix_lengths)
+    on_triton = attention_backend(backend, q.device, q.dtype) == "triton"
+    if spec.prefix_index is not None and on_triton:
+        if spec.prefix_lengths is not None and bool((spec.prefix_lengths < prefix_k.shape[-2]).any()):
+            return reference.gated_prefix_attention(q, k, v, prefix_k, prefix_v, spec)
+        # every adapter's prefix is L long: the kernels take the rows' prefixes as a per-example prefix
+        prefix_k, prefix_v = prefix_k.index_select(0, spec.prefix_index), prefix_v.index_select(0, spec.prefix_index)
+        spec = spec.replace(prefix_index=None, prefix_lengths=None)
+    if on_triton:
         kernels = _kernels(_attention_kernels, q.device)
         return kernels.gated_prefix_attention(q, k, v, prefix_k, prefix_v, spec,
                                               default_path() if path is None else path)

@@ -20,7 +20,10 @@ decoding; the L prefix rows are visible to every query):
   FlashAttention's cumulative lengths (0 first, T last): query t sees the prefix and the real keys of its own
   sequence only (causally, and within the window, by the positions inside the row, which inside one sequence are
   its own positions shifted by its start). :func:`sequence_ids` and :func:`visible_keys` make that a
-  block-diagonal visibility.
+  block-diagonal visibility;
+- ``prefix_index`` int ``[B]``: the prefix is a table ``[A, Hkv, L, D]`` of A adapters' prefixes and row b takes
+  row ``prefix_index[b]``; ``prefix_lengths`` int ``[A]``: adapter a's prefix is its first ``prefix_lengths[a]``
+  slots (:meth:`AttentionSpec.prefix_visible`), the later slots hidden like padded keys.
 """
 
 from __future__ import annotations
@@ -68,11 +71,13 @@ class AttentionSpec:
     gate_inputs: Optional[GateInputs] = None
     softcap: Optional[float] = None
     cu_seqlens: Optional[torch.Tensor] = None
+    prefix_index: Optional[torch.Tensor] = None
+    prefix_lengths: Optional[torch.Tensor] = None
 
     @classmethod
     def build(cls, q, k, *, gate=None, gate_hidden=None, gate_weight=None, gate_bias=None, layer_scale=None,
               key_padding_mask=None, causal=False, scale=None, attn_bias=None, window=None, softcap=None,
-              cu_seqlens=None):
+              cu_seqlens=None, prefix_index=None, prefix_lengths=None):
         """The spec of a call with ``q [B, H, Sq, D]`` and ``k [B, Hkv, Sk, D]`` (inputs already validated)."""
         Sq, D = q.shape[-2:]
         Sk = k.shape[-2]
@@ -82,7 +87,16 @@ class AttentionSpec:
         return cls(scale=float(D ** -0.5 if scale is None else scale), causal=bool(causal),
                    key_padding_mask=key_padding_mask, window=effective_window(window, bool(causal), Sq, Sk),
                    attn_bias=bias4(attn_bias), gate=None if gate is None else gate3(gate), gate_inputs=inputs,
-                   softcap=None if softcap is None else float(softcap), cu_seqlens=cu_seqlens)
+                   softcap=None if softcap is None else float(softcap), cu_seqlens=cu_seqlens,
+                   prefix_index=prefix_index, prefix_lengths=prefix_lengths)
+
+    def prefix_visible(self, L: int) -> Optional[torch.Tensor]:
+        """``[B, L]`` bool, True where row b's adapter has prefix slot j (``prefix_lengths``), or None when every
+        slot is visible."""
+        if self.prefix_lengths is None:
+            return None
+        lengths = self.prefix_lengths.index_select(0, self.prefix_index)
+        return torch.arange(L, device=lengths.device) < lengths[:, None]
 
     @property
     def gate_rows(self) -> Optional[int]:

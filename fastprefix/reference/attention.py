@@ -16,12 +16,13 @@ the kernels are tested against, what ``output_attentions`` returns, and DeBERTa'
 - no gate, or one gate row for all queries (P-Tuning v2, APT's pooled gate on encoders): the gate folds into the
   prefix, ``scale * g * (q . Pk) = scale * q . (g * Pk)`` and value ``g * Pv``, so the whole thing is one
   ``scaled_dot_product_attention`` over ``[g * Pk ; K]`` (GQA through ``enable_gqa``);
-- a gate per query (APT's token gate, its causal pooled gate) on CPU: the split algorithm over PyTorch's fused
-  CPU attention (:mod:`fastprefix.reference.split`);
+- a gate per query (APT's token gate, its causal pooled gate), or per-row adapter lengths (``prefix_lengths``),
+  on CPU: the split algorithm over PyTorch's fused CPU attention (:mod:`fastprefix.reference.split`);
 - a bias or a softcap (they change the logits themselves), or another device: the explicit formulation,
   autograd through every op (the bias's gradient, summed over its broadcast dims, included).
 
-A packed row (``spec.cu_seqlens``) runs its sequences right-padded through the same choice
+Per-row adapters (``spec.prefix_index``) take each row's prefix from the table first (a copy: the twin's way;
+the kernels index the table in place). A packed row (``spec.cu_seqlens``) runs its sequences right-padded through the same choice
 (``fastprefix.sequences.unpacked_call``), and its output is packed back; the explicit formulation itself
 (:func:`attention_probs`, the float64 twin of the packed paths) takes the row as it is, with a block-diagonal
 visibility (``fastprefix.spec.visible_keys``).
@@ -124,13 +125,19 @@ def attention_probs(q, k, prefix_k, spec, gate=None):
     if spec.softcap is not None:
         s_prefix = torch.tanh(s_prefix / spec.softcap) * spec.softcap
         s_keys = torch.tanh(s_keys / spec.softcap) * spec.softcap
+    slots = spec.prefix_visible(pk.shape[-2])
+    if slots is not None:  # the slots after each row's adapter's length (after the cap: hidden is -inf)
+        s_prefix = s_prefix.masked_fill(~slots[:, None, None, :], float("-inf"))
     if spec.attn_bias is not None:  # a float32 bias on 16-bit scores promotes them: the softmax is float32 anyway
         s_keys = s_keys + spec.attn_bias
     visible = visible_keys(spec.key_padding_mask, spec.causal, spec.window, Sq, Sk, q.device, spec.cu_seqlens)
     if visible is not None:
         s_keys = s_keys.masked_fill(~visible, float("-inf"))
     scores = torch.cat([s_prefix.to(s_keys.dtype), s_keys], dim=-1)
-    return F.softmax(scores, dim=-1, dtype=torch.float32 if q.dtype in _HALF else None).to(q.dtype)
+    p = F.softmax(scores, dim=-1, dtype=torch.float32 if q.dtype in _HALF else None).to(q.dtype)
+    if slots is not None:  # a query that sees nothing (no prefix slot, no real key) gets 0, not NaN
+        p = torch.where((scores != float("-inf")).any(dim=-1, keepdim=True), p, 0)
+    return p
 
 
 def explicit_attention(q, k, v, prefix_k, prefix_v, spec, gate=None):
@@ -182,6 +189,8 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, spec):
 
 def _attention(q, k, v, prefix_k, prefix_v, spec):
     """:func:`gated_prefix_attention` of a call that is not packed."""
+    if spec.prefix_index is not None:  # per-row adapters: the twin takes each row's prefix (a copy)
+        prefix_k, prefix_v = (p.index_select(0, spec.prefix_index) for p in (prefix_k, prefix_v))
     if spec.key_padding_mask is not None and all_real(spec.key_padding_mask):
         # an all-real mask (what transformers hands over for an unpadded batch) hides nothing: dropping it
         # keeps the attention on its mask-free fast path
@@ -189,7 +198,7 @@ def _attention(q, k, v, prefix_k, prefix_v, spec):
     gate = gate_of(spec)
     if spec.attn_bias is not None or spec.softcap is not None:
         return explicit_attention(q, k, v, prefix_k, prefix_v, spec, gate)
-    if gate is None or gate.shape[1] == 1:
+    if (gate is None or gate.shape[1] == 1) and spec.prefix_lengths is None:
         return _folded_attention(q, k, v, prefix_k, prefix_v, spec, gate)
     if q.device.type == "cpu" and HAS_CPU_OP:
         return split.split_attention(q, k, v, prefix_k, prefix_v, spec, gate)

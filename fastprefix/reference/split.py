@@ -87,7 +87,7 @@ def _gate_heads(gate, acc):
     return 1.0 if gate is None else gate.unsqueeze(0).to(acc)
 
 
-def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale, *, out=None, with_lse=False):
+def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale, *, out=None, with_lse=False, slots=None):
     """Merge the gated prefix into the real keys' attention by log-sum-exp.
 
     Args:
@@ -96,6 +96,8 @@ def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale, *, out=None, w
             log; -inf for a query that sees no real key) of the real keys; scale: the softmax scale.
         out: where to write the output (e.g. ``[B, Sq, H, D]`` memory seen as ``[B, H, Sq, D]``), or None.
         with_lse: also return the merged log-sum-exp (the backward does not need it).
+        slots: None, or ``[B, L]`` bool, False for a row's hidden prefix slots (per-row adapter lengths). A query
+            that then sees nothing at all gets 0 (and a log-sum-exp of -inf).
 
     Returns:
         ``(out [B, H, Sq, D] in q's dtype, lse [B, H, Sq] natural log in q's dtype or None, saved)``:
@@ -111,11 +113,22 @@ def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale, *, out=None, w
     # the softmax over [z ; lse_k] without building it: z is finite, so the row maximum m is too (a query that
     # sees no real key has lse_k = -inf and gets w = 0 exactly)
     z = s * g if gate is not None else s
+    if slots is not None:
+        z = z.masked_fill(~slots[None, :, None, :], float("-inf"))
+        # the CPU op's log-sum-exp of a row that sees no real key is near the lowest finite value (its mask's),
+        # not -inf: with no prefix left to outweigh it, it must count as no mass
+        lse_k4 = lse_k4.masked_fill(lse_k4 < torch.finfo(acc).min / 2, float("-inf"))
     m = torch.maximum(z.amax(dim=-1, keepdim=True), lse_k4)
-    p = z.sub(m) if gate is None else z.sub_(m)
+    if slots is not None:  # a query that sees nothing: every exponential below is 0, not NaN
+        m.masked_fill_(m == float("-inf"), 0.0)
+    p = z.sub(m) if z is s else z.sub_(m)
     p.exp_()
     w = (lse_k4 - m).exp_()
     total = p.sum(dim=-1, keepdim=True).add_(w)
+    empty = None
+    if slots is not None:
+        empty = total == 0
+        total.masked_fill_(empty, 1.0)
     p.div_(total)
     w.div_(total)
     pg = (p * g if gate is not None else p).to(q.dtype)
@@ -126,7 +139,12 @@ def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale, *, out=None, w
         _per_head(pg, pv, out=_heads(out)).addcmul_(w, o_k)
     else:  # half precision: merge in float32, round once
         _heads(out).copy_(_per_head(pg, pv).to(acc).addcmul_(w, o_k))
-    lse = _heads(m.add_(total.log_())).squeeze(-1).to(q.dtype) if with_lse else None
+    lse = None
+    if with_lse:
+        merged_lse = m.add_(total.log_())
+        if empty is not None:
+            merged_lse.masked_fill_(empty, float("-inf"))
+        lse = _heads(merged_lse).squeeze(-1).to(q.dtype)
     return out, lse, (s, p, w, pg)
 
 
@@ -176,12 +194,13 @@ class _SplitAttention(torch.autograd.Function):
     """The split algorithm over PyTorch's fused CPU attention (the real keys + their log-sum-exp), exact both ways."""
 
     @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, gate, mask, is_causal, scale):
+    def forward(ctx, q, k, v, prefix_k, prefix_v, gate, mask, is_causal, scale, slots):
         o_k, lse_k = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
         # in o_k's memory layout ([B, Sq, H, D]): what the fused backward expects of the output and of its
         # gradient, and what transformers transposes to next, so neither side copies
-        out, _, saved = merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale, out=torch.empty_like(o_k))
+        out, _, saved = merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale, out=torch.empty_like(o_k),
+                                      slots=slots)
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate, mask, out, lse_k, *saved)
         ctx.is_causal, ctx.scale = is_causal, scale
         return out
@@ -193,7 +212,7 @@ class _SplitAttention(torch.autograd.Function):
             weighted_grad(d_out, saved), q, k, v, out, lse_k, 0.0, ctx.is_causal, attn_mask=mask, scale=ctx.scale)
         dpk, dpv, dgate = merge_backward(d_out, q, prefix_k, prefix_v, gate, out, saved, ctx.scale, dq,
                                          ctx.needs_input_grad[3:6])
-        return dq, dk, dv, dpk, dpv, dgate, None, None, None
+        return dq, dk, dv, dpk, dpv, dgate, None, None, None, None
 
 
 def split_attention(q, k, v, prefix_k, prefix_v, spec, gate):
@@ -204,4 +223,5 @@ def split_attention(q, k, v, prefix_k, prefix_v, spec, gate):
     ``[B, H, Sq, D]`` in ``[B, Sq, H, D]`` memory.
     """
     mask, is_causal = cpu_op_mask(q, k.shape[2], spec.key_padding_mask, spec.causal, spec.window)
-    return _SplitAttention.apply(q, k, v, prefix_k, prefix_v, gate, mask, is_causal, spec.scale)
+    return _SplitAttention.apply(q, k, v, prefix_k, prefix_v, gate, mask, is_causal, spec.scale,
+                                 spec.prefix_visible(prefix_k.shape[-2]))
