@@ -98,7 +98,9 @@ def fastprefix_attention(module, query, key, value, attention_mask, scaling=None
         dt = torch.get_autocast_dtype(device)
         query, key, value = query.to(dt), key.to(dt), value.to(dt)
     dt = query.dtype
-    prefix_k, prefix_v = (x.to(dt) for x in PTuningV2Prefix.layer(ctx.prefixes, i))
+    rows = ctx.rows
+    per_row = {} if rows is None else dict(prefix_index=rows.index, prefix_lengths=rows.lengths)
+    prefix_k, prefix_v = (x.to(dt) for x in (PTuningV2Prefix if rows is None else rows).layer(ctx.prefixes, i))
     causal = getattr(module, CAUSAL, None)  # the family's word where it knows better than the module (T5)
     causal = bool(kwargs.get("is_causal", module.is_causal)) if causal is None else causal
     window = layer_window(kwargs.get("sliding_window"), causal)
@@ -115,12 +117,14 @@ def fastprefix_attention(module, query, key, value, attention_mask, scaling=None
         bias = bias.to(dt)
     out = ops.gated_prefix_attention(query, key, value, prefix_k, prefix_v, key_padding_mask=attention_mask,
                                      causal=causal, scale=scaling, attn_bias=bias, window=window, softcap=softcap,
-                                     cu_seqlens=cu_seqlens, backend=ctx.backend, **gate)
+                                     cu_seqlens=cu_seqlens, backend=ctx.backend, **gate, **per_row)
     weights = None
     if ctx.output_attentions:
         spec = AttentionSpec.build(query, key, key_padding_mask=attention_mask, causal=causal, scale=scaling,
-                                   attn_bias=bias, window=window, softcap=softcap, cu_seqlens=cu_seqlens, **gate)
-        weights = attention_probs(query, key, prefix_k, spec, gate_of(spec))
+                                   attn_bias=bias, window=window, softcap=softcap, cu_seqlens=cu_seqlens, **gate,
+                                   **per_row)
+        rows_prefix = prefix_k if rows is None else prefix_k.index_select(0, rows.index)
+        weights = attention_probs(query, key, rows_prefix, spec, gate_of(spec))
     return out.transpose(1, 2).contiguous(), weights
 
 

@@ -47,6 +47,8 @@ def layer_gate(ctx, module, i, query_mask, causal, key):
     and, for the causal pooled gate on a KV cache, the running statistics on the cache (:class:`Running`).
     """
     hidden = _recorded(ctx, module, i).to(key.dtype)
+    if ctx.rows is not None:
+        return _row_gate(ctx, module, i, hidden, query_mask, causal, key)
     apt = ctx.state.module
     pooled_causal = apt.config.gate == "pooled" and causal
     cache = ctx.caches.get(i)
@@ -66,6 +68,29 @@ def layer_gate(ctx, module, i, query_mask, causal, key):
         ctx.record_gate(i, mean_gate(apt, i, hidden, query_mask, causal, past) if alpha is None
                         else _mean_over_real(alpha.detach(), query_mask))
     return gate
+
+
+def _row_gate(ctx, module, i, hidden, query_mask, causal, key):
+    """Per-row adapters: each row's gate from its own adapter's gate weights, ``[B, Sq, width]`` (the table's
+    width; zero after an adapter's length, where its prefix slots are hidden anyway). Not recorded for the probe
+    (it reads one adapter's gates)."""
+    rows = ctx.rows
+    B, S, _ = hidden.shape
+    if causal and tokens_seen(ctx.caches.get(i), module, key) > S and any(
+            m is not None and m.config.gate == "pooled" for m in rows.modules):
+        raise ValueError("adapter_names: APT's causal pooled gate keeps running statistics per adapter while decoding, "
+                         "which per-row adapters do not support yet; decode such rows with one adapter per call")
+    gate = hidden.new_zeros(B, S, rows.width)
+    for a, (apt, n) in enumerate(zip(rows.modules, rows.sizes)):
+        if apt is None:  # the base model alone: no prefix slot to gate
+            continue
+        sel = rows.rows_of(a)
+        mask = None if query_mask is None else query_mask.index_select(0, sel)
+        kw = apt.gate_kwargs(i, hidden.index_select(0, sel), mask, causal=causal)
+        g = kw["gate"] if "gate" in kw else kw["layer_scale"] * token_alpha(kw["gate_hidden"], kw["gate_weight"],
+                                                                            kw["gate_bias"])
+        gate[sel, :, :n] = g.expand(sel.shape[0], S, n)
+    return dict(gate=gate)
 
 
 def packed_gate(ctx, module, i, packing, causal, key):

@@ -20,6 +20,7 @@ import torch
 
 from .context import KWARG, MIXED_DISABLED, NAME, ForwardContext, bind, current, enter, layer_cache, leave
 from .inputs import encoder_inputs, model_inputs, pool_hook
+from .rows import ADAPTER_NAMES, row_adapters
 from .state import LAYER, STATE, hook, mark, override
 
 
@@ -53,10 +54,34 @@ def prefix_pre_hook(module, args, kwargs):
     output_attentions = kwargs.get("output_attentions")
     if output_attentions is None:
         output_attentions = getattr(module.config, "output_attentions", False)
-    ctx = ForwardContext(state, state.module(), output_attentions)
+    names = kwargs.get(ADAPTER_NAMES)
+    if names is None:
+        ctx = ForwardContext(state, state.module(), output_attentions)
+    else:  # per-row adapters: every named adapter's prefixes, stacked, and each row's index into them
+        kwargs = {k: v for k, v in kwargs.items() if k != ADAPTER_NAMES}
+        rows = row_adapters(state, names, _batch_size(module, args, kwargs), next(state.module.parameters()).device)
+        ctx = ForwardContext(state, rows.prefixes(state.module), output_attentions)
+        ctx.rows = rows
     if state.shift is not None:  # prefix_positions="shift": real tokens numbered after the prefix (see positions)
         return (), {**state.shift(module, args, kwargs), KWARG: ctx}
     return args, {**kwargs, KWARG: ctx}
+
+
+def _batch_size(module, args, kwargs):
+    """The batch size of a call of the module the prefix hook is on (its ids, embeddings or hidden states)."""
+    call = bind(module, args, kwargs)
+    for name in ("input_ids", "inputs_embeds", "hidden_states"):
+        x = call.get(name)
+        if isinstance(x, torch.Tensor):
+            return x.shape[0]
+    raise ValueError(f"adapter_names: {type(module).__name__} was called without input_ids, inputs_embeds or "
+                     "hidden_states to count the batch rows of")
+
+
+def _no_row_adapters(state, kwargs):
+    if kwargs.get(ADAPTER_NAMES) is not None:
+        raise ValueError(f"adapter_names: per-row adapters in one batch serve the prefix methods (P-Tuning v2, APT) "
+                         f"for now; run {state.config.method!r} with one adapter per call (fastprefix.set_adapter)")
 
 
 def apt_layer_pre_hook(module, args, kwargs):
@@ -82,6 +107,7 @@ def prompt_pre_hook(module, args, kwargs):
     state = getattr(module, STATE)
     if state.disabled:  # fastprefix.disabled: no prompt, and no pooled slot for the pool hook to use
         return None
+    _no_row_adapters(state, kwargs)
     ctx = ForwardContext(state)
     kwargs = model_inputs(state, bind(module, args, kwargs), ctx)
     if state.inputs.pool_last:
@@ -100,6 +126,7 @@ def encoder_pre_hook(module, args, kwargs):
     state = getattr(module, STATE)
     if state.disabled:
         return None
+    _no_row_adapters(state, kwargs)
     return (), encoder_inputs(state, bind(module, args, kwargs))
 
 

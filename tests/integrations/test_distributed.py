@@ -32,6 +32,21 @@ def _global_batch():
     return batch([6, 2, 5, 3])
 
 
+ROW_NAMES = ["b", "default", "default", "b"]  # per-row adapters: each rank's half holds both
+
+
+def _two_adapters():
+    """BERT with APT as "default" and a second APT adapter "b" (another length and gate mode), the same on every
+    process (the same seeded draws)."""
+    model = applied("bert", "apt")
+    torch.manual_seed(5)
+    return fastprefix.add_adapter(model, fastprefix.APTConfig(num_virtual_tokens=2, gate="pooled"), "b")
+
+
+def _adapters_state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("fastprefix")}
+
+
 def _ddp_worker(rank, port, out_dir):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -48,6 +63,14 @@ def _ddp_worker(rank, port, out_dir):
             _loss(ddp(input_ids=ids[half], attention_mask=mask[half]).last_hidden_state).backward()
             opt.step()
             torch.save(model.fastprefix.state_dict(), os.path.join(out_dir, f"{method}-{rank}.pt"))
+        model = _two_adapters()  # per-row adapters: both adapters train on their own rows of each half
+        ddp = DistributedDataParallel(model)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        out = ddp(input_ids=ids[half], attention_mask=mask[half], adapter_names=ROW_NAMES[half])
+        _loss(out.last_hidden_state).backward()
+        opt.step()
+        torch.save(_adapters_state(model), os.path.join(out_dir, f"rows-{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears gloo down
     finally:
         dist.destroy_process_group()
 
@@ -69,6 +92,16 @@ def test_ddp_two_processes_match_one_process_on_the_whole_batch(tmp_path):
             # float32 parameters: the all-reduced mean of two half-batch gradients vs one whole-batch gradient
             torch.testing.assert_close(ranks[0][name], want, atol=1e-6, rtol=1e-6, msg=f"{method}.{name}")
         assert any(not torch.equal(before[k], v) for k, v in model.fastprefix.state_dict().items())
+    model = _two_adapters()
+    before = _adapters_state(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    _loss(model(input_ids=ids, attention_mask=mask, adapter_names=ROW_NAMES).last_hidden_state).backward()
+    opt.step()
+    ranks = [torch.load(tmp_path / f"rows-{r}.pt") for r in range(2)]
+    for name, want in _adapters_state(model).items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"rows.{name} differs between ranks"
+        torch.testing.assert_close(ranks[0][name], want, atol=1e-6, rtol=1e-6, msg=f"rows.{name}")
+        assert not torch.equal(before[name], want), f"rows.{name} did not train"
 
 
 @pytest.mark.parametrize("method", ["apt", "adept"])

@@ -205,6 +205,9 @@ def attention(module, hidden_states, output_attentions, query_states, relative_p
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden_states.dtype
     project = _projections_v1 if hasattr(module, "in_proj") else _projections_v2
     q, k, v, bias, scale = project(module, hidden_states, relative_pos, rel_embeddings, dtype)
+    if ctx.rows is not None:
+        raise ValueError("adapter_names: per-row adapters do not reach DeBERTa's own attention yet; run one adapter "
+                         "per call (fastprefix.set_adapter)")
     prefix_k, prefix_v = (x.to(dtype) for x in PTuningV2Prefix.layer(ctx.prefixes, i))
     gate = layer_gate(ctx, module, i, mask, False, k) if ctx.state.gated else {}
     out = ops.gated_prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=mask, scale=scale,

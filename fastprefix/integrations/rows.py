@@ -1,0 +1,74 @@
+"""Per-row adapters in one call of a prefix-method model: ``model(..., adapter_names=[...])``.
+
+The prefix hook (``hooks.prefix_pre_hook``) takes ``adapter_names`` out of the call and builds a
+:class:`RowAdapters`: the adapters the call names, in the order they first appear (``"__base__"``, the base model
+alone, is a zero-length one), each row's index into them, and each one's prefix length. Every layer's attention then
+gets the stacked prefixes of those adapters with the rows' index and the lengths (``prefix_index``,
+``prefix_lengths`` of ``fastprefix.gated_prefix_attention``): row b attends over its own adapter's prefix, exactly
+as if it ran alone with that adapter active, and each adapter's parameters get the gradient of its own rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .state import BASE
+
+ADAPTER_NAMES = "adapter_names"  # the call's keyword argument
+
+
+class RowAdapters:
+    """The adapters one call names, per row.
+
+    names: the table's adapters, in first-use order; modules: each one's method module (None for ``"__base__"``);
+    index: int64 ``[B]``, row b's table row; lengths: int64 ``[A]`` and ``sizes`` the same as ints, each adapter's
+    prefix length (0 for ``"__base__"``); width: the table's L, the longest (at least 1).
+    """
+
+    def __init__(self, names, modules, index, sizes):
+        self.names, self.modules, self.index, self.sizes = names, modules, index, sizes
+        self.lengths = torch.tensor(sizes, dtype=torch.int64, device=index.device)
+        self.width = max(max(sizes), 1)
+
+    def prefixes(self, base):
+        """Every layer's prefixes of every adapter: ``[A, 2N, Hkv, width, D]``, each adapter's zero-padded after its
+        length (``base``: any method module of the model, whose shape the base model's zero-length row takes when
+        the call names no adapter but ``"__base__"``)."""
+        tables = [module() if module is not None else None for module in self.modules]
+        ref = next((t for t in tables if t is not None), None)
+        if ref is None:
+            ref = base()
+        padded = [ref.new_zeros(*ref.shape[:2], self.width, ref.shape[-1]) if t is None
+                  else F.pad(t, (0, 0, 0, self.width - t.shape[2])) for t in tables]
+        return torch.stack(padded)
+
+    @staticmethod
+    def layer(prefixes, i):
+        """Layer ``i``'s ``(prefix_k, prefix_v)``, each ``[A, Hkv, width, D]``, from :meth:`prefixes`' output."""
+        return prefixes[:, 2 * i], prefixes[:, 2 * i + 1]
+
+    def rows_of(self, a):
+        """The batch rows (int64 indices) that use table row ``a``."""
+        return (self.index == a).nonzero().squeeze(1)
+
+
+def row_adapters(state, names, batch_size, device):
+    """The :class:`RowAdapters` of a call's ``adapter_names`` (a list of ``batch_size`` adapter names), or a
+    ValueError saying what is wrong, before any work."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"adapter_names must be a list of adapter names, one per batch row, got {names!r}")
+    if len(names) != batch_size:
+        raise ValueError(f"adapter_names has {len(names)} names for a batch of {batch_size} rows")
+    unknown = sorted({n for n in names if n != BASE and n not in state.adapters})
+    if unknown:
+        raise ValueError(f"adapter_names: no adapter named {unknown[0]!r} on this model; its adapters are "
+                         f"{list(state.adapters)} (and {BASE!r}, the base model alone)")
+    if state.shift is not None:
+        raise ValueError("adapter_names: per-row adapters need prefix_positions='none' (with 'shift' each row's "
+                         "positions would depend on its adapter's length, which is not supported yet)")
+    table = list(dict.fromkeys(names))
+    modules = [None if n == BASE else state.adapters[n][1] for n in table]
+    sizes = [0 if n == BASE else state.adapters[n][0].num_virtual_tokens for n in table]
+    index = torch.tensor([table.index(n) for n in names], dtype=torch.int64, device=device)
+    return RowAdapters(table, modules, index, sizes)

@@ -1,0 +1,153 @@
+"""Per-row adapters in one call of a prefix-method model: ``model(..., adapter_names=[...])``.
+
+Row b of a mixed, padded batch must give what row b gives alone with its adapter active (``"__base__"``: with the
+method disabled), in float64; training on the mixed batch must give each adapter the gradient of its own rows
+run alone, also under gradient checkpointing; mistakes are errors before any work.
+"""
+
+import pytest
+import torch
+
+import fastprefix
+from helpers.families import FAMILIES
+from helpers.models import METHODS, PREFIX_METHODS, applied, batch, tiny
+
+KINDS = ("bert", "llama", "t5")
+# a second adapter of each prefix method: another length, projection or gate mode than METHODS'
+OTHER = {
+    "ptv2": lambda: fastprefix.PTuningV2Config(num_virtual_tokens=7),
+    "ptv2-proj": lambda: fastprefix.PTuningV2Config(num_virtual_tokens=3, prefix_projection=True,
+                                                    projection_hidden=8),
+    "apt": lambda: fastprefix.APTConfig(num_virtual_tokens=2, gate="pooled"),
+    "apt-pooled": lambda: fastprefix.APTConfig(num_virtual_tokens=6),
+}
+NAMES = ["b", "default", "__base__", "b"]
+CLOSE = dict(rtol=0, atol=1e-12)
+
+
+def _model(kind, method):
+    """``kind``'s model with ``method`` as "default" and OTHER[method] as "b", both moved off their init and in float64
+    (their gradients then compare to rounding)."""
+    model = applied(kind, method)
+    fastprefix.add_adapter(model, OTHER[method](), "b")
+    model.fastprefix.double()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.fastprefix_adapters["b"].double().parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
+    return model
+
+
+def _call(kind, lengths=(6, 4, 5, 3)):
+    ids, mask = batch(list(lengths), side="left" if FAMILIES[kind].kind == "decoder" else "right")
+    kw = dict(input_ids=ids, attention_mask=mask)
+    if FAMILIES[kind].kind == "seq2seq":
+        kw["labels"] = torch.arange(3, 7).repeat(len(lengths), 1)
+    return kw
+
+
+def _out(model, kind, **kw):
+    out = model(**kw)
+    return out.last_hidden_state if FAMILIES[kind].kind == "encoder" else out.logits
+
+
+def _alone(model, kind, kw, b, name):
+    """Row b alone, its adapter active (the base model for "__base__")."""
+    row = {k: v[b:b + 1] for k, v in kw.items()}
+    if name == "__base__":
+        with fastprefix.disabled(model):
+            return _out(model, kind, **row)
+    before = fastprefix.active_adapter(model)
+    fastprefix.set_adapter(model, name)
+    try:
+        return _out(model, kind, **row)
+    finally:
+        fastprefix.set_adapter(model, before)
+
+
+def _real(kind, kw, b):
+    """Row b's positions that hold real tokens (T5's outputs are the decoder's, all real)."""
+    return slice(None) if FAMILIES[kind].kind == "seq2seq" else kw["attention_mask"][b].bool()
+
+
+@pytest.mark.parametrize("method", PREFIX_METHODS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_row_is_that_row_alone_with_its_adapter(kind, method):
+    model, kw = _model(kind, method), _call(kind)
+    with torch.no_grad():
+        out = _out(model, kind, **kw, adapter_names=NAMES)
+        for b, name in enumerate(NAMES):
+            real = _real(kind, kw, b)
+            torch.testing.assert_close(out[b][real], _alone(model, kind, kw, b, name)[0][real], **CLOSE)
+    assert fastprefix.active_adapter(model) == "default"
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("method", ["ptv2", "apt"])
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_each_adapter_gets_the_gradient_of_its_own_rows(kind, method, checkpointing):
+    """A loss that sums per-row terms: each adapter's gradient from the mixed batch equals the sum of its rows'
+    gradients run alone (checkpointed: one forward of the mixed batch and another before the backward)."""
+    model, kw = _model(kind, method), _call(kind)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    names = ["b", "default", "b", "default"]
+    weights = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+
+    def loss(out, rows):
+        per_row = torch.stack([out[i][_real(kind, kw, b)].pow(2).sum() for i, b in enumerate(rows)])
+        return (per_row * weights[list(rows)]).sum()
+
+    if checkpointing:
+        _out(model, kind, **kw, adapter_names=names).sum().backward()  # an earlier forward and backward
+        model.zero_grad()
+    loss(_out(model, kind, **kw, adapter_names=names), range(4)).backward()
+    mixed = _grads(model)
+    model.zero_grad()
+    for b, name in enumerate(names):
+        fastprefix.set_adapter(model, name)
+        loss(_out(model, kind, **{k: v[b:b + 1] for k, v in kw.items()}), [b]).backward()
+    fastprefix.set_adapter(model, "default")
+    alone = _grads(model)
+    assert mixed.keys() == alone.keys() and any(k.startswith("fastprefix_adapters.b.") for k in mixed)
+    for k in mixed:
+        torch.testing.assert_close(mixed[k], alone[k], rtol=1e-10, atol=1e-12, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_mistakes_are_errors_before_any_work():
+    model, kw = _model("llama", "ptv2"), _call("llama")
+    with pytest.raises(ValueError, match="adapter_names has 3 names for a batch of 4 rows"):
+        model(**kw, adapter_names=NAMES[:3])
+    with pytest.raises(ValueError, match=r"no adapter named 'zz' on this model; its adapters are \['default', 'b'\] "
+                                         r"\(and '__base__', the base model alone\)"):
+        model(**kw, adapter_names=["zz", "b", "b", "b"])
+    with pytest.raises(ValueError, match="must be a list of adapter names"):
+        model(**kw, adapter_names="b")
+    shifted = fastprefix.apply(tiny("llama"), fastprefix.PTuningV2Config(num_virtual_tokens=3, prefix_positions="shift"))
+    with pytest.raises(ValueError, match="per-row adapters need prefix_positions='none'"):
+        shifted(**kw, adapter_names=["default"] * 4)
+    prompt = fastprefix.apply(tiny("llama"), METHODS["pt"]())
+    with pytest.raises(ValueError, match="serve the prefix methods .* for now"):
+        prompt(**kw, adapter_names=["default"] * 4)
+
+
+@pytest.mark.parametrize("names", [["b", "default", "b", "default"], NAMES], ids=["same-length", "own-lengths"])
+def test_the_triton_backend_gives_the_same_rows(names):
+    """Under Triton's interpreter: adapters of one length run the kernels on the rows' prefixes, others the
+    reference path (the kernels do not take per-row lengths yet); the rows are the torch backend's either way."""
+    model = applied("llama", "apt")
+    fastprefix.add_adapter(model, fastprefix.APTConfig(num_virtual_tokens=5, gate="pooled"), "b")
+    model.fastprefix.double(), model.fastprefix_adapters["b"].double()
+    kw = _call("llama")
+    with torch.no_grad():
+        want = _out(model, "llama", **kw, adapter_names=names)
+        with fastprefix.use_backend(model, "triton"):
+            got = _out(model, "llama", **kw, adapter_names=names)
+    for b in range(len(names)):
+        real = _real("llama", kw, b)
+        torch.testing.assert_close(got[b][real], want[b][real], rtol=0, atol=1e-10)
