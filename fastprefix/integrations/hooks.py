@@ -20,7 +20,7 @@ import torch
 
 from .context import KWARG, MIXED_DISABLED, NAME, ForwardContext, bind, current, enter, layer_cache, leave
 from .inputs import encoder_inputs, model_inputs, pool_hook
-from .rows import ADAPTER_NAMES, row_adapters
+from .rows import ADAPTER_NAMES, RowGenerate, generation_names, repeated, row_adapters
 from .state import LAYER, STATE, hook, mark, override
 
 
@@ -55,10 +55,13 @@ def prefix_pre_hook(module, args, kwargs):
     if output_attentions is None:
         output_attentions = getattr(module.config, "output_attentions", False)
     names = kwargs.get(ADAPTER_NAMES)
+    if names is not None:
+        kwargs = {k: v for k, v in kwargs.items() if k != ADAPTER_NAMES}
+    elif generation_names(state) is not None:  # a call inside generate(..., adapter_names=...)
+        names = repeated(generation_names(state), _batch_size(module, args, kwargs))
     if names is None:
         ctx = ForwardContext(state, state.module(), output_attentions)
     else:  # per-row adapters: every named adapter's prefixes, stacked, and each row's index into them
-        kwargs = {k: v for k, v in kwargs.items() if k != ADAPTER_NAMES}
         rows = row_adapters(state, names, _batch_size(module, args, kwargs), next(state.module.parameters()).device)
         ctx = ForwardContext(state, rows.prefixes(state.module), output_attentions)
         ctx.rows = rows
@@ -174,10 +177,13 @@ def mark_layers(state, layers, *, causal=None):
 
 
 def guard_attention(state, model):
-    """Put an :class:`AttentionGuard` on the model and on every ``PreTrainedModel`` inside it."""
+    """Put an :class:`AttentionGuard` on the model and on every ``PreTrainedModel`` inside it, and the
+    ``adapter_names``-aware ``generate`` (``rows.RowGenerate``) on the model."""
     for sub in model.modules():
         if callable(getattr(type(sub), "set_attn_implementation", None)):
             override(state, sub, "set_attn_implementation", AttentionGuard(sub))
+    if callable(getattr(type(model), "generate", None)):
+        override(state, model, "generate", RowGenerate(model, state))
 
 
 def install_prompt(state, model):

@@ -6,9 +6,16 @@ alone, is a zero-length one), each row's index into them, and each one's prefix 
 gets the stacked prefixes of those adapters with the rows' index and the lengths (``prefix_index``,
 ``prefix_lengths`` of ``fastprefix.gated_prefix_attention``): row b attends over its own adapter's prefix, exactly
 as if it ran alone with that adapter active, and each adapter's parameters get the gradient of its own rows.
+
+``generate(..., adapter_names=[...])`` (:class:`RowGenerate`, the model's ``generate``) runs the generation with the
+names set for its calls on this thread; a call inside it whose batch is k times longer (beam search, several
+sequences per row: ``generate`` repeats each row k times in a row) gives each repeat its row's name.
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +23,7 @@ import torch.nn.functional as F
 from .state import BASE
 
 ADAPTER_NAMES = "adapter_names"  # the call's keyword argument
+_GENERATING = threading.local()  # .stack: (state, names) of the generate calls running on this thread
 
 
 class RowAdapters:
@@ -72,3 +80,49 @@ def row_adapters(state, names, batch_size, device):
     sizes = [0 if n == BASE else state.adapters[n][0].num_virtual_tokens for n in table]
     index = torch.tensor([table.index(n) for n in names], dtype=torch.int64, device=device)
     return RowAdapters(table, modules, index, sizes)
+
+
+@contextlib.contextmanager
+def generating(state, names):
+    """Inside the block, calls of ``state``'s model on this thread take ``names`` (see :func:`generation_names`)."""
+    stack = _GENERATING.__dict__.setdefault("stack", [])
+    stack.append((state, list(names)))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def generation_names(state):
+    """The names of the innermost ``generate(..., adapter_names=...)`` of ``state``'s model on this thread, or None."""
+    return next((n for s, n in reversed(getattr(_GENERATING, "stack", [])) if s is state), None)
+
+
+def repeated(names, batch_size):
+    """``names`` with each repeated as ``generate`` repeats its rows (k times in a row) to fill ``batch_size``."""
+    if not names or batch_size % len(names):
+        raise ValueError(f"adapter_names: generate was given {len(names)} names, and one of its calls has "
+                         f"{batch_size} rows, not a multiple of them")
+    k = batch_size // len(names)
+    return [n for n in names for _ in range(k)]
+
+
+class RowGenerate:
+    """A prefix-method model's ``generate`` that also takes ``adapter_names`` (one per input row): the generation
+    runs with them set for its calls (:func:`generating`). Stored on the instance; ``remove`` takes it away."""
+
+    def __init__(self, model, state):
+        self.model, self.state = model, state
+
+    def __call__(self, *args, adapter_names=None, **kwargs):
+        generate = type(self.model).generate
+        if adapter_names is None:
+            return generate(self.model, *args, **kwargs)
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise ValueError(f"adapter_names must be a list of adapter names, one per batch row, got {adapter_names!r}")
+        inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 and inputs.shape[0] != len(adapter_names):
+            # checked here: inside, the calls' batches are the rows repeated (beam search), which hides a mismatch
+            raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {inputs.shape[0]} rows")
+        with generating(self.state, adapter_names):
+            return generate(self.model, *args, **kwargs)

@@ -25,11 +25,11 @@ NAMES = ["b", "default", "__base__", "b"]
 CLOSE = dict(rtol=0, atol=1e-12)
 
 
-def _model(kind, method):
-    """``kind``'s model with ``method`` as "default" and OTHER[method] as "b", both moved off their init and in float64
-    (their gradients then compare to rounding)."""
+def _model(kind, method, other=None):
+    """``kind``'s model with ``method`` as "default" and ``other`` (default OTHER[method]) as "b", both moved off
+    their init and in float64 (their gradients then compare to rounding)."""
     model = applied(kind, method)
-    fastprefix.add_adapter(model, OTHER[method](), "b")
+    fastprefix.add_adapter(model, other or OTHER[method](), "b")
     model.fastprefix.double()
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -151,3 +151,34 @@ def test_the_triton_backend_gives_the_same_rows(names):
     for b in range(len(names)):
         real = _real("llama", kw, b)
         torch.testing.assert_close(got[b][real], want[b][real], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("search", [dict(do_sample=False), dict(num_beams=2, do_sample=False)],
+                         ids=["greedy", "beam-search"])
+@pytest.mark.parametrize("method", ["ptv2", "apt"])
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_generate_gives_each_row_its_adapters_tokens(kind, method, search):
+    """generate(..., adapter_names=...) (with its KV cache; beam search repeats each row, and its name) gives each row
+    the tokens it generates alone with its adapter active (the base model for "__base__")."""
+    # APT: a token-gate "b" (the causal pooled gate keeps running statistics per adapter while decoding, which
+    # per-row adapters refuse for now)
+    model = _model(kind, method, fastprefix.APTConfig(num_virtual_tokens=6) if method == "apt" else None)
+    ids, mask = _call(kind, lengths=(5, 3, 4))["input_ids"], _call(kind, lengths=(5, 3, 4))["attention_mask"]
+    names = ["b", "default", "__base__"]
+    call = dict(max_new_tokens=4, pad_token_id=0, **search)
+    out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **call)
+    for b, name in enumerate(names):
+        row = dict(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1], **call)
+        if name == "__base__":
+            with fastprefix.disabled(model):
+                want = model.generate(**row)
+        else:
+            fastprefix.set_adapter(model, name)
+            want = model.generate(**row)
+            fastprefix.set_adapter(model, "default")
+        got, want = out[b], want[0]
+        if FAMILIES[kind].kind == "decoder":  # left padding: the row's own tokens
+            got = got[got.shape[0] - want.shape[0]:] if got.shape[0] > want.shape[0] else got
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="adapter_names has 2 names for a batch of 3 rows"):
+        model.generate(input_ids=ids, attention_mask=mask, adapter_names=names[:2], **call)
