@@ -10,6 +10,7 @@ generated block from it, and refuses a ``--quick`` or shorter run (:func:`publis
 See :mod:`.contenders` for what each row runs, :mod:`.measure` for how a step is timed, :mod:`.suite` for
 how steps are interleaved and sampled, :mod:`.stats` for the intervals and verdicts.
 
+``fastprefix-bench adapters`` times one batch over A adapters in one call against A calls (:mod:`.adapters`).
 More commands read result files: ``fastprefix-bench compare A.json B.json`` (B's speed over A's, row by
 row, see :mod:`.compare`) and ``fastprefix-bench readme RESULT.json`` (rewrite the README's generated
 benchmark block from a result file, see :func:`.report.readme_block`).
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from . import backbones, compare, contenders, gpu, kernel_rows, report, suite
+from . import adapters, backbones, compare, contenders, gpu, kernel_rows, report, suite
 from .metronome import Metronome
 
 PROG = "fastprefix-bench"
@@ -487,7 +488,7 @@ def publish_main(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = {"compare": compare_main, "readme": readme_main, "publish": publish_main}
+    commands = {"compare": compare_main, "readme": readme_main, "publish": publish_main, "adapters": adapters.main}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -30,14 +30,16 @@ class RowAdapters:
     """The adapters one call names, per row.
 
     names: the table's adapters, in first-use order; modules: each one's method module (None for ``"__base__"``);
-    index: int64 ``[B]``, row b's table row; lengths: int64 ``[A]`` and ``sizes`` the same as ints, each adapter's
-    prefix length (0 for ``"__base__"``); width: the table's L, the longest (at least 1).
+    index: int64 ``[B]``, row b's table row; sizes: each adapter's prefix length (0 for ``"__base__"``), and lengths
+    the same as int64 ``[A]`` (None when they are all the width); width: the table's L, the longest (at least 1).
     """
 
     def __init__(self, names, modules, index, sizes):
         self.names, self.modules, self.index, self.sizes = names, modules, index, sizes
-        self.lengths = torch.tensor(sizes, dtype=torch.int64, device=index.device)
         self.width = max(max(sizes), 1)
+        # adapters of one length need no slot hidden: the attention then takes its unmasked formulations
+        self.lengths = (None if all(n == self.width for n in sizes)
+                        else torch.tensor(sizes, dtype=torch.int64, device=index.device))
 
     def prefixes(self, base):
         """Every layer's prefixes of every adapter: ``[A, 2N, Hkv, width, D]``, each adapter's zero-padded after its

@@ -1,0 +1,172 @@
+"""``fastprefix-bench adapters``: one batch over A adapters in one call, against A separate calls.
+
+B rows, row i on adapter ``i % A`` (P-Tuning v2 adapters of the prefix length, on the frozen backbone): one call with
+``adapter_names=`` against A calls of the same rows, each with its adapter set active (what serving or multi-task
+training does without per-row adapters), for A in ``--adapters``. Measured per A: training-step and inference
+tokens/s (the B·S real tokens over the time of the one call or of the A calls; median (interquartile range) of
+interleaved rounds, process CPU time on CPU) and the training step's peak memory (as the main benchmark measures
+it). The rows' outputs of the two ways are checked equal before anything is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import backbones, measure
+
+PROG = "fastprefix-bench adapters"
+
+
+def _adapters(model, A, L):
+    import fastprefix
+
+    fastprefix.apply(model, fastprefix.PTuningV2Config(num_virtual_tokens=L), adapter_name="a0")
+    for a in range(1, A):
+        fastprefix.add_adapter(model, fastprefix.PTuningV2Config(num_virtual_tokens=L), f"a{a}")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # distinct adapters: each moved off its init
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g).to(p) * 0.1)
+    return model
+
+
+def _ways(model, ids, mask, names):
+    """``(one_call, separate_calls)``: each a function ``(train) -> the rows' last hidden states [B, S, d]``."""
+    import fastprefix
+
+    groups = {}
+    for i, n in enumerate(names):
+        groups.setdefault(n, []).append(i)
+
+    def one(train):
+        out = model(input_ids=ids, attention_mask=mask, adapter_names=names).last_hidden_state
+        if train:
+            out.float().pow(2).mean().backward()
+        return out
+
+    def separate(train):
+        out = None
+        for name, rows in groups.items():
+            fastprefix.set_adapter(model, name)
+            part = model(input_ids=ids[rows], attention_mask=mask[rows]).last_hidden_state
+            if train:
+                part.float().pow(2).sum().div(part.numel() // len(rows) * len(names)).backward()  # the same mean
+            if out is None:
+                out = part.new_empty(len(names), *part.shape[1:])
+            out[rows] = part.detach()
+        return out
+
+    return one, separate
+
+
+def _seconds(fn, clock):
+    now = measure.CLOCKS[clock]
+    t0 = now()
+    fn()
+    return now() - t0
+
+
+def measure_adapters(model_name, batch, seq_len, prefix_len, adapter_counts, rounds, device):
+    """One row per A: ``dict(A, train/infer tokens/s (median, q1, q3) of each way, their ratio, peak MiB)``."""
+    rows = []
+    for A in adapter_counts:
+        model = _adapters(backbones.load_backbone(model_name).to(device), A, prefix_len)
+        model.train()
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(1000, 20000, (batch, seq_len), generator=g).to(device)
+        mask = torch.ones_like(ids)
+        names = [f"a{i % A}" for i in range(batch)]
+        one, separate = _ways(model, ids, mask, names)
+        with torch.no_grad():
+            model.eval()
+            assert torch.allclose(one(False), separate(False), atol=1e-4), "the two ways give other outputs"
+        clock = "wall" if device.type == "cuda" else "cpu"
+        result = dict(A=A)
+        for phase, train in (("train", True), ("infer", False)):
+            model.train(train)
+            times = {"one": [], "separate": []}
+            for r in range(rounds + 1):
+                for way, fn in ((("one", one), ("separate", separate)) if r % 2 else
+                                (("separate", separate), ("one", one))):
+                    def step(fn=fn):
+                        with torch.set_grad_enabled(train):
+                            fn(train)
+                        model.zero_grad(set_to_none=True)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    seconds = _seconds(step, clock)
+                    if r:  # the first round warms up
+                        times[way].append(seconds)
+            for way, ts in times.items():
+                q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+                result[f"{phase}_{way}"] = tuple(batch * seq_len / t for t in (q[1], q[2], q[0]))
+            result[f"{phase}_ratio"] = statistics.median(s / o for o, s in zip(times["one"], times["separate"]))
+        model.train()
+        for way, fn in (("one", one), ("separate", separate)):
+            result[f"peak_{way}"] = measure.peak_bytes(lambda fn=fn: (fn(True), model.zero_grad(set_to_none=True)),
+                                                       device) / 2 ** 20
+        rows.append(result)
+    return rows
+
+
+def markdown(rows, model_name, batch, seq_len, prefix_len, rounds, device):
+    """The results as a Markdown table with its setting."""
+    def tps(x):
+        return f"{x[0]:,.0f} ({x[1]:,.0f}-{x[2]:,.0f})"
+
+    lines = [
+        f"Backbone **{model_name}** (frozen), batch {batch}, sequence {seq_len}, P-Tuning v2 adapters of length "
+        f"{prefix_len}, row i on adapter i mod A, on {device}; {rounds} interleaved rounds after one warm-up, "
+        f"tokens/s of the B·S tokens, median (interquartile range); x: the one call's speed over the A calls' "
+        f"(median of the rounds' ratios); peak: the training step's peak live tensor bytes.",
+        "",
+        "| A | train tok/s, one call | train tok/s, A calls | x | infer tok/s, one call | infer tok/s, A calls | x "
+        "| peak MiB, one call | peak MiB, A calls |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['A']} | {tps(r['train_one'])} | {tps(r['train_separate'])} | {r['train_ratio']:.2f} "
+                     f"| {tps(r['infer_one'])} | {tps(r['infer_separate'])} | {r['infer_ratio']:.2f} "
+                     f"| {r['peak_one']:.1f} | {r['peak_separate']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    from .__main__ import Parser, fail, resolve_device, run_folder
+
+    p = Parser(prog=PROG, description=__doc__.split("\n\n")[1])
+    p.add_argument("--model", default="minilm", help="backbone (the main benchmark's names)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--prefix-len", type=int, default=32)
+    p.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 16], help="the adapter counts A")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if there is one)")
+    p.add_argument("--out", type=Path, default=None, help="the Markdown file (default: a new run folder)")
+    args = p.parse_args(argv)
+    bad = backbones.check_model(args.model)
+    if bad:
+        fail(bad, PROG)
+    if any(a < 1 or a > args.batch for a in args.adapters):
+        fail(f"--adapters must each be between 1 and the batch ({args.batch}), got {args.adapters}", PROG)
+    if args.rounds < 1:
+        fail(f"--rounds must be at least 1, got {args.rounds}", PROG)
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    started = time.time()
+    rows = measure_adapters(args.model, args.batch, args.seq_len, args.prefix_len, args.adapters, args.rounds, device)
+    text = markdown(rows, args.model, args.batch, args.seq_len, args.prefix_len, args.rounds, device)
+    out = args.out or run_folder(f"{args.model}-adapters") / "adapters.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    sys.stdout.write(text)
+    print(f"wrote {out} in {time.time() - started:.0f} s")
