@@ -483,12 +483,49 @@ def publish_main(argv):
         print(f"README unchanged: its block is rendered from {README_TAG}.json")
 
 
+# ---------------------------------------------------------------- adapters: one call over A adapters vs A calls
+
+
+def adapters_main(argv):
+    prog = f"{PROG} adapters"
+    p = Parser(prog=prog, description=adapters.__doc__.split("\n\n")[1])
+    p.add_argument("--model", default="minilm", help="backbone (the main benchmark's names)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--prefix-len", type=int, default=32)
+    p.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 16], help="the adapter counts A")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if there is one)")
+    p.add_argument("--out", type=Path, default=None, help="the Markdown file (default: a new run folder)")
+    args = p.parse_args(argv)
+    bad = backbones.check_model(args.model)
+    if bad:
+        fail(bad, prog)
+    if any(a < 1 or a > args.batch for a in args.adapters):
+        fail(f"--adapters must each be between 1 and the batch ({args.batch}), got {args.adapters}", prog)
+    if args.rounds < 1:
+        fail(f"--rounds must be at least 1, got {args.rounds}", prog)
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    started = time.time()
+    rows = adapters.measure_adapters(args.model, args.batch, args.seq_len, args.prefix_len, args.adapters,
+                                     args.rounds, device)
+    text = adapters.markdown(rows, args.model, args.batch, args.seq_len, args.prefix_len, args.rounds, device)
+    out = args.out or run_folder(f"{args.model}-adapters") / "adapters.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    sys.stdout.write(text)
+    print(f"wrote {out} in {time.time() - started:.0f} s")
+
+
 # ---------------------------------------------------------------- the run
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = {"compare": compare_main, "readme": readme_main, "publish": publish_main, "adapters": adapters.main}
+    commands = {"compare": compare_main, "readme": readme_main, "publish": publish_main, "adapters": adapters_main}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,4 +1,5 @@
-"""``fastprefix-bench adapters``: one batch over A adapters in one call, against A separate calls.
+"""``fastprefix-bench adapters`` (its command line is in ``__main__``): one batch over A adapters in one call,
+against A separate calls.
 
 B rows, row i on adapter ``i % A`` (P-Tuning v2 adapters of the prefix length, on the frozen backbone): one call with
 ``adapter_names=`` against A calls of the same rows, each with its adapter set active (what serving or multi-task
@@ -10,18 +11,11 @@ it). The rows' outputs of the two ways are checked equal before anything is time
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 
 from . import backbones, measure
-
-PROG = "fastprefix-bench adapters"
-
 
 def _adapters(model, A, L):
     import fastprefix
@@ -136,37 +130,3 @@ def markdown(rows, model_name, batch, seq_len, prefix_len, rounds, device):
                      f"| {tps(r['infer_one'])} | {tps(r['infer_separate'])} | {r['infer_ratio']:.2f} "
                      f"| {r['peak_one']:.1f} | {r['peak_separate']:.1f} |")
     return "\n".join(lines) + "\n"
-
-
-def main(argv=None):
-    from .__main__ import Parser, fail, resolve_device, run_folder
-
-    p = Parser(prog=PROG, description=__doc__.split("\n\n")[1])
-    p.add_argument("--model", default="minilm", help="backbone (the main benchmark's names)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--prefix-len", type=int, default=32)
-    p.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 16], help="the adapter counts A")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if there is one)")
-    p.add_argument("--out", type=Path, default=None, help="the Markdown file (default: a new run folder)")
-    args = p.parse_args(argv)
-    bad = backbones.check_model(args.model)
-    if bad:
-        fail(bad, PROG)
-    if any(a < 1 or a > args.batch for a in args.adapters):
-        fail(f"--adapters must each be between 1 and the batch ({args.batch}), got {args.adapters}", PROG)
-    if args.rounds < 1:
-        fail(f"--rounds must be at least 1, got {args.rounds}", PROG)
-    device = resolve_device(args.device)
-    torch.manual_seed(0)
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    started = time.time()
-    rows = measure_adapters(args.model, args.batch, args.seq_len, args.prefix_len, args.adapters, args.rounds, device)
-    text = markdown(rows, args.model, args.batch, args.seq_len, args.prefix_len, args.rounds, device)
-    out = args.out or run_folder(f"{args.model}-adapters") / "adapters.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    sys.stdout.write(text)
-    print(f"wrote {out} in {time.time() - started:.0f} s")

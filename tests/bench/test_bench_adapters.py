@@ -2,13 +2,13 @@
 
 import pytest
 
-from benchmarks import adapters
+from benchmarks import __main__ as cli
 
 
 def test_a_small_run_writes_its_table(tmp_path, capsys):
     out = tmp_path / "adapters.md"
-    adapters.main(["--model", "llama-tiny", "--batch", "4", "--seq-len", "8", "--prefix-len", "3", "--adapters", "1",
-                   "2", "4", "--rounds", "1", "--device", "cpu", "--out", str(out)])
+    cli.main(["adapters", "--model", "llama-tiny", "--batch", "4", "--seq-len", "8", "--prefix-len", "3",
+              "--adapters", "1", "2", "4", "--rounds", "1", "--device", "cpu", "--out", str(out)])
     text = out.read_text()
     assert text in capsys.readouterr().out
     rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
@@ -24,7 +24,7 @@ def test_a_small_run_writes_its_table(tmp_path, capsys):
 ])
 def test_mistakes_are_one_line(argv, match, capsys):
     with pytest.raises(SystemExit) as stop:
-        adapters.main(["--batch", "16", *argv])
+        cli.main(["adapters", "--batch", "16", *argv])
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert match in err and len(err.strip().splitlines()) == 1
