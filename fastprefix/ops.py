@@ -97,7 +97,8 @@ def _check_attention(q, k, v, prefix_k, prefix_v, gate, gate_hidden, gate_weight
             f"prefix_k must have shape {want}, "
             f"got {list(prefix_k.shape) if isinstance(prefix_k, torch.Tensor) else type(prefix_k).__name__}"
         )
-    lead = [("Hkv", Hkv)] if prefix_k.dim() == 3 else [("A" if indexed else "B", None if indexed else B), ("Hkv", Hkv)]
+    table = ("A", None) if indexed else ("B", B)  # per-row adapters: a table of A prefixes
+    lead = [("Hkv", Hkv)] if prefix_k.dim() == 3 else [table, ("Hkv", Hkv)]
     if prefix_k.shape[-3] != Hkv and prefix_k.shape[-3] == Sk:
         raise ValueError(f"prefix_k has {prefix_k.shape[-3]} heads but k has Hkv={Hkv}" + _layout_hint(q, k, prefix_k))
     check.named("prefix_k", prefix_k, lead + [("L", None), ("D", D)], like=q)

@@ -15,8 +15,9 @@ fused backward called with ``w dO`` and the merged output: its ``delta = w dO . 
 
 Layout: head-major ``[H, B, Sq, .]`` views of the ``[B, Sq, H, .]`` memory transformers hands over, so a prefix
 shared by the batch is one GEMM per head with the batch folded into its rows, no operand or result is transposed
-in memory, and the gate broadcasts over the heads (GQA repeats the small prefix per group, never K/V). A query that sees no real key gets ``w = 0`` exactly (the CPU op's log-sum-exp of a row
-masked with the lowest finite value underflows), and the prefix keeps the row finite.
+in memory, and the gate broadcasts over the heads (GQA repeats the small prefix per group, never K/V). A query
+that sees no real key gets ``w = 0`` exactly (the CPU op's log-sum-exp of a row masked with the lowest finite value
+underflows), and the prefix keeps the row finite.
 """
 
 from __future__ import annotations
@@ -219,8 +220,9 @@ def split_attention(q, k, v, prefix_k, prefix_v, spec, gate):
     """Attention over ``[g * prefix ; keys]`` by the split algorithm on CPU tensors (any float dtype).
 
     ``spec``: the call's :class:`fastprefix.spec.AttentionSpec` (padding, causal, window; not packed: the caller
-    unpacks a packed call first; no bias or softcap: those take the explicit formulation); ``gate``: None or the 3-dim gate in q's dtype. Returns
-    ``[B, H, Sq, D]`` in ``[B, Sq, H, D]`` memory.
+    unpacks a packed call first; no bias or softcap: those take the explicit formulation; per-row adapter lengths
+    hide their slots); ``gate``: None or the 3-dim gate in q's dtype. Returns ``[B, H, Sq, D]`` in ``[B, Sq, H, D]``
+    memory.
     """
     mask, is_causal = cpu_op_mask(q, k.shape[2], spec.key_padding_mask, spec.causal, spec.window)
     return _SplitAttention.apply(q, k, v, prefix_k, prefix_v, gate, mask, is_causal, spec.scale,

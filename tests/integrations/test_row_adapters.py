@@ -128,7 +128,8 @@ def test_mistakes_are_errors_before_any_work():
         model(**kw, adapter_names=["zz", "b", "b", "b"])
     with pytest.raises(ValueError, match="must be a list of adapter names"):
         model(**kw, adapter_names="b")
-    shifted = fastprefix.apply(tiny("llama"), fastprefix.PTuningV2Config(num_virtual_tokens=3, prefix_positions="shift"))
+    shifted = fastprefix.apply(tiny("llama"),
+                               fastprefix.PTuningV2Config(num_virtual_tokens=3, prefix_positions="shift"))
     with pytest.raises(ValueError, match="per-row adapters need prefix_positions='none'"):
         shifted(**kw, adapter_names=["default"] * 4)
     prompt = fastprefix.apply(tiny("llama"), METHODS["pt"]())
