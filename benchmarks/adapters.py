@@ -15,11 +15,12 @@ import statistics
 
 import torch
 
+import fastprefix
+
 from . import backbones, measure
 
-def _adapters(model, A, L):
-    import fastprefix
 
+def _adapters(model, A, L):
     fastprefix.apply(model, fastprefix.PTuningV2Config(num_virtual_tokens=L), adapter_name="a0")
     for a in range(1, A):
         fastprefix.add_adapter(model, fastprefix.PTuningV2Config(num_virtual_tokens=L), f"a{a}")
@@ -33,8 +34,6 @@ def _adapters(model, A, L):
 
 def _ways(model, ids, mask, names):
     """``(one_call, separate_calls)``: each a function ``(train) -> the rows' last hidden states [B, S, d]``."""
-    import fastprefix
-
     groups = {}
     for i, n in enumerate(names):
         groups.setdefault(n, []).append(i)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks import __main__ as cli
+from fastprefix.benchmarks import __main__ as cli
 
 
 def test_a_small_run_writes_its_table(tmp_path, capsys):
