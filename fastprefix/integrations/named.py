@@ -108,10 +108,10 @@ def set_adapter(model, adapter_name):
     inner._modules[ATTR] = incoming
     if not len(store):
         delattr(inner, INACTIVE)
-    config, module = state.adapters[adapter_name]
+    config = state.adapters[adapter_name][0]
     if getattr(config, "prefix_positions", None) == "shift" and config.num_virtual_tokens != state.shift.L:
         state.shift = Shift(inner, config.num_virtual_tokens)
-    state.config, state.module, state.active = config, module, adapter_name
+    state.active = adapter_name
     state.gate_stats = {}  # the probe's record was the previous adapter's
     return model
 

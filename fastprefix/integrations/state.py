@@ -35,10 +35,8 @@ class State:
     """
 
     def __init__(self, config, module, shape, backend, encoder_decoder, family, adapter_name=DEFAULT):
-        self.config = config  # the active adapter's config and module (see adapters, active)
-        self.module = module
         self.adapters = {adapter_name: (config, module)}  # every named adapter: name -> (config, module)
-        self.active = adapter_name
+        self.active = adapter_name  # the adapter calls use: config and module below are its
         self.shape = shape
         self.backend = backend
         self.encoder_decoder = encoder_decoder
@@ -61,15 +59,27 @@ class State:
         self.disabled = 0  # depth of `fastprefix.disabled` blocks: while > 0 the hooks leave every call alone
 
     @property
+    def config(self):
+        """The active adapter's method config."""
+        return self.adapters[self.active][0]
+
+    @property
+    def module(self):
+        """The active adapter's method module (``model.fastprefix``)."""
+        return self.adapters[self.active][1]
+
+    @property
     def num_virtual_tokens(self):
         return self.config.num_virtual_tokens
 
     def __setstate__(self, d):
         # a model pickled whole (torch.save) and loaded in a fresh process: its config still names the
         # "fastprefix" attention, which transformers only finds registered
+        d = dict(d)
+        config, module = d.pop("config", None), d.pop("module", None)  # kept as such before named adapters
         self.__dict__.update(d)
         self.__dict__.setdefault("disabled", 0)
-        self.__dict__.setdefault("adapters", {DEFAULT: (self.config, self.module)})
+        self.__dict__.setdefault("adapters", {DEFAULT: (config, module)})
         self.__dict__.setdefault("active", DEFAULT)
         if self.attn_implementation is not None:
             self.family.register()
