@@ -59,8 +59,8 @@ def layer_gate(ctx, module, i, query_mask, causal, key):
     if "gate_hidden" in gate and ops.attention_backend(ctx.backend, key.device, key.dtype) == "torch":
         # the reference path builds the token gate with torch ops anyway: build it here, once, for the attention
         # and the probe (the ops the reference would run, so the same bits)
-        alpha = token_alpha(hidden, gate["gate_weight"], gate["gate_bias"])
-        gate = dict(gate=gate["layer_scale"] * alpha)
+        built, alpha = _built(gate)
+        gate = dict(gate=built)
     if pooled_causal and cache is not None:
         total, count = apt.pooled_totals(i, hidden, query_mask, past=past)
         cache.__dict__.setdefault(RUNNING, {})[i] = Running(seen, total, count, key[:, :, -1].clone())
@@ -68,6 +68,13 @@ def layer_gate(ctx, module, i, query_mask, causal, key):
         ctx.record_gate(i, mean_gate(apt, i, hidden, query_mask, causal, past) if alpha is None
                         else _mean_over_real(alpha.detach(), query_mask))
     return gate
+
+
+def _built(gate):
+    """``(gate tensor, alpha)`` of :meth:`AdaptivePrefix.gate_kwargs`' token-gate inputs: ``layer_scale * alpha``,
+    ``alpha = sigmoid(h W + b)``, with the ops the reference path would run on them."""
+    alpha = token_alpha(gate["gate_hidden"], gate["gate_weight"], gate["gate_bias"])
+    return gate["layer_scale"] * alpha, alpha
 
 
 def _row_gate(ctx, module, i, hidden, query_mask, causal, key):
@@ -84,11 +91,10 @@ def _row_gate(ctx, module, i, hidden, query_mask, causal, key):
     for a, (apt, n) in enumerate(zip(rows.modules, rows.sizes)):
         if apt is None:  # the base model alone: no prefix slot to gate
             continue
-        sel = rows.rows_of(a)
+        sel = rows.members[a]
         mask = None if query_mask is None else query_mask.index_select(0, sel)
         kw = apt.gate_kwargs(i, hidden.index_select(0, sel), mask, causal=causal)
-        g = kw["gate"] if "gate" in kw else kw["layer_scale"] * token_alpha(kw["gate_hidden"], kw["gate_weight"],
-                                                                            kw["gate_bias"])
+        g = kw["gate"] if "gate" in kw else _built(kw)[0]
         gate[sel, :, :n] = g.expand(sel.shape[0], S, n)
     return dict(gate=gate)
 

@@ -54,15 +54,17 @@ def prefix_pre_hook(module, args, kwargs):
     output_attentions = kwargs.get("output_attentions")
     if output_attentions is None:
         output_attentions = getattr(module.config, "output_attentions", False)
-    names = kwargs.get(ADAPTER_NAMES)
+    names, generated = kwargs.get(ADAPTER_NAMES), None
     if names is not None:
         kwargs = {k: v for k, v in kwargs.items() if k != ADAPTER_NAMES}
-    elif generation_names(state) is not None:  # a call inside generate(..., adapter_names=...)
-        names = repeated(generation_names(state), _batch_size(module, args, kwargs))
-    if names is None:
+    else:
+        generated = generation_names(state)  # a call inside generate(..., adapter_names=...)
+    if names is None and generated is None:
         ctx = ForwardContext(state, state.module(), output_attentions)
     else:  # per-row adapters: every named adapter's prefixes, stacked, and each row's index into them
-        rows = row_adapters(state, names, _batch_size(module, args, kwargs), next(state.module.parameters()).device)
+        batch = _batch_size(module, args, kwargs)
+        rows = row_adapters(state, names if generated is None else repeated(generated, batch), batch,
+                            next(state.module.parameters()).device)
         ctx = ForwardContext(state, rows.prefixes(state.module), output_attentions)
         ctx.rows = rows
     if state.shift is not None:  # prefix_positions="shift": real tokens numbered after the prefix (see positions)

@@ -30,12 +30,14 @@ class RowAdapters:
     """The adapters one call names, per row.
 
     names: the table's adapters, in first-use order; modules: each one's method module (None for ``"__base__"``);
-    index: int64 ``[B]``, row b's table row; sizes: each adapter's prefix length (0 for ``"__base__"``), and lengths
-    the same as int64 ``[A]`` (None when they are all the width); width: the table's L, the longest (at least 1).
+    index: int64 ``[B]``, row b's table row; members: per table row, the int64 batch rows that use it (made once
+    from the names, so no layer syncs to find them); sizes: each adapter's prefix length (0 for ``"__base__"``), and
+    lengths the same as int64 ``[A]`` (None when they are all the width); width: the table's L, the longest (at
+    least 1).
     """
 
-    def __init__(self, names, modules, index, sizes):
-        self.names, self.modules, self.index, self.sizes = names, modules, index, sizes
+    def __init__(self, names, modules, index, members, sizes):
+        self.names, self.modules, self.index, self.members, self.sizes = names, modules, index, members, sizes
         self.width = max(max(sizes), 1)
         # adapters of one length need no slot hidden: the attention then takes its unmasked formulations
         self.lengths = (None if all(n == self.width for n in sizes)
@@ -58,16 +60,18 @@ class RowAdapters:
         """Layer ``i``'s ``(prefix_k, prefix_v)``, each ``[A, Hkv, width, D]``, from :meth:`prefixes`' output."""
         return prefixes[:, 2 * i], prefixes[:, 2 * i + 1]
 
-    def rows_of(self, a):
-        """The batch rows (int64 indices) that use table row ``a``."""
-        return (self.index == a).nonzero().squeeze(1)
+
+
+def check_names(names):
+    """ValueError unless ``names`` is a list (or tuple) of adapter names."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"adapter_names must be a list of adapter names, one per batch row, got {names!r}")
 
 
 def row_adapters(state, names, batch_size, device):
     """The :class:`RowAdapters` of a call's ``adapter_names`` (a list of ``batch_size`` adapter names), or a
     ValueError saying what is wrong, before any work."""
-    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"adapter_names must be a list of adapter names, one per batch row, got {names!r}")
+    check_names(names)
     if len(names) != batch_size:
         raise ValueError(f"adapter_names has {len(names)} names for a batch of {batch_size} rows")
     unknown = sorted({n for n in names if n != BASE and n not in state.adapters})
@@ -80,8 +84,11 @@ def row_adapters(state, names, batch_size, device):
     table = list(dict.fromkeys(names))
     modules = [None if n == BASE else state.adapters[n][1] for n in table]
     sizes = [0 if n == BASE else state.adapters[n][0].num_virtual_tokens for n in table]
-    index = torch.tensor([table.index(n) for n in names], dtype=torch.int64, device=device)
-    return RowAdapters(table, modules, index, sizes)
+    rows = [table.index(n) for n in names]
+    index = torch.tensor(rows, dtype=torch.int64, device=device)
+    members = [torch.tensor([b for b, a in enumerate(rows) if a == t], dtype=torch.int64, device=device)
+               for t in range(len(table))]
+    return RowAdapters(table, modules, index, members, sizes)
 
 
 @contextlib.contextmanager
@@ -120,8 +127,7 @@ class RowGenerate:
         generate = type(self.model).generate
         if adapter_names is None:
             return generate(self.model, *args, **kwargs)
-        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
-            raise ValueError(f"adapter_names must be a list of adapter names, one per batch row, got {adapter_names!r}")
+        check_names(adapter_names)
         inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
         if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 and inputs.shape[0] != len(adapter_names):
             # checked here: inside, the calls' batches are the rows repeated (beam search), which hides a mismatch
