@@ -17,7 +17,7 @@ from typing import NamedTuple
 from . import _validate as check
 from . import reference
 from .kernels.common.runtime import interpreting
-from .sequences import check_cu_seqlens
+from .sequences import check_cu_seqlens, memoized
 from .spec import PATHS, AttentionSpec, default_path
 
 try:  # the Triton kernels are optional: without Triton the reference path runs everywhere
@@ -168,8 +168,8 @@ def _check_attention_features(q, k, attn_bias, window, softcap):
 
 def _check_prefix_index(q, prefix_k, prefix_index, prefix_lengths, cu_seqlens):
     """Per-row adapters: ``prefix_index`` int ``[B]`` into the ``A`` rows of ``prefix_k [A, Hkv, L, D]``, and
-    ``prefix_lengths`` int ``[A]`` (each adapter's first ``n <= L`` slots are its prefix). One host sync checks the
-    values."""
+    ``prefix_lengths`` int ``[A]`` (each adapter's first ``n <= L`` slots are its prefix). The values are checked
+    with a host sync once per tensor (every layer of a forward gets the same ones)."""
     if prefix_index is None:
         if prefix_lengths is not None:
             raise ValueError("prefix_lengths gives each adapter's length in a table of prefixes: it needs prefix_index")
@@ -190,8 +190,9 @@ def _check_prefix_index(q, prefix_k, prefix_index, prefix_lengths, cu_seqlens):
     A, L = prefix_k.shape[0], prefix_k.shape[-2]
     if prefix_lengths is not None and prefix_lengths.shape[0] != A:
         raise ValueError(f"prefix_lengths must have one length per table row, A={A}, got {prefix_lengths.shape[0]}")
-    bad_index = bool(((prefix_index < 0) | (prefix_index >= A)).any())
-    bad_length = prefix_lengths is not None and bool(((prefix_lengths < 0) | (prefix_lengths > L)).any())
+    bad_index = memoized(prefix_index, ("outside", A), lambda: bool(((prefix_index < 0) | (prefix_index >= A)).any()))
+    bad_length = prefix_lengths is not None and memoized(
+        prefix_lengths, ("outside", L), lambda: bool(((prefix_lengths < 0) | (prefix_lengths > L)).any()))
     if bad_index:
         raise ValueError(f"prefix_index values must be in [0, A={A}), got {prefix_index.tolist()}")
     if bad_length:
@@ -290,7 +291,8 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
                                prefix_index=prefix_index, prefix_lengths=prefix_lengths)
     on_triton = attention_backend(backend, q.device, q.dtype) == "triton"
     if spec.prefix_index is not None and on_triton:
-        if spec.prefix_lengths is not None and bool((spec.prefix_lengths < prefix_k.shape[-2]).any()):
+        L, lengths = prefix_k.shape[-2], spec.prefix_lengths
+        if lengths is not None and memoized(lengths, ("short", L), lambda: bool((lengths < L).any())):
             return reference.gated_prefix_attention(q, k, v, prefix_k, prefix_v, spec)
         # every adapter's prefix is L long: the kernels take the rows' prefixes as a per-example prefix
         prefix_k, prefix_v = prefix_k.index_select(0, spec.prefix_index), prefix_v.index_select(0, spec.prefix_index)
