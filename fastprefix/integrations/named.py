@@ -93,6 +93,16 @@ def _inactive(inner):
     return inner._modules[INACTIVE]
 
 
+def _take(inner, name):
+    """Take adapter ``name``'s module out of ``model.fastprefix_adapters`` (dropped when it empties)."""
+    store = inner._modules[INACTIVE]
+    module = store[name]
+    del store[name]
+    if not len(store):
+        delattr(inner, INACTIVE)
+    return module
+
+
 def set_adapter(model, adapter_name):
     """Make ``adapter_name`` the adapter ``model``'s calls use. Returns ``model``."""
     state = state_of(model)
@@ -101,13 +111,9 @@ def set_adapter(model, adapter_name):
         return model
     _not_merged(state, "set_adapter")
     inner = unwrap(model)
-    store = _inactive(inner)
-    incoming = store[adapter_name]
-    del store[adapter_name]
-    store[state.active] = inner._modules[ATTR]
-    inner._modules[ATTR] = incoming
-    if not len(store):
-        delattr(inner, INACTIVE)
+    outgoing = inner._modules[ATTR]
+    inner._modules[ATTR] = _take(inner, adapter_name)
+    _inactive(inner)[state.active] = outgoing
     config = state.adapters[adapter_name][0]
     if getattr(config, "prefix_positions", None) == "shift" and config.num_virtual_tokens != state.shift.L:
         state.shift = Shift(inner, config.num_virtual_tokens)
@@ -126,11 +132,7 @@ def delete_adapter(model, adapter_name):
     if adapter_name == state.active:
         raise ValueError(f"{adapter_name!r} is the active adapter: set_adapter another one first "
                          "(fastprefix.remove(model) removes every adapter)")
-    inner = unwrap(model)
-    store = inner._modules[INACTIVE]
-    del store[adapter_name]
-    if not len(store):
-        delattr(inner, INACTIVE)
+    _take(unwrap(model), adapter_name)
     del state.adapters[adapter_name]
     return model
 
