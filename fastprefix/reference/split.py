@@ -111,25 +111,22 @@ def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale, *, out=None, w
     s = _per_head(_heads(q), _prefix_heads(prefix_k * scale, H).transpose(-1, -2)).to(acc)  # [H, B, Sq, L]
     g = _gate_heads(gate, acc)
     lse_k4 = _heads(lse_k).unsqueeze(-1).to(acc)  # [H, B, Sq, 1]
-    # the softmax over [z ; lse_k] without building it: z is finite, so the row maximum m is too (a query that
-    # sees no real key has lse_k = -inf and gets w = 0 exactly)
+    # the softmax over [z ; lse_k] without building it. A query that sees no real key has no mass there: the CPU
+    # op's log-sum-exp of such a row is near the lowest finite value (its mask's), so it counts as -inf. A query
+    # that sees nothing at all (no real key, every prefix slot hidden) gets m = 0 and a total of 1: all its
+    # exponentials are 0, not NaN.
     z = s * g if gate is not None else s
     if slots is not None:
         z = z.masked_fill(~slots[None, :, None, :], float("-inf"))
-        # the CPU op's log-sum-exp of a row that sees no real key is near the lowest finite value (its mask's),
-        # not -inf: with no prefix left to outweigh it, it must count as no mass
-        lse_k4 = lse_k4.masked_fill(lse_k4 < torch.finfo(acc).min / 2, float("-inf"))
+    lse_k4 = lse_k4.masked_fill(lse_k4 < torch.finfo(q.dtype).min / 2, float("-inf"))
     m = torch.maximum(z.amax(dim=-1, keepdim=True), lse_k4)
-    if slots is not None:  # a query that sees nothing: every exponential below is 0, not NaN
-        m.masked_fill_(m == float("-inf"), 0.0)
+    m.masked_fill_(m == float("-inf"), 0.0)
     p = z.sub(m) if z is s else z.sub_(m)
     p.exp_()
     w = (lse_k4 - m).exp_()
     total = p.sum(dim=-1, keepdim=True).add_(w)
-    empty = None
-    if slots is not None:
-        empty = total == 0
-        total.masked_fill_(empty, 1.0)
+    empty = total == 0
+    total.masked_fill_(empty, 1.0)
     p.div_(total)
     w.div_(total)
     pg = (p * g if gate is not None else p).to(q.dtype)
@@ -142,9 +139,7 @@ def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale, *, out=None, w
         _heads(out).copy_(_per_head(pg, pv).to(acc).addcmul_(w, o_k))
     lse = None
     if with_lse:
-        merged_lse = m.add_(total.log_())
-        if empty is not None:
-            merged_lse.masked_fill_(empty, float("-inf"))
+        merged_lse = m.add_(total.log_()).masked_fill_(empty, float("-inf"))
         lse = _heads(merged_lse).squeeze(-1).to(q.dtype)
     return out, lse, (s, p, w, pg)
 

@@ -133,3 +133,15 @@ def test_bad_input_is_a_clear_error(edit, match):
     call.update(edit)
     with pytest.raises(ValueError, match=match):
         fastprefix.gated_prefix_attention(**call)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_a_query_that_sees_nothing_gets_zero_in_every_dtype(dtype):
+    """The CPU op's log-sum-exp of a row with no real key sits near the lowest finite value of its mask's dtype (q's):
+    with no prefix slot either, the row is 0 (in fp16 that value is -65504, not a float32 extreme)."""
+    x, kpm, _ = _inputs()
+    x = {name: t.to(dtype) for name, t in x.items()}
+    out = fastprefix.gated_prefix_attention(**x, key_padding_mask=kpm, prefix_index=torch.tensor(INDEX),
+                                            prefix_lengths=torch.tensor(LENGTHS), backend="torch")
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[3], torch.zeros_like(out[3]))  # row 3: no real key, adapter 2 of length 0
