@@ -59,13 +59,6 @@ def _ways(model, ids, mask, names):
     return one, separate
 
 
-def _seconds(fn, clock):
-    now = measure.CLOCKS[clock]
-    t0 = now()
-    fn()
-    return now() - t0
-
-
 def measure_adapters(model_name, batch, seq_len, prefix_len, adapter_counts, rounds, device):
     """One row per A: ``dict(A, train/infer tokens/s (median, q1, q3) of each way, their ratio, peak MiB)``."""
     rows = []
@@ -92,9 +85,7 @@ def measure_adapters(model_name, batch, seq_len, prefix_len, adapter_counts, rou
                         with torch.set_grad_enabled(train):
                             fn(train)
                         model.zero_grad(set_to_none=True)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    seconds = _seconds(step, clock)
+                    seconds = measure.median_seconds(step, device, 0, 1, clock)[0]  # one timed call, synced
                     if r:  # the first round warms up
                         times[way].append(seconds)
             for way, ts in times.items():
