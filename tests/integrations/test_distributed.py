@@ -2,7 +2,6 @@
 torch.compile."""
 
 import os
-import socket
 import warnings
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 import fastprefix
+from helpers.distributed import run_two
 from helpers.models import METHODS, applied, batch, run, tiny
 
 EXACT = dict(atol=1e-10, rtol=0)
@@ -20,12 +20,6 @@ def _loss(out):
     """A loss that moves with every output coordinate (a plain mean square is ~constant after a LayerNorm)."""
     w = torch.randn(out.shape[-1], generator=torch.Generator().manual_seed(3), dtype=out.dtype)
     return (out @ w).pow(2).mean()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _global_batch():
@@ -47,38 +41,29 @@ def _adapters_state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("fastprefix")}
 
 
-def _ddp_worker(rank, port, out_dir):
-    import torch.distributed as dist
+def _ddp_worker(rank, out_dir):
     from torch.nn.parallel import DistributedDataParallel
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        ids, mask = _global_batch()
-        half = slice(2 * rank, 2 * rank + 2)
-        for method in DDP_METHODS:
-            model = applied("bert", method)
-            ddp = DistributedDataParallel(model)
-            opt = torch.optim.SGD(model.fastprefix.parameters(), lr=0.5)
-            _loss(ddp(input_ids=ids[half], attention_mask=mask[half]).last_hidden_state).backward()
-            opt.step()
-            torch.save(model.fastprefix.state_dict(), os.path.join(out_dir, f"{method}-{rank}.pt"))
-        model = _two_adapters()  # per-row adapters: both adapters train on their own rows of each half
+    ids, mask = _global_batch()
+    half = slice(2 * rank, 2 * rank + 2)
+    for method in DDP_METHODS:
+        model = applied("bert", method)
         ddp = DistributedDataParallel(model)
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-        out = ddp(input_ids=ids[half], attention_mask=mask[half], adapter_names=ROW_NAMES[half])
-        _loss(out.last_hidden_state).backward()
+        opt = torch.optim.SGD(model.fastprefix.parameters(), lr=0.5)
+        _loss(ddp(input_ids=ids[half], attention_mask=mask[half]).last_hidden_state).backward()
         opt.step()
-        torch.save(_adapters_state(model), os.path.join(out_dir, f"rows-{rank}.pt"))
-        dist.barrier()  # both ranks done before either tears gloo down
-    finally:
-        dist.destroy_process_group()
+        torch.save(model.fastprefix.state_dict(), os.path.join(out_dir, f"{method}-{rank}.pt"))
+    model = _two_adapters()  # per-row adapters: both adapters train on their own rows of each half
+    ddp = DistributedDataParallel(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    out = ddp(input_ids=ids[half], attention_mask=mask[half], adapter_names=ROW_NAMES[half])
+    _loss(out.last_hidden_state).backward()
+    opt.step()
+    torch.save(_adapters_state(model), os.path.join(out_dir, f"rows-{rank}.pt"))
 
 
 def test_ddp_two_processes_match_one_process_on_the_whole_batch(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_two(_ddp_worker, str(tmp_path))
     ids, mask = _global_batch()
     for method in DDP_METHODS:
         model = applied("bert", method)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fastprefix
+from helpers.distributed import run_two
 from helpers.models import METHODS, batch, perturb, run, tiny
 
 # every method once, encoders and decoders alternating (both kinds for APT's two gates)
@@ -89,50 +90,37 @@ def _loss(out):
     return (out @ w).pow(2).mean()
 
 
-def _fsdp_worker(rank, port, out_dir):
+def _fsdp_worker(rank, out_dir):
     import os
 
-    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        ids, mask = batch([6, 2, 5, 3])
-        half = slice(2 * rank, 2 * rank + 2)
-        for method in FSDP_METHODS:
-            # eval mode: no dropout, so the ranks' halves add up to the whole batch's step
-            model = perturb(fastprefix.apply(tiny("bert", dtype=torch.float32), METHODS[method]()), scale=0.1)
-            # the README's recipe: each layer sharded, the method module its own group kept gathered for the
-            # whole forward (the prefix is a view of its table; APT's gate is read inside the attention)
-            for layer in model.encoder.layer:
-                fully_shard(layer)
-            fully_shard(model.fastprefix, reshard_after_forward=False)
-            fully_shard(model)
-            with pytest.raises(ValueError, match="are shards \\(FSDP2\\)"):
-                fastprefix.save_adapter(model, os.path.join(out_dir, "never"))
-            loss = _loss(model(input_ids=ids[half], attention_mask=mask[half]).last_hidden_state)
-            loss.backward()
-            grads = {n: p.grad.full_tensor() for n, p in model.fastprefix.named_parameters()}
-            torch.optim.SGD(model.fastprefix.parameters(), lr=0.5).step()
-            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if rank == 0:
-                fastprefix.save_adapter(model, os.path.join(out_dir, method), state_dict=full)
-            torch.save(dict(loss=loss.detach(), grads=grads), os.path.join(out_dir, f"{method}-{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    ids, mask = batch([6, 2, 5, 3])
+    half = slice(2 * rank, 2 * rank + 2)
+    for method in FSDP_METHODS:
+        # eval mode: no dropout, so the ranks' halves add up to the whole batch's step
+        model = perturb(fastprefix.apply(tiny("bert", dtype=torch.float32), METHODS[method]()), scale=0.1)
+        # the README's recipe: each layer sharded, the method module its own group kept gathered for the
+        # whole forward (the prefix is a view of its table; APT's gate is read inside the attention)
+        for layer in model.encoder.layer:
+            fully_shard(layer)
+        fully_shard(model.fastprefix, reshard_after_forward=False)
+        fully_shard(model)
+        with pytest.raises(ValueError, match="are shards \\(FSDP2\\)"):
+            fastprefix.save_adapter(model, os.path.join(out_dir, "never"))
+        loss = _loss(model(input_ids=ids[half], attention_mask=mask[half]).last_hidden_state)
+        loss.backward()
+        grads = {n: p.grad.full_tensor() for n, p in model.fastprefix.named_parameters()}
+        torch.optim.SGD(model.fastprefix.parameters(), lr=0.5).step()
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            fastprefix.save_adapter(model, os.path.join(out_dir, method), state_dict=full)
+        torch.save(dict(loss=loss.detach(), grads=grads), os.path.join(out_dir, f"{method}-{rank}.pt"))
 
 
 def test_fsdp2_two_processes_match_one_process_and_save_a_full_adapter(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_fsdp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    run_two(_fsdp_worker, str(tmp_path))
     ids, mask = batch([6, 2, 5, 3])
     for method in FSDP_METHODS:
         model = perturb(fastprefix.apply(tiny("bert", dtype=torch.float32), METHODS[method]()), scale=0.1)
