@@ -31,7 +31,8 @@ OLDEST_STAMP := $(OLDEST)/.installed
 OLDEST_TESTS := tests/integrations tests/adapters tests/methods tests/ops/test_attention_kernel.py tests/ops/test_attention_features.py \
 	tests/ops/test_split_attention.py tests/ops/test_split_features.py tests/ops/test_embedding_kernel.py \
 	tests/ops/test_kernel_fixes.py tests/ops/test_reference.py tests/ops/test_varlen_attention.py \
-	tests/ops/test_concat_attention.py tests/ops/test_dispatch_table.py tests/ops/test_prefix_index.py
+	tests/ops/test_concat_attention.py tests/ops/test_dispatch_table.py tests/ops/test_prefix_index.py \
+	tests/ops/test_prefix_index_kernels.py
 
 $(OLDEST_STAMP): setup.py constraints-oldest.txt
 	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)

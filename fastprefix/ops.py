@@ -265,9 +265,9 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
             an adapter). Not with ``cu_seqlens``.
         prefix_lengths: None, or int ``[A]`` with ``prefix_index``: adapter a's prefix is its first
             ``prefix_lengths[a]`` slots (0: no prefix, the real keys alone); the slots after it are hidden. A query
-            that then sees nothing at all gets 0. The Triton backend gathers the rows' prefixes and runs its
-            kernels when every length is L; otherwise the call runs the reference path (the kernels do not take
-            per-row lengths yet).
+            that then sees nothing at all gets 0. The Triton backend's fused kernel and split path read each row's
+            table row in place and hide its later slots (no ``[B, Hkv, L, D]`` copy of the rows' prefixes); the
+            concat path does not take per-row adapters (the dispatch rule runs the call on the other two).
         backend: ``"torch"``, ``"triton"`` or None (Triton for CUDA tensors).
         path: how the Triton backend runs the call: ``"auto"`` (the dispatch rule in
             ``fastprefix.kernels.attention.dispatch``), ``"fused"`` (the fused kernel), ``"split"`` (PyTorch's
@@ -289,15 +289,7 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, *, gate=None, gate_hidde
                                layer_scale=layer_scale, key_padding_mask=key_padding_mask, causal=causal, scale=scale,
                                attn_bias=attn_bias, window=window, softcap=softcap, cu_seqlens=cu_seqlens,
                                prefix_index=prefix_index, prefix_lengths=prefix_lengths)
-    on_triton = attention_backend(backend, q.device, q.dtype) == "triton"
-    if spec.prefix_index is not None and on_triton:
-        L, lengths = prefix_k.shape[-2], spec.prefix_lengths
-        if lengths is not None and memoized(lengths, ("short", L), lambda: bool((lengths < L).any())):
-            return reference.gated_prefix_attention(q, k, v, prefix_k, prefix_v, spec)
-        # every adapter's prefix is L long: the kernels take the rows' prefixes as a per-example prefix
-        prefix_k, prefix_v = prefix_k.index_select(0, spec.prefix_index), prefix_v.index_select(0, spec.prefix_index)
-        spec = spec.replace(prefix_index=None, prefix_lengths=None)
-    if on_triton:
+    if attention_backend(backend, q.device, q.dtype) == "triton":
         kernels = _kernels(_attention_kernels, q.device)
         return kernels.gated_prefix_attention(q, k, v, prefix_k, prefix_v, spec,
                                               default_path() if path is None else path)

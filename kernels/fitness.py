@@ -22,6 +22,7 @@ from Triton's own ptxas run when it compiles, or a second ptxas run on a cache h
     python -m fastprefix.kernels.fitness --json     # the same as JSON lines (used by the tests)
     python -m fastprefix.kernels.fitness --module attention --filter sm90   # an op (or one module: attention.split)
     python -m fastprefix.kernels.fitness --features  # the attention's attn_bias / window / softcap variants
+    python -m fastprefix.kernels.fitness --adapters  # the attention's per-row adapter variants (prefix_index)
 
 Compilation needs a real (not interpreted) Triton: run without TRITON_INTERPRET=1. No GPU and no
 CUDA driver are needed; the wheel's own ptxas is used.
@@ -138,10 +139,10 @@ def _expand(modules: Iterable[str]) -> list[str]:
     return [m for name in modules for m in ([k for k in KERNEL_MODULES if k.split(".")[0] == name] or [name])]
 
 
-def discover(modules: Iterable[str] = KERNEL_MODULES, features: bool = False) -> list[FitnessConfig]:
-    """Configs of every kernel module (or op) that defines fitness_configs(); with ``features``, instead the
-    optional-feature variants of the modules whose fitness_configs takes ``features`` (the attention's
-    attn_bias / window / softcap kernels)."""
+def discover(modules: Iterable[str] = KERNEL_MODULES, variant: str = "") -> list[FitnessConfig]:
+    """Configs of every kernel module (or op) that defines fitness_configs(); with a ``variant`` (``"features"``,
+    ``"adapters"``), instead that variant of the modules whose fitness_configs takes it as a flag (the attention's
+    attn_bias / window / softcap kernels; its per-row adapter kernels)."""
     configs = []
     for name in _expand(modules):
         full_name = f"{__package__ or 'fastprefix.kernels'}.{name}"
@@ -154,10 +155,10 @@ def discover(modules: Iterable[str] = KERNEL_MODULES, features: bool = False) ->
         provider = getattr(module, "fitness_configs", None)
         if provider is None:
             continue
-        if not features:
+        if not variant:
             configs.extend(FitnessConfig(*c) for c in provider())
-        elif "features" in inspect.signature(provider).parameters:
-            configs.extend(FitnessConfig(*c) for c in provider(features=True))
+        elif variant in inspect.signature(provider).parameters:
+            configs.extend(FitnessConfig(*c) for c in provider(**{variant: True}))
     return configs
 
 
@@ -198,10 +199,14 @@ def main(argv=None) -> int:
                         help="only this op or kernel module (repeatable; default: all)")
     parser.add_argument("--filter", default="", help="only configs whose name contains this text")
     parser.add_argument("--workers", type=int, default=0, help="compile processes (default: all cores)")
-    parser.add_argument("--features", action="store_true",
-                        help="the optional-feature kernel variants (attention bias, window, softcap) instead")
+    variants = parser.add_mutually_exclusive_group()
+    variants.add_argument("--features", action="store_true",
+                          help="the optional-feature kernel variants (attention bias, window, softcap) instead")
+    variants.add_argument("--adapters", action="store_true",
+                          help="the per-row adapter kernel variants (a table of prefixes, prefix_index) instead")
     args = parser.parse_args(argv)
-    configs = [c for c in discover(args.module or KERNEL_MODULES, args.features) if args.filter in c.name]
+    variant = "features" if args.features else "adapters" if args.adapters else ""
+    configs = [c for c in discover(args.module or KERNEL_MODULES, variant) if args.filter in c.name]
     results = measure_all(configs, args.workers)
     if args.json:
         for r in results:

@@ -21,8 +21,8 @@ the kernels are tested against, what ``output_attentions`` returns, and DeBERTa'
 - a bias or a softcap (they change the logits themselves), or another device: the explicit formulation,
   autograd through every op (the bias's gradient, summed over its broadcast dims, included).
 
-Per-row adapters (``spec.prefix_index``) take each row's prefix from the table first (a copy; the Triton backend
-gathers them too, for now). A packed row (``spec.cu_seqlens``) runs its sequences right-padded through the same
+Per-row adapters (``spec.prefix_index``) take each row's prefix from the table first (a copy here; the Triton
+kernels read the table in place). A packed row (``spec.cu_seqlens``) runs its sequences right-padded through the same
 choice (``fastprefix.sequences.unpacked_call``), and its output is packed back; the explicit formulation itself
 (:func:`attention_probs`, the float64 twin of the packed paths) takes the row as it is, with a block-diagonal
 visibility (``fastprefix.spec.visible_keys``).

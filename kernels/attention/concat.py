@@ -160,8 +160,8 @@ def concat_option(q, k, spec: AttentionSpec, arch, prefix_k):
     """``(op, plan)`` the concat path runs this call with (``plan`` None for a dense vendor op), or None where it does
     not serve it (the dispatch rule asks this; :func:`concat_attention` too, when no op is given)."""
     Sq, Sk, D = q.shape[2], k.shape[2], q.shape[-1]
-    if prefix_k is None or D > 128 or spec.has_features or not folds(spec, Sq):
-        return None
+    if prefix_k is None or D > 128 or spec.has_features or not folds(spec, Sq) or spec.prefix_index is not None:
+        return None  # (a table of adapters' prefixes: the fused and split paths read each row's in place)
     L = prefix_k.shape[-2]
     if spec.cu_seqlens is None and (spec.key_padding_mask is None or q.device.type == "cpu"):
         op = vendor.choose_op(q.device.type, arch, q.dtype, D, False, spec.causal, Sq, Sk + L)

@@ -145,16 +145,20 @@ FITNESS_KERNELS = {"fwd": "fwd gate=none", "fwd_gate": "fwd gate=tensor", "bwd_d
                    "bwd_dkdv": "bwd_dkdv", "bwd_prefix": "bwd_prefix gate"}
 
 
-def fused_fitness_configs(kernels: dict, features: bool = False):
+def fused_fitness_configs(kernels: dict, features: bool = False, adapters: bool = False):
     """Every launch config the fused launchers can pick on sm_80, sm_86 and sm_90 for fp16, bf16 and fp32 at D in
     {64, 128}, with the P-Tuning v2 / APT features on (causal, padding, a gate where one exists) and the widest
     prefix tile the config allows; the issue #12 features (attn_bias, window, softcap) off, as the common path
     launches them. ``features=True`` (``fitness --features``): the same configs with every issue #12 feature on
     instead (a bias with its gradient, a window, the cap; named "...+features"), which share the default tiles.
+    ``adapters=True`` (``fitness --adapters``): the kernels that read the prefix, with per-row adapters (a table
+    read through an int64 row index, each adapter's length; named "...+adapters"), on the default tiles.
 
     ``kernels``: the fused module's ``@triton.jit`` kernels by kind, plus ``"bwd_delta"``."""
     floats = ("qk_hi", "qk_lo", "sc_hi", "sc_lo", "cap_hi", "cap_lo", "icap_hi", "icap_lo")
-    off = dict(HAS_WINDOW=features, HAS_SOFTCAP=features, LIBDEVICE=True)  # + the BIAS / DS pointers below
+    off = dict(HAS_WINDOW=features, HAS_SOFTCAP=features, LIBDEVICE=True, INDEXED=adapters)  # + pointers below
+    table = dict(PIDX="*i64", PLEN="*i64") if adapters else {}  # pointers; None (constexpr) without adapters
+    suffix = "+features" if features else "+adapters" if adapters else ""
 
     def spec(fn, ptrs, cx):
         # as launched on contiguous tensors: unit last-dim stride of the gate, 16-divisible row
@@ -173,6 +177,8 @@ def fused_fitness_configs(kernels: dict, features: bool = False):
             for D in (64, 128):
                 tag = f"sm{arch} {name} D{D}"
                 for kind in KINDS:
+                    if adapters and kind == "bwd_dkdv":
+                        continue  # it never reads the prefix
                     cfg = pick_config(kind, D, arch, torch_dtype, features)
                     cx = dict(flags, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=D)
                     if kind in ("fwd", "fwd_gate"):
@@ -206,21 +212,26 @@ def fused_fitness_configs(kernels: dict, features: bool = False):
                         cx["IS_CAUSAL"] = False
                     else:
                         cx.update(BIAS=None, DS=None)
+                    ptrs.update(table)
+                    if not adapters:
+                        cx.update(PIDX=None, PLEN=None)
                     sig, cx, attrs = spec(fn, ptrs, cx)
-                    yield (f"attn.{FITNESS_KERNELS[kind]}{'+features' if features else ''} {tag}", fn, sig, cx,
+                    yield (f"attn.{FITNESS_KERNELS[kind]}{suffix} {tag}", fn, sig, cx,
                            cfg.num_warps, cfg.num_stages, arch, attrs)
-                if features:
-                    continue  # the delta kernel has no features
+                if features or adapters:
+                    continue  # the delta kernel has neither
                 fn = kernels["bwd_delta"]
                 cx = dict(BLOCK_M=DELTA_CONFIG.block_m, BLOCK_D=D, EVEN_D=True, ACC=tl.float32)
                 sig, cx, attrs = spec(fn, dict(DO=ptr, OUT=ptr, DELTA=f32), cx)
                 yield f"attn.bwd_delta {tag}", fn, sig, cx, DELTA_CONFIG.num_warps, DELTA_CONFIG.num_stages, arch, attrs
 
 
-def merge_fitness_configs(kernels: dict):
+def merge_fitness_configs(kernels: dict, adapters: bool = False):
     """Every launch config the merge launchers can pick on sm_80, sm_86 and sm_90 for fp16 and bf16 at D in
-    {64, 128}, with a gate and the widest prefix tile of the config. ``kernels``: the merge kernels by kind."""
-    floats = ("qk_hi", "qk_lo", "l2e_hi", "l2e_lo", "sc_hi", "sc_lo")
+    {64, 128}, with a gate and the widest prefix tile of the config. ``kernels``: the merge kernels by kind.
+    ``adapters=True``: the same with per-row adapters (named "...+adapters"; see :func:`fused_fitness_configs`)."""
+    floats = ("qk_hi", "qk_lo", "l2e_hi", "l2e_lo", "no_key_below", "sc_hi", "sc_lo")
+    table = dict(PIDX="*i64", PLEN="*i64") if adapters else dict(PIDX=None, PLEN=None)
     for arch in TARGETS:  # sm_86 stands for sm_86/89 (sm_80's tiles, 99 KB of shared memory)
         for torch_dtype, name in FITNESS_DTYPES[:2]:  # the split path runs 16-bit inputs only on a GPU
             ptr = "*" + name
@@ -230,14 +241,19 @@ def merge_fitness_configs(kernels: dict):
                     kernel = kernels[kind]
                     cfg = pick_merge_config(kind, D, arch)
                     cx = dict(BLOCK_M=cfg.block_m, BLOCK_L=cfg.block_l, BLOCK_D=D, HAS_GATE=True, EVEN_D=True,
-                              **numerics(torch_dtype, interpreter=False))
+                              INDEXED=adapters, **numerics(torch_dtype, interpreter=False))
                     ptrs = {n: ptr for n in ("Q", "PK", "PV", "GATE", "OK", "OUT", "DO", "DQ")}
                     ptrs.update(GATE="*fp32", LSEK="*fp32", LSE="*fp32", DELTA="*fp32", DPK="*fp32", DPV="*fp32",
                                 DG="*fp32")
+                    if adapters:
+                        ptrs.update(table)
+                    else:
+                        cx.update(table)
                     names = set(kernel.arg_names)
                     ones = {"stride_gl", "stride_lkm"} & names
                     div16 = {n for n in names if n.startswith("stride_") and n[-1] in "bhmn" and n not in ones
                              and not n.startswith(("stride_g", "stride_lk"))} | {"D"}
                     ptrs = {n: t for n, t in ptrs.items() if n in names}
                     sig, cx, attrs = signature_of(kernel, ptrs, cx, floats, ones, div16)
-                    yield f"merge.{kind} gate {tag}", kernel, sig, cx, cfg.num_warps, cfg.num_stages, arch, attrs
+                    yield (f"merge.{kind} gate{'+adapters' if adapters else ''} {tag}", kernel, sig, cx,
+                           cfg.num_warps, cfg.num_stages, arch, attrs)

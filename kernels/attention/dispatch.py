@@ -46,6 +46,10 @@ No GPU run has been committed yet, so today every CUDA call takes the cost model
 | a float32 ``attn_bias``; ``softcap``                   | fused                | fused              | fused             |
 | fp32, sm < 80, CPU (interpreter)                       | fused (rule)         | split (CPU op)     | concat (CPU op)   |
 
+Per-row adapters (``prefix_index``, a table of adapters' prefixes) take the fused kernel or the split path, which
+read each row's table row in place; the concat path would build every row's ``[prefix ; keys]``, so it does not
+serve them (a forced ``"concat"`` falls back as ``"split"`` does).
+
 (``choose_path`` / ``fastprefix.ops.attention_path`` without ``prefix_k`` leave the concat column out: the
 first row is then split, the padded ones split (varlen) or fused as the model ranks split against fused.) A window
 that hides no key arrives as none (``fastprefix.spec.effective_window``). On CUDA a padding mask with every key

@@ -21,12 +21,14 @@ broadcast dims.
 
 Based on FlashAttention-2 (Dao, 2023), forward and backward. The forward streams the prefix in its own tiles
 (BLOCK_L = max(16, next_pow2(L)), capped per config; a shared prefix [Hkv, L, D] is read through a batch stride
-of 0), then the key tiles (BLOCK_N), through an online softmax in log2 units, and saves the row log-sum-exp
-(base 2); neither [Pk ; K] nor the Sq x (L + Sk) scores ever exist in memory. The backward recomputes the
-probabilities from it in four kernels, each owning what it writes (deterministic: no atomics, bitwise
-reproducible): delta = dO . out; dq per query tile; dk, dv per key tile, summed over the heads of its GQA group,
-its query tiles split into the causal diagonal or the window's edges (masked), the interior (mask-free; padded
-keys' rows are zeroed once at the end) and the ragged tail; dPk, dPv, dg per (prefix tile, query split) into
+of 0, per-row adapters' table [A, Hkv, L, D] at row prefix_index[b], up to that adapter's length: the constexpr
+INDEXED, ``common.jit.prefix_of``), then the key tiles (BLOCK_N), through an online softmax in log2 units, and
+saves the row log-sum-exp (base 2); neither [Pk ; K] nor the Sq x (L + Sk) scores ever exist in memory. The
+backward recomputes the probabilities from it in four kernels, each owning what it writes (deterministic: no
+atomics, bitwise reproducible; per-row adapters' table gradient sums its rows by ``index_add_``, deterministic
+on CUDA under ``torch.use_deterministic_algorithms``): delta = dO . out; dq per query tile; dk, dv per key tile,
+summed over the heads of its GQA group, its query tiles split into the causal diagonal or the window's edges
+(masked), the interior (mask-free; padded keys' rows are zeroed once at the end) and the ragged tail; dPk, dPv, dg per (prefix tile, query split) into
 fp32 partials that torch sums in a fixed order. The bias gradient is the real keys' dz, written by the dq kernel
 (only when the bias requires grad) to a zero-filled [B, H, Sq, Sk] buffer. Programs of (tile, batch * head) are
 folded into grid axis 0 (tile fastest: neighbours share a head's K/V in L2; no 65,535 cap on B * H).
@@ -60,10 +62,10 @@ from triton.language.extra import libdevice
 
 from ...sequences import packed_output, unpacked_call
 from ...spec import AttentionSpec, acc_dtype
-from ..common.jit import scaled
+from ..common.jit import prefix_of, scaled, shift_of
 from ..common.launch import (LOG2E, arch_of, block_d, folded_grid, gate_strides, numerics, options,
                              prefix_strides, prefix_tile, reduce_prefix_partials, rows_per_split, split_float,
-                             unit_rows)
+                             table_args, unit_rows)
 from ..common.runtime import interpreting, new_buffer
 from . import configs
 
@@ -122,7 +124,7 @@ def _tile_of(pid, num_tiles):
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, PK, PV, GATE, KPM, BIAS, OUT, LSE,
+    Q, K, V, PK, PV, PIDX, PLEN, GATE, KPM, BIAS, OUT, LSE,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -137,10 +139,11 @@ def _fwd_kernel(
     IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_GATE: tl.constexpr, HAS_PAD: tl.constexpr, EVEN_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr,
-    ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    INDEXED: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     """out and the row log-sum-exp (base 2) for one (query tile, batch * head): the prefix tiles, then the
-    key tiles, through one online softmax."""
+    key tiles, through one online softmax. A row that sees no key at all (INDEXED: an empty prefix, every
+    real key hidden) gets out 0 and log-sum-exp +inf, so the backward's exp2(s - lse) is 0 for it."""
     pid_m, pid_bh = _tile_of(tl.program_id(0), num_m_tiles)
     b = pid_bh // H
     h = pid_bh % H
@@ -161,12 +164,13 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
 
     # Prefix tiles of BLOCK_L rows (a short prefix fills one small tile): always visible, batch
-    # stride 0 when shared by the batch.
-    pk_base = PK + b.to(tl.int64) * stride_pkb + hk.to(tl.int64) * stride_pkh
-    pv_base = PV + b.to(tl.int64) * stride_pvb + hk.to(tl.int64) * stride_pvh
-    for j0 in range(0, L, BLOCK_L):
+    # stride 0 when shared by the batch; with per-row adapters the row's own table row, up to its length.
+    a, n_pre = prefix_of(PIDX, PLEN, b, L, INDEXED)
+    pk_base = PK + a * stride_pkb + hk.to(tl.int64) * stride_pkh
+    pv_base = PV + a * stride_pvb + hk.to(tl.int64) * stride_pvh
+    for j0 in range(0, n_pre, BLOCK_L):
         offs_j = j0 + offs_l
-        j_ok = offs_j < L
+        j_ok = offs_j < n_pre
         pk = tl.load(pk_base + offs_j[:, None].to(tl.int64) * stride_pkn + offs_d[None, :],
                      mask=j_ok[:, None] & d_ok[None, :], other=0.0).to(DOT)
         s = scaled(tl.dot(q, tl.trans(pk), input_precision=PREC, out_dtype=ACC), qk_hi, qk_lo, ACC)
@@ -188,7 +192,8 @@ def _fwd_kernel(
         acc = tl.dot(p.to(DOT), pv, acc=acc * alpha[:, None], input_precision=PREC, out_dtype=ACC)
         m_i = m_new
 
-    # Real key tiles. After the prefix every row max is finite, so masked tiles are harmless.
+    # Real key tiles. After a non-empty prefix every row max is finite, so masked tiles are harmless; an empty
+    # one (INDEXED) takes the -inf-safe shift.
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     lo = 0
@@ -221,19 +226,25 @@ def _fwd_kernel(
             valid = valid & _in_window(offs_u[None, :], causal_offset + offs_m[:, None], win_left, win_right)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        shift = shift_of(m_new, INDEXED)
+        alpha = tl.exp2(m_i - shift)
+        p = tl.exp2(s - shift[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         vt = tl.load(v_base + offs_u[:, None].to(tl.int64) * stride_vn + offs_d[None, :],
                      mask=u_ok[:, None] & d_ok[None, :], other=0.0).to(DOT)
         acc = tl.dot(p.to(DOT), vt, acc=acc * alpha[:, None], input_precision=PREC, out_dtype=ACC)
         m_i = m_new
 
+    if INDEXED:  # a row that saw nothing: acc and l_i are 0, m_i is -inf
+        seen = l_i > 0
+        l_i = tl.where(seen, l_i, 1.0)
+        m_i = tl.where(seen, m_i, float("inf"))
+    lse = m_i + tl.log2(l_i)
     out = acc / l_i[:, None]
     o_ptrs = (OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
               + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :])
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+    tl.store(LSE + pid_bh.to(tl.int64) * Sq + offs_m, lse, mask=m_ok)
 
 
 @triton.jit
@@ -262,7 +273,7 @@ def _bwd_delta_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, PK, PV, GATE, KPM, BIAS, DO, LSE, DELTA, DQ, DS,
+    Q, K, V, PK, PV, PIDX, PLEN, GATE, KPM, BIAS, DO, LSE, DELTA, DQ, DS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -278,7 +289,7 @@ def _bwd_dq_kernel(
     IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_GATE: tl.constexpr, HAS_PAD: tl.constexpr, EVEN_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    LIBDEVICE: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    LIBDEVICE: tl.constexpr, INDEXED: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     """dq for one (query tile, batch * head): prefix tiles, then key tiles. With BIAS_GRAD it also writes
     the real keys' dS = d loss / d logit (the bias gradient before its broadcast sum) to DS [B, H, Sq, Sk],
@@ -303,11 +314,12 @@ def _bwd_dq_kernel(
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * Sq + offs_m, mask=m_ok, other=0.0).to(ACC)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
 
-    pk_base = PK + b.to(tl.int64) * stride_pkb + hk.to(tl.int64) * stride_pkh
-    pv_base = PV + b.to(tl.int64) * stride_pvb + hk.to(tl.int64) * stride_pvh
-    for j0 in range(0, L, BLOCK_L):
+    a, n_pre = prefix_of(PIDX, PLEN, b, L, INDEXED)
+    pk_base = PK + a * stride_pkb + hk.to(tl.int64) * stride_pkh
+    pv_base = PV + a * stride_pvb + hk.to(tl.int64) * stride_pvh
+    for j0 in range(0, n_pre, BLOCK_L):
         offs_j = j0 + offs_l
-        j_ok = offs_j < L
+        j_ok = offs_j < n_pre
         jd_ok = j_ok[:, None] & d_ok[None, :]
         pk = tl.load(pk_base + offs_j[:, None].to(tl.int64) * stride_pkn + offs_d[None, :], mask=jd_ok,
                      other=0.0).to(DOT)
@@ -551,7 +563,7 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_prefix_kernel(
-    Q, PK, PV, GATE, DO, LSE, DELTA, DPK, DPV, DG,
+    Q, PK, PV, PIDX, PLEN, GATE, DO, LSE, DELTA, DPK, DPV, DG,
     stride_qb, stride_qh, stride_qm,
     stride_pkb, stride_pkh, stride_pkn,
     stride_pvb, stride_pvh, stride_pvn,
@@ -560,10 +572,11 @@ def _bwd_prefix_kernel(
     H, GROUP, Sq, L, D, rows_per_split, qk_hi, qk_lo, sc_hi, sc_lo, cap_hi, cap_lo, icap_hi, icap_lo, num_l_tiles,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, LIBDEVICE: tl.constexpr, EVEN_D: tl.constexpr,
-    ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    INDEXED: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     """dPk, dPv and dg for one (prefix tile, batch * kv head, query split). Partials, contiguous:
-    dPk, dPv [splits, B, Hkv, L, D] (one per query split and batch row), dg [B, Hkv, Sq, L].
+    dPk, dPv [splits, B, Hkv, L, D] (one per query split and batch row), dg [B, Hkv, Sq, L]; with per-row
+    adapters (INDEXED) the row reads its table row, and its slots past its adapter's length get zeros.
     Grid: axis 0 folds (prefix tile, batch * kv head), axis 1 the query splits (<= 16)."""
     pid_j, pid_bk = _tile_of(tl.program_id(0), num_l_tiles)
     pid_s = tl.program_id(1)
@@ -573,13 +586,15 @@ def _bwd_prefix_kernel(
     offs_j = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_mm = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    j_ok = offs_j < L
+    a, n_pre = prefix_of(PIDX, PLEN, b, L, INDEXED)
+    j_ok = offs_j < n_pre  # the row's own slots; the partials cover all L (zeros past n_pre)
     d_ok = (offs_d < D) | EVEN_D  # all true when D is a power of two: no head-dim mask
     jd_ok = j_ok[:, None] & d_ok[None, :]
+    j_out = offs_j < L
 
-    pk = tl.load(PK + b.to(tl.int64) * stride_pkb + hk.to(tl.int64) * stride_pkh
+    pk = tl.load(PK + a * stride_pkb + hk.to(tl.int64) * stride_pkh
                  + offs_j[:, None].to(tl.int64) * stride_pkn + offs_d[None, :], mask=jd_ok, other=0.0).to(DOT)
-    pv = tl.load(PV + b.to(tl.int64) * stride_pvb + hk.to(tl.int64) * stride_pvh
+    pv = tl.load(PV + a * stride_pvb + hk.to(tl.int64) * stride_pvh
                  + offs_j[:, None].to(tl.int64) * stride_pvn + offs_d[None, :], mask=jd_ok, other=0.0).to(DOT)
     dpk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dpv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
@@ -628,13 +643,13 @@ def _bwd_prefix_kernel(
                 dpk = tl.dot(dz_t.to(DOT), q, acc=dpk, input_precision=PREC, out_dtype=ACC)
         if HAS_GATE:
             dg_ptrs = DG + pid_bk.to(tl.int64) * Sq * L + offs_m[None, :].to(tl.int64) * L + offs_j[:, None]
-            tl.store(dg_ptrs, dg_t.to(DG.dtype.element_ty), mask=valid)
+            tl.store(dg_ptrs, dg_t.to(DG.dtype.element_ty), mask=j_out[:, None] & m_ok[None, :])
 
     dpk = scaled(dpk, sc_hi, sc_lo, ACC)
     part_id = pid_s.to(tl.int64) * (tl.num_programs(0) // num_l_tiles) + pid_bk
     part = part_id * L * D + offs_j[:, None].to(tl.int64) * D + offs_d[None, :]
-    tl.store(DPK + part, dpk.to(DPK.dtype.element_ty), mask=jd_ok)
-    tl.store(DPV + part, dpv.to(DPV.dtype.element_ty), mask=jd_ok)
+    tl.store(DPK + part, dpk.to(DPK.dtype.element_ty), mask=j_out[:, None] & d_ok[None, :])
+    tl.store(DPV + part, dpv.to(DPV.dtype.element_ty), mask=j_out[:, None] & d_ok[None, :])
 
 
 
@@ -711,12 +726,13 @@ def _forward(q, k, v, prefix_k, prefix_v, spec: AttentionSpec, out_bshd: bool):
         kpm = unit_rows(kpm)
         kpm_stride = kpm.stride(0)
 
+    pidx, plen, indexed = table_args(prefix_k, spec.prefix_index, spec.prefix_lengths)
     bd = block_d(D)
     features = bias is not None or band.has_window or has_softcap
     cfg = configs.pick_config("fwd_gate" if gate is not None else "fwd", bd, arch_of(q), q.dtype, features)
     num_m_tiles = triton.cdiv(Sq, cfg.block_m)
     _fwd_kernel[folded_grid(num_m_tiles, B * H)](
-        q, k, v, prefix_k, prefix_v, gate, kpm, bias, out, lse,
+        q, k, v, prefix_k, prefix_v, pidx, plen, gate, kpm, bias, out, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *prefix_strides(prefix_k), *prefix_strides(prefix_v),
         *gate_strides(gate, B, Sq, L), kpm_stride, *bias_strides, *out.stride()[:3],
@@ -724,7 +740,7 @@ def _forward(q, k, v, prefix_k, prefix_v, spec: AttentionSpec, out_bshd: bool):
         num_m_tiles,
         IS_CAUSAL=band.is_causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_L=prefix_tile(L, cfg.block_l),
         BLOCK_D=bd, HAS_GATE=gate is not None, HAS_PAD=kpm is not None, HAS_BIAS=bias is not None,
-        HAS_WINDOW=band.has_window, HAS_SOFTCAP=has_softcap, **_flags(q, D), **options(cfg),
+        HAS_WINDOW=band.has_window, HAS_SOFTCAP=has_softcap, INDEXED=indexed, **_flags(q, D), **options(cfg),
     )
     return out, lse
 
@@ -758,6 +774,7 @@ def _backward(do, q, k, v, prefix_k, prefix_v, out, lse, spec: AttentionSpec, bi
         kpm = unit_rows(kpm)
         kpm_stride = kpm.stride(0)
     g_strides = gate_strides(gate, B, Sq, L)
+    pidx, plen, indexed = table_args(prefix_k, spec.prefix_index, spec.prefix_lengths)
     arch = arch_of(q)
     common = (H, H // Hkv)
     scales = (*split_float(spec.scale * LOG2E), *split_float(spec.scale))
@@ -769,13 +786,14 @@ def _backward(do, q, k, v, prefix_k, prefix_v, out, lse, spec: AttentionSpec, bi
     cfg = configs.pick_config("bwd_dq", bd, arch, q.dtype, features)
     tiles = triton.cdiv(Sq, cfg.block_m)
     _bwd_dq_kernel[folded_grid(tiles, B * H)](
-        q, k, v, prefix_k, prefix_v, gate, kpm, bias, do, lse, delta, dq, ds,
+        q, k, v, prefix_k, prefix_v, pidx, plen, gate, kpm, bias, do, lse, delta, dq, ds,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *prefix_strides(prefix_k), *prefix_strides(prefix_v), *g_strides, kpm_stride, *bias_strides,
         *do.stride()[:3], *dq.stride()[:3],
         *common, Sq, Sk, L, D, Sk - Sq, band.left, band.right, *scales, *cap, tiles,
         IS_CAUSAL=band.is_causal, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_L=prefix_tile(L, cfg.block_l),
-        BLOCK_D=bd, HAS_GATE=gate is not None, BIAS_GRAD=ds is not None, **has, **flags, **options(cfg),
+        BLOCK_D=bd, HAS_GATE=gate is not None, BIAS_GRAD=ds is not None, INDEXED=indexed, **has, **flags,
+        **options(cfg),
     )
 
     dk = new_buffer((B, Hkv, Sk, D), k.dtype, k.device)
@@ -801,15 +819,15 @@ def _backward(do, q, k, v, prefix_k, prefix_v, out, lse, spec: AttentionSpec, bi
     dpv = new_buffer((splits, B, Hkv, L, D), acc, q.device)
     dg = new_buffer((B, Hkv, Sq, L), acc, q.device) if gate is not None else None
     _bwd_prefix_kernel[folded_grid(tiles, B * Hkv, splits)](
-        q, prefix_k, prefix_v, gate, do, lse, delta, dpk, dpv, dg,
+        q, prefix_k, prefix_v, pidx, plen, gate, do, lse, delta, dpk, dpv, dg,
         *q.stride()[:3], *prefix_strides(prefix_k), *prefix_strides(prefix_v), *g_strides,
         *do.stride()[:3],
         *common, Sq, L, D, rows, *scales, *cap, tiles,
         BLOCK_M=cfg.block_m, BLOCK_N=block_l, BLOCK_D=bd, HAS_GATE=gate is not None, HAS_SOFTCAP=has_softcap,
-        **flags, **options(cfg),
+        INDEXED=indexed, **flags, **options(cfg),
     )
     dbias = ds if ds is not None else q.new_empty((0,), dtype=acc)
-    return (dq, dk, dv, *reduce_prefix_partials(dpk, dpv, dg, prefix_k, prefix_v, q, acc), dbias)
+    return (dq, dk, dv, *reduce_prefix_partials(dpk, dpv, dg, prefix_k, prefix_v, q, acc, pidx), dbias)
 
 
 # ---------------------------------------- torch.library ops (opaque to torch.compile) and the autograd.Function
@@ -818,12 +836,13 @@ Tensor = torch.Tensor
 
 
 def spec_from_args(scale: float, causal: bool, key_padding_mask, window_left: int, window_right: int, attn_bias,
-                   softcap: Optional[float], gate) -> AttentionSpec:
+                   softcap: Optional[float], gate, prefix_index=None, prefix_lengths=None) -> AttentionSpec:
     """The custom ops' primitive arguments back to the spec the launchers read (as they were unpacked from one:
     nothing is re-normalised). The window travels as two ints, (-1, -1) for none."""
     window = None if window_left == -1 and window_right == -1 else (window_left, window_right)
     return AttentionSpec(scale=scale, causal=causal, key_padding_mask=key_padding_mask, window=window,
-                         attn_bias=attn_bias, gate=gate, softcap=softcap)
+                         attn_bias=attn_bias, gate=gate, softcap=softcap, prefix_index=prefix_index,
+                         prefix_lengths=prefix_lengths)
 
 
 def window_args(spec: AttentionSpec) -> tuple:
@@ -835,14 +854,16 @@ def window_args(spec: AttentionSpec) -> tuple:
 def _fwd_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, gate: Optional[Tensor],
             key_padding_mask: Optional[Tensor], causal: bool, scale: float,
             out_bshd: bool = False, attn_bias: Optional[Tensor] = None, window_left: int = -1,
-            window_right: int = -1, softcap: Optional[float] = None) -> tuple[Tensor, Tensor]:
-    spec = spec_from_args(scale, causal, key_padding_mask, window_left, window_right, attn_bias, softcap, gate)
+            window_right: int = -1, softcap: Optional[float] = None, prefix_index: Optional[Tensor] = None,
+            prefix_lengths: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    spec = spec_from_args(scale, causal, key_padding_mask, window_left, window_right, attn_bias, softcap, gate,
+                          prefix_index, prefix_lengths)
     return _forward(q, k, v, prefix_k, prefix_v, spec, out_bshd)
 
 
 @_fwd_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, out_bshd=False, attn_bias=None,
-      window_left=-1, window_right=-1, softcap=None):
+      window_left=-1, window_right=-1, softcap=None, prefix_index=None, prefix_lengths=None):
     B, H, Sq, D = q.shape
     out = q.new_empty((B, Sq, H, D)).transpose(1, 2) if out_bshd else q.new_empty((B, H, Sq, D))
     return out, q.new_empty((B, H, Sq), dtype=acc_dtype(q.dtype))
@@ -852,15 +873,17 @@ def _(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, out_bs
 def _bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
             gate: Optional[Tensor], key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor, causal: bool,
             scale: float, attn_bias: Optional[Tensor] = None, bias_grad: bool = False, window_left: int = -1,
-            window_right: int = -1, softcap: Optional[float] = None
+            window_right: int = -1, softcap: Optional[float] = None, prefix_index: Optional[Tensor] = None,
+            prefix_lengths: Optional[Tensor] = None
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    spec = spec_from_args(scale, causal, key_padding_mask, window_left, window_right, attn_bias, softcap, gate)
+    spec = spec_from_args(scale, causal, key_padding_mask, window_left, window_right, attn_bias, softcap, gate,
+                          prefix_index, prefix_lengths)
     return _backward(do, q, k, v, prefix_k, prefix_v, out, lse, spec, bias_grad)
 
 
 @_bwd_op.register_fake
 def _(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse, causal, scale, attn_bias=None,
-      bias_grad=False, window_left=-1, window_right=-1, softcap=None):
+      bias_grad=False, window_left=-1, window_right=-1, softcap=None, prefix_index=None, prefix_lengths=None):
     B, H, Sq, _ = q.shape
     acc = acc_dtype(q.dtype)
     dg = q.new_empty((B, Sq, prefix_k.shape[-2]) if gate is not None else (0,), dtype=acc)
@@ -877,28 +900,29 @@ class GatedPrefixAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, out_bshd, attn_bias,
-                window_left, window_right, softcap):
+                window_left, window_right, softcap, prefix_index=None, prefix_lengths=None):
         out, lse = torch.ops.fastprefix.gated_prefix_attention_fwd(
             q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, out_bshd, attn_bias, window_left,
-            window_right, softcap)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, attn_bias, out, lse)
+            window_right, softcap, prefix_index, prefix_lengths)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, attn_bias, out, lse, prefix_index,
+                              prefix_lengths)
         ctx.causal, ctx.scale, ctx.window, ctx.softcap = causal, scale, (window_left, window_right), softcap
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, prefix_k, prefix_v, gate, key_padding_mask, attn_bias, out, lse = ctx.saved_tensors
+        q, k, v, prefix_k, prefix_v, gate, key_padding_mask, attn_bias, out, lse, index, lengths = ctx.saved_tensors
         bias_grad = attn_bias is not None and ctx.needs_input_grad[10]  # no dS work for a frozen bias
         dq, dk, dv, dpk, dpv, dg_full, ds = torch.ops.fastprefix.gated_prefix_attention_bwd(
             do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse, ctx.causal, ctx.scale, attn_bias,
-            bias_grad, *ctx.window, ctx.softcap)
+            bias_grad, *ctx.window, ctx.softcap, index, lengths)
         dgate = None
         if gate is not None and ctx.needs_input_grad[5]:
             dgate = dg_full.sum_to_size(gate.shape).to(gate.dtype)  # e.g. [B, 1, L] for a pooled gate
         dbias = None
         if bias_grad:  # [B, H, Sq, Sk] summed over the bias's broadcast dims, in its dtype
             dbias = ds.sum_to_size(attn_bias.shape).to(attn_bias.dtype)
-        return dq, dk, dv, dpk, dpv, dgate, None, None, None, None, dbias, None, None, None
+        return dq, dk, dv, dpk, dpv, dgate, None, None, None, None, dbias, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------- public
@@ -960,11 +984,11 @@ def _launch(q, k, v, prefix_k, prefix_v, spec: AttentionSpec, out_layout: str):
     gate = gate_tensor(q, spec)
     return GatedPrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, gate, spec.key_padding_mask, spec.causal,
                                               spec.scale, out_layout == "bshd", spec.attn_bias, *window_args(spec),
-                                              spec.softcap)
+                                              spec.softcap, spec.prefix_index, spec.prefix_lengths)
 
 
-def fitness_configs(features: bool = False):
+def fitness_configs(features: bool = False, adapters: bool = False):
     """This module's launch configs for kernels/fitness.py (``configs.fused_fitness_configs`` on these kernels)."""
     kernels = dict(fwd=_fwd_kernel, bwd_delta=_bwd_delta_kernel, bwd_dq=_bwd_dq_kernel, bwd_dkdv=_bwd_dkdv_kernel,
                    bwd_prefix=_bwd_prefix_kernel)
-    return configs.fused_fitness_configs(kernels, features)
+    return configs.fused_fitness_configs(kernels, features, adapters)

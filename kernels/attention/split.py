@@ -25,7 +25,9 @@ query tile) adds the prefix's dq in place to the vendor's and sums dg over the g
 ``[B, Hkv, Sq, L]``; ``_merge_bwd_prefix_kernel`` per (batch * kv head, query split) recomputes s, e, p (cheaper
 than holding dq's and the prefix's accumulators in one program, which spills) for dPk, dPv partials
 ``[splits, B, Hkv, L, D]``; torch sums the partials in a fixed order. Neither ``[Pk ; K]`` nor a ``[.., Sq, L]``
-score tensor exists in global memory; a shared prefix ``[Hkv, L, D]`` is read through a batch stride of 0.
+score tensor exists in global memory; a shared prefix ``[Hkv, L, D]`` is read through a batch stride of 0, and
+per-row adapters' table ``[A, Hkv, L, D]`` at row ``prefix_index[b]`` up to that adapter's length (INDEXED; the
+table's gradient sums its rows' partials, ``launch.reduce_prefix_partials``).
 
 ``attn_bias`` and ``window`` act on the real keys only, so they live in the vendor op (one additive mask on
 CPU, the memory-efficient op's bias on CUDA): the merge kernels are the same. The bias gradient is the vendor
@@ -62,9 +64,10 @@ import triton
 import triton.language as tl
 
 from ...spec import AttentionSpec, acc_dtype
-from ..common.jit import scaled
+from ..common.jit import prefix_of, scaled, shift_of
 from ..common.launch import (LOG2E, arch_of, block_d, gate_strides, numerics, options, prefix_strides,
-                             prefix_tile, reduce_prefix_partials, rows_per_split, split_float, unit_rows)
+                             prefix_tile, reduce_prefix_partials, rows_per_split, split_float, table_args,
+                             unit_rows)
 from ..common.runtime import new_buffer
 from . import configs, varlen, vendor
 from .fused import gate_tensor, spec_from_args, window_args
@@ -78,7 +81,7 @@ LN2 = math.log(2.0)
 
 @triton.jit
 def _merge_fwd_kernel(
-    Q, PK, PV, GATE, OK, LSEK, OUT, LSE,
+    Q, PK, PV, PIDX, PLEN, GATE, OK, LSEK, OUT, LSE,
     stride_qb, stride_qh, stride_qm,
     stride_pkb, stride_pkh, stride_pkn,
     stride_pvb, stride_pvh, stride_pvn,
@@ -86,11 +89,12 @@ def _merge_fwd_kernel(
     stride_okb, stride_okh, stride_okm,
     stride_lkb, stride_lkh, stride_lkm,
     stride_ob, stride_oh, stride_om,
-    H, GROUP, Sq, L, D, qk_hi, qk_lo, l2e_hi, l2e_lo,
+    H, GROUP, Sq, L, D, qk_hi, qk_lo, l2e_hi, l2e_lo, no_key_below,
     BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GATE: tl.constexpr,
-    EVEN_D: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    EVEN_D: tl.constexpr, INDEXED: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """out and the merged log-sum-exp (base 2) for one (batch * head, query tile)."""
+    """out and the merged log-sum-exp (base 2) for one (batch * head, query tile). A row that sees nothing (INDEXED:
+    an empty prefix and no real key) gets out 0 and log-sum-exp +inf (no mass anywhere in the backward)."""
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -110,10 +114,11 @@ def _merge_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-    pk_base = PK + b * stride_pkb + hk * stride_pkh
-    pv_base = PV + b * stride_pvb + hk * stride_pvh
-    for j0 in range(0, L, BLOCK_L):
-        j_ok = (j0 + offs_l) < L
+    a, n_pre = prefix_of(PIDX, PLEN, b, L, INDEXED)  # per-row adapters: the row's table row and length
+    pk_base = PK + a * stride_pkb + hk * stride_pkh
+    pv_base = PV + a * stride_pvb + hk * stride_pvh
+    for j0 in range(0, n_pre, BLOCK_L):
+        j_ok = (j0 + offs_l) < n_pre
         jd_ok = j_ok[:, None] & d_ok[None, :]
         j64 = tl.full([], 0, tl.int64) + j0  # (loop counters are plain ints under the interpreter)
         pk = tl.load(pk_base + j64 * stride_pkn + (offs_l[:, None] * stride_pkn + offs_d[None, :]), mask=jd_ok,
@@ -136,16 +141,22 @@ def _merge_fwd_kernel(
         acc = tl.dot(p.to(DOT), pv, acc=acc * alpha[:, None], input_precision=PREC, out_dtype=ACC)
         m_i = m_new
 
-    # Merge with the real keys. A NaN or +inf lse_k (an empty row, as FlashAttention reports it) is no mass.
+    # Merge with the real keys. A NaN or +inf lse_k (an empty row, as FlashAttention reports it) is no mass, and so
+    # is one at or below no_key_below (the CPU op's empty row, its mask's lowest value plus a log: a prefix's mass
+    # would make its weight 0 anyway, but an adapter's empty prefix leaves nothing to outweigh it).
     lse_k = tl.load(LSEK + b * stride_lkb + h * stride_lkh + (m64 + offs_mm) * stride_lkm, mask=m_ok,
                     other=float("-inf")).to(ACC)
-    has_keys = (lse_k == lse_k) & (lse_k < float("inf"))
+    has_keys = (lse_k == lse_k) & (lse_k < float("inf")) & (lse_k > no_key_below)
     # clamped first: the CPU op's empty-row value (about the dtype's lowest) must not overflow when scaled
     lse_k = tl.where(has_keys, scaled(tl.maximum(lse_k, -1e30), l2e_hi, l2e_lo, ACC), float("-inf"))
-    m_tot = tl.maximum(m_i, lse_k)
+    m_tot = shift_of(tl.maximum(m_i, lse_k), INDEXED)  # -inf only with an empty prefix and no real key
     a_prefix = tl.exp2(m_i - m_tot)
     w = tl.exp2(lse_k - m_tot)
     denom = l_i * a_prefix + w
+    if INDEXED:  # nothing seen: acc, o_k and denom are 0
+        seen = denom > 0
+        denom = tl.where(seen, denom, 1.0)
+        m_tot = tl.where(seen, m_tot, float("inf"))
     o_k = tl.load(OK + b * stride_okb + h * stride_okh + m64 * stride_okm
                   + (offs_mm[:, None] * stride_okm + offs_d[None, :]), mask=md_ok & has_keys[:, None],
                   other=0.0).to(ACC)
@@ -157,7 +168,7 @@ def _merge_fwd_kernel(
 
 @triton.jit
 def _merge_bwd_dq_kernel(
-    Q, PK, PV, GATE, DO, LSE, DELTA, DQ, DG,
+    Q, PK, PV, PIDX, PLEN, GATE, DO, LSE, DELTA, DQ, DG,
     stride_qb, stride_qh, stride_qm,
     stride_pkb, stride_pkh, stride_pkn,
     stride_pvb, stride_pvh, stride_pvn,
@@ -166,11 +177,12 @@ def _merge_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm,
     H, GROUP, Sq, L, D, qk_hi, qk_lo, sc_hi, sc_lo,
     BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GATE: tl.constexpr,
-    EVEN_D: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    EVEN_D: tl.constexpr, INDEXED: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     """For one (batch * kv head, query tile): dq's prefix share, added in place to the vendor's dq, for
     each head of the GQA group, and the gate gradient summed over the group's heads, written to the
-    partial ``dg [B, Hkv, Sq, L]`` (contiguous)."""
+    partial ``dg [B, Hkv, Sq, L]`` (contiguous; with per-row adapters (INDEXED) only the row's own slots are
+    written, the launcher zero-fills the rest)."""
     pid_bk = tl.program_id(0)
     pid_m = tl.program_id(1)
     Hkv = H // GROUP
@@ -184,8 +196,9 @@ def _merge_bwd_dq_kernel(
     d_ok = (offs_d < D) | EVEN_D  # all true when D is a power of two: no head-dim mask
     md_ok = m_ok[:, None] & d_ok[None, :]
     # Offsets within a tile stay int32 (fewer registers); every base offset added to them is int64.
-    pk_base = PK + b * stride_pkb + hk.to(tl.int64) * stride_pkh
-    pv_base = PV + b * stride_pvb + hk.to(tl.int64) * stride_pvh
+    a, n_pre = prefix_of(PIDX, PLEN, b, L, INDEXED)
+    pk_base = PK + a * stride_pkb + hk.to(tl.int64) * stride_pkh
+    pv_base = PV + a * stride_pvb + hk.to(tl.int64) * stride_pvh
     for hh in range(0, GROUP):
         h = (hk * GROUP + hh).to(tl.int64)
         q = tl.load(Q + b * stride_qb + h * stride_qh + m64 * stride_qm
@@ -196,8 +209,8 @@ def _merge_bwd_dq_kernel(
         lse = tl.load(LSE + row, mask=m_ok, other=0.0).to(ACC)
         delta = tl.load(DELTA + row, mask=m_ok, other=0.0).to(ACC)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-        for j0 in range(0, L, BLOCK_L):
-            j_ok = (j0 + offs_l) < L
+        for j0 in range(0, n_pre, BLOCK_L):
+            j_ok = (j0 + offs_l) < n_pre
             jd_ok = j_ok[:, None] & d_ok[None, :]
             ml_ok = m_ok[:, None] & j_ok[None, :]
             j64 = tl.full([], 0, tl.int64) + j0  # (loop counters are plain ints under the interpreter)
@@ -231,7 +244,7 @@ def _merge_bwd_dq_kernel(
 
 @triton.jit
 def _merge_bwd_prefix_kernel(
-    Q, PK, PV, GATE, DO, LSE, DELTA, DPK, DPV,
+    Q, PK, PV, PIDX, PLEN, GATE, DO, LSE, DELTA, DPK, DPV,
     stride_qb, stride_qh, stride_qm,
     stride_pkb, stride_pkh, stride_pkn,
     stride_pvb, stride_pvh, stride_pvn,
@@ -239,10 +252,11 @@ def _merge_bwd_prefix_kernel(
     stride_dob, stride_doh, stride_dom,
     H, GROUP, Sq, L, D, rows_per_split, qk_hi, qk_lo, sc_hi, sc_lo,
     BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GATE: tl.constexpr,
-    EVEN_D: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
+    EVEN_D: tl.constexpr, INDEXED: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     """dPk, dPv for one (batch * kv head, query split), over its query rows and the group's heads:
-    partials ``[splits, B, Hkv, L, D]`` (contiguous), one per split and batch row."""
+    partials ``[splits, B, Hkv, L, D]`` (contiguous), one per split and batch row (with per-row adapters, zeros
+    past the row's adapter's length)."""
     pid_bk = tl.program_id(0)
     pid_s = tl.program_id(1)
     Hkv = H // GROUP
@@ -255,11 +269,13 @@ def _merge_bwd_prefix_kernel(
     m_lo = pid_s * rows_per_split
     m_hi = tl.minimum(Sq, m_lo + rows_per_split)
     part = (pid_s.to(tl.int64) * tl.num_programs(0) + pid_bk) * L * D
-    pk_base = PK + b * stride_pkb + hk.to(tl.int64) * stride_pkh
-    pv_base = PV + b * stride_pvb + hk.to(tl.int64) * stride_pvh
+    a, n_pre = prefix_of(PIDX, PLEN, b, L, INDEXED)
+    pk_base = PK + a * stride_pkb + hk.to(tl.int64) * stride_pkh
+    pv_base = PV + a * stride_pvb + hk.to(tl.int64) * stride_pvh
     for j0 in range(0, L, BLOCK_L):
-        j_ok = (j0 + offs_l) < L
+        j_ok = (j0 + offs_l) < n_pre  # the row's own slots; every slot of the partial is written
         jd_ok = j_ok[:, None] & d_ok[None, :]
+        out_ok = ((j0 + offs_l) < L)[:, None] & d_ok[None, :]
         j64 = tl.full([], 0, tl.int64) + j0  # (loop counters are plain ints under the interpreter)
         pk = tl.load(pk_base + j64 * stride_pkn + (offs_l[:, None] * stride_pkn + offs_d[None, :]), mask=jd_ok,
                      other=0.0).to(DOT)
@@ -298,8 +314,8 @@ def _merge_bwd_prefix_kernel(
                 dpk = tl.dot(ds_t.to(DOT), q, acc=dpk, input_precision=PREC, out_dtype=ACC)
         dpk = scaled(dpk, sc_hi, sc_lo, ACC)
         offs = part + j64 * D + (offs_l[:, None] * D + offs_d[None, :])
-        tl.store(DPK + offs, dpk.to(DPK.dtype.element_ty), mask=jd_ok)
-        tl.store(DPV + offs, dpv.to(DPV.dtype.element_ty), mask=jd_ok)
+        tl.store(DPK + offs, dpk.to(DPK.dtype.element_ty), mask=out_ok)
+        tl.store(DPV + offs, dpv.to(DPV.dtype.element_ty), mask=out_ok)
 
 
 
@@ -320,13 +336,21 @@ def _grid(programs: int, tiles: int) -> tuple:
     return programs, tiles
 
 
-def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale: float):
+def _no_key_below(dtype) -> float:
+    """The real keys' log-sum-exp at or below which a row has no real key: half the lowest finite value of q's dtype
+    (the CPU op masks with that dtype's lowest), at most -1e30 (an fp32 argument; no real row gets near it)."""
+    return max(torch.finfo(dtype).min / 2, -1e30)
+
+
+def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale: float, prefix_index=None, prefix_lengths=None):
     """The forward merge kernel alone (its naive twin: ``fastprefix.reference.split.merge_forward``).
 
     Args:
-        q ``[B, H, Sq, D]``; prefix_k, prefix_v ``[Hkv, L, D]`` or ``[B, Hkv, L, D]``; gate None or a tensor
-        broadcastable to ``[B, Sq, L]``; o_k ``[B, H, Sq, D]`` and lse_k ``[B, H, Sq]`` (natural log; NaN, +inf or
-        -inf: no real key) of the real keys; scale.
+        q ``[B, H, Sq, D]``; prefix_k, prefix_v ``[Hkv, L, D]`` or ``[B, Hkv, L, D]`` (or a table ``[A, Hkv, L, D]``
+        read through ``prefix_index`` ``[B]``, adapter a's first ``prefix_lengths[a]`` slots: see
+        :class:`fastprefix.spec.AttentionSpec`); gate None or a tensor broadcastable to ``[B, Sq, L]``; o_k
+        ``[B, H, Sq, D]`` and lse_k ``[B, H, Sq]`` (natural log; NaN, +inf or -inf: no real key) of the real keys;
+        scale.
 
     Returns:
         out ``[B, H, Sq, D]`` in ``[B, Sq, H, D]`` memory and the merged log-sum-exp ``[B, H, Sq]`` (base 2).
@@ -338,14 +362,15 @@ def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale: float):
     out = new_buffer((B, Sq, H, D), q.dtype, q.device).transpose(1, 2)
     lse = new_buffer((B, H, Sq), acc_dtype(q.dtype), q.device)
     flags = _flags(q, D)
+    pidx, plen, indexed = table_args(prefix_k, prefix_index, prefix_lengths)
     cfg = configs.pick_merge_config("fwd", flags["BLOCK_D"], arch_of(q))
     _merge_fwd_kernel[_grid(B * H, triton.cdiv(Sq, cfg.block_m))](
-        q, prefix_k, prefix_v, gate, o_k, lse_k, out, lse,
+        q, prefix_k, prefix_v, pidx, plen, gate, o_k, lse_k, out, lse,
         *q.stride()[:3], *prefix_strides(prefix_k), *prefix_strides(prefix_v), *gate_strides(gate, B, Sq, L),
         *o_k.stride()[:3], *lse_k.stride(), *out.stride()[:3],
-        H, H // Hkv, Sq, L, D, *split_float(scale * LOG2E), *split_float(LOG2E),
-        BLOCK_M=cfg.block_m, BLOCK_L=prefix_tile(L, cfg.block_l), HAS_GATE=gate is not None, **flags,
-        **options(cfg),
+        H, H // Hkv, Sq, L, D, *split_float(scale * LOG2E), *split_float(LOG2E), _no_key_below(q.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_L=prefix_tile(L, cfg.block_l), HAS_GATE=gate is not None, INDEXED=indexed,
+        **flags, **options(cfg),
     )
     return out, lse
 
@@ -377,11 +402,13 @@ def _forward(q, k, v, prefix_k, prefix_v, spec: AttentionSpec, op: str, plan: Op
         o_t, lse_t, rng = varlen.forward(op, *_varlen_inputs(q, k, v, plan), plan, spec.scale, spec.window)
         o_k = o_t.view(B, Sq, H, D).transpose(1, 2)  # [B, H, Sq, D] through strides
         lse_k = lse_t.view(H, B, Sq).transpose(0, 1)  # [B, H, Sq] through strides
-        out, lse = merge_forward(q, prefix_k, prefix_v, spec.gate, o_k, lse_k, spec.scale)
+        out, lse = merge_forward(q, prefix_k, prefix_v, spec.gate, o_k, lse_k, spec.scale, spec.prefix_index,
+                                 spec.prefix_lengths)
         return out, lse, lse_t, rng[0], rng[1]
     o_k, lse_k, rng = vendor.forward(op, q, k, v, spec.key_padding_mask, spec.causal, spec.scale,
                                      attn_bias=spec.attn_bias, window=spec.window)
-    out, lse = merge_forward(q, prefix_k, prefix_v, spec.gate, o_k, lse_k, spec.scale)
+    out, lse = merge_forward(q, prefix_k, prefix_v, spec.gate, o_k, lse_k, spec.scale, spec.prefix_index,
+                             spec.prefix_lengths)
     return out, lse, lse_k, rng[0], rng[1]
 
 
@@ -414,7 +441,7 @@ def _backward(do, q, k, v, prefix_k, prefix_v, out, lse, lse_k, seed, offset, sp
     else:
         exact_delta = None
         if bias_grad and op == vendor.CPU:  # the bias gradient is computed in torch: give it the exact delta
-            exact_delta = (w, _prefix_delta(q, prefix_k, prefix_v, gate, do, lse, spec.scale, acc))
+            exact_delta = (w, _prefix_delta(q, prefix_k, prefix_v, gate, do, lse, spec, acc))
         dq, dk, dv, dbias = vendor.backward_all(op, w_do.to(q.dtype), q, k, v, out, lse_k, (seed, offset),
                                                 spec.key_padding_mask, spec.causal, spec.scale,
                                                 attn_bias=spec.attn_bias, window=spec.window, bias_grad=bias_grad,
@@ -428,15 +455,18 @@ def _backward(do, q, k, v, prefix_k, prefix_v, out, lse, lse_k, seed, offset, sp
     common = (H, H // Hkv, Sq, L, D)
     g_strides = gate_strides(gate, B, Sq, L)
     scales = (*split_float(spec.scale * LOG2E), *split_float(spec.scale))
+    pidx, plen, indexed = table_args(prefix_k, spec.prefix_index, spec.prefix_lengths)
 
     cfg = configs.pick_merge_config("bwd_dq", flags["BLOCK_D"], arch)
-    dg = new_buffer((B, Hkv, Sq, L), acc, q.device) if gate is not None else None
+    dg = None
+    if gate is not None:  # per-row adapters: the kernel writes each row's own slots only
+        dg = (torch.zeros if indexed else new_buffer)((B, Hkv, Sq, L), dtype=acc, device=q.device)
     _merge_bwd_dq_kernel[_grid(B * Hkv, triton.cdiv(Sq, cfg.block_m))](
-        q, prefix_k, prefix_v, gate, do, lse, delta, dq, dg,
+        q, prefix_k, prefix_v, pidx, plen, gate, do, lse, delta, dq, dg,
         *q.stride()[:3], *prefix_strides(prefix_k), *prefix_strides(prefix_v), *g_strides, *do.stride()[:3],
         *dq.stride()[:3], *common, *scales,
-        BLOCK_M=cfg.block_m, BLOCK_L=prefix_tile(L, cfg.block_l), HAS_GATE=gate is not None, **flags,
-        **options(cfg),
+        BLOCK_M=cfg.block_m, BLOCK_L=prefix_tile(L, cfg.block_l), HAS_GATE=gate is not None, INDEXED=indexed,
+        **flags, **options(cfg),
     )
 
     cfg = configs.pick_merge_config("bwd_prefix", flags["BLOCK_D"], arch)
@@ -445,19 +475,26 @@ def _backward(do, q, k, v, prefix_k, prefix_v, out, lse, lse_k, seed, offset, sp
     dpk = new_buffer((splits, B, Hkv, L, D), acc, q.device)
     dpv = new_buffer((splits, B, Hkv, L, D), acc, q.device)
     _merge_bwd_prefix_kernel[(B * Hkv, splits)](
-        q, prefix_k, prefix_v, gate, do, lse, delta, dpk, dpv,
+        q, prefix_k, prefix_v, pidx, plen, gate, do, lse, delta, dpk, dpv,
         *q.stride()[:3], *prefix_strides(prefix_k), *prefix_strides(prefix_v), *g_strides, *do.stride()[:3],
         *common, rows, *scales,
-        BLOCK_M=cfg.block_m, BLOCK_L=prefix_tile(L, cfg.block_l), HAS_GATE=gate is not None, **flags,
-        **options(cfg),
+        BLOCK_M=cfg.block_m, BLOCK_L=prefix_tile(L, cfg.block_l), HAS_GATE=gate is not None, INDEXED=indexed,
+        **flags, **options(cfg),
     )
-    return (dq, dk, dv, *reduce_prefix_partials(dpk, dpv, dg, prefix_k, prefix_v, q, acc), dbias)
+    return (dq, dk, dv, *reduce_prefix_partials(dpk, dpv, dg, prefix_k, prefix_v, q, acc, pidx), dbias)
 
 
-def _prefix_delta(q, prefix_k, prefix_v, gate, do, lse, scale: float, acc):
+def _prefix_delta(q, prefix_k, prefix_v, gate, do, lse, spec: AttentionSpec, acc):
     """The prefix's share of ``delta = rowsum(dO * out)``, ``sum_j p_j g_j (dO . Pv_j)`` ``[B, H, Sq]`` in
     ``acc``, from the merged log-sum-exp (base 2): in torch, for the CPU bias gradient only, so that its
-    delta does not go through the output rounded to q's dtype (one ``[B, H, Sq, L]`` tensor)."""
+    delta does not go through the output rounded to q's dtype (one ``[B, H, Sq, L]`` tensor; per-row adapters'
+    prefixes gathered, their hidden slots zeroed)."""
+    scale = spec.scale
+    if spec.prefix_index is not None:
+        prefix_k, prefix_v = (p.index_select(0, spec.prefix_index) for p in (prefix_k, prefix_v))
+        visible = spec.prefix_visible(prefix_k.shape[-2])
+        if visible is not None:
+            gate = visible[:, None, :].to(acc) if gate is None else gate * visible[:, None, :]
     B, H, Sq, _ = q.shape
     Hkv, L = prefix_k.shape[-3], prefix_k.shape[-2]
     eq = "bkgsd,{p}ld->bkgsl".format(p="bk" if prefix_k.dim() == 4 else "k")
@@ -478,16 +515,19 @@ def _fwd_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
             key_padding_mask: Optional[Tensor], causal: bool, scale: float, op: str,
             attn_bias: Optional[Tensor] = None, window_left: int = -1, window_right: int = -1,
             keys: Optional[Tensor] = None, cu_q: Optional[Tensor] = None, cu_k: Optional[Tensor] = None,
-            cu_k2: Optional[Tensor] = None, max_q: int = 0, max_k: int = 0,
-            plan_causal: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    spec = spec_from_args(scale, causal, key_padding_mask, window_left, window_right, attn_bias, None, gate)
+            cu_k2: Optional[Tensor] = None, max_q: int = 0, max_k: int = 0, plan_causal: bool = False,
+            prefix_index: Optional[Tensor] = None,
+            prefix_lengths: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    spec = spec_from_args(scale, causal, key_padding_mask, window_left, window_right, attn_bias, None, gate,
+                          prefix_index, prefix_lengths)
     plan = varlen.plan_of_args(keys, cu_q, cu_k, cu_k2, max_q, max_k, plan_causal)
     return _forward(q, k, v, prefix_k, prefix_v, spec, op, plan)
 
 
 @_fwd_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, op, attn_bias=None, window_left=-1,
-      window_right=-1, keys=None, cu_q=None, cu_k=None, cu_k2=None, max_q=0, max_k=0, plan_causal=False):
+      window_right=-1, keys=None, cu_q=None, cu_k=None, cu_k2=None, max_q=0, max_k=0, plan_causal=False,
+      prefix_index=None, prefix_lengths=None):
     B, H, Sq, D = q.shape
     acc = acc_dtype(q.dtype)
     out = q.new_empty((B, Sq, H, D)).transpose(1, 2)
@@ -500,9 +540,11 @@ def _bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefi
             causal: bool, scale: float, op: str, attn_bias: Optional[Tensor] = None, window_left: int = -1,
             window_right: int = -1, bias_grad: bool = False, keys: Optional[Tensor] = None,
             cu_q: Optional[Tensor] = None, cu_k: Optional[Tensor] = None, cu_k2: Optional[Tensor] = None,
-            max_q: int = 0, max_k: int = 0,
-            plan_causal: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    spec = spec_from_args(scale, causal, key_padding_mask, window_left, window_right, attn_bias, None, gate)
+            max_q: int = 0, max_k: int = 0, plan_causal: bool = False, prefix_index: Optional[Tensor] = None,
+            prefix_lengths: Optional[Tensor] = None
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    spec = spec_from_args(scale, causal, key_padding_mask, window_left, window_right, attn_bias, None, gate,
+                          prefix_index, prefix_lengths)
     plan = varlen.plan_of_args(keys, cu_q, cu_k, cu_k2, max_q, max_k, plan_causal)
     return _backward(do, q, k, v, prefix_k, prefix_v, out, lse, lse_k, seed, offset, spec, op, bias_grad, plan)
 
@@ -510,7 +552,7 @@ def _bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefi
 @_bwd_op.register_fake
 def _(do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse, lse_k, seed, offset, causal, scale, op,
       attn_bias=None, window_left=-1, window_right=-1, bias_grad=False, keys=None, cu_q=None, cu_k=None, cu_k2=None,
-      max_q=0, max_k=0, plan_causal=False):
+      max_q=0, max_k=0, plan_causal=False, prefix_index=None, prefix_lengths=None):
     B, _, Sq, _ = q.shape
     dg = q.new_empty((B, Sq, prefix_k.shape[-2]) if gate is not None else (0,), dtype=acc_dtype(q.dtype))
     dbias = attn_bias.new_empty(attn_bias.shape) if bias_grad else q.new_empty((0,))
@@ -523,12 +565,13 @@ class SplitAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, op, attn_bias, window_left,
-                window_right, keys=None, cu_q=None, cu_k=None, cu_k2=None, max_q=0, max_k=0, plan_causal=False):
+                window_right, keys=None, cu_q=None, cu_k=None, cu_k2=None, max_q=0, max_k=0, plan_causal=False,
+                prefix_index=None, prefix_lengths=None):
         out, lse, lse_k, seed, offset = torch.ops.fastprefix.split_attention_fwd(
             q, k, v, prefix_k, prefix_v, gate, key_padding_mask, causal, scale, op, attn_bias, window_left,
-            window_right, keys, cu_q, cu_k, cu_k2, max_q, max_k, plan_causal)
+            window_right, keys, cu_q, cu_k, cu_k2, max_q, max_k, plan_causal, prefix_index, prefix_lengths)
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate, key_padding_mask, attn_bias, out, lse, lse_k, seed,
-                              offset, keys, cu_q, cu_k, cu_k2)
+                              offset, keys, cu_q, cu_k, cu_k2, prefix_index, prefix_lengths)
         ctx.causal, ctx.scale, ctx.op, ctx.window = causal, scale, op, (window_left, window_right)
         ctx.plan = (max_q, max_k, plan_causal)
         return out
@@ -536,14 +579,15 @@ class SplitAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         (q, k, v, prefix_k, prefix_v, gate, key_padding_mask, attn_bias, out, lse, lse_k, seed, offset, keys, cu_q,
-         cu_k, cu_k2) = ctx.saved_tensors
+         cu_k, cu_k2, prefix_index, prefix_lengths) = ctx.saved_tensors
         bias_grad = attn_bias is not None and ctx.needs_input_grad[10]
         dq, dk, dv, dpk, dpv, dg, dbias = torch.ops.fastprefix.split_attention_bwd(
             do, q, k, v, prefix_k, prefix_v, gate, key_padding_mask, out, lse, lse_k, seed, offset, ctx.causal,
-            ctx.scale, ctx.op, attn_bias, *ctx.window, bias_grad, keys, cu_q, cu_k, cu_k2, *ctx.plan)
+            ctx.scale, ctx.op, attn_bias, *ctx.window, bias_grad, keys, cu_q, cu_k, cu_k2, *ctx.plan, prefix_index,
+            prefix_lengths)
         dgate = dg.sum_to_size(gate.shape).to(gate.dtype) if gate is not None else None
         return (dq, dk, dv, dpk, dpv, dgate, None, None, None, None, dbias if bias_grad else None, None, None) \
-            + (None,) * 7
+            + (None,) * 9
 
 
 # ------------------------------------------------------------------------------------------------- public
@@ -588,7 +632,8 @@ def split_attention(q, k, v, prefix_k, prefix_v, spec: AttentionSpec, op=None, p
     gate = gate_tensor(q, spec)
     return SplitAttentionFunction.apply(q, k, v, prefix_k, prefix_v, gate, spec.key_padding_mask, spec.causal,
                                         spec.scale, op, spec.attn_bias, *window_args(spec),
-                                        *varlen.plan_args(plan if op in vendor.VARLEN_OPS else None))
+                                        *varlen.plan_args(plan if op in vendor.VARLEN_OPS else None),
+                                        spec.prefix_index, spec.prefix_lengths)
 
 
 def split_option(q, k, spec: AttentionSpec, arch):
@@ -621,7 +666,7 @@ def split_plan(q, k, spec: AttentionSpec) -> Optional[varlen.Plan]:
     return varlen.padded_plan(every, spec.causal, q.shape[2])
 
 
-def fitness_configs():
+def fitness_configs(adapters: bool = False):
     """This module's launch configs for kernels/fitness.py (``configs.merge_fitness_configs`` on these kernels)."""
     kernels = dict(fwd=_merge_fwd_kernel, bwd_dq=_merge_bwd_dq_kernel, bwd_prefix=_merge_bwd_prefix_kernel)
-    return configs.merge_fitness_configs(kernels)
+    return configs.merge_fitness_configs(kernels, adapters)

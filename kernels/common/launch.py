@@ -112,6 +112,18 @@ def prefix_strides(p: torch.Tensor) -> tuple:
     return (0, p.stride(0), p.stride(1)) if p.dim() == 3 else tuple(p.stride()[:3])
 
 
+def table_args(prefix_k: torch.Tensor, prefix_index, prefix_lengths) -> tuple:
+    """(PIDX, PLEN, INDEXED) the kernels take for per-row adapters (``fastprefix.spec.AttentionSpec``): the rows'
+    index ``[B]`` into the table ``prefix_k [A, Hkv, L, D]`` and each adapter's length ``[A]`` (``L`` for every one
+    when ``prefix_lengths`` is None); (None, None, False) without an index."""
+    if prefix_index is None:
+        return None, None, False
+    if prefix_lengths is None:
+        prefix_lengths = torch.full((prefix_k.shape[0],), prefix_k.shape[-2], dtype=torch.int32,
+                                    device=prefix_k.device)
+    return prefix_index, prefix_lengths, True
+
+
 def gate_strides(gate: Optional[torch.Tensor], B: int, Sq: int, L: int) -> tuple:
     """(batch, query, prefix) strides of a gate broadcastable to [B, Sq, L]: broadcast dims get stride 0."""
     return (0, 0, 0) if gate is None else tuple(gate.expand(B, Sq, L).stride())
@@ -126,13 +138,16 @@ def folded_grid(tiles: int, rows: int, *rest: int) -> tuple:
     return (programs, *rest)
 
 
-def reduce_prefix_partials(dpk, dpv, dg, prefix_k, prefix_v, q, acc):
+def reduce_prefix_partials(dpk, dpv, dg, prefix_k, prefix_v, q, acc, prefix_index=None):
     """The prefix-gradient kernels' partials, summed by torch in a fixed order (deterministic, no atomics):
-    dpk, dpv [splits, B, Hkv, L, D] over query splits (and over the batch for a shared prefix), the gate's
-    [B, Hkv, Sq, L] over kv heads. Returns dprefix_k, dprefix_v in the prefix dtypes and dgate [B, Sq, L]
-    in ``acc`` (an empty tensor without a gate)."""
+    dpk, dpv [splits, B, Hkv, L, D] over query splits (and over the batch for a shared prefix, or over each
+    adapter's rows for a table ``[A, Hkv, L, D]`` read through ``prefix_index [B]``: ``index_add_``, which on CUDA is
+    deterministic under ``torch.use_deterministic_algorithms``), the gate's [B, Hkv, Sq, L] over kv heads. Returns
+    dprefix_k, dprefix_v in the prefix dtypes and dgate [B, Sq, L] in ``acc`` (an empty tensor without a gate)."""
     dpk, dpv = dpk.sum(0), dpv.sum(0)
-    if prefix_k.dim() == 3:  # shared by the batch
+    if prefix_index is not None:  # rows -> their adapters' table rows
+        dpk, dpv = (d.new_zeros((prefix_k.shape[0], *d.shape[1:])).index_add_(0, prefix_index, d) for d in (dpk, dpv))
+    elif prefix_k.dim() == 3:  # shared by the batch
         dpk, dpv = dpk.sum(0), dpv.sum(0)
     dg = dg.sum(1) if dg is not None else q.new_empty((0,), dtype=acc)
     return dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype), dg

@@ -141,6 +141,31 @@ def test_attention_backward_is_bitwise_deterministic(path):
             assert torch.equal(again[1][n], first[1][n]), f"d{n} differs between runs"
 
 
+# (case, dtype): the APT token gate in every dtype; a padded batch (the split path's varlen op) in bf16
+_TOKEN_GATE = Case(4, 8, 2, 300, 300, 40, 128, gate="fused", causal=True, shared=False)  # GQA, causal
+_PADDED = Case(4, 4, 4, 200, 200, 16, 64, gate="pooled", pad=True, shared=False)
+ADAPTER_CASES = [(_TOKEN_GATE, name) for name in DTYPES] + [(_PADDED, "bf16")]
+
+
+@pytest.mark.parametrize("case,dtype", [(c, DTYPES[d]) for c, d in ADAPTER_CASES],
+                         ids=[f"{c.id}-{d}" for c, d in ADAPTER_CASES])
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_per_row_adapters_match_float64_reference(path, case, dtype):
+    """The kernels reading a table of 4 adapters' prefixes in place (``prefix_index``; lengths L, L/2, 0 and L-1:
+    an empty one hides every slot), two rows on one adapter: FlashAttention's rule as above."""
+    case = dataclasses.replace(small(case), B=case.B) if ON_CPU else case  # the 4 rows the table needs
+    leaves, kwargs = make_inputs(case, dtype)
+    L = case.L
+    kwargs = dict(kwargs, prefix_index=torch.tensor([2, 0, 0, 3][:case.B], device=DEVICE),
+                  prefix_lengths=torch.tensor([L, L // 2, 0, L - 1][:case.B], device=DEVICE))
+    _path_or_skip(path, leaves, kwargs)
+    grad_out = torch.randn(case.B, case.H, case.Sq, case.D, device=DEVICE).to(dtype)
+    got = attend(leaves, kwargs, grad_out, "triton", path)
+    ref = attend(leaves, kwargs, grad_out, "torch")
+    ref64 = attend({k: v.double() for k, v in leaves.items()}, kwargs, grad_out.double(), "torch")
+    check_rule(f"{case.id} adapters", dtype, got, ref, ref64, path)
+
+
 # ------------------------------------------------------------------------------------ attention, large
 
 
