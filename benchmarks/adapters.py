@@ -59,20 +59,26 @@ def _ways(model, ids, mask, names):
     return one, separate
 
 
-def measure_adapters(model_name, batch, seq_len, prefix_len, adapter_counts, rounds, device):
-    """One row per A: ``dict(A, train/infer tokens/s (median, q1, q3) of each way, their ratio, peak MiB)``."""
+def measure_adapters(model_name, batch, seq_len, prefix_len, adapter_counts, rounds, device, load=None, atol=1e-4):
+    """One row per A: ``dict(A, train/infer tokens/s (median, q1, q3) of each way, their ratio, peak MiB)``.
+
+    ``load``: a function giving a fresh frozen backbone on ``device`` (default: ``model_name``'s, from
+    :func:`backbones.load_backbone`); ``atol``: how far the two ways' outputs may differ (a 16-bit model's GEMMs
+    round rows differently in batches of other sizes)."""
     rows = []
     for A in adapter_counts:
-        model = _adapters(backbones.load_backbone(model_name).to(device), A, prefix_len)
+        backbone = load() if load is not None else backbones.load_backbone(model_name).to(device)
+        model = _adapters(backbone, A, prefix_len)
         model.train()
         g = torch.Generator().manual_seed(1)
-        ids = torch.randint(1000, 20000, (batch, seq_len), generator=g).to(device)
+        vocab = model.get_input_embeddings().num_embeddings  # ids in [1000, 20000) where the vocabulary allows
+        ids = torch.randint(min(1000, vocab // 2), min(20000, vocab), (batch, seq_len), generator=g).to(device)
         mask = torch.ones_like(ids)
         names = [f"a{i % A}" for i in range(batch)]
         one, separate = _ways(model, ids, mask, names)
         with torch.no_grad():
             model.eval()
-            assert torch.allclose(one(False), separate(False), atol=1e-4), "the two ways give other outputs"
+            assert torch.allclose(one(False), separate(False), atol=atol), "the two ways give other outputs"
         clock = "wall" if device.type == "cuda" else "cpu"
         result = dict(A=A)
         for phase, train in (("train", True), ("infer", False)):
@@ -102,15 +108,23 @@ def measure_adapters(model_name, batch, seq_len, prefix_len, adapter_counts, rou
 
 def markdown(rows, model_name, batch, seq_len, prefix_len, rounds, device):
     """The results as a Markdown table with its setting."""
+    return "\n".join([setting(model_name, batch, seq_len, prefix_len, rounds, device), "", *table(rows)]) + "\n"
+
+
+def setting(model_name, batch, seq_len, prefix_len, rounds, device):
+    """One paragraph: what :func:`measure_adapters` ran and how to read its table."""
+    return (f"Backbone **{model_name}** (frozen), batch {batch}, sequence {seq_len}, P-Tuning v2 adapters of length "
+            f"{prefix_len}, row i on adapter i mod A, on {device}; {rounds} interleaved rounds after one warm-up, "
+            f"tokens/s of the B·S tokens, median (interquartile range); x: the one call's speed over the A calls' "
+            f"(median of the rounds' ratios); peak: the training step's peak live tensor bytes.")
+
+
+def table(rows):
+    """The Markdown table's lines, one row per A."""
     def tps(x):
         return f"{x[0]:,.0f} ({x[1]:,.0f}-{x[2]:,.0f})"
 
     lines = [
-        f"Backbone **{model_name}** (frozen), batch {batch}, sequence {seq_len}, P-Tuning v2 adapters of length "
-        f"{prefix_len}, row i on adapter i mod A, on {device}; {rounds} interleaved rounds after one warm-up, "
-        f"tokens/s of the B·S tokens, median (interquartile range); x: the one call's speed over the A calls' "
-        f"(median of the rounds' ratios); peak: the training step's peak live tensor bytes.",
-        "",
         "| A | train tok/s, one call | train tok/s, A calls | x | infer tok/s, one call | infer tok/s, A calls | x "
         "| peak MiB, one call | peak MiB, A calls |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -119,4 +133,4 @@ def markdown(rows, model_name, batch, seq_len, prefix_len, rounds, device):
         lines.append(f"| {r['A']} | {tps(r['train_one'])} | {tps(r['train_separate'])} | {r['train_ratio']:.2f} "
                      f"| {tps(r['infer_one'])} | {tps(r['infer_separate'])} | {r['infer_ratio']:.2f} "
                      f"| {r['peak_one']:.1f} | {r['peak_separate']:.1f} |")
-    return "\n".join(lines) + "\n"
+    return lines

@@ -25,6 +25,10 @@ Three sections, each row timed with CUDA events, steps interleaved across the ro
    does them, every fastprefix method) on randomly initialised models built from configs: a ~1.1B
    Llama-like decoder (TinyLlama's shape) at S in {1024, 2048} and a BERT-large-like encoder at S in
    {128, 512}, 8k tokens per step. Tokens/s, ratios, peak memory.
+4. **Many adapters** (:mod:`.adapters`): on the BERT-large-like encoder in bf16, B rows over A P-Tuning v2 adapters
+   in one call with ``adapter_names=`` (the kernels read each row's prefix from the adapters' table in place)
+   against A calls, one per adapter, for A in {1, 4, 16}: training-step and inference tokens/s, the training
+   step's peak memory. It runs last, if the time budget has room.
 
 Every row that fails records its error and the suite goes on; the result files
 (``benchmarks/results/<gpu-name>.{md,json,png}``, rendered by :mod:`.gpu_report`) are rewritten after every
@@ -57,7 +61,7 @@ import fastprefix
 from fastprefix.kernels.attention import table as dispatch_table
 from fastprefix.spec import AttentionSpec
 
-from . import backbones, measure, stats, suite
+from . import adapters, backbones, measure, stats, suite
 from . import contenders as C
 from .gpu_report import gpu_tag, versions, versions_line, write
 
@@ -102,6 +106,7 @@ class Plan:
     adept_rank: int
     dtype: torch.dtype
     compile_flex: bool
+    adapters: tuple = ()  # (label, config factory name, batch, seq_len, adapter counts, rounds)
 
 
 TOKENS = 16384  # tokens per attention call / embedding call
@@ -123,7 +128,7 @@ def full_plan():
                 e2e=(("llama-1.1b", "llama", 1024, 8), ("llama-1.1b", "llama", 2048, 4),
                      ("bert-large", "bert", 128, 64), ("bert-large", "bert", 512, 16)),
                 warmup=3, repeats=10, e2e_warmup=2, e2e_repeats=7, prefix_len=32, adept_rank=19,
-                dtype=torch.bfloat16, compile_flex=True)
+                dtype=torch.bfloat16, compile_flex=True, adapters=("bert-large", "bert", 32, 128, (1, 4, 16), 3))
 
 
 def smoke_plan():
@@ -134,7 +139,7 @@ def smoke_plan():
     return Plan(attention=shapes, embedding=dict(B=2, S=8, d=32, r=4, V=64, m=3),
                 e2e=(("llama-tiny", "llama-tiny", 16, 2), ("bert-tiny", "bert-tiny", 16, 2)),
                 warmup=0, repeats=1, e2e_warmup=0, e2e_repeats=1, prefix_len=4, adept_rank=4,
-                dtype=torch.float32, compile_flex=False)
+                dtype=torch.float32, compile_flex=False, adapters=("bert-tiny", "bert-tiny", 4, 8, (1, 2), 1))
 
 
 def model_config(kind):
@@ -626,6 +631,22 @@ def _e2e_group(plan, backbone, label, group, S, batch, device, clock, deadline):
     return clean(rows)
 
 
+def run_adapters(plan, device, deadline):
+    """The many-adapters rows (:func:`adapters.measure_adapters` on a backbone built from a config), or one row
+    saying they were skipped."""
+    label, kind, batch, seq_len, counts, rounds = plan.adapters
+    if time.monotonic() > deadline:
+        return [dict(A=None, skipped="time budget spent")]
+    # a 16-bit model's GEMMs round a row differently in batches of other sizes: the check there is coarse (the
+    # float64 test suites check the rows exactly)
+    atol = 1e-4 if plan.dtype == torch.float32 else 0.25
+    rows = adapters.measure_adapters(label, batch, seq_len, plan.prefix_len, counts, rounds, device,
+                                     load=lambda: _build_backbone(kind, plan.dtype, device), atol=atol)
+    _free(device)
+    return [dict(r, model=label, batch=batch, seq_len=seq_len, prefix_len=plan.prefix_len, rounds=rounds)
+            for r in rows]
+
+
 def _free(device):
     gc.collect()
     if device.type == "cuda":
@@ -665,7 +686,7 @@ def run(args, out_dir):
                                 attention_shapes=[dataclasses.asdict(s) for s in plan.attention],
                                 embedding=plan.embedding, e2e=[list(x) for x in plan.e2e],
                                 budget_s=None if smoke else BUDGET_S, flex_compiled=plan.compile_flex),
-                  attention=[], embedding=[], e2e=[], wall_seconds=None)
+                  attention=[], embedding=[], e2e=[], adapters=[], wall_seconds=None)
     out = None if smoke else out_dir
     tag = getattr(args, "tag", None) or gpu_tag(info.get("gpu", "cpu"))
 
@@ -685,7 +706,8 @@ def run(args, out_dir):
         sections = (
             ("attention", lambda: run_attention(plan, device, clock, deadline, result["attention"], save)),
             ("embedding", lambda: result["embedding"].extend(run_embedding(plan, device, clock, deadline))),
-            ("e2e", lambda: run_e2e(plan, device, clock, deadline, result["e2e"], save)))
+            ("e2e", lambda: run_e2e(plan, device, clock, deadline, result["e2e"], save)),
+            ("adapters", lambda: result["adapters"].extend(run_adapters(plan, device, deadline))))
         for section, fn in sections:
             print(f"[{time.monotonic() - started:6.1f} s] {section} ...", flush=True)
             try:

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from . import stats
+from . import adapters, stats
 
 
 def versions(device=None):
@@ -108,6 +108,15 @@ def markdown(result):
                          f"{_vs(r, 'P-Tuning v2 (original)')} | {_vs(r, 'DePT (original)')} | {_mib(r)} | "
                          f"{_status(r)} |")
         lines.append("")
+    many = result.get("adapters") or []
+    timed = [r for r in many if r.get("A") is not None]
+    if many:
+        lines += ["## Many adapters (one call with adapter_names against one call per adapter)", ""]
+        if timed:
+            r = timed[0]
+            lines += [adapters.setting(r["model"], r["batch"], r["seq_len"], r["prefix_len"], r["rounds"],
+                                       result["versions"].get("gpu") or "CPU"), "", *adapters.table(timed)]
+        lines += [f"Not run: {r.get('skipped') or r.get('error')}" for r in many if r.get("A") is None] + [""]
     lines += [f"Run: {result.get('date')}, {result.get('wall_seconds')} s wall clock"
               + (f"; stopped early: {result['stopped']}" if result.get("stopped") else "") + "."]
     return "\n".join(lines) + "\n"

@@ -101,8 +101,18 @@ def test_end_to_end_rows(smoke):
                 assert "floor" in r["vs"], r["name"]
 
 
+def test_many_adapters_rows(smoke):
+    """One row per adapter count, each with both ways' speeds and peak memory (the outputs were checked equal)."""
+    result, _, _ = smoke
+    _, _, _, _, counts, _ = gpu.smoke_plan().adapters
+    rows = result["adapters"]
+    assert [r.get("A") for r in rows] == list(counts), rows
+    for r in rows:
+        assert r["train_one"][0] > 0 and r["infer_separate"][0] > 0 and r["peak_one"] > 0 and r["train_ratio"] > 0
+
+
 def test_report_renders(smoke):
     result, _, _ = smoke
     text = gpu_report.markdown(result)
-    for heading in ("## Attention", "## Embedding kernels", "## End to end"):
+    for heading in ("## Attention", "## Embedding kernels", "## End to end", "## Many adapters"):
         assert heading in text
