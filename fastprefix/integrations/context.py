@@ -49,7 +49,8 @@ class ForwardContext:
     key_padding_mask: the call's 2D padding mask ``[B, S]`` where a family reads it off the call (DeBERTa).
     pooled: prompt methods on a decoder classifier: the slot ``[B]`` its head pools (None: none to pool).
     packing: the packing memo of the call (``packing.of_call``): its signals and their Packing.
-    rows: per-row adapters (``rows.RowAdapters``; then ``prefixes`` is their stacked table), or None.
+    rows: per-row adapters (``rows.RowAdapters``; then ``prefixes`` is their stacked table), or None; prompt
+        methods: the call's ``rows.RowPrompts`` (every row's adapter, and where its slots go).
     """
 
     def __init__(self, state, prefixes=None, output_attentions=False):
@@ -63,7 +64,7 @@ class ForwardContext:
         self.key_padding_mask = None
         self.pooled = None
         self.packing = None
-        self.rows = None  # per-row adapters (rows.RowAdapters), for a call with adapter_names
+        self.rows = None  # per-row adapters (rows.RowAdapters), for a call with adapter_names; RowPrompts
 
     def record_gate(self, i, stats):
         """APT's probe: site ``i``'s mean gate ``[L]`` in this call, and in the State's record of each site's latest

@@ -8,10 +8,11 @@ from which the attention computes the gate (``gates``). A checkpointed layer rec
 context. Switching the model's attention implementation away from ``"fastprefix"`` is refused
 (:class:`AttentionGuard`).
 
-Prompt methods (PT, DePT, ADePT): :func:`prompt_pre_hook` on the model rewrites the call's inputs (``inputs``);
-for a decoder classifier it makes the call's context, with the slot its head pools, the thread's current call
-until :func:`prompt_exit_hook`. :func:`encoder_pre_hook` prompts an encoder called on its own (``generate`` on
-T5). Inside ``fastprefix.disabled`` every hook leaves the call alone.
+Prompt methods (PT, DePT, ADePT): :func:`prompt_pre_hook` on the model rewrites the call's inputs (``inputs``)
+for the prompts of its rows (``rows.RowPrompts``: the active adapter's, or each row's from ``adapter_names``); for a
+decoder classifier (the slot its head pools) and an encoder-decoder (the rows its encoder takes) it makes the call's
+context the thread's current call until :func:`prompt_exit_hook`. :func:`encoder_pre_hook` prompts an encoder called
+on its own (``generate`` on T5). Inside ``fastprefix.disabled`` every hook leaves the call alone.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from .context import KWARG, MIXED_DISABLED, NAME, ForwardContext, bind, current, enter, layer_cache, leave
 from .inputs import encoder_inputs, model_inputs, pool_hook
-from .rows import ADAPTER_NAMES, RowGenerate, generation_names, repeated, row_adapters
+from .rows import ADAPTER_NAMES, RowGenerate, RowPrompts, generation_names, repeated, row_adapters, row_prompts
 from .state import LAYER, STATE, hook, mark, override
 
 
@@ -83,10 +84,34 @@ def _batch_size(module, args, kwargs):
                      "hidden_states to count the batch rows of")
 
 
-def _no_row_adapters(state, kwargs):
-    if kwargs.get(ADAPTER_NAMES) is not None:
-        raise ValueError(f"adapter_names: per-row adapters in one batch serve the prefix methods (P-Tuning v2, APT) "
-                         f"for now; run {state.config.method!r} with one adapter per call (fastprefix.set_adapter)")
+def _prompt_batch(call):
+    """The batch size of a call of a prompt-method model (its ids or embeddings, or the encoder output it decodes
+    from), or None when it shows none."""
+    for name in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds"):
+        x = call.get(name)
+        if isinstance(x, torch.Tensor):
+            return x.shape[0]
+    encoder_outputs = call.get("encoder_outputs")
+    if encoder_outputs is not None and isinstance(encoder_outputs[0], torch.Tensor):
+        return encoder_outputs[0].shape[0]
+    return None
+
+
+def _row_prompts(state, call):
+    """The :class:`rows.RowPrompts` of a prompt-method call (``call``: its bound arguments, from which
+    ``adapter_names`` is taken): each row's adapter from ``adapter_names``, or from the innermost
+    ``generate(..., adapter_names=...)`` (repeated as generate repeats the rows), else the active one for every
+    row."""
+    names = call.pop(ADAPTER_NAMES, None)
+    generated = generation_names(state) if names is None else None
+    if names is None and generated is None:
+        return RowPrompts.active(state)
+    batch = _prompt_batch(call)
+    if batch is None:
+        raise ValueError(f"adapter_names: {state.inputs.model_name} was called without input_ids, inputs_embeds or "
+                         "encoder_outputs to count the batch rows of")
+    return row_prompts(state, names if generated is None else repeated(generated, batch), batch,
+                       state.embedding.weight.device)
 
 
 def apt_layer_pre_hook(module, args, kwargs):
@@ -108,15 +133,20 @@ def apt_layer_pre_hook(module, args, kwargs):
 
 
 def prompt_pre_hook(module, args, kwargs):
-    """Rewrite the call's inputs for the prompt; a decoder classifier's call becomes the thread's current one."""
+    """Rewrite the call's inputs for its rows' prompts; a decoder classifier's or an encoder-decoder's call becomes
+    the thread's current one (its pooled slot, its rows for the encoder it runs).
+
+    A call whose rows all run on ``"__base__"`` reaches the base model unchanged."""
     state = getattr(module, STATE)
     if state.disabled:  # fastprefix.disabled: no prompt, and no pooled slot for the pool hook to use
         return None
-    _no_row_adapters(state, kwargs)
+    call = bind(module, args, kwargs)
+    rows = _row_prompts(state, call)
     ctx = ForwardContext(state)
-    kwargs = model_inputs(state, bind(module, args, kwargs), ctx)
-    if state.inputs.pool_last:
-        enter(ctx)  # until prompt_exit_hook: inputs.pool_hook finds the slot there
+    ctx.rows = rows
+    kwargs = call if rows.width == 0 else model_inputs(state, call, ctx, rows)
+    if state.inputs.pool_last or state.encoder_decoder:
+        enter(ctx)  # until prompt_exit_hook: inputs.pool_hook and encoder_pre_hook find the call there
     return (), kwargs
 
 
@@ -128,11 +158,15 @@ def prompt_exit_hook(module, args, kwargs, output):
 
 
 def encoder_pre_hook(module, args, kwargs):
+    """Prompt the input of an encoder called on its own (``generate`` runs T5's encoder first), for its rows; inside
+    a call of the model, for that call's rows (input ids reach it only when they all run on ``"__base__"``)."""
     state = getattr(module, STATE)
     if state.disabled:
         return None
-    _no_row_adapters(state, kwargs)
-    return (), encoder_inputs(state, bind(module, args, kwargs))
+    call = bind(module, args, kwargs)
+    outer = current(state)
+    rows = outer.rows if outer is not None and outer.rows is not None else _row_prompts(state, call)
+    return (), call if rows.width == 0 else encoder_inputs(state, call, rows)
 
 
 class AttentionGuard:
@@ -189,11 +223,15 @@ def guard_attention(state, model):
 
 
 def install_prompt(state, model):
-    """The prompt methods' hooks: the inputs of each call (and of an encoder called alone), and a decoder
-    classifier's pooling of the last real token."""
+    """The prompt methods' hooks: the inputs of each call (and of an encoder called alone), a decoder
+    classifier's pooling of the last real token, and the ``adapter_names``-aware ``generate``
+    (``rows.RowGenerate``)."""
     hook(state, model, prompt_pre_hook)
+    if callable(getattr(type(model), "generate", None)):
+        override(state, model, "generate", RowGenerate(model, state))
     if state.encoder_decoder:
         hook(state, model.get_encoder(), encoder_pre_hook)
     if state.inputs.pool_last:  # decoder classifier: pool the last real token of the prompted sequence
         hook(state, model.base_model, pool_hook, after=True)
+    if state.inputs.pool_last or state.encoder_decoder:  # the call is the thread's current one until it ends
         hook(state, model, prompt_exit_hook, after=True, always=True)

@@ -29,6 +29,15 @@ count without the prompt, so they get the same extension (a call without a mask 
 cache implies). Encoder-decoders (T5): the encoder input gets the prompt; when ``generate`` runs the
 encoder on its own, a pre-hook on the encoder does the same, and later calls extend the encoder padding
 mask to the encoder output's length.
+
+Per-row adapters (``adapter_names``): every rewrite above asks the call's ``rows.RowPrompts`` (also made for a call
+without them: the active adapter on every row), which embeds each adapter's rows with its own prompt and offset and
+places each per-token input row by row. Rows whose prompts are shorter than the call's longest, M, get M - m hidden
+slots (mask 0): in front of the row on a decoder, which then gets the row's positions alone as ``position_ids``;
+after the row on an encoder and T5's encoder. The call is ``M + S`` slots wide; token labels, the pooled slot and
+decoding steps follow each row. What the hidden slots would change is refused (a question-answering loss over the
+row's slots, a decoder without ``position_ids``, packed rows); a ``"__base__"`` row is embedded as the base model
+embeds it and its labels are scored as the base model scores them.
 """
 
 from __future__ import annotations
@@ -56,6 +65,9 @@ class Rules:
     pool_last: a decoder ``*ForSequenceClassification`` that pools the last non-pad token of ``input_ids``.
     pad_token_id: the id that rule counts as padding.
     next_token_loss: a decoder language model whose loss scores slot t on label t + 1 (``*ForCausalLM``).
+    takes_positions: the model's forward takes ``position_ids``.
+    decoder_only: a decoder-only model (causal, decoded with a KV cache): per-row prompts of different lengths put
+    a row's hidden slots in front of it (see ``rows.RowPrompts``).
     """
 
     def __init__(self, model, embedding):
@@ -73,6 +85,8 @@ class Rules:
         takes_positions = "position_ids" in inspect.signature(model.forward).parameters
         self.pad_positions = pad if (table is not None and numbers_from_ids and takes_positions
                                      and isinstance(pad, int) and not isinstance(pad, bool)) else None
+        self.takes_positions = takes_positions
+        self.decoder_only = _decoder_only(model)
         self.model_name = type(model).__name__
         self.pool_last = _pools_last_token(model)
         self.next_token_loss = _scores_next_token(model)
@@ -123,6 +137,16 @@ def _pools_last_token(model):
         return False
 
 
+def _decoder_only(model):
+    """A decoder-only model: causal self-attention (Llama, GPT-2, ... and their classifiers), not an
+    encoder-decoder."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return False
+    if getattr(model.config, "is_decoder", False) or _scores_next_token(model) or _pools_last_token(model):
+        return True
+    return any(getattr(m, "is_causal", None) is True for m in model.modules())
+
+
 def _scores_next_token(model):
     """A decoder-only language model, whose loss shifts the labels: slot t is scored on the token at t + 1."""
     if getattr(model.config, "is_encoder_decoder", False):
@@ -145,46 +169,47 @@ def _prepend(x, m, value):
     return torch.cat([head, x], dim=1)
 
 
-def _shift_positions(position_ids, m):
-    return position_ids + m
-
-
-def _embed(state, kwargs):
+def _embedded(rows, kwargs):
+    """Take the call's ``input_ids`` into ``inputs_embeds`` (the rows' prompts in front); return the ids, or None
+    when the call has none (``inputs_embeds`` given instead is a ValueError)."""
     ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
     if ids is None:
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("fastprefix prompt methods embed the input themselves: pass input_ids, not inputs_embeds")
         return None
     kwargs["input_ids"] = None
-    kwargs["inputs_embeds"] = state.embed(ids, mask)
+    kwargs["inputs_embeds"] = rows.embed(ids, mask)
     return ids
 
 
-def encoder_inputs(state, kwargs):
-    """An encoder stack called on its own (``generate`` on T5): prompt the input, extend its mask."""
-    m = state.num_virtual_tokens
+def encoder_inputs(state, kwargs, rows):
+    """An encoder stack called on its own (``generate`` on T5): prompt the input, extend its mask. ``rows``: the
+    call's ``rows.RowPrompts``."""
     if kwargs.get("input_ids") is None:  # the top-level hook already embedded the input
         return kwargs
-    if _embed(state, kwargs) is not None and kwargs.get("attention_mask") is not None:
-        kwargs["attention_mask"] = _prepend(kwargs["attention_mask"], m, 1)
+    return _encoder_call(kwargs, rows)
+
+
+def _encoder_call(kwargs, rows):
+    """The encoder input of an encoder-decoder: the prompted embeddings and the grown padding mask."""
+    ids = _embedded(rows, kwargs)
+    if ids is not None:
+        mask = rows.mask(kwargs.get("attention_mask"), ids.shape[1])
+        if mask is not None:
+            kwargs["attention_mask"] = mask
     return kwargs
 
 
-def _pad_aware_positions(ids, m, pad):
-    """The position ids a pad-aware embedding computes for ``[prompt ; ids]`` (the prompt slots are real)."""
-    real = torch.cat([torch.ones(ids.shape[0], m, dtype=torch.long, device=ids.device), (ids != pad).long()], 1)
-    return real.cumsum(1) * real + pad
-
-
-def _last_real_slot(ids, m, pad_token_id):
+def _last_real_slot(ids, start, pad_token_id):
     """Where the model's head pools in the prompted sequence: the rightmost slot that is not ``pad_token_id``
-    in ``[prompt ; ids]`` (the model's own rule on ``input_ids``, the prompt counted as real)."""
+    in each row's ``[prompt ; ids]`` (the model's own rule on ``input_ids``, the prompt counted as real), its
+    tokens starting at column ``start`` (an int, or ``[B]``)."""
     if pad_token_id is None:
         return None
     S = ids.shape[1]
     real = (ids != pad_token_id).long()
     cols = torch.arange(1, S + 1, device=ids.device)
-    return m - 1 + (cols * real).amax(1)  # m - 1 (the last prompt slot) for a row of pads only
+    return start - 1 + (cols * real).amax(1)  # start - 1 (the last prompt slot) for a row of pads only
 
 
 def pool_hook(module, args, kwargs, output):
@@ -216,114 +241,161 @@ def _flat(x, S):
     return None if x is None else x.reshape(-1, S)
 
 
-def model_inputs(state, kwargs, ctx):
-    """The top-level forward's keyword arguments, rewritten for a prompt of m tokens; ``ctx``: the call's
-    ForwardContext, which gets the slot a decoder classifier's head pools (``ctx.pooled``)."""
-    m = state.num_virtual_tokens
+def model_inputs(state, kwargs, ctx, rows):
+    """The top-level forward's keyword arguments, rewritten for the call's prompts; ``ctx``: the call's
+    ForwardContext, which gets the slot a decoder classifier's head pools (``ctx.pooled``); ``rows``: the call's
+    ``rows.RowPrompts`` (every row's adapter, and where its slots go)."""
+    M = rows.width
     mask = kwargs.get("attention_mask")
     if state.encoder_decoder:
         encoder_outputs = kwargs.get("encoder_outputs")
         if encoder_outputs is not None:  # the encoder already ran (generate): only its mask may lag behind
             length = encoder_outputs[0].shape[1]
-            if mask is not None and mask.shape[1] == length - m:
-                kwargs["attention_mask"] = _prepend(mask, m, 1)
+            if (mask is None and rows.hides) or (mask is not None and mask.shape[1] == length - M):
+                kwargs["attention_mask"] = rows.mask(mask, length - M)
             return kwargs
-        if _embed(state, kwargs) is not None and mask is not None:
-            kwargs["attention_mask"] = _prepend(mask, m, 1)
-        return kwargs
+        return _encoder_call(kwargs, rows)
 
     past = cache_length(kwargs.get("past_key_values"))
     if past == 0:
-        return _first_call(state, kwargs, m, ctx)
-    return _decoding_step(state, kwargs, m, past)
+        return _first_call(state, kwargs, rows, ctx)
+    return _decoding_step(state, kwargs, rows, past)
 
 
-def _first_call(state, kwargs, m, ctx):
+def _refuse_unaligned(rules, rows, kwargs, numbered_by_model):
+    """Per-row prompts of different lengths leave hidden slots in the rows with shorter prompts: refuse what those
+    slots would change (``numbered_by_model``: the call gives no position ids, so a decoder needs them passed)."""
+    if not rows.hides:
+        return
+    for name in _TOKEN_INDEX_ARGS:
+        if kwargs.get(name) is not None:
+            raise ValueError(
+                f"adapter_names: {name} with adapters of different prompt lengths ({sorted(set(rows.sizes))}) is not "
+                f"supported: {rules.model_name}'s question-answering loss normalises over every slot of a row, and a "
+                "row with a shorter prompt carries hidden slots it does not have alone, so its loss would differ. "
+                "Compute the loss from start_logits/end_logits over each row's own slots, or run adapters of one "
+                "prompt length per call")
+    if rows.front and numbered_by_model and not getattr(rules, "takes_positions", False):
+        raise ValueError(
+            f"adapter_names: adapters of different prompt lengths ({sorted(set(rows.sizes))}) on "
+            f"{rules.model_name}: a row with a shorter prompt has hidden slots in front of it, so its tokens need the "
+            f"positions they have alone as position_ids, which {rules.model_name}.forward does not take. Run "
+            "adapters of one prompt length per call (or one adapter per call, fastprefix.set_adapter)")
+
+
+def _first_call(state, kwargs, rows, ctx):
     rules = state.inputs
     ids = kwargs.get("input_ids")
     if ids is None:
-        _embed(state, kwargs)  # raises for inputs_embeds
+        _embedded(rows, kwargs)  # raises for inputs_embeds
         return kwargs
     if not isinstance(ids, torch.Tensor) or ids.dim() not in (2, 3):
         shape = list(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"input_ids must be [B, S] (or [B, C, S] for multiple choice), got {shape}")
     packing = prompt_packing(kwargs)
     if packing is not None:  # a padding-free batch: the prompt goes in front of every packed sequence
+        if rows.per_row:
+            raise ValueError("adapter_names: per-row adapters with packed sequences (a padding-free batch) are not "
+                             "supported; pad the batch (one sequence a row)")
         return prompt_inputs(state, kwargs, packing)
     lead, S = ids.shape[:-1], ids.shape[-1]  # [B] or [B, C]: choices are flattened as the model does
     flat = ids.reshape(-1, S)
+    rows = rows.repeated(flat.shape[0] // ids.shape[0])
+    M = rows.width
+    pos = kwargs.get("position_ids")
+    _refuse_unaligned(rules, rows, kwargs, numbered_by_model=pos is None and rules.pad_positions is None)
     mask = _flat(kwargs.get("attention_mask"), S)
     kwargs["input_ids"] = None
-    embeds = state.embed(flat, mask)
-    kwargs["inputs_embeds"] = embeds.view(*lead, m + S, embeds.shape[-1])
+    embeds = rows.embed(flat, mask)
+    kwargs["inputs_embeds"] = embeds.view(*lead, M + S, embeds.shape[-1])
 
-    def grown(x, value):
-        return _prepend(_flat(x, S), m, value).view(*lead, m + S)
+    def grown(x, value, hidden=0):
+        return rows.grow(_flat(x, S), value, hidden).view(*lead, M + S)
 
     if mask is not None:
-        _warn_left_padding_in_window(rules, mask, m)
-        kwargs["attention_mask"] = grown(mask, 1)
+        _warn_left_padding_in_window(rules, mask, M)
+    full = rows.mask(mask, S)
+    if full is not None:
+        kwargs["attention_mask"] = full.view(*lead, M + S)
     if kwargs.get("token_type_ids") is not None:
         kwargs["token_type_ids"] = grown(kwargs["token_type_ids"], 0)
-    pos = kwargs.get("position_ids")
     largest = None
     if pos is not None:
-        pos = _flat(pos, S)
-        front = torch.arange(m, dtype=pos.dtype, device=pos.device).expand(pos.shape[0], m)
-        kwargs["position_ids"] = torch.cat([front, _shift_positions(pos, m)], dim=-1).view(*lead, m + S)
-        largest = int(pos.max()) + m if rules.position_rows is not None else None
+        kwargs["position_ids"] = rows.positions(_flat(pos, S)).view(*lead, M + S)
+        largest = int(kwargs["position_ids"].max()) if rules.position_rows is not None else None
     elif rules.pad_positions is not None:
-        kwargs["position_ids"] = _pad_aware_positions(flat, m, rules.pad_positions).view(*lead, m + S)
-    rules.check_length(m + S, m, largest)
+        kwargs["position_ids"] = rows.pad_aware_positions(flat, rules.pad_positions).view(*lead, M + S)
+    else:
+        own = rows.own_positions(S)  # a decoder's rows with hidden slots in front: their positions alone
+        if own is not None:
+            kwargs["position_ids"] = own.view(*lead, M + S)
+    rules.check_length(M + S, M, largest)
     labels = kwargs.get("labels")
     if isinstance(labels, torch.Tensor) and not labels.is_floating_point() and labels.shape == ids.shape:
-        labels = grown(labels, IGNORE_INDEX)
+        labels = grown(labels, IGNORE_INDEX, IGNORE_INDEX)
         if rules.next_token_loss:  # each row's first real token stays unscored, as the model alone leaves it
             real = torch.ones_like(flat, dtype=torch.bool) if mask is None else mask.bool()
-            first = torch.where(real.any(-1), m + real.long().argmax(-1), -1)
-            labels = first_token_unscored(labels.reshape(-1, m + S), first).view(*lead, m + S)
+            first = torch.where(real.any(-1), rows.tokens_start() + real.long().argmax(-1), -1)
+            if rows.per_row:  # a "__base__" row scores what the base model scores: all but its own first slot
+                first = torch.where(rows.lengths > 0, first, rows.tokens_start())
+            labels = first_token_unscored(labels.reshape(-1, M + S), first).view(*lead, M + S)
         kwargs["labels"] = labels
     for name in _TOKEN_INDEX_ARGS:
         index = kwargs.get(name)
         if isinstance(index, torch.Tensor) and not index.is_floating_point():
-            kwargs[name] = index + m
+            kwargs[name] = index + M  # (rows with hidden slots were refused)
     if rules.pool_last:
-        ctx.pooled = _last_real_slot(flat, m, rules.pad_token_id)
+        ctx.pooled = _last_real_slot(flat, rows.tokens_start(), rules.pad_token_id)
     return kwargs
 
 
-def _decoding_step(state, kwargs, m, past):
-    """A decoding step: the cache already holds the prompt; new tokens still get the method's offset.
+def _decoding_step(state, kwargs, rows, past):
+    """A decoding step: the cache already holds the prompts; new tokens still get their adapter's offset.
 
     The caller's ``attention_mask`` and ``position_ids`` count without the prompt (generate makes them from
-    the unprompted input): both move up by m. A step without a mask and without position ids is numbered by
-    the model from the cache length, which includes the prompt: already right.
+    the unprompted input): the mask gets the M columns in front of the cache (each row's prompt, and the hidden
+    slots of a shorter one), the positions move up by each row's prompt length. A step without a mask and without
+    position ids is numbered by the model from the cache length, which includes the prompt: already right when
+    no slot is hidden; otherwise each row is given its positions alone (and a mask that hides its hidden slots).
     """
+    M = rows.width
     mask = kwargs.get("attention_mask")
     ids = kwargs.get("input_ids")
     new = ids if ids is not None else kwargs.get("inputs_embeds")
     if new is None:
         return kwargs
     n = new.shape[1]
-    unprompted = mask is None or mask.shape[1] == past + n - m
+    unprompted = mask is None or mask.shape[1] == past + n - M
     if not unprompted:  # the caller already counts the prompt (a mask over the whole cache)
         return kwargs
+    rules = state.inputs
+    if rows.hides and not rows.front:
+        raise ValueError(f"adapter_names: {rules.model_name} is not a decoder-only model, so a row's hidden slots "
+                         "(adapters of different prompt lengths) sit after its tokens, where decoding would append "
+                         "after them; decode with adapters of one prompt length per call")
+    pos = kwargs.get("position_ids")
+    _refuse_unaligned(rules, rows, kwargs, numbered_by_model=pos is None and rules.pad_positions is None)
     if ids is not None:
-        full = mask if mask is not None else torch.ones(ids.shape[0], past + n - m, dtype=torch.long,
+        full = mask if mask is not None else torch.ones(ids.shape[0], past + n - M, dtype=torch.long,
                                                          device=ids.device)
-        embeds = state.embed_continuation(ids, full)
+        embeds = rows.continuation(ids, full)
         if embeds is not None:
             kwargs["input_ids"], kwargs["inputs_embeds"] = None, embeds
-    if mask is not None:
-        kwargs["attention_mask"] = _prepend(mask, m, 1)
-    rules, largest = state.inputs, None
-    if kwargs.get("position_ids") is not None:
-        kwargs["position_ids"] = _shift_positions(kwargs["position_ids"], m)
+    if mask is not None or rows.hides:
+        unprompted_mask = mask if mask is not None else torch.ones(new.shape[0], past + n - M, dtype=torch.long,
+                                                                   device=new.device)
+        kwargs["attention_mask"] = torch.cat([rows.prompt_mask(unprompted_mask), unprompted_mask], dim=1)
+    largest = None
+    if pos is not None:
+        kwargs["position_ids"] = pos + rows.shift()
         largest = int(kwargs["position_ids"].max()) if rules.position_rows is not None else None
-    elif rules.pad_positions is not None and ids is not None and kwargs.get("input_ids") is None:
-        # a pad-aware embedding given inputs_embeds would number the new tokens from its start: number them
-        # as it does from input_ids, after the cache (which holds the prompt)
+    elif rules.pad_positions is not None and ids is not None and (kwargs.get("input_ids") is None or rows.hides):
+        # a pad-aware embedding given inputs_embeds would number the new tokens from its start (and from ids after
+        # the whole cache, hidden slots included): number them as it does from input_ids, after the row's own
+        # cache (which holds its prompt)
         real = (ids != rules.pad_positions).long()
-        kwargs["position_ids"] = (real.cumsum(1) + past) * real + rules.pad_positions
-    state.inputs.check_length(past + n, m, largest)
+        kwargs["position_ids"] = (real.cumsum(1) + rows.past_alone(past)) * real + rules.pad_positions
+    elif rows.hides:  # the model would number from the cache, hidden slots included: each row's count alone
+        kwargs["position_ids"] = rows.past_alone(past) + torch.arange(n, device=new.device)
+    rules.check_length(past + n, M, largest)
     return kwargs

@@ -90,50 +90,63 @@ class State:
         the method module, so ``.to()`` moves it and adapters never hold it), else None."""
         return getattr(self.module, FOLDED, None)
 
-    # prompt methods
-    def _method_embedding(self, input_ids, **kw):
-        """The method module on ``input_ids [B, S]`` with X from the model's own embedding module."""
+    # prompt methods: each takes the adapter's ``module`` (default: the active one; per-row calls pass each
+    # adapter's, see rows.RowPrompts)
+    def _method_embedding(self, input_ids, module, **kw):
+        """``module`` on ``input_ids [B, S]`` with X from the model's own embedding module."""
         rows, table, scale = self.input_embedding.lookup(input_ids)
-        if isinstance(self.module, PromptTuning):
-            return self.module(rows, table, embed_scale=scale)
-        return self.module(rows, table, embed_scale=scale, backend=self.backend, **kw)
+        if isinstance(module, PromptTuning):
+            return module(rows, table, embed_scale=scale)
+        return module(rows, table, embed_scale=scale, backend=self.backend, **kw)
 
-    def embed(self, input_ids, mask=None):
-        """``[B, m+S, d]``: the prompt and the method's token embeddings. ``mask``: the ``[B, S]`` padding mask.
+    def token_embeddings(self, input_ids):
+        """``X [B, S, d]``: what the base model embeds ``input_ids`` to (its input-embedding module, and the scale a
+        stack applies to the ids it embeds itself): no prompt, no offset. A ``"__base__"`` row's input."""
+        rows, table, scale = self.input_embedding.lookup(input_ids)
+        x = torch.nn.functional.embedding(rows, table)
+        return x if scale is None else x * scale
+
+    def embed(self, input_ids, mask=None, module=None):
+        """``[B, m+S, d]``: the prompt and the method's token embeddings. ``mask``: the ``[B, S]`` padding mask;
+        ``module``: the adapter's method module (None: the active adapter's).
 
         X is what the model's input-embedding module gives (its scale included: Gemma's ``sqrt(d)``); the
         prompt is not scaled. DePT's offset row j belongs to the j-th real token, so a left-padded batch is
         embedded with its rows rolled to start at column 0 (the offset op takes rows by column) and rolled
         back: padding-exact.
         """
-        if self.folded is not None:
-            return ops.prompt_tuning_embedding(input_ids, self.folded, self.module.prompt.to(self.folded.dtype))
-        lead = None if mask is None or not isinstance(self.module, DecomposedPrompt) else (mask.cumsum(-1) == 0).sum(-1)
+        module = self.module if module is None else module
+        folded = getattr(module, FOLDED, None)
+        if folded is not None:
+            return ops.prompt_tuning_embedding(input_ids, folded, module.prompt.to(folded.dtype))
+        lead = None if mask is None or not isinstance(module, DecomposedPrompt) else (mask.cumsum(-1) == 0).sum(-1)
         if lead is None or not bool(lead.any()):
-            return self._method_embedding(input_ids)
-        S, m = input_ids.shape[1], self.num_virtual_tokens
+            return self._method_embedding(input_ids, module)
+        S, m = input_ids.shape[1], module.num_virtual_tokens
         cols = torch.arange(S, device=input_ids.device)
-        out = self._method_embedding(input_ids.gather(1, (cols + lead[:, None]) % S))
+        out = self._method_embedding(input_ids.gather(1, (cols + lead[:, None]) % S), module)
         back = ((cols - lead[:, None]) % S)[..., None].expand(-1, -1, out.shape[-1])
         return torch.cat([out[:, :m], out[:, m:].gather(1, back)], dim=1)
 
-    def embed_continuation(self, input_ids, mask):
+    def embed_continuation(self, input_ids, mask, module=None):
         """Embeddings of tokens that continue a prompted input (decoding steps): the method's offset, no prompt.
 
         ``mask``: the unprompted padding mask ``[B, past + n]`` covering them; DePT takes each row's offset
-        from its count of earlier real tokens. Returns None when the model's own embedding is already right
-        (PT). No dropout: decoding is inference.
+        from its count of earlier real tokens; ``module``: the adapter's method module (None: the active
+        adapter's). Returns None when the model's own embedding is already right (PT). No dropout: decoding is
+        inference.
         """
-        mod = self.module
-        if self.folded is not None:
-            return torch.nn.functional.embedding(input_ids, self.folded)
+        mod = self.module if module is None else module
+        folded = getattr(mod, FOLDED, None)
+        if folded is not None:
+            return torch.nn.functional.embedding(input_ids, folded)
         if isinstance(mod, AdaptiveDecomposedPrompt):
             rows, table, scale = self.input_embedding.lookup(input_ids)
             p = mod.cast_params(table)
             return ops.adept_embedding(rows, table, None, p["down_weight"], p["down_bias"], p["up_weight"],
                                        p["up_bias"], embed_scale=scale, backend=self.backend)
         if isinstance(mod, DecomposedPrompt):
-            n, s = input_ids.shape[1], self.config.max_length
+            n, s = input_ids.shape[1], mod.config.max_length
             starts = mask[:, :mask.shape[1] - n].sum(-1)
             if int(starts.max()) + n > s:
                 raise ValueError(f"DePT: decoding reached token {int(starts.max()) + n} of the input, but "
@@ -145,7 +158,7 @@ class State:
                 rows, table, scale = self.input_embedding.lookup(input_ids[rows_b])
                 p = mod.cast_params(table)
                 part = ops.dept_embedding(rows, table, None, p["lora_a"][start:], p["lora_b"],
-                                          scaling=self.config.scaling, embed_scale=scale, backend=self.backend)
+                                          scaling=mod.config.scaling, embed_scale=scale, backend=self.backend)
                 out = part.new_empty(*input_ids.shape, part.shape[-1]) if out is None else out
                 out[rows_b] = part
             return out

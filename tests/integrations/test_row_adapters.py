@@ -10,7 +10,7 @@ import torch
 
 import fastprefix
 from helpers.families import FAMILIES
-from helpers.models import METHODS, PREFIX_METHODS, applied, batch, tiny
+from helpers.models import PREFIX_METHODS, applied, batch, tiny
 
 KINDS = ("bert", "llama", "t5")
 # a second adapter of each prefix method: another length, projection or gate mode than METHODS'
@@ -132,9 +132,6 @@ def test_mistakes_are_errors_before_any_work():
                                fastprefix.PTuningV2Config(num_virtual_tokens=3, prefix_positions="shift"))
     with pytest.raises(ValueError, match="per-row adapters need prefix_positions='none'"):
         shifted(**kw, adapter_names=["default"] * 4)
-    prompt = fastprefix.apply(tiny("llama"), METHODS["pt"]())
-    with pytest.raises(ValueError, match="serve the prefix methods .* for now"):
-        prompt(**kw, adapter_names=["default"] * 4)
 
 
 @pytest.mark.parametrize("names", [["b", "default", "b", "default"], NAMES], ids=["same-length", "own-lengths"])
