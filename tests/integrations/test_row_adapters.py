@@ -10,7 +10,7 @@ import torch
 
 import fastprefix
 from helpers.families import FAMILIES
-from helpers.models import PREFIX_METHODS, applied, batch, tiny
+from helpers.models import PREFIX_METHODS, applied, batch, prepared, tiny
 
 KINDS = ("bert", "llama", "t5")
 # a second adapter of each prefix method: another length, projection or gate mode than METHODS'
@@ -25,10 +25,11 @@ NAMES = ["b", "default", "__base__", "b"]
 CLOSE = dict(rtol=0, atol=1e-12)
 
 
-def _model(kind, method, other=None):
+def _model(kind, method, other=None, dropout=None):
     """``kind``'s model with ``method`` as "default" and ``other`` (default OTHER[method]) as "b", both moved off
-    their init and in float64 (their gradients then compare to rounding)."""
-    model = applied(kind, method)
+    their init and in float64 (their gradients then compare to rounding); ``dropout``: the base model's (None: its
+    family's default)."""
+    model = prepared(tiny(kind, dropout=dropout), method, seed=None, double=False, scale=0.5)
     fastprefix.add_adapter(model, other or OTHER[method](), "b")
     model.fastprefix.double()
     g = torch.Generator().manual_seed(7)
@@ -90,18 +91,20 @@ def _grads(model):
 @pytest.mark.parametrize("method", ["ptv2", "apt"])
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_each_adapter_gets_the_gradient_of_its_own_rows(kind, method, checkpointing):
-    """A loss that sums per-row terms: each adapter's gradient from the mixed batch equals the sum of its rows'
-    gradients run alone (checkpointed: one forward of the mixed batch and another before the backward)."""
-    model, kw = _model(kind, method), _call(kind)
+    """A loss that sums per-row terms (each row's output along a fixed random direction, dropout off): each
+    adapter's gradient from the mixed batch equals the sum of its rows' gradients run alone (checkpointed: one
+    forward of the mixed batch and another before the backward), and is far from 0."""
+    model, kw = _model(kind, method, dropout=0.0), _call(kind)
     model.train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     names = ["b", "default", "b", "default"]
-    weights = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    with torch.no_grad():
+        direction = torch.randn(_out(model, kind, **kw, adapter_names=names).shape,
+                                generator=torch.Generator().manual_seed(5), dtype=torch.float64)
 
     def loss(out, rows):
-        per_row = torch.stack([out[i][_real(kind, kw, b)].pow(2).sum() for i, b in enumerate(rows)])
-        return (per_row * weights[list(rows)]).sum()
+        return sum((out[i][_real(kind, kw, b)] * direction[b][_real(kind, kw, b)]).sum() for i, b in enumerate(rows))
 
     if checkpointing:
         _out(model, kind, **kw, adapter_names=names).sum().backward()  # an earlier forward and backward
@@ -116,7 +119,27 @@ def test_each_adapter_gets_the_gradient_of_its_own_rows(kind, method, checkpoint
     alone = _grads(model)
     assert mixed.keys() == alone.keys() and any(k.startswith("fastprefix_adapters.b.") for k in mixed)
     for k in mixed:
+        assert mixed[k].abs().max() > 1e-6, f"{k}: the loss barely reaches it"
         torch.testing.assert_close(mixed[k], alone[k], rtol=1e-10, atol=1e-12, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("method", ["ptv2", "apt"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_base_rows_are_the_base_model_on_the_same_batch(kind, method):
+    """A "__base__" row of a mixed call is the base model's row on the same batch: bit for bit on the encoder and the
+    decoder (its real keys take the vendor attention the base model runs, and the prefix's weight is exactly 0); on
+    T5, whose position bias takes the explicit formulation, to rounding."""
+    model, kw = _model(kind, method), _call(kind)
+    with torch.no_grad():
+        out = _out(model, kind, **kw, adapter_names=NAMES)
+        with fastprefix.disabled(model):
+            base = _out(model, kind, **kw)
+    for b in [i for i, name in enumerate(NAMES) if name == "__base__"]:
+        real = _real(kind, kw, b)
+        if kind == "t5":
+            torch.testing.assert_close(out[b][real], base[b][real], rtol=0, atol=1e-13)
+        else:
+            assert torch.equal(out[b][real], base[b][real])
 
 
 def test_mistakes_are_errors_before_any_work():
@@ -135,20 +158,29 @@ def test_mistakes_are_errors_before_any_work():
 
 
 @pytest.mark.parametrize("names", [["b", "default", "b", "default"], NAMES], ids=["same-length", "own-lengths"])
-def test_the_triton_backend_gives_the_same_rows(names):
-    """Under Triton's interpreter: adapters of one length run the kernels on the rows' prefixes, others the
-    reference path (the kernels do not take per-row lengths yet); the rows are the torch backend's either way."""
+def test_the_triton_backend_gives_the_same_rows_and_gradients(names):
+    """Under Triton's interpreter the kernels read each row's prefix from the adapters' table (also for adapters of
+    other lengths and a "__base__" row, whose slots they hide): the rows and every adapter's gradient are the torch
+    backend's."""
     model = applied("llama", "apt")
     fastprefix.add_adapter(model, fastprefix.APTConfig(num_virtual_tokens=5, gate="pooled"), "b")
     model.fastprefix.double(), model.fastprefix_adapters["b"].double()
+    model.train()
     kw = _call("llama")
-    with torch.no_grad():
-        want = _out(model, "llama", **kw, adapter_names=names)
-        with fastprefix.use_backend(model, "triton"):
-            got = _out(model, "llama", **kw, adapter_names=names)
+    results = {}
+    for backend in ("torch", "triton"):
+        with fastprefix.use_backend(model, backend):
+            out = _out(model, "llama", **kw, adapter_names=names)
+            torch.stack([out[b][_real("llama", kw, b)].pow(2).sum() for b in range(len(names))]).sum().backward()
+        results[backend] = out.detach(), _grads(model)
+        model.zero_grad()
+    (want, want_grads), (got, got_grads) = results["torch"], results["triton"]
     for b in range(len(names)):
         real = _real("llama", kw, b)
         torch.testing.assert_close(got[b][real], want[b][real], rtol=0, atol=1e-10)
+    assert got_grads.keys() == want_grads.keys() and any(k.startswith("fastprefix_adapters.b.") for k in got_grads)
+    for k in want_grads:
+        torch.testing.assert_close(got_grads[k], want_grads[k], rtol=1e-9, atol=1e-10, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("search", [dict(do_sample=False), dict(num_beams=2, do_sample=False)],
