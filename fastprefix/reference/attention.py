@@ -17,7 +17,9 @@ the kernels are tested against, what ``output_attentions`` returns, and DeBERTa'
   prefix, ``scale * g * (q . Pk) = scale * q . (g * Pk)`` and value ``g * Pv``, so the whole thing is one
   ``scaled_dot_product_attention`` over ``[g * Pk ; K]`` (GQA through ``enable_gqa``);
 - a gate per query (APT's token gate, its causal pooled gate), or per-row adapter lengths (``prefix_lengths``),
-  on CPU: the split algorithm over PyTorch's fused CPU attention (:mod:`fastprefix.reference.split`);
+  on CPU: the split algorithm over PyTorch's fused CPU attention (:mod:`fastprefix.reference.split`), also with
+  a bias that needs no gradient when there are per-row lengths (T5's position bias on a frozen base: it joins the
+  CPU op's mask, so a ``"__base__"`` row is the base model's SDPA bit for bit);
 - a bias or a softcap (they change the logits themselves), or another device: the explicit formulation,
   autograd through every op (the bias's gradient, summed over its broadcast dims, included).
 
@@ -187,6 +189,15 @@ def gated_prefix_attention(q, k, v, prefix_k, prefix_v, spec):
     return _attention(q, k, v, prefix_k, prefix_v, spec)
 
 
+def _split_takes_the_bias(q, spec) -> bool:
+    """Per-row adapter lengths with a bias that needs no gradient (T5's position bias on a frozen base), on CPU: the
+    split algorithm, the bias in the CPU op's mask. A row whose adapter is empty (``"__base__"``) then gets the CPU
+    op's own output with weight exactly 1: bit for bit what the base model's SDPA gives it."""
+    bias = spec.attn_bias
+    return (bias is not None and spec.prefix_lengths is not None and spec.softcap is None and q.device.type == "cpu"
+            and HAS_CPU_OP and not (bias.requires_grad and torch.is_grad_enabled()))
+
+
 def _attention(q, k, v, prefix_k, prefix_v, spec):
     """:func:`gated_prefix_attention` of a call that is not packed."""
     if spec.prefix_index is not None:  # per-row adapters: the twin takes each row's prefix (a copy)
@@ -196,6 +207,8 @@ def _attention(q, k, v, prefix_k, prefix_v, spec):
         # keeps the attention on its mask-free fast path
         spec = spec.replace(key_padding_mask=None)
     gate = gate_of(spec)
+    if _split_takes_the_bias(q, spec):
+        return split.split_attention(q, k, v, prefix_k, prefix_v, spec, gate)
     if spec.attn_bias is not None or spec.softcap is not None:
         return explicit_attention(q, k, v, prefix_k, prefix_v, spec, gate)
     if (gate is None or gate.shape[1] == 1) and spec.prefix_lengths is None:

@@ -214,11 +214,15 @@ class _SplitAttention(torch.autograd.Function):
 def split_attention(q, k, v, prefix_k, prefix_v, spec, gate):
     """Attention over ``[g * prefix ; keys]`` by the split algorithm on CPU tensors (any float dtype).
 
-    ``spec``: the call's :class:`fastprefix.spec.AttentionSpec` (padding, causal, window; not packed: the caller
-    unpacks a packed call first; no bias or softcap: those take the explicit formulation; per-row adapter lengths
-    hide their slots); ``gate``: None or the 3-dim gate in q's dtype. Returns ``[B, H, Sq, D]`` in ``[B, Sq, H, D]``
-    memory.
+    ``spec``: the call's :class:`fastprefix.spec.AttentionSpec` (padding, causal, window, a bias that needs no
+    gradient: it joins the CPU op's additive mask; not packed: the caller unpacks a packed call first; no softcap;
+    per-row adapter lengths hide their slots); ``gate``: None or the 3-dim gate in q's dtype. Returns
+    ``[B, H, Sq, D]`` in ``[B, Sq, H, D]`` memory.
     """
-    mask, is_causal = cpu_op_mask(q, k.shape[2], spec.key_padding_mask, spec.causal, spec.window)
+    bias = spec.attn_bias
+    if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+        raise ValueError("the split algorithm's CPU op takes the bias as a mask, with no gradient: a bias that "
+                         "requires grad takes the explicit formulation")
+    mask, is_causal = cpu_op_mask(q, k.shape[2], spec.key_padding_mask, spec.causal, spec.window, bias)
     return _SplitAttention.apply(q, k, v, prefix_k, prefix_v, gate, mask, is_causal, spec.scale,
                                  spec.prefix_visible(prefix_k.shape[-2]))

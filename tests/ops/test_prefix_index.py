@@ -88,6 +88,43 @@ def test_the_explicit_formulation_hides_the_slots_after_the_cap():
     assert torch.equal(out[3], torch.zeros_like(out[3]))  # no prefix slot, no real key: 0, not NaN
 
 
+@pytest.mark.parametrize("bias_grad", [False, True], ids=["frozen-bias", "trained-bias"])
+def test_a_bias_with_own_lengths_matches_the_explicit_formulation(bias_grad, monkeypatch):
+    """A bias with per-row lengths (T5's position bias): a frozen one joins the CPU op's mask on the split path, one
+    that requires grad takes the explicit formulation; both are the explicit formulation's output and gradients, and
+    a row of an empty adapter is the bias'd attention over its real keys alone."""
+    from fastprefix.reference import attention as reference
+    from fastprefix.reference import split
+    from fastprefix.spec import AttentionSpec
+
+    calls = []
+    real = split.split_attention
+    monkeypatch.setattr(split, "split_attention", lambda *a: calls.append(1) or real(*a))
+
+    x, kpm, gate = _inputs()
+    kpm[3, 2:] = True  # the empty adapter's row sees some real keys
+    idx, lens = torch.tensor(INDEX), torch.tensor(LENGTHS)
+    bias = torch.randn(1, 4, 5, 7, generator=torch.Generator().manual_seed(3), dtype=F64).requires_grad_(bias_grad)
+    leaves = {**{n: t.clone().requires_grad_() for n, t in x.items()}, "gate": gate.clone().requires_grad_()}
+    call = dict(key_padding_mask=kpm, causal=True, attn_bias=bias, prefix_index=idx, prefix_lengths=lens)
+    out = fastprefix.gated_prefix_attention(**leaves, **call, backend="torch")
+    assert len(calls) == (0 if bias_grad else 1)
+    spec = AttentionSpec.build(leaves["q"], leaves["k"], gate=leaves["gate"], **call)
+    table = [leaves[n].index_select(0, idx) for n in ("prefix_k", "prefix_v")]
+    want = reference.explicit_attention(leaves["q"], leaves["k"], leaves["v"], *table, spec, leaves["gate"])
+    torch.testing.assert_close(out, want, **TIGHT)
+    inputs = list(leaves.values()) + ([bias] if bias_grad else [])
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=F64)
+    for got, ref in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(want, inputs, g)):
+        torch.testing.assert_close(got, ref, **TIGHT)
+    q, k, v = (x[n][3:4] for n in ("q", "k", "v"))
+    alone = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=False,
+        attn_mask=bias.detach() + torch.where(kpm[3:4, None, None, :] & torch.ones(5, 7, dtype=torch.bool).tril(2),
+                                              0.0, -math.inf))
+    torch.testing.assert_close(out[3:4], alone, **TIGHT)
+
+
 @pytest.mark.parametrize("lengths", [None, LENGTHS], ids=["full-length", "own-lengths"])
 def test_gradcheck_through_the_table_and_the_gate(lengths):
     x, kpm, gate = _inputs(B=3, H=2, Hkv=1, Sq=3, Sk=4, L=3, D=4, A=3)
