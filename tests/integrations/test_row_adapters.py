@@ -10,7 +10,7 @@ import torch
 
 import fastprefix
 from helpers.families import FAMILIES
-from helpers.models import PREFIX_METHODS, applied, batch, prepared, tiny
+from helpers.models import PREFIX_METHODS, applied, assert_adapter_name_errors, batch, prepared, tiny
 
 KINDS = ("bert", "llama", "t5")
 # a second adapter of each prefix method: another length, projection or gate mode than METHODS'
@@ -141,13 +141,7 @@ def test_base_rows_are_the_base_model_on_the_same_batch(kind, method):
 
 def test_mistakes_are_errors_before_any_work():
     model, kw = _model("llama", "ptv2"), _call("llama")
-    with pytest.raises(ValueError, match="adapter_names has 3 names for a batch of 4 rows"):
-        model(**kw, adapter_names=NAMES[:3])
-    with pytest.raises(ValueError, match=r"no adapter named 'zz' on this model; its adapters are \['default', 'b'\] "
-                                         r"\(and '__base__', the base model alone\)"):
-        model(**kw, adapter_names=["zz", "b", "b", "b"])
-    with pytest.raises(ValueError, match="must be a list of adapter names"):
-        model(**kw, adapter_names="b")
+    assert_adapter_name_errors(model, kw)
     shifted = fastprefix.apply(tiny("llama"),
                                fastprefix.PTuningV2Config(num_virtual_tokens=3, prefix_positions="shift"))
     with pytest.raises(ValueError, match="per-row adapters need prefix_positions='none'"):

@@ -15,7 +15,7 @@ import torch
 import fastprefix
 from fastprefix.integrations.named import activated
 from helpers.families import FAMILIES
-from helpers.models import PAD, batch, positions, tiny
+from helpers.models import PAD, assert_adapter_name_errors, batch, positions, tiny
 
 KINDS = ("llama", "bert", "t5")
 # and the positions of GPT-2 (an absolute table on a decoder) and RoBERTa (numbered from the padding of the ids)
@@ -273,13 +273,7 @@ def test_generate_gives_each_row_its_tokens_alone(kind, method, search):
 
 def test_mistakes_are_errors_before_any_work():
     model, kw = _model("llama", "pt"), _call("llama")
-    with pytest.raises(ValueError, match="adapter_names has 3 names for a batch of 4 rows"):
-        model(**kw, adapter_names=NAMES[:3])
-    with pytest.raises(ValueError, match=r"no adapter named 'zz' on this model; its adapters are \['default', 'b'\] "
-                                         r"\(and '__base__', the base model alone\)"):
-        model(**kw, adapter_names=["zz", "b", "b", "b"])
-    with pytest.raises(ValueError, match="must be a list of adapter names"):
-        model(**kw, adapter_names="b")
+    assert_adapter_name_errors(model, kw)
     with pytest.raises(ValueError, match="adapter_names has 2 names for a batch of 4 rows"):
         model.generate(**kw, adapter_names=NAMES[:2], max_new_tokens=2, pad_token_id=PAD)
     t5, t5_kw = _model("t5", "pt"), _call("t5")
