@@ -492,7 +492,8 @@ def adapters_main(argv):
     p.add_argument("--model", default="minilm", help="backbone (the main benchmark's names)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--prefix-len", type=int, default=32)
+    p.add_argument("--prefix-len", type=int, default=32, help="the adapters' prefix or prompt length")
+    p.add_argument("--method", choices=list(adapters.METHODS), default="ptv2", help="the adapters' method")
     p.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 16], help="the adapter counts A")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if there is one)")
@@ -511,9 +512,11 @@ def adapters_main(argv):
         torch.set_num_threads(1)
     started = time.time()
     rows = adapters.measure_adapters(args.model, args.batch, args.seq_len, args.prefix_len, args.adapters,
-                                     args.rounds, device)
-    text = adapters.markdown(rows, args.model, args.batch, args.seq_len, args.prefix_len, args.rounds, device)
-    out = args.out or run_folder(f"{args.model}-adapters") / "adapters.md"
+                                     args.rounds, device, method=args.method)
+    text = adapters.markdown(rows, args.model, args.batch, args.seq_len, args.prefix_len, args.rounds, device,
+                             args.method)
+    suffix = "" if args.method == "ptv2" else f"-{args.method}"
+    out = args.out or run_folder(f"{args.model}-adapters{suffix}") / "adapters.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     sys.stdout.write(text)

@@ -1,7 +1,8 @@
 """``fastprefix-bench adapters`` (its command line is in ``__main__``): one batch over A adapters in one call,
 against A separate calls.
 
-B rows, row i on adapter ``i % A`` (P-Tuning v2 adapters of the prefix length, on the frozen backbone): one call with
+B rows, row i on adapter ``i % A`` (adapters of one method, ``METHODS``, P-Tuning v2 by default, with the prefix or
+prompt length, on the frozen backbone): one call with
 ``adapter_names=`` against A calls of the same rows, each with its adapter set active (what serving or multi-task
 training does without per-row adapters), for A in ``--adapters``. Measured per A: training-step and inference
 tokens/s (the B·S real tokens over the time of the one call or of the A calls; median (interquartile range) of
@@ -20,10 +21,21 @@ import fastprefix
 from . import backbones, measure
 
 
-def _adapters(model, A, L):
-    fastprefix.apply(model, fastprefix.PTuningV2Config(num_virtual_tokens=L), adapter_name="a0")
+# the --method choices: (what the table calls it, its config for a prefix / prompt of L tokens)
+METHODS = {
+    "ptv2": ("P-Tuning v2", lambda L: fastprefix.PTuningV2Config(num_virtual_tokens=L)),
+    "apt": ("APT (token gate)", lambda L: fastprefix.APTConfig(num_virtual_tokens=L)),
+    "pt": ("prompt tuning", lambda L: fastprefix.PromptTuningConfig(num_virtual_tokens=L)),
+    "dept": ("DePT", lambda L: fastprefix.DePTConfig(num_virtual_tokens=L)),
+    "adept": ("ADePT", lambda L: fastprefix.ADePTConfig(num_virtual_tokens=L)),
+}
+
+
+def _adapters(model, A, L, method="ptv2"):
+    config = METHODS[method][1]
+    fastprefix.apply(model, config(L), adapter_name="a0")
     for a in range(1, A):
-        fastprefix.add_adapter(model, fastprefix.PTuningV2Config(num_virtual_tokens=L), f"a{a}")
+        fastprefix.add_adapter(model, config(L), f"a{a}")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # distinct adapters: each moved off its init
         for p in model.parameters():
@@ -59,8 +71,10 @@ def _ways(model, ids, mask, names):
     return one, separate
 
 
-def measure_adapters(model_name, batch, seq_len, prefix_len, adapter_counts, rounds, device, load=None, atol=1e-4):
-    """One row per A: ``dict(A, train/infer tokens/s (median, q1, q3) of each way, their ratio, peak MiB)``.
+def measure_adapters(model_name, batch, seq_len, prefix_len, adapter_counts, rounds, device, load=None, atol=1e-4,
+                     method="ptv2"):
+    """One row per A: ``dict(A, train/infer tokens/s (median, q1, q3) of each way, their ratio, peak MiB)``, for
+    adapters of ``method`` (a key of :data:`METHODS`).
 
     ``load``: a function giving a fresh frozen backbone on ``device`` (default: ``model_name``'s, from
     :func:`backbones.load_backbone`); ``atol``: how far the two ways' outputs may differ (a 16-bit model's GEMMs
@@ -68,7 +82,7 @@ def measure_adapters(model_name, batch, seq_len, prefix_len, adapter_counts, rou
     rows = []
     for A in adapter_counts:
         backbone = load() if load is not None else backbones.load_backbone(model_name).to(device)
-        model = _adapters(backbone, A, prefix_len)
+        model = _adapters(backbone, A, prefix_len, method)
         model.train()
         g = torch.Generator().manual_seed(1)
         vocab = model.get_input_embeddings().num_embeddings  # ids in [1000, 20000) where the vocabulary allows
@@ -106,14 +120,15 @@ def measure_adapters(model_name, batch, seq_len, prefix_len, adapter_counts, rou
     return rows
 
 
-def markdown(rows, model_name, batch, seq_len, prefix_len, rounds, device):
+def markdown(rows, model_name, batch, seq_len, prefix_len, rounds, device, method="ptv2"):
     """The results as a Markdown table with its setting."""
-    return "\n".join([setting(model_name, batch, seq_len, prefix_len, rounds, device), "", *table(rows)]) + "\n"
+    return "\n".join([setting(model_name, batch, seq_len, prefix_len, rounds, device, method), "", *table(rows)]) + "\n"
 
 
-def setting(model_name, batch, seq_len, prefix_len, rounds, device):
+def setting(model_name, batch, seq_len, prefix_len, rounds, device, method="ptv2"):
     """One paragraph: what :func:`measure_adapters` ran and how to read its table."""
-    return (f"Backbone **{model_name}** (frozen), batch {batch}, sequence {seq_len}, P-Tuning v2 adapters of length "
+    return (f"Backbone **{model_name}** (frozen), batch {batch}, sequence {seq_len}, {METHODS[method][0]} adapters "
+            f"of length "
             f"{prefix_len}, row i on adapter i mod A, on {device}; {rounds} interleaved rounds after one warm-up, "
             f"tokens/s of the B·S tokens, median (interquartile range); x: the one call's speed over the A calls' "
             f"(median of the rounds' ratios); peak: the training step's peak live tensor bytes.")

@@ -5,11 +5,13 @@ import pytest
 from fastprefix.benchmarks import __main__ as cli
 
 
-def test_a_small_run_writes_its_table(tmp_path, capsys):
+@pytest.mark.parametrize("method,label", [("ptv2", "P-Tuning v2"), ("adept", "ADePT")])
+def test_a_small_run_writes_its_table(method, label, tmp_path, capsys):
     out = tmp_path / "adapters.md"
     cli.main(["adapters", "--model", "llama-tiny", "--batch", "4", "--seq-len", "8", "--prefix-len", "3",
-              "--adapters", "1", "2", "4", "--rounds", "1", "--device", "cpu", "--out", str(out)])
+              "--adapters", "1", "2", "4", "--rounds", "1", "--device", "cpu", "--method", method, "--out", str(out)])
     text = out.read_text()
+    assert f"{label} adapters of length 3" in text
     assert text in capsys.readouterr().out
     rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [r.split("|")[1].strip() for r in rows] == ["1", "2", "4"]
@@ -21,6 +23,7 @@ def test_a_small_run_writes_its_table(tmp_path, capsys):
     (["--adapters", "32"], "--adapters must each be between 1 and the batch"),
     (["--rounds", "0"], "--rounds must be at least 1"),
     (["--model", "nope"], "nope"),
+    (["--method", "lora"], "invalid choice: 'lora'"),
 ])
 def test_mistakes_are_one_line(argv, match, capsys):
     with pytest.raises(SystemExit) as stop:
