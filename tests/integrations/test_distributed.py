@@ -29,12 +29,17 @@ def _global_batch():
 ROW_NAMES = ["b", "default", "default", "b"]  # per-row adapters: each rank's half holds both
 
 
-def _two_adapters():
-    """BERT with APT as "default" and a second APT adapter "b" (another length and gate mode), the same on every
-    process (the same seeded draws)."""
-    model = applied("bert", "apt")
+# a second adapter "b" of each per-row DDP method: another length (and for APT another gate mode) than METHODS'
+SECOND = {"apt": lambda: fastprefix.APTConfig(num_virtual_tokens=2, gate="pooled"),
+          "adept": lambda: fastprefix.ADePTConfig(num_virtual_tokens=5, rank=3)}
+
+
+def _two_adapters(method):
+    """BERT with ``method`` as "default" and a second adapter "b" (:data:`SECOND`), the same on every process (the
+    same seeded draws)."""
+    model = applied("bert", method)
     torch.manual_seed(5)
-    return fastprefix.add_adapter(model, fastprefix.APTConfig(num_virtual_tokens=2, gate="pooled"), "b")
+    return fastprefix.add_adapter(model, SECOND[method](), "b")
 
 
 def _adapters_state(model):
@@ -53,13 +58,14 @@ def _ddp_worker(rank, out_dir):
         _loss(ddp(input_ids=ids[half], attention_mask=mask[half]).last_hidden_state).backward()
         opt.step()
         torch.save(model.fastprefix.state_dict(), os.path.join(out_dir, f"{method}-{rank}.pt"))
-    model = _two_adapters()  # per-row adapters: both adapters train on their own rows of each half
-    ddp = DistributedDataParallel(model)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    out = ddp(input_ids=ids[half], attention_mask=mask[half], adapter_names=ROW_NAMES[half])
-    _loss(out.last_hidden_state).backward()
-    opt.step()
-    torch.save(_adapters_state(model), os.path.join(out_dir, f"rows-{rank}.pt"))
+    for method in DDP_METHODS:  # per-row adapters: both adapters train on their own rows of each half
+        model = _two_adapters(method)
+        ddp = DistributedDataParallel(model)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        out = ddp(input_ids=ids[half], attention_mask=mask[half], adapter_names=ROW_NAMES[half])
+        _loss(out.last_hidden_state).backward()
+        opt.step()
+        torch.save(_adapters_state(model), os.path.join(out_dir, f"rows-{method}-{rank}.pt"))
 
 
 def test_ddp_two_processes_match_one_process_on_the_whole_batch(tmp_path):
@@ -77,16 +83,19 @@ def test_ddp_two_processes_match_one_process_on_the_whole_batch(tmp_path):
             # float32 parameters: the all-reduced mean of two half-batch gradients vs one whole-batch gradient
             torch.testing.assert_close(ranks[0][name], want, atol=1e-6, rtol=1e-6, msg=f"{method}.{name}")
         assert any(not torch.equal(before[k], v) for k, v in model.fastprefix.state_dict().items())
-    model = _two_adapters()
-    before = _adapters_state(model)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    _loss(model(input_ids=ids, attention_mask=mask, adapter_names=ROW_NAMES).last_hidden_state).backward()
-    opt.step()
-    ranks = [torch.load(tmp_path / f"rows-{r}.pt") for r in range(2)]
-    for name, want in _adapters_state(model).items():
-        assert torch.equal(ranks[0][name], ranks[1][name]), f"rows.{name} differs between ranks"
-        torch.testing.assert_close(ranks[0][name], want, atol=1e-6, rtol=1e-6, msg=f"rows.{name}")
-        assert not torch.equal(before[name], want), f"rows.{name} did not train"
+    for method in DDP_METHODS:
+        model = _two_adapters(method)
+        before = _adapters_state(model)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        _loss(model(input_ids=ids, attention_mask=mask, adapter_names=ROW_NAMES).last_hidden_state).backward()
+        opt.step()
+        ranks = [torch.load(tmp_path / f"rows-{method}-{r}.pt") for r in range(2)]
+        after = _adapters_state(model)
+        for name, want in after.items():
+            assert torch.equal(ranks[0][name], ranks[1][name]), f"rows {method}.{name} differs between ranks"
+            torch.testing.assert_close(ranks[0][name], want, atol=1e-6, rtol=1e-6, msg=f"rows {method}.{name}")
+        for adapter in ("fastprefix.", "fastprefix_adapters.b."):  # each trained (ADePT's up-projection starts at 0)
+            assert any(not torch.equal(before[k], v) for k, v in after.items() if k.startswith(adapter)), adapter
 
 
 @pytest.mark.parametrize("method", ["apt", "adept"])
