@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from .config import PTuningV2Config
-from .integrations.named import activated
+from .integrations.named import known
+from .integrations.state import state_of
 
 
 def prompt_embeds(model, input_ids, attention_mask=None, *, adapter_name=None):
@@ -25,7 +26,8 @@ def prompt_embeds(model, input_ids, attention_mask=None, *, adapter_name=None):
             ADePT folded by :func:`fastprefix.merge` or not).
         input_ids: ``[B, S]`` integer token ids, on the model's device.
         attention_mask: optional ``[B, S]`` 0/1 padding mask (left or right padding); None: every token is real.
-        adapter_name: which of the model's adapters (None: the active one), so an engine can serve each.
+        adapter_name: which of the model's adapters (None: the active one), so an engine can serve each. The
+            active adapter is not switched (calls for several adapters may run side by side).
 
     Returns:
         A list of B tensors, row b ``[m + S_b, d]`` with ``S_b`` the real tokens of row b (padding dropped):
@@ -42,25 +44,27 @@ def prompt_embeds(model, input_ids, attention_mask=None, *, adapter_name=None):
         ValueError: for a prefix method (P-Tuning v2, APT: per-layer prefixes, no engine input carries them;
             serve through ``generate``), a model without fastprefix, or bad ``input_ids`` / ``attention_mask``.
     """
-    with activated(model, adapter_name) as state:
-        return _prompt_embeds(state, input_ids, attention_mask)
+    state = state_of(model)
+    name = state.active if adapter_name is None else adapter_name
+    known(state, name)
+    config, module = state.adapters[name]
+    return _prompt_embeds(state, config, module, input_ids, attention_mask)
 
 
-def _prompt_embeds(state, input_ids, attention_mask):
-    if isinstance(state.config, PTuningV2Config):
+def _prompt_embeds(state, config, module, input_ids, attention_mask):
+    if isinstance(config, PTuningV2Config):
         raise ValueError(
-            f"prompt_embeds: {state.config.method!r} is a prefix method: it adds keys and values to every layer's "
+            f"prompt_embeds: {config.method!r} is a prefix method: it adds keys and values to every layer's "
             "attention, which no inference engine's prompt-embeddings input can carry today. Serve it through the "
             "applied model's generate() (the prefix is applied at every decoding step)")
     ids, mask = _checked(state, input_ids, attention_mask)
-    m = state.num_virtual_tokens
-    module = state.module
+    m = module.num_virtual_tokens
     modes = {sub: sub.training for sub in module.modules()}
     module.eval()  # serving is inference: no ADePT dropout
     try:
         # autocast off: the rows come in the table's (the model's) dtype, as the engine's embedding would give them
         with torch.no_grad(), torch.autocast(ids.device.type, enabled=False):
-            embeds = state.embed(ids, mask)
+            embeds = state.embed(ids, mask, module)
     finally:
         for sub, training in modes.items():
             sub.training = training

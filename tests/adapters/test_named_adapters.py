@@ -141,12 +141,25 @@ def test_a_deep_copy_switches_on_its_own():
 
 @pytest.mark.parametrize("method", ["pt", "dept", "adept"])
 def test_prompt_embeds_by_name(method):
+    """An adapter's prompt embeddings, read without switching the active adapter (so engines may ask for several
+    adapters side by side): the active one stays, and is never "b" meanwhile."""
     model, alone = _two_adapters("llama", method)
     ids, mask = batch([5, 3])
-    got = fastprefix.prompt_embeds(model, ids, mask, adapter_name="b")
+    seen = []
+    real = fastprefix.integrations.state.State.embed
+
+    def spy(state, *args, **kwargs):
+        seen.append(state.active)
+        return real(state, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fastprefix.integrations.state.State, "embed", spy)
+        got = fastprefix.prompt_embeds(model, ids, mask, adapter_name="b")
     want = fastprefix.prompt_embeds(alone, ids, mask)
-    assert fastprefix.active_adapter(model) == "default"  # the block puts the active one back
+    assert seen == ["default"] and fastprefix.active_adapter(model) == "default"
     assert all(torch.equal(a, w) for a, w in zip(got, want, strict=True))
+    with pytest.raises(ValueError, match=r"no adapter named 'zz' on this model; its adapters are \['default', 'b'\]"):
+        fastprefix.prompt_embeds(model, ids, mask, adapter_name="zz")
 
 
 def test_to_peft_by_name(tmp_path):
