@@ -108,9 +108,11 @@ def test_the_kernels_match_the_reference_in_float64(path, pad, causal, lengths, 
     assert max(errors.values()) < 1e-12, errors
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
 @pytest.mark.parametrize("path", PATHS)
-def test_the_table_is_read_in_place(path, monkeypatch):
-    """The kernels get the table itself (A rows, its own memory), not the rows' prefixes gathered to [B, ...]."""
+def test_the_table_is_read_in_place(path, index_dtype, monkeypatch):
+    """The kernels get the table itself (A rows, its own memory), not the rows' prefixes gathered to [B, ...]; an
+    int32 or int64 index and lengths give the reference's rows."""
     shape = Shape(B=6, A=2)
     seen = []
     target, name = (fused, "_forward") if path == "fused" else (split, "merge_forward")
@@ -122,10 +124,12 @@ def test_the_table_is_read_in_place(path, monkeypatch):
 
     monkeypatch.setattr(target, name, spy)
     tensors = _tensors(shape)
-    index = torch.tensor([0, 1, 1, 0, 1, 1])
-    fastprefix.gated_prefix_attention(**tensors, prefix_index=index, backend="triton", path=path)
+    call = dict(prefix_index=torch.tensor([0, 1, 1, 0, 1, 1], dtype=index_dtype),
+                prefix_lengths=torch.tensor([3, 1], dtype=index_dtype))
+    out = fastprefix.gated_prefix_attention(**tensors, **call, backend="triton", path=path)
     assert len(seen) == 1 and seen[0].shape[0] == shape.A
     assert seen[0].data_ptr() == tensors["prefix_k"].data_ptr()
+    torch.testing.assert_close(out, _torch(**tensors, **call), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("path", PATHS)
