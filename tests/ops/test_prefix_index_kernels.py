@@ -182,3 +182,15 @@ def test_hidden_slots_get_no_gradient(path):
     for b, a in enumerate(index.tolist()):
         n = lengths[a]
         assert torch.equal(grads["gate"][b, :, n:], torch.zeros_like(grads["gate"][b, :, n:]))
+
+
+def test_a_forced_concat_path_falls_back_for_per_row_adapters(monkeypatch):
+    """The concat path would build each row's [prefix ; keys]: asked for, a per-row call runs where split would (the
+    dispatch rule's fallback) and gives the reference's rows and gradients."""
+    from fastprefix.kernels.attention import concat
+
+    monkeypatch.setattr(concat, "concat_attention", lambda *a, **k: pytest.fail("the concat path took the call"))
+    shape = Shape()
+    tensors = _tensors(shape, gate="pooled")
+    errors = max_errors(_triton("concat"), _torch, tensors, _call(shape, True, True, False))
+    assert max(errors.values()) < 1e-12, errors
