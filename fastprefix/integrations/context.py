@@ -98,12 +98,27 @@ def _signature(cls):
     return inspect.signature(cls.forward)
 
 
+@functools.lru_cache(maxsize=256)
+def _positional_names(forward):
+    """The names a forward function's positional arguments bind to (``self`` left out of a plain function), read once
+    per function: ``inspect.signature`` costs tens of microseconds, and a model calls several hooked modules per
+    step."""
+    params = list(inspect.signature(forward).parameters.values())
+    if not inspect.ismethod(forward) and params and params[0].name == "self":
+        params = params[1:]
+    return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
 def bind(module, args, kwargs):
     """All of a forward call's arguments as keywords (positional ones named from the signature)."""
     if not args:
         return dict(kwargs)
-    names = [p.name for p in inspect.signature(module.forward).parameters.values()
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    forward = module.forward
+    forward = getattr(forward, "__func__", forward)
+    try:
+        names = _positional_names(forward)
+    except TypeError:  # an unhashable callable: read its signature each time
+        names = _positional_names.__wrapped__(forward)
     if len(args) > len(names):
         raise ValueError(f"{type(module).__name__}.forward got {len(args)} positional arguments; pass them by name")
     out = dict(zip(names, args))
