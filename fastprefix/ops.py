@@ -311,7 +311,8 @@ class Route(NamedTuple):
 
 
 def attention_route(q, k, prefix_k=None, *, gate=None, gate_hidden=None, key_padding_mask=None, causal=False,
-                    attn_bias=None, window=None, softcap=None, cu_seqlens=None, path=None) -> Route:
+                    attn_bias=None, window=None, softcap=None, cu_seqlens=None, prefix_index=None,
+                    path=None) -> Route:
     """The :class:`Route` the Triton backend takes for :func:`gated_prefix_attention` on these inputs, by the
     dispatch rule in ``fastprefix.kernels.attention.dispatch``.
 
@@ -319,22 +320,23 @@ def attention_route(q, k, prefix_k=None, *, gate=None, gate_hidden=None, key_pad
     ``prefix_k`` (``[Hkv, L, D]`` or ``[B, Hkv, L, D]``) and the gate (``gate``, or APT's ``gate_hidden``) as the
     call has them: the concat path is decided by them, so without ``prefix_k`` the answer is for a call whose
     prefix the rule is not shown, and leaves the concat path out. Other arguments as in
-    :func:`gated_prefix_attention`; ``path`` None: ``FASTPREFIX_ATTENTION``, else ``"auto"``. A call the Triton
-    backend does not take at all (float64 on a GPU: :func:`attention_backend` says ``"torch"``) runs the reference
+    :func:`gated_prefix_attention` (``prefix_index``: a call over a table of adapters' prefixes, which the concat path
+    does not serve); ``path`` None: ``FASTPREFIX_ATTENTION``, else ``"auto"``. A call the Triton backend does not take
+    at all (float64 on a GPU: :func:`attention_backend` says ``"torch"``) runs the reference
     path whatever this says.
     """
     _check_path(path)
     _check_packed(q, k, cu_seqlens, key_padding_mask, attn_bias)
     spec = AttentionSpec.build(q, k, gate=gate, gate_hidden=gate_hidden, key_padding_mask=key_padding_mask,
                                causal=causal, attn_bias=attn_bias, window=window, softcap=softcap,
-                               cu_seqlens=cu_seqlens)
+                               cu_seqlens=cu_seqlens, prefix_index=prefix_index)
     kernels = _kernels(_attention_kernels, q.device)
     chosen = kernels.route(q, k, spec, default_path() if path is None else path, prefix_k=prefix_k)
     return Route(chosen.path, chosen.source)
 
 
 def attention_path(q, k, *, key_padding_mask=None, causal=False, attn_bias=None, window=None, softcap=None,
-                   path=None, prefix_k=None, gate=None, gate_hidden=None, cu_seqlens=None) -> str:
+                   path=None, prefix_k=None, gate=None, gate_hidden=None, cu_seqlens=None, prefix_index=None) -> str:
     """The path the Triton backend takes for :func:`gated_prefix_attention` on these inputs: ``"fused"``,
     ``"split"`` or ``"concat"`` (:func:`attention_route`'s path; it also says on what authority).
 
@@ -345,7 +347,7 @@ def attention_path(q, k, *, key_padding_mask=None, causal=False, attn_bias=None,
     """
     return attention_route(q, k, prefix_k, gate=gate, gate_hidden=gate_hidden, key_padding_mask=key_padding_mask,
                            causal=causal, attn_bias=attn_bias, window=window, softcap=softcap, cu_seqlens=cu_seqlens,
-                           path=path).path
+                           prefix_index=prefix_index, path=path).path
 
 
 def apt_gate(hidden, weight, bias, layer_scale, *, mode="token", key_padding_mask=None, causal=False, past=None):

@@ -194,3 +194,17 @@ def test_a_forced_concat_path_falls_back_for_per_row_adapters(monkeypatch):
     tensors = _tensors(shape, gate="pooled")
     errors = max_errors(_triton("concat"), _torch, tensors, _call(shape, True, True, False))
     assert max(errors.values()) < 1e-12, errors
+
+
+def test_the_route_of_a_per_row_call_is_never_concat():
+    """``attention_route`` told of the table (``prefix_index``) answers what the call takes: split where it is asked
+    for concat, as the call itself falls back."""
+    shape = Shape()
+    t = _tensors(shape)
+    index = _index(shape)
+    shared = t["prefix_k"][0]  # one adapter's prefix for every row: the concat path serves that call
+    assert fastprefix.ops.attention_route(t["q"], t["k"], shared, path="concat").path == "concat"
+    assert fastprefix.ops.attention_route(t["q"], t["k"], t["prefix_k"], prefix_index=index,
+                                          path="concat") == ("split", "forced")
+    assert fastprefix.ops.attention_path(t["q"], t["k"], prefix_k=t["prefix_k"], prefix_index=index,
+                                         path="concat") == "split"
