@@ -10,7 +10,7 @@ import torch
 
 import fastprefix
 from helpers.families import FAMILIES
-from helpers.models import PREFIX_METHODS, applied, assert_adapter_name_errors, batch, prepared, tiny
+from helpers.models import PREFIX_METHODS, assert_adapter_name_errors, batch, prepared, tiny
 
 KINDS = ("bert", "llama", "t5")
 # a second adapter of each prefix method: another length, projection or gate mode than METHODS'
@@ -148,29 +148,34 @@ def test_mistakes_are_errors_before_any_work():
         shifted(**kw, adapter_names=["default"] * 4)
 
 
-@pytest.mark.parametrize("names", [["b", "default", "b", "default"], NAMES], ids=["same-length", "own-lengths"])
-def test_the_triton_backend_gives_the_same_rows_and_gradients(names):
+@pytest.mark.parametrize("kind,names", [("llama", ["b", "default", "b", "default"]), ("llama", NAMES),
+                                        ("bert", NAMES), ("t5", NAMES)],
+                         ids=["llama-same-length", "llama-own-lengths", "bert-own-lengths", "t5-own-lengths"])
+def test_the_triton_backend_gives_the_same_rows_and_gradients(kind, names):
     """Under Triton's interpreter the kernels read each row's prefix from the adapters' table (also for adapters of
-    other lengths and a "__base__" row, whose slots they hide): the rows and every adapter's gradient are the torch
-    backend's."""
-    model = applied("llama", "apt")
-    fastprefix.add_adapter(model, fastprefix.APTConfig(num_virtual_tokens=5, gate="pooled"), "b")
-    model.fastprefix.double(), model.fastprefix_adapters["b"].double()
+    other lengths and a "__base__" row, whose slots they hide; T5's with its position bias): the rows and every
+    adapter's gradient are the torch backend's."""
+    model = _model(kind, "apt", fastprefix.APTConfig(num_virtual_tokens=5, gate="pooled"), dropout=0.0)
     model.train()
-    kw = _call("llama")
+    kw = _call(kind)
+    with torch.no_grad():
+        direction = torch.randn(_out(model, kind, **kw, adapter_names=names).shape,
+                                generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     results = {}
     for backend in ("torch", "triton"):
         with fastprefix.use_backend(model, backend):
-            out = _out(model, "llama", **kw, adapter_names=names)
-            torch.stack([out[b][_real("llama", kw, b)].pow(2).sum() for b in range(len(names))]).sum().backward()
+            out = _out(model, kind, **kw, adapter_names=names)
+            sum((out[b][_real(kind, kw, b)] * direction[b][_real(kind, kw, b)]).sum()
+                for b in range(len(names))).backward()
         results[backend] = out.detach(), _grads(model)
         model.zero_grad()
     (want, want_grads), (got, got_grads) = results["torch"], results["triton"]
     for b in range(len(names)):
-        real = _real("llama", kw, b)
+        real = _real(kind, kw, b)
         torch.testing.assert_close(got[b][real], want[b][real], rtol=0, atol=1e-10)
     assert got_grads.keys() == want_grads.keys() and any(k.startswith("fastprefix_adapters.b.") for k in got_grads)
     for k in want_grads:
+        assert want_grads[k].abs().max() > 1e-6, f"{k}: the loss barely reaches it"
         torch.testing.assert_close(got_grads[k], want_grads[k], rtol=1e-9, atol=1e-10, msg=lambda m, k=k: f"{k}: {m}")
 
 
