@@ -98,6 +98,13 @@ class AttentionSpec:
         lengths = self.prefix_lengths.index_select(0, self.prefix_index)
         return torch.arange(L, device=lengths.device) < lengths[:, None]
 
+    def row_prefixes(self, prefix_k, prefix_v):
+        """The prefixes each batch row attends over: with per-row adapters the table's rows ``prefix_index`` picks,
+        ``[B, Hkv, L, D]`` (a copy), else the two as given."""
+        if self.prefix_index is None:
+            return prefix_k, prefix_v
+        return prefix_k.index_select(0, self.prefix_index), prefix_v.index_select(0, self.prefix_index)
+
     @property
     def gate_rows(self) -> Optional[int]:
         """How many gate rows the queries have: None without a gate, 1 when one row serves every query (a pooled

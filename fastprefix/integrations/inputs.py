@@ -163,12 +163,6 @@ def first_token_unscored(labels, first):
     return labels
 
 
-def _prepend(x, m, value):
-    """``[B, S, ...]`` -> ``[B, m+S, ...]`` with m slots of ``value`` in front."""
-    head = torch.full((x.shape[0], m, *x.shape[2:]), value, dtype=x.dtype, device=x.device)
-    return torch.cat([head, x], dim=1)
-
-
 def _embedded(rows, kwargs):
     """Take the call's ``input_ids`` into ``inputs_embeds`` (the rows' prompts in front); return the ids, or None
     when the call has none (``inputs_embeds`` given instead is a ValueError)."""
@@ -251,7 +245,7 @@ def model_inputs(state, kwargs, ctx, rows):
         encoder_outputs = kwargs.get("encoder_outputs")
         if encoder_outputs is not None:  # the encoder already ran (generate): only its mask may lag behind
             length = encoder_outputs[0].shape[1]
-            if (mask is None and rows.hides) or (mask is not None and mask.shape[1] == length - M):
+            if (mask is None and not rows.aligned) or (mask is not None and mask.shape[1] == length - M):
                 kwargs["attention_mask"] = rows.mask(mask, length - M)
             return kwargs
         return _encoder_call(kwargs, rows)
@@ -265,7 +259,7 @@ def model_inputs(state, kwargs, ctx, rows):
 def _refuse_unaligned(rules, rows, kwargs, numbered_by_model):
     """Per-row prompts of different lengths leave hidden slots in the rows with shorter prompts: refuse what those
     slots would change (``numbered_by_model``: the call gives no position ids, so a decoder needs them passed)."""
-    if not rows.hides:
+    if rows.aligned:
         return
     for name in _TOKEN_INDEX_ARGS:
         if kwargs.get(name) is not None:
@@ -369,7 +363,7 @@ def _decoding_step(state, kwargs, rows, past):
     if not unprompted:  # the caller already counts the prompt (a mask over the whole cache)
         return kwargs
     rules = state.inputs
-    if rows.hides and not rows.front:
+    if not rows.aligned and not rows.front:
         raise ValueError(f"adapter_names: {rules.model_name} is not a decoder-only model, so a row's hidden slots "
                          "(adapters of different prompt lengths) sit after its tokens, where decoding would append "
                          "after them; decode with adapters of one prompt length per call")
@@ -381,7 +375,7 @@ def _decoding_step(state, kwargs, rows, past):
         embeds = rows.continuation(ids, full)
         if embeds is not None:
             kwargs["input_ids"], kwargs["inputs_embeds"] = None, embeds
-    if mask is not None or rows.hides:
+    if mask is not None or not rows.aligned:
         unprompted_mask = mask if mask is not None else torch.ones(new.shape[0], past + n - M, dtype=torch.long,
                                                                    device=new.device)
         kwargs["attention_mask"] = torch.cat([rows.prompt_mask(unprompted_mask), unprompted_mask], dim=1)
@@ -389,13 +383,13 @@ def _decoding_step(state, kwargs, rows, past):
     if pos is not None:
         kwargs["position_ids"] = pos + rows.shift()
         largest = int(kwargs["position_ids"].max()) if rules.position_rows is not None else None
-    elif rules.pad_positions is not None and ids is not None and (kwargs.get("input_ids") is None or rows.hides):
+    elif rules.pad_positions is not None and ids is not None and (kwargs.get("input_ids") is None or not rows.aligned):
         # a pad-aware embedding given inputs_embeds would number the new tokens from its start (and from ids after
         # the whole cache, hidden slots included): number them as it does from input_ids, after the row's own
         # cache (which holds its prompt)
         real = (ids != rules.pad_positions).long()
         kwargs["position_ids"] = (real.cumsum(1) + rows.past_alone(past)) * real + rules.pad_positions
-    elif rows.hides:  # the model would number from the cache, hidden slots included: each row's count alone
+    elif not rows.aligned:  # the model would number from the cache, hidden slots included: each row's count alone
         kwargs["position_ids"] = rows.past_alone(past) + torch.arange(n, device=new.device)
     rules.check_length(past + n, M, largest)
     return kwargs

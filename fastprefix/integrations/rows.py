@@ -217,11 +217,6 @@ class RowPrompts:
         return x if x is None or rows is None else x.index_select(0, rows)
 
     # ------------------------------------------------------------------------------- per-token inputs
-    @property
-    def hides(self):
-        """Whether some row has hidden slots (adapters of different prompt lengths, or a ``"__base__"`` row)."""
-        return not self.aligned
-
     def grow(self, tokens, value, hidden=0):
         """A per-token input ``[B, S]`` -> ``[B, M+S]``: each row's prompt slots hold ``value`` (a number, or a
         ``[B, M+S]`` tensor read at those slots), its tokens ``tokens``, its hidden slots ``hidden``."""

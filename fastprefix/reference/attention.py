@@ -200,8 +200,7 @@ def _split_takes_the_bias(q, spec) -> bool:
 
 def _attention(q, k, v, prefix_k, prefix_v, spec):
     """:func:`gated_prefix_attention` of a call that is not packed."""
-    if spec.prefix_index is not None:  # per-row adapters: the twin takes each row's prefix (a copy)
-        prefix_k, prefix_v = (p.index_select(0, spec.prefix_index) for p in (prefix_k, prefix_v))
+    prefix_k, prefix_v = spec.row_prefixes(prefix_k, prefix_v)  # per-row adapters: each row's prefix (a copy)
     if spec.key_padding_mask is not None and all_real(spec.key_padding_mask):
         # an all-real mask (what transformers hands over for an unpadded batch) hides nothing: dropping it
         # keeps the attention on its mask-free fast path

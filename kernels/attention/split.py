@@ -490,11 +490,10 @@ def _prefix_delta(q, prefix_k, prefix_v, gate, do, lse, spec: AttentionSpec, acc
     delta does not go through the output rounded to q's dtype (one ``[B, H, Sq, L]`` tensor; per-row adapters'
     prefixes gathered, their hidden slots zeroed)."""
     scale = spec.scale
-    if spec.prefix_index is not None:
-        prefix_k, prefix_v = (p.index_select(0, spec.prefix_index) for p in (prefix_k, prefix_v))
-        visible = spec.prefix_visible(prefix_k.shape[-2])
-        if visible is not None:
-            gate = visible[:, None, :].to(acc) if gate is None else gate * visible[:, None, :]
+    prefix_k, prefix_v = spec.row_prefixes(prefix_k, prefix_v)
+    visible = spec.prefix_visible(prefix_k.shape[-2])
+    if visible is not None:  # hidden slots weigh 0
+        gate = visible[:, None, :].to(acc) if gate is None else gate * visible[:, None, :]
     B, H, Sq, _ = q.shape
     Hkv, L = prefix_k.shape[-3], prefix_k.shape[-2]
     eq = "bkgsd,{p}ld->bkgsl".format(p="bk" if prefix_k.dim() == 4 else "k")
