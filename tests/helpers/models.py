@@ -172,3 +172,30 @@ def assert_adapter_name_errors(model, kw):
         model(**kw, adapter_names=["zz", "b", "b", "b"])
     with pytest.raises(ValueError, match="must be a list of adapter names"):
         model(**kw, adapter_names="b")
+
+
+def cached_and_uncached_logits(model, ids, mask=None, steps=3, generate_kwargs=None, **call):
+    """Per step of greedy ``generate`` over ``ids [B, S]`` (with its KV cache): ``(logits, want)``, the last-slot
+    logits generate computed and the uncached forward's over the same tokens. ``mask``: the padding mask given to
+    both (the uncached forward then gets it grown by the new tokens, and positions counted from it);
+    ``generate_kwargs``: more keywords for generate alone; ``call``: more keywords for both (``adapter_names``)."""
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: seen.append(out[:, -1]))
+    given = {} if mask is None else dict(attention_mask=mask)
+    try:
+        with torch.no_grad():
+            seq = model.generate(input_ids=ids, max_new_tokens=steps, do_sample=False, pad_token_id=PAD,
+                                 eos_token_id=None, **given, **(generate_kwargs or {}), **call)
+    finally:
+        hook.remove()
+    assert len(seen) == steps
+    S, pairs = ids.shape[1], []
+    with torch.no_grad():
+        for t in range(steps):
+            uncached = dict(input_ids=seq[:, :S + t], use_cache=False, **call)
+            if mask is not None:
+                grown = torch.cat([mask, mask.new_ones(mask.shape[0], t)], 1)
+                uncached.update(attention_mask=grown, position_ids=positions(grown))
+            pairs.append((seen[t], model(**uncached).logits[:, -1]))
+    return pairs
+

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fastprefix
-from helpers.models import PAD, VOCAB, batch, minilm_path, perturb, positions, tiny
+from helpers.models import PAD, VOCAB, batch, cached_and_uncached_logits, minilm_path, perturb, positions, tiny
 
 EXACT = dict(atol=1e-10, rtol=0)
 PROMPT = {
@@ -234,33 +234,10 @@ def _generate_cases():
 def test_generate_logits_equal_uncached_forward_at_every_step(kind, method, case):
     model = applied(kind, method, scale=0.2)
     ids, mask = batch([6, 6] if case.startswith("unpadded") else [6, 3], "left")
-    kw = {}
-    if "mask" in case:
-        kw["attention_mask"] = mask
-    if "positions" in case:
-        kw["position_ids"] = positions(mask)
-    head = model.get_output_embeddings()
-    seen = []
-    hook = head.register_forward_hook(lambda mod, args, out: seen.append(out[:, -1]))
-    steps = 3
-    try:
-        with torch.no_grad():
-            seq = model.generate(input_ids=ids, max_new_tokens=steps, do_sample=False, pad_token_id=PAD,
-                                 eos_token_id=None, **kw)
-    finally:
-        hook.remove()
-    assert len(seen) == steps
-    S = ids.shape[1]
-    with torch.no_grad():
-        for t in range(steps):
-            cur = seq[:, :S + t]
-            if "mask" in case:
-                cur_mask = torch.cat([mask, torch.ones(2, t, dtype=mask.dtype)], 1)
-                want = model(input_ids=cur, attention_mask=cur_mask, position_ids=positions(cur_mask),
-                             use_cache=False).logits[:, -1]
-            else:
-                want = model(input_ids=cur, use_cache=False).logits[:, -1]
-            _close(seen[t], want, f"step {t}")
+    extra = dict(position_ids=positions(mask)) if "positions" in case else None
+    pairs = cached_and_uncached_logits(model, ids, mask if "mask" in case else None, generate_kwargs=extra)
+    for t, (got, want) in enumerate(pairs):
+        _close(got, want, f"step {t}")
 
 
 def test_decoding_steps_without_mask_number_positions_after_the_prompt():

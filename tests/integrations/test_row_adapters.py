@@ -10,7 +10,7 @@ import torch
 
 import fastprefix
 from helpers.families import FAMILIES
-from helpers.models import PAD, PREFIX_METHODS, assert_adapter_name_errors, batch, positions, prepared, tiny
+from helpers.models import PREFIX_METHODS, assert_adapter_name_errors, batch, cached_and_uncached_logits, prepared, tiny
 
 KINDS = ("bert", "llama", "t5")
 # a second adapter of each prefix method: another length, projection or gate mode than METHODS'
@@ -217,21 +217,6 @@ def test_generate_logits_equal_the_uncached_forward_at_every_step(method):
     # APT: a token-gate "b" (the causal pooled gate is refused while decoding with per-row adapters)
     model = _model("llama", method, fastprefix.APTConfig(num_virtual_tokens=6) if method == "apt" else None)
     kw = _call("llama", lengths=(5, 3, 4, 2))
-    ids, mask = kw["input_ids"], kw["attention_mask"]
-    seen = []
-    hook = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: seen.append(out[:, -1]))
-    steps = 3
-    try:
-        with torch.no_grad():
-            seq = model.generate(input_ids=ids, attention_mask=mask, adapter_names=NAMES, max_new_tokens=steps,
-                                 do_sample=False, pad_token_id=PAD, eos_token_id=None)
-    finally:
-        hook.remove()
-    assert len(seen) == steps
-    S = ids.shape[1]
-    with torch.no_grad():
-        for t in range(steps):
-            cur_mask = torch.cat([mask, torch.ones(4, t, dtype=mask.dtype)], 1)
-            want = model(input_ids=seq[:, :S + t], attention_mask=cur_mask, position_ids=positions(cur_mask),
-                         adapter_names=NAMES, use_cache=False).logits[:, -1]
-            torch.testing.assert_close(seen[t], want, rtol=1e-12, atol=1e-12, msg=lambda m, t=t: f"step {t}: {m}")
+    pairs = cached_and_uncached_logits(model, kw["input_ids"], kw["attention_mask"], adapter_names=NAMES)
+    for t, (got, want) in enumerate(pairs):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=lambda m, t=t: f"step {t}: {m}")

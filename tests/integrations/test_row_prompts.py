@@ -15,7 +15,7 @@ import torch
 import fastprefix
 from fastprefix.integrations.named import activated
 from helpers.families import FAMILIES
-from helpers.models import PAD, assert_adapter_name_errors, batch, positions, tiny
+from helpers.models import PAD, assert_adapter_name_errors, batch, cached_and_uncached_logits, positions, tiny
 
 KINDS = ("llama", "bert", "t5")
 # and the positions of GPT-2 (an absolute table on a decoder) and RoBERTa (numbered from the padding of the ids)
@@ -207,24 +207,9 @@ def test_generate_logits_equal_the_uncached_forward_at_every_step(method):
     """Greedy generate with a KV cache on a left-padded mixed batch: every step's logits are the uncached forward's
     over the same tokens and names (generate numbers the positions from the mask)."""
     model, kw = _model("llama", method), _call("llama", lengths=(5, 3, 4, 2))
-    ids, mask = kw["input_ids"], kw["attention_mask"]
-    seen = []
-    hook = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: seen.append(out[:, -1]))
-    steps = 3
-    try:
-        with torch.no_grad():
-            seq = model.generate(input_ids=ids, attention_mask=mask, adapter_names=NAMES, max_new_tokens=steps,
-                                 do_sample=False, pad_token_id=PAD, eos_token_id=None)
-    finally:
-        hook.remove()
-    assert len(seen) == steps
-    S = ids.shape[1]
-    with torch.no_grad():
-        for t in range(steps):
-            cur_mask = torch.cat([mask, torch.ones(4, t, dtype=mask.dtype)], 1)
-            want = model(input_ids=seq[:, :S + t], attention_mask=cur_mask, position_ids=positions(cur_mask),
-                         adapter_names=NAMES, use_cache=False).logits[:, -1]
-            assert _rel(seen[t], want) <= 1e-12, f"step {t}: {_rel(seen[t], want):.3e}"
+    pairs = cached_and_uncached_logits(model, kw["input_ids"], kw["attention_mask"], adapter_names=NAMES)
+    for t, (got, want) in enumerate(pairs):
+        assert _rel(got, want) <= 1e-12, f"step {t}: {_rel(got, want):.3e}"
 
 
 def test_decoding_steps_without_mask_or_positions_number_each_row_alone():
