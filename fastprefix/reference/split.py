@@ -13,6 +13,12 @@ Backward with ``e = dO . Pv_j`` and ``delta = dO . out``: ``dz = p (g e - delta)
 fused backward called with ``w dO`` and the merged output: its ``delta = w dO . out`` and its probabilities
 ``exp(logit - lse_k)`` times ``w`` are exactly the merged softmax's, so it returns the exact ``dq, dk, dv``.
 
+Memory: the forward keeps what FlashAttention keeps (the inputs, the merged output and the log-sum-exps), and the
+backward recomputes ``s`` and ``p`` from the merged log-sum-exp (one more small GEMM), as the Triton kernels do: a
+training step holds no ``[B, H, Sq, L]`` tensor per layer (3 of them before, 27 MiB over MiniLM's six layers at
+batch 8 x 128 tokens, L = 32). The softmax runs in base 2 (``exp2`` is several times cheaper than ``exp`` on CPU;
+the factor ``log2(e)`` rides on the small prefix).
+
 Layout: head-major ``[H, B, Sq, .]`` views of the ``[B, Sq, H, .]`` memory transformers hands over, so a prefix
 shared by the batch is one GEMM per head with the batch folded into its rows, no operand or result is transposed
 in memory, and the gate broadcasts over the heads (GQA repeats the small prefix per group, never K/V). A query
@@ -22,9 +28,14 @@ underflows), and the prefix keeps the row finite.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..spec import acc_dtype, cpu_op_mask
+
+LOG2E = 1.0 / math.log(2.0)
+LN2 = math.log(2.0)
 
 
 def _heads(x):
@@ -88,6 +99,25 @@ def _gate_heads(gate, acc):
     return 1.0 if gate is None else gate.unsqueeze(0).to(acc)
 
 
+def _prefix_logits2(q, prefix_k, gate, scale, acc, slots):
+    """The prefix logits in base 2, ``s2 = log2(e) * scale * (q . Pk)`` ``[H, B, Sq, L]`` in ``acc``, and the gated
+    ``z2 = g * s2`` (hidden slots -inf) in a buffer of their own: ``(s2, z2)``. Base 2 because ``exp2`` is several
+    times cheaper than ``exp`` on CPU; the factor rides on the small prefix, not on the scores."""
+    s2 = _per_head(_heads(q), _prefix_heads(prefix_k * (scale * LOG2E), q.shape[1]).transpose(-1, -2)).to(acc)
+    z2 = s2 * _gate_heads(gate, acc) if gate is not None else s2.clone()
+    if slots is not None:
+        z2.masked_fill_(~slots[None, :, None, :], float("-inf"))
+    return s2, z2
+
+
+def _real_lse2(lse_k, dtype, acc):
+    """The real keys' natural log-sum-exp ``[B, H, Sq]`` as ``[H, B, Sq, 1]`` in base 2. A query that sees no real key
+    has no mass there: the CPU op's log-sum-exp of such a row is near the lowest finite value (its mask's), so it
+    counts as -inf."""
+    lse_k4 = _heads(lse_k).unsqueeze(-1).to(acc)
+    return lse_k4.masked_fill(lse_k4 < torch.finfo(dtype).min / 2, float("-inf")).mul_(LOG2E)
+
+
 def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale, *, out=None, with_lse=False, slots=None):
     """Merge the gated prefix into the real keys' attention by log-sum-exp.
 
@@ -101,35 +131,30 @@ def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale, *, out=None, w
             that then sees nothing at all gets 0 (and a log-sum-exp of -inf).
 
     Returns:
-        ``(out [B, H, Sq, D] in q's dtype, lse [B, H, Sq] natural log in q's dtype or None, saved)``:
-        ``saved = (s, p, w, pg)``, head-major (``[H, B, Sq, L]``, ``w [H, B, Sq, 1]``), is what
-        :func:`merge_backward` takes back.
+        ``(out [B, H, Sq, D] in q's dtype, lse [B, H, Sq] natural log in q's dtype or None, lse2)``: ``lse2``
+        ``[H, B, Sq, 1]`` is the merged log-sum-exp in base 2 (+inf for a query that sees nothing, so that every
+        probability recomputed from it is 0), all :func:`merge_probs` needs to rebuild the probabilities. Nothing
+        of size ``[.., Sq, L]`` outlives the call (the backward recomputes it, as FlashAttention's does): a
+        training step's saved memory, and the fresh pages it costs every step, stay those of P-Tuning v2.
     """
     H = q.shape[1]
     acc = acc_dtype(q.dtype)
     # head-major throughout: the GEMMs' outputs need no transposing copy, and the gate broadcasts over the heads
-    s = _per_head(_heads(q), _prefix_heads(prefix_k * scale, H).transpose(-1, -2)).to(acc)  # [H, B, Sq, L]
-    g = _gate_heads(gate, acc)
-    lse_k4 = _heads(lse_k).unsqueeze(-1).to(acc)  # [H, B, Sq, 1]
-    # the softmax over [z ; lse_k] without building it. A query that sees no real key has no mass there: the CPU
-    # op's log-sum-exp of such a row is near the lowest finite value (its mask's), so it counts as -inf. A query
-    # that sees nothing at all (no real key, every prefix slot hidden) gets m = 0 and a total of 1: all its
-    # exponentials are 0, not NaN.
-    z = s * g if gate is not None else s
-    if slots is not None:
-        z = z.masked_fill(~slots[None, :, None, :], float("-inf"))
-    lse_k4 = lse_k4.masked_fill(lse_k4 < torch.finfo(q.dtype).min / 2, float("-inf"))
+    _, z = _prefix_logits2(q, prefix_k, gate, scale, acc, slots)
+    lse_k4 = _real_lse2(lse_k, q.dtype, acc)
+    # the softmax over [z ; lse_k] without building it. A query that sees nothing at all (no real key, every
+    # prefix slot hidden) gets m = 0 and a total of 1: all its exponentials are 0, not NaN.
     m = torch.maximum(z.amax(dim=-1, keepdim=True), lse_k4)
     m.masked_fill_(m == float("-inf"), 0.0)
-    p = z.sub(m) if z is s else z.sub_(m)
-    p.exp_()
-    w = (lse_k4 - m).exp_()
+    p = z.sub_(m).exp2_()
+    w = (lse_k4 - m).exp2_()
     total = p.sum(dim=-1, keepdim=True).add_(w)
     empty = total == 0
     total.masked_fill_(empty, 1.0)
     p.div_(total)
     w.div_(total)
-    pg = (p * g if gate is not None else p).to(q.dtype)
+    lse2 = m.add_(total.log2_())
+    pg = (p.mul_(_gate_heads(gate, acc)) if gate is not None else p).to(q.dtype)
     if out is None:
         out = torch.empty_like(q)
     pv, o_k = _prefix_heads(prefix_v, H), _heads(o_k)
@@ -139,45 +164,59 @@ def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale, *, out=None, w
         _heads(out).copy_(_per_head(pg, pv).to(acc).addcmul_(w, o_k))
     lse = None
     if with_lse:
-        merged_lse = m.add_(total.log_()).masked_fill_(empty, float("-inf"))
-        lse = _heads(merged_lse).squeeze(-1).to(q.dtype)
-    return out, lse, (s, p, w, pg)
+        lse = _heads((lse2 * LN2).masked_fill_(empty, float("-inf"))).squeeze(-1).to(q.dtype)
+    return out, lse, lse2.masked_fill_(empty, float("inf"))
 
 
-def weighted_grad(d_out, saved):
-    """``w * dO`` in dO's dtype: the gradient the vendor backward takes for the real keys (``saved`` from
-    :func:`merge_forward`)."""
-    return (d_out * _heads(saved[2])).to(d_out.dtype)
+def merge_probs(q, prefix_k, gate, lse_k, lse2, scale, slots=None):
+    """The forward's probabilities again, from its merged log-sum-exp ``lse2`` (:func:`merge_forward`).
+
+    Returns:
+        ``(s2, p, w)`` head-major in the accumulation dtype: the base-2 prefix logits ``s2`` and probabilities ``p``
+        ``[H, B, Sq, L]``, the real keys' mass ``w`` ``[H, B, Sq, 1]``: what :func:`merge_backward` takes.
+    """
+    acc = acc_dtype(q.dtype)
+    s2, z = _prefix_logits2(q, prefix_k, gate, scale, acc, slots)
+    return s2, z.sub_(lse2).exp2_(), _real_lse2(lse_k, q.dtype, acc).sub_(lse2).exp2_()
 
 
-def merge_backward(d_out, q, prefix_k, prefix_v, gate, out, saved, scale, dq, needs=(True, True, True)):
+def weighted_grad(d_out, probs):
+    """``w * dO`` in dO's dtype: the gradient the vendor backward takes for the real keys (``probs`` from
+    :func:`merge_probs`)."""
+    return (d_out * _heads(probs[2])).to(d_out.dtype)
+
+
+def merge_backward(d_out, q, prefix_k, prefix_v, gate, out, probs, scale, dq, needs=(True, True, True)):
     """The prefix's share of the backward of :func:`merge_forward` (given the merged ``out``).
 
-    ``dq``: the real keys' part of dq ``[B, H, Sq, D]`` (the vendor backward called with :func:`weighted_grad`);
-    the prefix's part is added into it, in place.
+    ``probs``: :func:`merge_probs` (its buffers are reused here). ``dq``: the real keys' part of dq
+    ``[B, H, Sq, D]`` (the vendor backward called with :func:`weighted_grad`); the prefix's part is added into it,
+    in place.
 
     Returns:
         ``(dprefix_k, dprefix_v, dgate)``: the prefix gradients in their dtypes (None where ``needs`` =
         (prefix_k, prefix_v, gate) says no), ``dgate`` summed to the gate's shape.
     """
-    s, p, w, pg = saved
+    s2, p, _ = probs
     H = q.shape[1]
-    acc = s.dtype
+    acc = p.dtype
     shared = prefix_k.dim() == 3
     do = _heads(d_out)
-    g = _gate_heads(gate, acc)
     e = _per_head(do, _prefix_heads(prefix_v, H).transpose(-1, -2)).to(acc)  # dO . Pv_j, [H, B, Sq, L]
     delta = torch.linalg.vecdot(do.to(acc), _heads(out).to(acc)).unsqueeze(-1)
-    # in place where the values are not needed again: two [H, B, Sq, L] temporaries, e and dz
+    # in place where the values are not needed again: beside s2 and p, two [H, B, Sq, L] buffers, e and dz
     dgate = dpk = dpv = None
     if gate is None:
         ds = e.sub_(delta).mul_(p)  # dz = p (e - delta)
+        pg = p
     else:
+        g = _gate_heads(gate, acc)
         dz = (e * g).sub_(delta).mul_(p)  # p (g e - delta)
-        if needs[2]:
-            dgate = e.mul_(p).addcmul_(dz, s).sum(dim=0).sum_to_size(gate.shape).to(gate.dtype)  # p e + dz s
+        if needs[2]:  # p e + dz s, with s = ln(2) s2
+            dgate = e.mul_(p).addcmul_(dz, s2, value=LN2).sum(dim=0).sum_to_size(gate.shape).to(gate.dtype)
         ds = dz.mul_(g)
-    ds = ds.to(q.dtype)  # d(logit) / d(s); the scale goes onto Pk and q below
+        pg = p.mul_(g)
+    ds, pg = ds.to(q.dtype), pg.to(q.dtype)  # d(logit) / d(s); the scale goes onto Pk and q below
     _per_head(ds, _prefix_heads(prefix_k * scale, H), out=_heads(dq), accumulate=True)
     if needs[0]:
         dpk = _prefix_grad(_per_head_t(ds, _heads(q), shared) * scale, prefix_k)
@@ -187,7 +226,9 @@ def merge_backward(d_out, q, prefix_k, prefix_v, gate, out, saved, scale, dq, ne
 
 
 class _SplitAttention(torch.autograd.Function):
-    """The split algorithm over PyTorch's fused CPU attention (the real keys + their log-sum-exp), exact both ways."""
+    """The split algorithm over PyTorch's fused CPU attention (the real keys + their log-sum-exp), exact both ways.
+    Saves what FlashAttention saves (the inputs, the merged output, the log-sum-exps); the backward recomputes the
+    prefix's probabilities."""
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, gate, mask, is_causal, scale, slots):
@@ -195,18 +236,19 @@ class _SplitAttention(torch.autograd.Function):
             q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
         # in o_k's memory layout ([B, Sq, H, D]): what the fused backward expects of the output and of its
         # gradient, and what transformers transposes to next, so neither side copies
-        out, _, saved = merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale, out=torch.empty_like(o_k),
-                                      slots=slots)
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate, mask, out, lse_k, *saved)
+        out, _, lse2 = merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale, out=torch.empty_like(o_k),
+                                     slots=slots)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, gate, mask, out, lse_k, lse2, slots)
         ctx.is_causal, ctx.scale = is_causal, scale
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, prefix_k, prefix_v, gate, mask, out, lse_k, *saved = ctx.saved_tensors
+        q, k, v, prefix_k, prefix_v, gate, mask, out, lse_k, lse2, slots = ctx.saved_tensors
+        probs = merge_probs(q, prefix_k, gate, lse_k, lse2, ctx.scale, slots)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            weighted_grad(d_out, saved), q, k, v, out, lse_k, 0.0, ctx.is_causal, attn_mask=mask, scale=ctx.scale)
-        dpk, dpv, dgate = merge_backward(d_out, q, prefix_k, prefix_v, gate, out, saved, ctx.scale, dq,
+            weighted_grad(d_out, probs), q, k, v, out, lse_k, 0.0, ctx.is_causal, attn_mask=mask, scale=ctx.scale)
+        dpk, dpv, dgate = merge_backward(d_out, q, prefix_k, prefix_v, gate, out, probs, ctx.scale, dq,
                                          ctx.needs_input_grad[3:6])
         return dq, dk, dv, dpk, dpv, dgate, None, None, None, None
 
