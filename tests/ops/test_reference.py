@@ -187,6 +187,23 @@ def test_attention_gradcheck(gate_mode, shared):
     assert torch.autograd.gradcheck(f, tuple(inputs.values()))
 
 
+@pytest.mark.parametrize("gate_mode", ["dense", "token"], ids=["dense-gate", "fused-gate"])
+def test_split_path_saves_no_prefix_scores(gate_mode):
+    """The CPU split path keeps what FlashAttention keeps (inputs, merged output, log-sum-exps): nothing autograd
+    saves for its backward has the size of the [B, H, Sq, L] prefix scores, which the backward recomputes."""
+    B, H, Sq, L = 2, 4, 6, 5
+    x, kpm, extra = _attention_inputs(B, H, 2, Sq, Sq, L, 8, True, True, gate_mode)
+    inputs = {**x, **extra}
+    for t in inputs.values():
+        t.requires_grad_(True)
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        out = fastprefix.gated_prefix_attention(**inputs, key_padding_mask=kpm, causal=True)
+    assert sizes and B * H * Sq * L not in sizes, sizes  # (q, K and the rest have other sizes here)
+    out.sum().backward()  # and the backward still runs from what was kept
+    assert all(t.grad is not None and t.grad.isfinite().all() for t in inputs.values())
+
+
 @pytest.mark.parametrize("mode", ["token", "pooled"])
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 def test_apt_gate(mode, padded):
