@@ -29,10 +29,15 @@ decoding; the L prefix rows are visible to every query):
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+
+# the softmax in base 2 (exp2 is the cheap one, on GPUs and CPUs): exp(x) = exp2(x * LOG2E), ln(y) = log2(y) * LN2
+LOG2E = 1.0 / math.log(2.0)
+LN2 = math.log(2.0)
 
 PATH_ENV = "FASTPREFIX_ATTENTION"
 # how the Triton backend runs a call: by the dispatch rule, the fused kernel, the split path (vendor attention

@@ -28,14 +28,9 @@ underflows), and the prefix keeps the row finite.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ..spec import acc_dtype, cpu_op_mask
-
-LOG2E = 1.0 / math.log(2.0)
-LN2 = math.log(2.0)
+from ..spec import LN2, LOG2E, acc_dtype, cpu_op_mask
 
 
 def _heads(x):
@@ -101,10 +96,11 @@ def _gate_heads(gate, acc):
 
 def _prefix_logits2(q, prefix_k, gate, scale, acc, slots):
     """The prefix logits in base 2, ``s2 = log2(e) * scale * (q . Pk)`` ``[H, B, Sq, L]`` in ``acc``, and the gated
-    ``z2 = g * s2`` (hidden slots -inf) in a buffer of their own: ``(s2, z2)``. Base 2 because ``exp2`` is several
-    times cheaper than ``exp`` on CPU; the factor rides on the small prefix, not on the scores."""
+    ``z2 = g * s2`` (hidden slots -inf), a buffer the caller may overwrite: ``(s2, z2)``. Without a gate ``s2`` is
+    None (only the gate's gradient reads it) and ``z2`` is the GEMM's own output, no copy. Base 2 because ``exp2`` is
+    several times cheaper than ``exp`` on CPU; the factor rides on the small prefix, not on the scores."""
     s2 = _per_head(_heads(q), _prefix_heads(prefix_k * (scale * LOG2E), q.shape[1]).transpose(-1, -2)).to(acc)
-    z2 = s2 * _gate_heads(gate, acc) if gate is not None else s2.clone()
+    s2, z2 = (s2, s2 * _gate_heads(gate, acc)) if gate is not None else (None, s2)
     if slots is not None:
         z2.masked_fill_(~slots[None, :, None, :], float("-inf"))
     return s2, z2
@@ -134,8 +130,7 @@ def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale, *, out=None, w
         ``(out [B, H, Sq, D] in q's dtype, lse [B, H, Sq] natural log in q's dtype or None, lse2)``: ``lse2``
         ``[H, B, Sq, 1]`` is the merged log-sum-exp in base 2 (+inf for a query that sees nothing, so that every
         probability recomputed from it is 0), all :func:`merge_probs` needs to rebuild the probabilities. Nothing
-        of size ``[.., Sq, L]`` outlives the call (the backward recomputes it, as FlashAttention's does): a
-        training step's saved memory, and the fresh pages it costs every step, stay those of P-Tuning v2.
+        of size ``[.., Sq, L]`` outlives the call (the backward recomputes it, as FlashAttention's does).
     """
     H = q.shape[1]
     acc = acc_dtype(q.dtype)
@@ -168,22 +163,27 @@ def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale, *, out=None, w
     return out, lse, lse2.masked_fill_(empty, float("inf"))
 
 
-def merge_probs(q, prefix_k, gate, lse_k, lse2, scale, slots=None):
-    """The forward's probabilities again, from its merged log-sum-exp ``lse2`` (:func:`merge_forward`).
+def real_mass(lse_k, lse2, dtype):
+    """The real keys' share of each query's softmax, ``w = exp(lse_k - lse)`` ``[H, B, Sq, 1]`` in the accumulation
+    dtype, from the forward's merged base-2 log-sum-exp ``lse2`` (:func:`merge_forward`); ``dtype``: q's."""
+    return _real_lse2(lse_k, dtype, acc_dtype(dtype)).sub_(lse2).exp2_()
+
+
+def merge_probs(q, prefix_k, gate, lse2, scale, slots=None):
+    """The forward's prefix probabilities again, from its merged base-2 log-sum-exp ``lse2`` (:func:`merge_forward`).
 
     Returns:
-        ``(s2, p, w)`` head-major in the accumulation dtype: the base-2 prefix logits ``s2`` and probabilities ``p``
-        ``[H, B, Sq, L]``, the real keys' mass ``w`` ``[H, B, Sq, 1]``: what :func:`merge_backward` takes.
+        ``(s2, p)`` head-major ``[H, B, Sq, L]`` in the accumulation dtype: the base-2 prefix logits (None without a
+        gate: only the gate's gradient reads them) and the probabilities; what :func:`merge_backward` takes.
     """
-    acc = acc_dtype(q.dtype)
-    s2, z = _prefix_logits2(q, prefix_k, gate, scale, acc, slots)
-    return s2, z.sub_(lse2).exp2_(), _real_lse2(lse_k, q.dtype, acc).sub_(lse2).exp2_()
+    s2, z = _prefix_logits2(q, prefix_k, gate, scale, acc_dtype(q.dtype), slots)
+    return s2, z.sub_(lse2).exp2_()
 
 
-def weighted_grad(d_out, probs):
-    """``w * dO`` in dO's dtype: the gradient the vendor backward takes for the real keys (``probs`` from
-    :func:`merge_probs`)."""
-    return (d_out * _heads(probs[2])).to(d_out.dtype)
+def weighted_grad(d_out, w):
+    """``w * dO`` in dO's dtype (``w`` from :func:`real_mass`): the gradient the vendor backward takes for the real
+    keys."""
+    return (d_out * _heads(w)).to(d_out.dtype)
 
 
 def merge_backward(d_out, q, prefix_k, prefix_v, gate, out, probs, scale, dq, needs=(True, True, True)):
@@ -197,7 +197,7 @@ def merge_backward(d_out, q, prefix_k, prefix_v, gate, out, probs, scale, dq, ne
         ``(dprefix_k, dprefix_v, dgate)``: the prefix gradients in their dtypes (None where ``needs`` =
         (prefix_k, prefix_v, gate) says no), ``dgate`` summed to the gate's shape.
     """
-    s2, p, _ = probs
+    s2, p = probs
     H = q.shape[1]
     acc = p.dtype
     shared = prefix_k.dim() == 3
@@ -245,9 +245,11 @@ class _SplitAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, prefix_k, prefix_v, gate, mask, out, lse_k, lse2, slots = ctx.saved_tensors
-        probs = merge_probs(q, prefix_k, gate, lse_k, lse2, ctx.scale, slots)
+        w = real_mass(lse_k, lse2, q.dtype)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            weighted_grad(d_out, probs), q, k, v, out, lse_k, 0.0, ctx.is_causal, attn_mask=mask, scale=ctx.scale)
+            weighted_grad(d_out, w), q, k, v, out, lse_k, 0.0, ctx.is_causal, attn_mask=mask, scale=ctx.scale)
+        # the prefix's probabilities only now: not held through the vendor backward
+        probs = merge_probs(q, prefix_k, gate, lse2, ctx.scale, slots)
         dpk, dpv, dgate = merge_backward(d_out, q, prefix_k, prefix_v, gate, out, probs, ctx.scale, dq,
                                          ctx.needs_input_grad[3:6])
         return dq, dk, dv, dpk, dpv, dgate, None, None, None, None

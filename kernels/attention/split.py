@@ -63,7 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...spec import AttentionSpec, acc_dtype
+from ...spec import LN2, AttentionSpec, acc_dtype
 from ..common.jit import prefix_of, scaled, shift_of
 from ..common.launch import (LOG2E, arch_of, block_d, gate_strides, numerics, options, prefix_strides,
                              prefix_tile, reduce_prefix_partials, rows_per_split, split_float, table_args,
@@ -74,7 +74,6 @@ from .fused import gate_tensor, spec_from_args, window_args
 
 __all__ = ["split_attention", "split_plan", "merge_forward", "SplitAttentionFunction", "fitness_configs"]
 
-LN2 = math.log(2.0)
 
 # ------------------------------------------------------------------------------------------------- kernels
 
