@@ -239,6 +239,13 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 HAS_CPU_OP = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
+def no_real_key_below(dtype: torch.dtype) -> float:
+    """The real keys' log-sum-exp at or below which PyTorch's fused CPU attention has seen no real key in a row:
+    half the lowest finite value of q's ``dtype``. :func:`additive_mask` hides a key with its dtype's lowest value
+    (q's, or a wider bias's), so such a row's log-sum-exp is about that value; no row with a real key gets near it."""
+    return torch.finfo(dtype).min / 2
+
+
 def cpu_op_mask_dtype(q, attn_bias):
     """The mask dtype of PyTorch's fused CPU attention: the bias's promoted with q's (a float32 bias stays float32
     on fp16 / bf16 queries, no rounding). Not a float32 mask on float64 queries: torch 2.13's CPU op reads such a

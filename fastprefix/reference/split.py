@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from ..spec import LN2, LOG2E, acc_dtype, cpu_op_mask
+from ..spec import LN2, LOG2E, acc_dtype, cpu_op_mask, no_real_key_below
 
 
 def _heads(x):
@@ -108,10 +108,10 @@ def _prefix_logits2(q, prefix_k, gate, scale, acc, slots):
 
 def _real_lse2(lse_k, dtype, acc):
     """The real keys' natural log-sum-exp ``[B, H, Sq]`` as ``[H, B, Sq, 1]`` in base 2. A query that sees no real key
-    has no mass there: the CPU op's log-sum-exp of such a row is near the lowest finite value (its mask's), so it
-    counts as -inf."""
+    has no mass there: the CPU op's log-sum-exp of such a row is near the lowest finite value (its mask's,
+    ``fastprefix.spec.no_real_key_below``), so it counts as -inf."""
     lse_k4 = _heads(lse_k).unsqueeze(-1).to(acc)
-    return lse_k4.masked_fill(lse_k4 < torch.finfo(dtype).min / 2, float("-inf")).mul_(LOG2E)
+    return lse_k4.masked_fill(lse_k4 < no_real_key_below(dtype), float("-inf")).mul_(LOG2E)
 
 
 def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale, *, out=None, with_lse=False, slots=None):

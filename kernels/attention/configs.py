@@ -145,6 +145,15 @@ FITNESS_KERNELS = {"fwd": "fwd gate=none", "fwd_gate": "fwd gate=tensor", "bwd_d
                    "bwd_dkdv": "bwd_dkdv", "bwd_prefix": "bwd_prefix gate"}
 
 
+def _table_pointers(adapters: bool, ptrs: dict, cx: dict):
+    """Per-row adapters' arguments: the row index and the adapters' lengths as int64 pointers (``adapters``), else
+    constexpr None, as the launchers pass them without a table."""
+    if adapters:
+        ptrs.update(PIDX="*i64", PLEN="*i64")
+    else:
+        cx.update(PIDX=None, PLEN=None)
+
+
 def fused_fitness_configs(kernels: dict, features: bool = False, adapters: bool = False):
     """Every launch config the fused launchers can pick on sm_80, sm_86 and sm_90 for fp16, bf16 and fp32 at D in
     {64, 128}, with the P-Tuning v2 / APT features on (causal, padding, a gate where one exists) and the widest
@@ -157,7 +166,6 @@ def fused_fitness_configs(kernels: dict, features: bool = False, adapters: bool 
     ``kernels``: the fused module's ``@triton.jit`` kernels by kind, plus ``"bwd_delta"``."""
     floats = ("qk_hi", "qk_lo", "sc_hi", "sc_lo", "cap_hi", "cap_lo", "icap_hi", "icap_lo")
     off = dict(HAS_WINDOW=features, HAS_SOFTCAP=features, LIBDEVICE=True, INDEXED=adapters)  # + pointers below
-    table = dict(PIDX="*i64", PLEN="*i64") if adapters else {}  # pointers; None (constexpr) without adapters
     suffix = "+features" if features else "+adapters" if adapters else ""
 
     def spec(fn, ptrs, cx):
@@ -212,9 +220,7 @@ def fused_fitness_configs(kernels: dict, features: bool = False, adapters: bool 
                         cx["IS_CAUSAL"] = False
                     else:
                         cx.update(BIAS=None, DS=None)
-                    ptrs.update(table)
-                    if not adapters:
-                        cx.update(PIDX=None, PLEN=None)
+                    _table_pointers(adapters, ptrs, cx)
                     sig, cx, attrs = spec(fn, ptrs, cx)
                     yield (f"attn.{FITNESS_KERNELS[kind]}{suffix} {tag}", fn, sig, cx,
                            cfg.num_warps, cfg.num_stages, arch, attrs)
@@ -231,7 +237,6 @@ def merge_fitness_configs(kernels: dict, adapters: bool = False):
     {64, 128}, with a gate and the widest prefix tile of the config. ``kernels``: the merge kernels by kind.
     ``adapters=True``: the same with per-row adapters (named "...+adapters"; see :func:`fused_fitness_configs`)."""
     floats = ("qk_hi", "qk_lo", "l2e_hi", "l2e_lo", "no_key_below", "sc_hi", "sc_lo")
-    table = dict(PIDX="*i64", PLEN="*i64") if adapters else dict(PIDX=None, PLEN=None)
     for arch in TARGETS:  # sm_86 stands for sm_86/89 (sm_80's tiles, 99 KB of shared memory)
         for torch_dtype, name in FITNESS_DTYPES[:2]:  # the split path runs 16-bit inputs only on a GPU
             ptr = "*" + name
@@ -245,10 +250,7 @@ def merge_fitness_configs(kernels: dict, adapters: bool = False):
                     ptrs = {n: ptr for n in ("Q", "PK", "PV", "GATE", "OK", "OUT", "DO", "DQ")}
                     ptrs.update(GATE="*fp32", LSEK="*fp32", LSE="*fp32", DELTA="*fp32", DPK="*fp32", DPV="*fp32",
                                 DG="*fp32")
-                    if adapters:
-                        ptrs.update(table)
-                    else:
-                        cx.update(table)
+                    _table_pointers(adapters, ptrs, cx)
                     names = set(kernel.arg_names)
                     ones = {"stride_gl", "stride_lkm"} & names
                     div16 = {n for n in names if n.startswith("stride_") and n[-1] in "bhmn" and n not in ones

@@ -28,10 +28,11 @@ backward recomputes the probabilities from it in four kernels, each owning what 
 atomics, bitwise reproducible; per-row adapters' table gradient sums its rows by ``index_add_``, deterministic
 on CUDA under ``torch.use_deterministic_algorithms``): delta = dO . out; dq per query tile; dk, dv per key tile,
 summed over the heads of its GQA group, its query tiles split into the causal diagonal or the window's edges
-(masked), the interior (mask-free; padded keys' rows are zeroed once at the end) and the ragged tail; dPk, dPv, dg per (prefix tile, query split) into
-fp32 partials that torch sums in a fixed order. The bias gradient is the real keys' dz, written by the dq kernel
-(only when the bias requires grad) to a zero-filled [B, H, Sq, Sk] buffer. Programs of (tile, batch * head) are
-folded into grid axis 0 (tile fastest: neighbours share a head's K/V in L2; no 65,535 cap on B * H).
+(masked), the interior (mask-free; padded keys' rows are zeroed once at the end) and the ragged tail; dPk, dPv,
+dg per (prefix tile, query split) into fp32 partials that torch sums in a fixed order. The bias gradient is the
+real keys' dz, written by the dq kernel (only when the bias requires grad) to a zero-filled [B, H, Sq, Sk] buffer.
+Programs of (tile, batch * head) are folded into grid axis 0 (tile fastest: neighbours share a head's K/V in L2;
+no 65,535 cap on B * H).
 
 Caveats. Head dim D <= 128 (masked to a power of two); L >= 1; H % Hkv == 0; causal and the window are
 bottom-right aligned (query t sits at position t + Sk - Sq); no dropout. A packed row (``spec.cu_seqlens``) is
@@ -61,9 +62,9 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ...sequences import packed_output, unpacked_call
-from ...spec import AttentionSpec, acc_dtype
+from ...spec import LOG2E, AttentionSpec, acc_dtype
 from ..common.jit import prefix_of, scaled, shift_of
-from ..common.launch import (LOG2E, arch_of, block_d, folded_grid, gate_strides, numerics, options,
+from ..common.launch import (arch_of, block_d, folded_grid, gate_strides, numerics, options,
                              prefix_strides, prefix_tile, reduce_prefix_partials, rows_per_split, split_float,
                              table_args, unit_rows)
 from ..common.runtime import interpreting, new_buffer

@@ -63,9 +63,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ...spec import LN2, AttentionSpec, acc_dtype
+from ...spec import LN2, LOG2E, AttentionSpec, acc_dtype, no_real_key_below
 from ..common.jit import prefix_of, scaled, shift_of
-from ..common.launch import (LOG2E, arch_of, block_d, gate_strides, numerics, options, prefix_strides,
+from ..common.launch import (arch_of, block_d, gate_strides, numerics, options, prefix_strides,
                              prefix_tile, reduce_prefix_partials, rows_per_split, split_float, table_args,
                              unit_rows)
 from ..common.runtime import new_buffer
@@ -336,9 +336,9 @@ def _grid(programs: int, tiles: int) -> tuple:
 
 
 def _no_key_below(dtype) -> float:
-    """The real keys' log-sum-exp at or below which a row has no real key: half the lowest finite value of q's dtype
-    (the CPU op masks with that dtype's lowest), at most -1e30 (an fp32 argument; no real row gets near it)."""
-    return max(torch.finfo(dtype).min / 2, -1e30)
+    """The kernel's ``no_key_below``: ``fastprefix.spec.no_real_key_below``, at most -1e30 (it travels as an fp32
+    argument; no real row gets near it)."""
+    return max(no_real_key_below(dtype), -1e30)
 
 
 def merge_forward(q, prefix_k, prefix_v, gate, o_k, lse_k, scale: float, prefix_index=None, prefix_lengths=None):

@@ -13,7 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ...spec import LOG2E  # noqa: F401  (exp(x) = exp2(x * LOG2E); the launchers import it from here)
 from .runtime import interpreting
 
 # Explicit on every launch (Triton 3.10 flips the default to off): FMA contraction on, the numerics every fitness
