@@ -369,16 +369,15 @@ def _decoding_step(state, kwargs, rows, past):
                          "after them; decode with adapters of one prompt length per call")
     pos = kwargs.get("position_ids")
     _refuse_unaligned(rules, rows, kwargs, numbered_by_model=pos is None and rules.pad_positions is None)
+    # the caller's mask, or the one it implies (every token real), over the cache without the prompt and the new tokens
+    step_mask = mask if mask is not None else torch.ones(new.shape[0], past + n - M, dtype=torch.long,
+                                                         device=new.device)
     if ids is not None:
-        full = mask if mask is not None else torch.ones(ids.shape[0], past + n - M, dtype=torch.long,
-                                                         device=ids.device)
-        embeds = rows.continuation(ids, full)
+        embeds = rows.continuation(ids, step_mask)
         if embeds is not None:
             kwargs["input_ids"], kwargs["inputs_embeds"] = None, embeds
     if mask is not None or not rows.aligned:
-        unprompted_mask = mask if mask is not None else torch.ones(new.shape[0], past + n - M, dtype=torch.long,
-                                                                   device=new.device)
-        kwargs["attention_mask"] = torch.cat([rows.prompt_mask(unprompted_mask), unprompted_mask], dim=1)
+        kwargs["attention_mask"] = torch.cat([rows.prompt_mask(step_mask), step_mask], dim=1)
     largest = None
     if pos is not None:
         kwargs["position_ids"] = pos + rows.shift()

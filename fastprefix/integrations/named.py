@@ -22,7 +22,7 @@ import contextlib
 from torch import nn
 
 from .positions import Shift
-from .state import ATTR, FOLDED, INACTIVE, check_adapter_name, state_of, unwrap
+from .state import ATTR, INACTIVE, check_adapter_name, state_of, unwrap
 from .transformers import build_module
 
 
@@ -43,7 +43,7 @@ def known(state, name):
 
 
 def _not_merged(state, what):
-    if getattr(state.module, FOLDED, None) is not None:
+    if state.folded is not None:
         raise ValueError(f"{what}: the active ADePT adapter {state.active!r} is merged (fastprefix.merge); call "
                          "fastprefix.unmerge(model) first")
 

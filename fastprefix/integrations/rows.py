@@ -178,19 +178,16 @@ class RowPrompts:
     def embed(self, input_ids, mask=None):
         """``[B, M+S, d]``: each row's prompt and its tokens with its adapter's offset, for ``input_ids [B, S]``
         (``mask``: their ``[B, S]`` padding mask); hidden slots are zeros. Each adapter embeds its rows at once."""
-        M, S = self.width, input_ids.shape[1]
-        out = None
-        for module, size, rows in zip(self.modules, self.sizes, self.members):
+        M = self.width
+
+        def embedded(module, size, rows):
             ids, sub = self._rows(input_ids, rows), self._rows(mask, rows)
             x = self.state.token_embeddings(ids) if module is None else self.state.embed(ids, sub, module)
             before = M - size if self.front else 0
-            x = F.pad(x, (0, 0, before, M - size - before)) if size < M else x
-            if rows is None:
-                return x
-            if out is None:  # every row belongs to one adapter: all of it is written
-                out = x.new_empty(input_ids.shape[0], M + S, x.shape[-1])
-            out.index_copy_(0, rows, x)
-        return out
+            return F.pad(x, (0, 0, before, M - size - before)) if size < M else x
+
+        return self._batch(((rows, embedded(module, size, rows))
+                            for module, size, rows in zip(self.modules, self.sizes, self.members)), input_ids.shape[0])
 
     def continuation(self, input_ids, mask):
         """``[B, n, d]``: tokens that continue the rows (decoding steps) with each row's offset, no prompt; ``mask``:
@@ -201,20 +198,25 @@ class RowPrompts:
                  for module, rows in zip(self.modules, self.members)]
         if all(x is None for _, x in parts):
             return None
-        out = None
-        for rows, x in parts:
-            if x is None:
-                x = self.state.token_embeddings(self._rows(input_ids, rows))
-            if rows is None:
-                return x
-            if out is None:
-                out = x.new_empty(*input_ids.shape, x.shape[-1])
-            out.index_copy_(0, rows, x)
-        return out
+        return self._batch(((rows, self.state.token_embeddings(self._rows(input_ids, rows)) if x is None else x)
+                            for rows, x in parts), input_ids.shape[0])
 
     @staticmethod
     def _rows(x, rows):
         return x if x is None or rows is None else x.index_select(0, rows)
+
+    @staticmethod
+    def _batch(parts, B):
+        """The call's ``[B, ...]`` from each adapter's ``(rows, x)``: ``x`` holds those batch rows (``rows`` None: one
+        adapter, ``x`` is the whole batch). Every row belongs to one adapter, so all of it is written."""
+        out = None
+        for rows, x in parts:
+            if rows is None:
+                return x
+            if out is None:
+                out = x.new_empty(B, *x.shape[1:])
+            out.index_copy_(0, rows, x)
+        return out
 
     # ------------------------------------------------------------------------------- per-token inputs
     def grow(self, tokens, value, hidden=0):

@@ -26,6 +26,12 @@ CAUSAL = "_fastprefix_causal"
 FOLDED = "folded_embedding"  # ADePT merge(): buffer name on the method module
 
 
+def folded_of(module):
+    """ADePT after ``merge``: the embedding table with the FFN offsets folded in (a non-persistent buffer of the
+    method ``module``, so ``.to()`` moves it and adapters never hold it), else None."""
+    return getattr(module, FOLDED, None)
+
+
 class State:
     """What a fastprefix-applied model needs at run time (never saved; rebuilt by apply).
 
@@ -86,9 +92,8 @@ class State:
 
     @property
     def folded(self):
-        """ADePT after ``merge``: the embedding table with the FFN offsets folded in (a non-persistent buffer of
-        the method module, so ``.to()`` moves it and adapters never hold it), else None."""
-        return getattr(self.module, FOLDED, None)
+        """The active adapter's :func:`folded_of`."""
+        return folded_of(self.module)
 
     # prompt methods: each takes the adapter's ``module`` (default: the active one; per-row calls pass each
     # adapter's, see rows.RowPrompts)
@@ -116,7 +121,7 @@ class State:
         back: padding-exact.
         """
         module = self.module if module is None else module
-        folded = getattr(module, FOLDED, None)
+        folded = folded_of(module)
         if folded is not None:
             return ops.prompt_tuning_embedding(input_ids, folded, module.prompt.to(folded.dtype))
         lead = None if mask is None or not isinstance(module, DecomposedPrompt) else (mask.cumsum(-1) == 0).sum(-1)
@@ -137,7 +142,7 @@ class State:
         inference.
         """
         mod = self.module if module is None else module
-        folded = getattr(mod, FOLDED, None)
+        folded = folded_of(mod)
         if folded is not None:
             return torch.nn.functional.embedding(input_ids, folded)
         if isinstance(mod, AdaptiveDecomposedPrompt):
